@@ -1,0 +1,1 @@
+"""Switchboard contracts: events, commands, subjects, stream specs and the codec. No I/O."""

@@ -1,0 +1,385 @@
+"""Events (past-tense facts) and commands (imperative intents), v1.
+
+Every message carries the envelope `type` (the tag), `id` (unique; also the
+`Nats-Msg-Id`) and `at` (UTC). Evolve only by adding defaulted fields; a breaking
+change is a new tag plus an upcaster, pinned by the golden files in tests/contracts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+CHANNEL_WHATSAPP = "whatsapp"
+
+
+def utcnow() -> datetime:
+    """The current time in UTC (the envelope's `at`)."""
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    """A fresh random message id."""
+    return uuid.uuid4().hex
+
+
+def derived_id(*parts: str) -> str:
+    """A deterministic id from its cause, so a retried publish dedupes on `Nats-Msg-Id`."""
+    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16)
+    return digest.hexdigest()
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
+    """Envelope shared by every event and command."""
+
+    id: str = msgspec.field(default_factory=new_id)
+    at: datetime = msgspec.field(default_factory=utcnow)
+
+
+class Event(Message, frozen=True, kw_only=True):
+    """A fact that happened."""
+
+
+class Command(Message, frozen=True, kw_only=True):
+    """An intent for some worker to carry out."""
+
+
+# --- INBOUND ---------------------------------------------------------------------------
+
+
+class MessageReceived(Event, frozen=True, kw_only=True):
+    """A user's message arrived on a channel account."""
+
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    chat: str
+    sender: str
+    message_id: str
+    text: str
+    from_me: bool = False
+    is_group: bool = False
+    sender_name: str = ""
+
+
+# --- AGENT -----------------------------------------------------------------------------
+
+
+class ToolCallRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One tool call made during a turn."""
+
+    name: str
+    arguments: dict[str, Any] = msgspec.field(default_factory=dict)
+    result_digest: str = ""
+    error: str | None = None
+    latency_ms: float = 0.0
+
+
+class TokenUsage(msgspec.Struct, frozen=True, kw_only=True):
+    """Token counts reported by the model provider."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class TurnCompleted(Event, frozen=True, kw_only=True):
+    """The agent answered one inbound message."""
+
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    chat: str
+    inbound_id: str
+    model: str
+    tools_called: list[ToolCallRecord] = msgspec.field(default_factory=list)
+    reply_ids: list[str] = msgspec.field(default_factory=list)
+    latency_ms: float = 0.0
+    usage: TokenUsage | None = None
+    skipped: str | None = None
+
+
+class TurnFailed(Event, frozen=True, kw_only=True):
+    """The agent gave up on one inbound message (after its retries)."""
+
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    chat: str
+    inbound_id: str
+    model: str
+    error: str
+    reply_ids: list[str] = msgspec.field(default_factory=list)
+    tools_called: list[ToolCallRecord] = msgspec.field(default_factory=list)
+
+
+# --- OUTBOUND --------------------------------------------------------------------------
+
+
+class SendMessage(Command, frozen=True, kw_only=True):
+    """Send `text` to `chat` from `account`; `job_id` equals the envelope `id`."""
+
+    job_id: str
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    chat: str
+    text: str
+    reply_to: str | None = None
+    cause_id: str = ""
+    requeued_from: str | None = None
+
+
+# --- DELIVERY --------------------------------------------------------------------------
+
+
+class MessageSent(Event, frozen=True, kw_only=True):
+    """The transport accepted a job's message; sent by `holder` under `lease_token`."""
+
+    job_id: str
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    chat: str
+    holder: str
+    lease_token: int
+    transport_message_id: str
+    attempt: int = 1
+
+
+class DeliveryFailed(Event, frozen=True, kw_only=True):
+    """One delivery attempt failed."""
+
+    job_id: str
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    chat: str
+    attempt: int
+    error: str
+    permanent: bool = False
+
+
+class DeliveryDeadLettered(Event, frozen=True, kw_only=True):
+    """A job was moved to the dead letters and will not be sent."""
+
+    job_id: str
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    chat: str
+    reason: str
+    attempts: int = 0
+
+
+class DeliveryUncertain(Event, frozen=True, kw_only=True):
+    """A job may or may not have reached the transport (crash between send and record)."""
+
+    job_id: str
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    chat: str
+    holder: str
+    lease_token: int
+    resolution: str = ""
+
+
+class DeliveryReceipt(Event, frozen=True, kw_only=True):
+    """The transport reported a delivery or read receipt for a sent message."""
+
+    job_id: str
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    chat: str
+    transport_message_id: str
+    status: str
+
+
+# --- DEADLETTER ------------------------------------------------------------------------
+
+
+class AttemptError(msgspec.Struct, frozen=True, kw_only=True):
+    """The error of one processing attempt."""
+
+    attempt: int
+    error: str
+    at: datetime = msgspec.field(default_factory=utcnow)
+
+
+class DeadLettered(Event, frozen=True, kw_only=True):
+    """A message that could not be processed, kept with every attempt's error."""
+
+    source_stream: str
+    source_subject: str
+    source_seq: int
+    reason: str
+    errors: list[AttemptError] = msgspec.field(default_factory=list)
+    payload: bytes = b""
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    job_id: str | None = None
+
+
+# --- PLUGINS ---------------------------------------------------------------------------
+
+
+class Scope(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a plugin setting or tool policy applies: global, a channel, or an account."""
+
+    channel: str | None = None
+    account: str | None = None
+
+
+class PluginInstalled(Event, frozen=True, kw_only=True):
+    """A plugin was installed in a scope."""
+
+    name: str
+    version: str
+    scope: Scope = msgspec.field(default_factory=Scope)
+    config: dict[str, Any] = msgspec.field(default_factory=dict)
+    actor: str = ""
+
+
+class PluginConfigured(Event, frozen=True, kw_only=True):
+    """A plugin's configuration changed in a scope."""
+
+    name: str
+    scope: Scope = msgspec.field(default_factory=Scope)
+    config: dict[str, Any] = msgspec.field(default_factory=dict)
+    actor: str = ""
+
+
+class PluginUninstalled(Event, frozen=True, kw_only=True):
+    """A plugin was removed from a scope."""
+
+    name: str
+    scope: Scope = msgspec.field(default_factory=Scope)
+    actor: str = ""
+
+
+class ToolPolicySet(Event, frozen=True, kw_only=True):
+    """Allow/deny glob patterns over `plugin.tool` for a scope."""
+
+    scope: Scope = msgspec.field(default_factory=Scope)
+    allow: list[str] = msgspec.field(default_factory=list)
+    deny: list[str] = msgspec.field(default_factory=list)
+    actor: str = ""
+
+
+# --- ACCOUNTS --------------------------------------------------------------------------
+
+
+class AccountRegistered(Event, frozen=True, kw_only=True):
+    """An account is served by this deployment."""
+
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    transport: str
+
+
+class LeaseAcquired(Event, frozen=True, kw_only=True):
+    """`holder` became the account's only sender; `token` is the fencing token."""
+
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    holder: str
+    token: int
+
+
+class LeaseReleased(Event, frozen=True, kw_only=True):
+    """The holder gave the lease up on purpose."""
+
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    holder: str
+    token: int
+    reason: str = ""
+
+
+class LeaseLost(Event, frozen=True, kw_only=True):
+    """The holder could no longer prove its lease and stopped sending."""
+
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    holder: str
+    token: int
+    reason: str = ""
+
+
+class SessionLoggedOut(Event, frozen=True, kw_only=True):
+    """The transport session was logged out or replaced; the account needs an operator."""
+
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    holder: str
+    reason: str = ""
+
+
+class SessionBanned(Event, frozen=True, kw_only=True):
+    """The channel banned the account (temporarily, until `until` when known)."""
+
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    holder: str
+    reason: str = ""
+    until: datetime | None = None
+
+
+# --- Unions, one per stream ------------------------------------------------------------
+
+InboundEvent = MessageReceived
+AgentEvent = TurnCompleted | TurnFailed
+OutboundCommand = SendMessage
+DeliveryEvent = (
+    MessageSent | DeliveryFailed | DeliveryDeadLettered | DeliveryUncertain | DeliveryReceipt
+)
+DeadLetterEvent = DeadLettered
+PluginEvent = PluginInstalled | PluginConfigured | PluginUninstalled | ToolPolicySet
+AccountEvent = (
+    AccountRegistered
+    | LeaseAcquired
+    | LeaseReleased
+    | LeaseLost
+    | SessionLoggedOut
+    | SessionBanned
+)
+AnyMessage = (
+    MessageReceived
+    | TurnCompleted
+    | TurnFailed
+    | SendMessage
+    | MessageSent
+    | DeliveryFailed
+    | DeliveryDeadLettered
+    | DeliveryUncertain
+    | DeliveryReceipt
+    | DeadLettered
+    | PluginInstalled
+    | PluginConfigured
+    | PluginUninstalled
+    | ToolPolicySet
+    | AccountRegistered
+    | LeaseAcquired
+    | LeaseReleased
+    | LeaseLost
+    | SessionLoggedOut
+    | SessionBanned
+)
+
+ALL_TYPES: tuple[type[Message], ...] = (
+    MessageReceived,
+    TurnCompleted,
+    TurnFailed,
+    SendMessage,
+    MessageSent,
+    DeliveryFailed,
+    DeliveryDeadLettered,
+    DeliveryUncertain,
+    DeliveryReceipt,
+    DeadLettered,
+    PluginInstalled,
+    PluginConfigured,
+    PluginUninstalled,
+    ToolPolicySet,
+    AccountRegistered,
+    LeaseAcquired,
+    LeaseReleased,
+    LeaseLost,
+    SessionLoggedOut,
+    SessionBanned,
+)

@@ -1,0 +1,134 @@
+"""Every stream, bucket and durable consumer name, as data in one place."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import msgspec
+
+from contracts.subjects import check_account, check_channel
+
+MiB = 1024 * 1024
+DAY = 86_400.0
+
+
+class Retention(StrEnum):
+    """Stream retention policy."""
+
+    LIMITS = "limits"
+    WORKQUEUE = "workqueue"
+
+
+class StreamSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What a stream must look like. `subjects` and `retention` are semantic: a live
+    stream that differs there is a conflict; the rest are defaults operators may tune."""
+
+    name: str
+    subjects: tuple[str, ...]
+    retention: Retention = Retention.LIMITS
+    description: str = ""
+    max_age_s: float = 0.0
+    max_msg_size: int = 1 * MiB
+    duplicate_window_s: float = 120.0
+
+
+class BucketSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A KV bucket with per-key TTL (allow_msg_ttl) and no limit markers."""
+
+    name: str
+    history: int = 1
+    description: str = ""
+    max_value_size: int = 4096
+
+
+INBOUND = StreamSpec(
+    name="INBOUND",
+    subjects=("inbound.*.*.*",),
+    description="MessageReceived: what users sent to our accounts",
+)
+AGENT = StreamSpec(
+    name="AGENT",
+    subjects=("agent.*.*.*",),
+    description="TurnCompleted / TurnFailed: one per inbound message",
+)
+OUTBOUND = StreamSpec(
+    name="OUTBOUND",
+    subjects=("outbound.*.*.*",),
+    retention=Retention.WORKQUEUE,
+    description="SendMessage jobs, consumed by each account's lease holder",
+)
+DELIVERY = StreamSpec(
+    name="DELIVERY",
+    subjects=("delivery.*.*.*",),
+    description="MessageSent, DeliveryFailed, DeliveryDeadLettered, DeliveryUncertain, receipts",
+)
+DEADLETTER = StreamSpec(
+    name="DEADLETTER",
+    subjects=("deadletter.>",),
+    description="Messages that could not be processed, with every attempt's error",
+    max_msg_size=4 * MiB,
+)
+PLUGINS = StreamSpec(
+    name="PLUGINS",
+    subjects=("plugins.>",),
+    description="PluginInstalled, PluginConfigured, PluginUninstalled, ToolPolicySet",
+)
+ACCOUNTS = StreamSpec(
+    name="ACCOUNTS",
+    subjects=("accounts.*.*",),
+    description="AccountRegistered, lease and session events",
+)
+# The simulated WhatsApp network: like WhatsApp's servers it keeps what users send while
+# no owner is attached (a work queue per account) and records every send it accepted.
+SIM = StreamSpec(
+    name="SIM",
+    subjects=("sim.whatsapp.*.in",),
+    retention=Retention.WORKQUEUE,
+    description="sim transport: user messages waiting for the account's owner",
+)
+SIM_OUT = StreamSpec(
+    name="SIM_OUT",
+    subjects=("sim.whatsapp.*.out",),
+    description="sim transport: every message the network accepted from an owner",
+    max_age_s=7 * DAY,
+)
+
+STREAMS: tuple[StreamSpec, ...] = (
+    INBOUND,
+    AGENT,
+    OUTBOUND,
+    DELIVERY,
+    DEADLETTER,
+    PLUGINS,
+    ACCOUNTS,
+    SIM,
+    SIM_OUT,
+)
+STREAMS_BY_NAME: dict[str, StreamSpec] = {s.name: s for s in STREAMS}
+
+LEASES = BucketSpec(name="leases", description="one sender per account: {holder, token, acquired_at}")
+BUCKETS: tuple[BucketSpec, ...] = (LEASES,)
+
+# Durable consumer names.
+CORE_CONSUMER = "core"
+
+
+def egress_consumer(channel: str, account: str) -> str:
+    """Durable consumer of one account's outbound jobs (only the lease holder pulls)."""
+    return f"egress-{check_channel(channel)}-{check_account(account)}"
+
+
+def sim_consumer(account: str) -> str:
+    """Durable consumer of what simulated users sent to one account."""
+    return f"sim-in-{check_account(account)}"
+
+
+def stream_for_subject(subject: str) -> StreamSpec | None:
+    """The spec whose subjects capture `subject` (first token match is enough here)."""
+    head = subject.split(".", 1)[0]
+    for spec in STREAMS:
+        if any(pattern.split(".", 1)[0] == head for pattern in spec.subjects):
+            if head == "sim":
+                return SIM if subject.endswith(".in") else SIM_OUT
+            return spec
+    return None

@@ -1,0 +1,1 @@
+"""Read models: pure apply(event) logic and SQL schemas; imports contracts only."""

@@ -1,0 +1,1 @@
+"""Services: every piece of I/O (NATS, SQLite, WhatsApp, CLI, telemetry)."""

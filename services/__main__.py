@@ -1,0 +1,5 @@
+"""`python -m services` is `svc`."""
+
+from services.cli import main
+
+main()

@@ -1,0 +1,128 @@
+"""Wiring: which workers a role runs, on which connection. Adapters are chosen here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from services.core.llm import LLM, EchoLLM
+from services.core.worker import CoreWorker
+from services.runtime.bus import Bus, connect
+from services.runtime.errors import ConfigError
+from services.runtime.lease import new_holder_id
+from services.runtime.nats_server import EmbeddedNats
+from services.runtime.provisioning import ensure_streams, raise_on_conflict
+from services.runtime.settings import Role, Settings
+from services.whatsapp.ingress import Ingress
+from services.whatsapp.owner import AccountOwner
+from services.whatsapp.sim import SimTransport
+from services.whatsapp.transport import Transport
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PORT = 4222
+
+
+def make_llm(settings: Settings) -> LLM:
+    """The LLM adapter SVC_LLM selects."""
+    if settings.llm == "echo":
+        return EchoLLM()
+    raise ConfigError(
+        "SVC_LLM='openai' is not available in this build yet: use SVC_LLM=echo"
+    )
+
+
+def make_transport(settings: Settings, bus: Bus) -> Transport:
+    """The transport adapter WHATSAPP_TRANSPORT selects."""
+    if settings.transport == "sim":
+        return SimTransport(bus, settings.sim)
+    raise ConfigError(
+        "WHATSAPP_TRANSPORT='neonize' is not available in this build yet: use WHATSAPP_TRANSPORT=sim"
+    )
+
+
+@asynccontextmanager
+async def nats_url(settings: Settings, *, embedded_port: int = EMBEDDED_PORT) -> AsyncIterator[str]:
+    """NATS_URL when set; otherwise an embedded server storing under SVC_DATA_DIR."""
+    if settings.nats_url:
+        yield settings.nats_url
+        return
+    async with EmbeddedNats(settings.data_dir / "nats", port=embedded_port) as server:
+        yield server.url
+
+
+async def provision(bus: Bus, settings: Settings) -> None:
+    """Ensure every stream and bucket exists; refuse to run on a conflicting one."""
+    raise_on_conflict(await ensure_streams(bus.js, replicas=settings.stream_replicas))
+
+
+def check_role(settings: Settings, role: Role) -> None:
+    """Refuse, before connecting, a role the transport cannot support."""
+    if role == "whatsapp-ingress" and settings.transport != "sim":
+        raise ConfigError(
+            f"role whatsapp-ingress cannot run with WHATSAPP_TRANSPORT={settings.transport}: "
+            "its session has one socket per account, so receiving needs the lease -- "
+            "run role whatsapp or whatsapp-egress instead"
+        )
+    if role in ("all", "core"):
+        make_llm(settings)
+
+
+async def run_role(bus: Bus, settings: Settings, role: Role, stop: asyncio.Event) -> None:
+    """Run `role`'s workers on `bus` until `stop` is set (then drain). Provision first."""
+    async with AsyncExitStack() as stack:
+        tasks: list[asyncio.Task[None]] = []
+        if role in ("all", "core"):
+            worker = CoreWorker(bus, make_llm(settings))
+            tasks.append(asyncio.create_task(worker.loop.run(stop), name="core"))
+        if role in ("all", "whatsapp", "whatsapp-egress"):
+            transport = make_transport(settings, bus)
+            holder = new_holder_id(role)
+            # A session transport relays what its socket receives; a separate-inbound one
+            # (sim) leaves receiving to whatsapp-ingress unless the role is whatsapp/all.
+            receive = role != "whatsapp-egress" or not transport.separate_inbound
+            log.info("owner started", extra={"holder": holder, "accounts": list(settings.accounts)})
+            for account in settings.accounts:
+                owner = AccountOwner(bus, transport, account, holder,
+                                     lease_ttl=settings.lease_ttl, receive=receive)  # fmt: skip
+                tasks.append(asyncio.create_task(owner.run(stop), name=f"owner-{account}"))
+        if role == "whatsapp-ingress":
+            transport = make_transport(settings, bus)
+            for account in settings.accounts:
+                await stack.enter_async_context(transport.receiver(account, Ingress(bus, account)))
+        log.info("running", extra={"role": role})
+        await _supervise(tasks, stop)
+
+
+async def _supervise(tasks: list[asyncio.Task[None]], stop: asyncio.Event) -> None:
+    """Wait for stop; a worker that dies takes the process down (the supervisor restarts it)."""
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stopper and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        stop.set()
+        stopper.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@asynccontextmanager
+async def system(settings: Settings, role: Role, *, embedded_port: int = EMBEDDED_PORT,
+                 client_name: str = "svc") -> AsyncIterator[tuple[Bus, asyncio.Event, asyncio.Task[None]]]:  # fmt: skip
+    """Start `role` (with an embedded server if NATS_URL is unset); yield (bus, stop, task)."""
+    async with nats_url(settings, embedded_port=embedded_port) as url, connect(
+        url, name=f"{client_name}-{role}", timeout=settings.connect_timeout
+    ) as bus:
+        check_role(settings, role)
+        await provision(bus, settings)
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_role(bus, settings, role, stop), name=f"role-{role}")
+        try:
+            yield bus, stop, task
+        finally:
+            stop.set()
+            await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,204 @@
+"""`svc`: run roles, the demo, a sim chat, the embedded server, provisioning and status."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import nats.errors
+import typer
+
+from services.runtime.errors import ConfigError, ServiceError
+from services.runtime.logs import setup_logging
+from services.runtime.settings import ROLES, Settings, load_settings
+from services.runtime.telemetry import setup_tracing, shutdown_tracing
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="svc",
+    help="Switchboard: an event-sourced AI-agent runtime for WhatsApp on NATS JetStream.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+nats_app = typer.Typer(help="The embedded nats-server.", no_args_is_help=True)
+streams_app = typer.Typer(help="Streams and buckets.", no_args_is_help=True)
+app.add_typer(nats_app, name="nats")
+app.add_typer(streams_app, name="streams")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print data as JSON.")]
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"svc: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _settings(role: str | None = None, *, quiet: bool = False) -> Settings:
+    """Load and validate settings (exit 2 with one line on a bad value); set up logs."""
+    try:
+        settings = load_settings(role=role)
+        setup_tracing(f"switchboard-{settings.role}")
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    setup_logging("WARNING" if quiet else settings.log_level, settings.log_format)
+    return settings
+
+
+def _run(main: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine; turn service errors into one line and an exit code."""
+    try:
+        return asyncio.run(main())
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    except ServiceError as exc:
+        raise _fail(str(exc), 1) from None
+    except nats.errors.Error as exc:  # the server answered something we did not expect
+        raise _fail(f"NATS error: {type(exc).__name__}: {exc}", 1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    finally:
+        shutdown_tracing()
+
+
+@app.command()
+def run(
+    role: Annotated[
+        str | None,
+        typer.Argument(help=f"One of: {', '.join(ROLES)} (default: $SVC_ROLE, else all)."),
+    ] = None,
+) -> None:
+    """Run a role until SIGTERM/SIGINT (then drain in-flight work and exit 0)."""
+    from services.app import system  # noqa: PLC0415 -- keep `svc --help` fast
+    from services.runtime.lifecycle import install_stop_signals  # noqa: PLC0415
+
+    settings = _settings(role)
+
+    async def main() -> None:
+        async with system(settings, settings.role) as (_, stop, task):
+            install_stop_signals(stop)
+            await asyncio.wait([task])
+            if task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    _run(main)
+
+
+@app.command()
+def demo(
+    chats: Annotated[int, typer.Option(min=1, max=50, help="How many sim chats.")] = 3,
+    messages: Annotated[int, typer.Option(min=1, max=100, help="Messages per chat.")] = 2,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for every reply.")] = 30.0,
+) -> None:
+    """One-shot end-to-end proof: all roles in one process, sim chats, transcript, timings."""
+    from services.ops.demo import run_demo  # noqa: PLC0415
+
+    settings = _settings("all", quiet=True)
+    ok = _run(lambda: run_demo(settings, chats=chats, messages=messages, timeout=timeout))
+    if not ok:
+        raise _fail("demo failed: some replies are missing (see above)", 1)
+
+
+@app.command()
+def chat(
+    account: Annotated[str | None, typer.Option(help="Account to talk to (default: the first configured).")] = None,
+    chat_jid: Annotated[str, typer.Option("--chat", help="Your chat JID.")] = "me@s.whatsapp.net",
+    wait: Annotated[float, typer.Option(help="Seconds to wait for replies.")] = 10.0,
+) -> None:
+    """Talk to the running system through the sim transport (reads lines from stdin)."""
+    from contracts.subjects import check_account  # noqa: PLC0415
+    from services.ops.chat import run_chat  # noqa: PLC0415
+    from services.runtime.bus import connect  # noqa: PLC0415
+
+    settings = _settings(quiet=True)
+    target = account or settings.accounts[0]
+    try:
+        check_account(target)
+    except ValueError as exc:
+        raise _fail(f"--account: {exc}", 2) from None
+
+    async def main() -> int:
+        async with connect(settings.effective_nats_url, name="svc-chat", timeout=settings.connect_timeout) as bus:
+            return await run_chat(bus, target, chat_jid, wait=wait)
+
+    if _run(main):
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(as_json: JsonOpt = False) -> None:
+    """Streams, consumers (pending / ack pending / redelivered), leases, dead letters."""
+    from services.ops.status import collect_status, render_status, to_json  # noqa: PLC0415
+    from services.runtime.bus import connect  # noqa: PLC0415
+
+    settings = _settings(quiet=True)
+
+    async def main() -> str:
+        async with connect(settings.effective_nats_url, name="svc-status", timeout=settings.connect_timeout) as bus:
+            result = await collect_status(bus)
+        return to_json(result) if as_json else render_status(result)
+
+    typer.echo(_run(main))
+
+
+@nats_app.command("serve")
+def nats_serve(
+    port: Annotated[int, typer.Option(help="Client port (0 picks a free one).")] = 4222,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    store_dir: Annotated[Path | None, typer.Option(help="JetStream store (default: $SVC_DATA_DIR/nats).")] = None,
+) -> None:
+    """Run the embedded JetStream nats-server in the foreground until SIGTERM/SIGINT."""
+    from services.runtime.lifecycle import install_stop_signals  # noqa: PLC0415
+    from services.runtime.nats_server import EmbeddedNats  # noqa: PLC0415
+
+    settings = _settings()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        async with EmbeddedNats(store_dir or settings.data_dir / "nats", host=host, port=port) as server:
+            install_stop_signals(stop)
+            typer.echo(f"nats-server ready at {server.url} (store {server.store_dir})")
+            sys.stdout.flush()
+            await stop.wait()
+
+    _run(main)
+
+
+@streams_app.command("ensure")
+def streams_ensure(as_json: JsonOpt = False) -> None:
+    """Create missing streams and buckets; report (exit 1) any with a conflicting config."""
+    from dataclasses import asdict  # noqa: PLC0415
+
+    import msgspec  # noqa: PLC0415
+
+    from services.runtime.bus import connect  # noqa: PLC0415
+    from services.runtime.provisioning import Provisioned, ensure_streams  # noqa: PLC0415
+
+    settings = _settings(quiet=True)
+
+    async def main() -> list[Provisioned]:
+        async with connect(settings.effective_nats_url, name="svc-streams", timeout=settings.connect_timeout) as bus:
+            return await ensure_streams(bus.js, replicas=settings.stream_replicas)
+
+    results = _run(main)
+    if as_json:
+        typer.echo(msgspec.json.encode([asdict(r) for r in results]).decode())
+    else:
+        for r in results:
+            detail = f"  {r.detail}" if r.detail else ""
+            typer.echo(f"{r.kind:<7} {r.name:<12} {r.action}{detail}")
+    if any(r.action == "conflict" for r in results):
+        raise _fail("some streams conflict with the expected config (left unchanged)", 1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

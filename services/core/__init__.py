@@ -1,0 +1,1 @@
+"""The agent core: consumes INBOUND, runs turns, records them on AGENT, queues OUTBOUND jobs."""

@@ -1,0 +1,127 @@
+"""The pure part of a turn: from an inbound message and the model's answer to events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from contracts.events import (
+    MessageReceived,
+    SendMessage,
+    TokenUsage,
+    TurnCompleted,
+    TurnFailed,
+    derived_id,
+)
+from services.core.llm import ChatMessage, Completion
+
+REPLY_LIMIT = 4096  # characters per WhatsApp message we send; longer replies are split
+
+
+@dataclass(frozen=True)
+class TurnOutput:
+    """What one turn publishes: jobs first, then the turn record."""
+
+    jobs: list[SendMessage]
+    record: TurnCompleted | TurnFailed
+
+
+def turn_id(inbound: MessageReceived) -> str:
+    """The turn's id, derived from its inbound event: a redelivery dedupes."""
+    return derived_id("turn", inbound.id)
+
+
+def job_id(inbound: MessageReceived, index: int) -> str:
+    """A reply job's id, derived from its cause and position: a redelivery dedupes."""
+    return derived_id("job", inbound.id, str(index))
+
+
+def skip_reason(inbound: MessageReceived) -> str | None:
+    """Why this message gets no answer, or None to answer it."""
+    if inbound.from_me:
+        return "own message"
+    if inbound.chat == "status@broadcast":
+        return "status broadcast"
+    return None
+
+
+def prompt(inbound: MessageReceived, system_prompt: str) -> list[ChatMessage]:
+    """The model's input for this turn."""
+    return [ChatMessage("system", system_prompt), ChatMessage("user", inbound.text)]
+
+
+def split_reply(text: str, limit: int = REPLY_LIMIT) -> list[str]:
+    """Split a reply into messages of at most `limit` chars, preferring line/word breaks."""
+    text = text.strip()
+    parts: list[str] = []
+    while len(text) > limit:
+        cut = max(text.rfind("\n", 0, limit), text.rfind(" ", 0, limit))
+        cut = cut if cut > limit // 2 else limit
+        parts.append(text[:cut].rstrip())
+        text = text[cut:].lstrip()
+    if text:
+        parts.append(text)
+    return parts
+
+
+def completed(
+    inbound: MessageReceived, completion: Completion, model: str, latency_ms: float
+) -> TurnOutput:
+    """The events of a turn that produced `completion`."""
+    jobs = [
+        SendMessage(
+            id=job_id(inbound, i),
+            job_id=job_id(inbound, i),
+            channel=inbound.channel,
+            account=inbound.account,
+            chat=inbound.chat,
+            text=part,
+            reply_to=inbound.message_id if i == 0 else None,
+            cause_id=inbound.id,
+        )
+        for i, part in enumerate(split_reply(completion.text))
+    ]
+    usage = (
+        TokenUsage(prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens)
+        if completion.prompt_tokens or completion.completion_tokens
+        else None
+    )
+    record = TurnCompleted(
+        id=turn_id(inbound),
+        channel=inbound.channel,
+        account=inbound.account,
+        chat=inbound.chat,
+        inbound_id=inbound.id,
+        model=model,
+        reply_ids=[j.job_id for j in jobs],
+        latency_ms=round(latency_ms, 3),
+        usage=usage,
+    )
+    return TurnOutput(jobs=jobs, record=record)
+
+
+def skipped(inbound: MessageReceived, reason: str, model: str) -> TurnOutput:
+    """A turn that answers nothing on purpose (still recorded: every inbound ends in a turn)."""
+    record = TurnCompleted(
+        id=turn_id(inbound),
+        channel=inbound.channel,
+        account=inbound.account,
+        chat=inbound.chat,
+        inbound_id=inbound.id,
+        model=model,
+        skipped=reason,
+    )
+    return TurnOutput(jobs=[], record=record)
+
+
+def failed(inbound: MessageReceived, error: str, model: str) -> TurnOutput:
+    """A turn that could not complete."""
+    record = TurnFailed(
+        id=turn_id(inbound),
+        channel=inbound.channel,
+        account=inbound.account,
+        chat=inbound.chat,
+        inbound_id=inbound.id,
+        model=model,
+        error=error,
+    )
+    return TurnOutput(jobs=[], record=record)

@@ -1,0 +1,96 @@
+"""`svc status`: streams, consumers, leases and dead letters at a glance."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+import nats.js.errors
+
+from contracts.streams import BUCKETS, DEADLETTER, LEASES, STREAMS
+from services.runtime.bus import Bus
+from services.runtime.lease import read_lease
+
+
+async def collect_status(bus: Bus) -> dict[str, Any]:
+    """Everything `svc status` shows, as plain data."""
+    js = bus.js
+    streams: list[dict[str, Any]] = []
+    names = [s.name for s in STREAMS] + [f"KV_{b.name}" for b in BUCKETS]
+    for name in names:
+        try:
+            info = await js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            streams.append({"name": name, "missing": True})
+            continue
+        consumers = []
+        for c in await js.consumers_info(name):
+            consumers.append({
+                "name": c.name,
+                "filter": c.config.filter_subject,
+                "pending": c.num_pending,
+                "ack_pending": c.num_ack_pending,
+                "redelivered": c.num_redelivered,
+                "waiting": c.num_waiting,
+            })  # fmt: skip
+        state = info.state
+        streams.append({
+            "name": name,
+            "retention": info.config.retention.value if info.config.retention else None,
+            "messages": state.messages,
+            "bytes": state.bytes,
+            "first_seq": state.first_seq,
+            "last_seq": state.last_seq,
+            "consumers": consumers,
+        })  # fmt: skip
+    leases: list[dict[str, Any]] = []
+    try:
+        kv = await js.key_value(LEASES.name)
+        keys = await kv.keys()
+    except (nats.js.errors.NotFoundError, nats.js.errors.NoKeysError):
+        keys = []
+    for key in sorted(keys):
+        found = await read_lease(kv, key)
+        if found is not None:
+            value, revision = found
+            leases.append({"key": key, "holder": value.holder, "token": value.token,
+                           "revision": revision, "acquired_at": value.acquired_at})  # fmt: skip
+    dead = next((s for s in streams if s["name"] == DEADLETTER.name), {})
+    return {
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "streams": streams,
+        "leases": leases,
+        "dead_letters": dead.get("messages", 0),
+    }
+
+
+def render_status(status: dict[str, Any]) -> str:
+    """The human view of `collect_status`."""
+    lines = ["STREAM       RETENTION  MESSAGES  LAST SEQ  CONSUMERS (pending/ack pending/redelivered)"]
+    for s in status["streams"]:
+        if s.get("missing"):
+            lines.append(f"{s['name']:<12} (missing: run 'svc streams ensure')")
+            continue
+        consumers = ", ".join(
+            f"{c['name']} {c['pending']}/{c['ack_pending']}/{c['redelivered']}" for c in s["consumers"]
+        )
+        lines.append(
+            f"{s['name']:<12} {s['retention'] or '-':<10} {s['messages']:>8}  {s['last_seq']:>8}  {consumers or '-'}"
+        )
+    lines.append("")
+    if status["leases"]:
+        lines.append("LEASE                    HOLDER                                TOKEN  SINCE")
+        for lease in status["leases"]:
+            lines.append(
+                f"{lease['key']:<24} {lease['holder']:<37} {lease['token']:>5}  {lease['acquired_at']}"
+            )
+    else:
+        lines.append("LEASES: none held")
+    lines.append(f"\nDEAD LETTERS: {status['dead_letters']}")
+    return "\n".join(lines)
+
+
+def to_json(status: dict[str, Any]) -> str:
+    """The `--json` view."""
+    return msgspec.json.encode(status).decode()

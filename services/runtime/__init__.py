@@ -1,0 +1,1 @@
+"""Runtime building blocks shared by every role."""

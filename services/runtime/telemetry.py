@@ -1,0 +1,114 @@
+"""OpenTelemetry: W3C trace context in message headers, one span per handled message.
+
+A TracerProvider is always installed so every published message carries a valid
+`traceparent`; spans are exported only when `OTEL_TRACES_EXPORTER` asks for it
+(`console`, or `otlp` with the `otlp` extra installed). Off by default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.trace import Span, SpanKind
+
+from services.runtime.errors import ConfigError
+
+_TRACER_NAME = "switchboard"
+_installed = False
+
+
+def setup_tracing(service_name: str, env: Mapping[str, str] | None = None) -> None:
+    """Install the process's TracerProvider once, with the exporter `OTEL_*` selects."""
+    global _installed
+    if _installed:
+        return
+    env = os.environ if env is None else env
+    if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        _installed = True
+        return
+    name = env.get("OTEL_SERVICE_NAME") or service_name
+    provider = TracerProvider(resource=Resource.create({"service.name": name}))
+    exporter = _exporter(env.get("OTEL_TRACES_EXPORTER", "none").strip().lower())
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    _installed = True
+
+
+def shutdown_tracing() -> None:
+    """Flush exported spans (no-op without an SDK provider)."""
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.force_flush(timeout_millis=2000)
+
+
+def _exporter(name: str) -> SpanExporter | None:
+    if name in ("", "none"):
+        return None
+    if name == "console":
+        return ConsoleSpanExporter()
+    if name == "otlp":
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
+                OTLPSpanExporter,
+            )
+        except ImportError:
+            raise ConfigError(
+                "OTEL_TRACES_EXPORTER='otlp' needs the exporter: pip install 'switchboard[otlp]'"
+            ) from None
+        return OTLPSpanExporter()  # type: ignore[no-any-return]
+    raise ConfigError(f"OTEL_TRACES_EXPORTER={name!r} is invalid: expected none, console or otlp")
+
+
+def tracer() -> trace.Tracer:
+    """The switchboard tracer."""
+    return trace.get_tracer(_TRACER_NAME)
+
+
+def inject(headers: dict[str, str]) -> dict[str, str]:
+    """Write the current trace context (`traceparent`) into `headers`."""
+    propagate.inject(headers)
+    return headers
+
+
+@contextmanager
+def publish_span(subject: str, msg_id: str) -> Iterator[dict[str, str]]:
+    """A producer span (child of the current one) and headers carrying its context."""
+    with tracer().start_as_current_span(
+        f"send {subject.split('.', 1)[0]}",
+        kind=SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": "nats",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": subject,
+            "messaging.message.id": msg_id,
+        },
+    ):
+        yield inject({})
+
+
+@contextmanager
+def consume_span(
+    subject: str, headers: Mapping[str, str] | None, consumer: str, msg_id: str = ""
+) -> Iterator[Span]:
+    """One span per handled message, parented on the trace context in its headers."""
+    ctx = propagate.extract(dict(headers or {}))
+    with tracer().start_as_current_span(
+        f"process {subject.split('.', 1)[0]}",
+        context=ctx,
+        kind=SpanKind.CONSUMER,
+        attributes={
+            "messaging.system": "nats",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": subject,
+            "messaging.message.id": msg_id,
+            "messaging.consumer.group.name": consumer,
+        },
+    ) as span:
+        yield span

@@ -1,0 +1,1 @@
+"""WhatsApp channel: ingress, egress, account ownership and transports (sim, neonize)."""

@@ -1,0 +1,87 @@
+"""Ingress: what a transport tells us about an account becomes events."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import assert_never
+
+from contracts import subjects
+from contracts.events import (
+    CHANNEL_WHATSAPP,
+    MessageReceived,
+    SessionBanned,
+    SessionLoggedOut,
+    derived_id,
+)
+from services.runtime.bus import Bus
+from services.whatsapp.transport import (
+    Connected,
+    Incoming,
+    LoggedOut,
+    Receipt,
+    StreamReplaced,
+    TemporaryBan,
+    TransportEvent,
+)
+
+log = logging.getLogger(__name__)
+
+
+def inbound_event(account: str, msg: Incoming) -> MessageReceived:
+    """The event for a received message; its id derives from the transport's message id,
+    so the same message relayed twice (redelivery, two receivers) is stored once."""
+    return MessageReceived(
+        id=derived_id("inbound", CHANNEL_WHATSAPP, account, msg.message_id),
+        channel=CHANNEL_WHATSAPP,
+        account=account,
+        chat=msg.chat,
+        sender=msg.sender,
+        message_id=msg.message_id,
+        text=msg.text,
+        from_me=msg.from_me,
+        is_group=msg.is_group,
+        sender_name=msg.sender_name,
+    )
+
+
+class Ingress:
+    """Relays one account's transport events; session-ending signals set `session_ended`."""
+
+    def __init__(self, bus: Bus, account: str, holder: str = "") -> None:
+        self.bus = bus
+        self.account = account
+        self.holder = holder
+        self.session_ended = asyncio.Event()
+        self.end_reason = ""
+
+    async def __call__(self, event: TransportEvent) -> None:
+        """Handle one transport event (raises to get it redelivered)."""
+        account_subject = subjects.accounts(CHANNEL_WHATSAPP, self.account)
+        match event:
+            case Incoming():
+                msg = inbound_event(self.account, event)
+                await self.bus.publish(subjects.inbound(msg.channel, msg.account, msg.chat), msg)
+            case Receipt():
+                # Linking receipts to jobs needs the sent-message index (delivery issue).
+                log.debug("receipt", extra={"account": self.account, "status": event.status})
+            case Connected():
+                log.info("session connected", extra={"account": self.account})
+            case StreamReplaced() | LoggedOut():
+                reason = "stream replaced" if isinstance(event, StreamReplaced) else event.reason
+                self.end_reason = reason or "logged out"
+                await self.bus.publish(
+                    account_subject,
+                    SessionLoggedOut(account=self.account, holder=self.holder, reason=self.end_reason),
+                )
+                self.session_ended.set()
+            case TemporaryBan():
+                self.end_reason = f"banned: {event.reason}"
+                await self.bus.publish(
+                    account_subject,
+                    SessionBanned(account=self.account, holder=self.holder, reason=event.reason,
+                                  until=event.until),
+                )  # fmt: skip
+                self.session_ended.set()
+            case _:
+                assert_never(event)

@@ -1,0 +1,107 @@
+"""The sim transport: a stand-in WhatsApp network over NATS subjects.
+
+Users publish `{chat, sender, text, message_id}` on `sim.whatsapp.<account>.in`; the
+`SIM` work-queue stream keeps it until the account's receiver takes it, so nothing sent
+while no owner is attached is lost. Every accepted send is stored on
+`sim.whatsapp.<account>.out` (stream `SIM_OUT`) with holder and lease token; its stream
+sequence is the transport message id. Faults come from settings (SIM_* variables).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+from contracts import subjects
+from contracts.codec import decode, encode
+from contracts.payloads import SimInbound, SimOutbound
+from contracts.streams import SIM, sim_consumer
+from services.runtime.bus import Bus
+from services.runtime.consumer import ConsumerLoop, ConsumerSpec, Delivery
+from services.runtime.settings import SimFaults
+from services.whatsapp.transport import EventCallback, Fence, Incoming, TransportError
+
+SIM_TEXT_LIMIT = 65_536
+
+
+class SimSession:
+    """One account attached to the simulated network."""
+
+    def __init__(self, bus: Bus, account: str, faults: SimFaults, rng: random.Random) -> None:
+        self.bus = bus
+        self.account = account
+        self.faults = faults
+        self.rng = rng
+        self.subject = subjects.sim_out(account)
+
+    async def send(self, chat: str, text: str, *, job_id: str, fence: Fence) -> str:
+        """Publish the message on the sim network; its stream sequence is its id."""
+        if self.faults.latency_ms:
+            await asyncio.sleep(self.faults.latency_ms / 1000)
+        if chat in self.faults.failing_chats:
+            raise TransportError(f"sim: {chat} is not on WhatsApp", permanent=True)
+        if len(text) > SIM_TEXT_LIMIT:
+            raise TransportError(f"sim: text of {len(text)} chars is over {SIM_TEXT_LIMIT}", permanent=True)
+        if self.faults.failure_rate and self.rng.random() < self.faults.failure_rate:
+            raise TransportError("sim: injected transient failure")
+        out = SimOutbound(chat=chat, text=text, job_id=job_id, holder=fence.holder, lease_token=fence.token)
+        ack = await self.bus.publish_bytes(self.subject, encode(out), msg_id=f"sim-out:{job_id}:{fence.token}")
+        return f"sim-{ack.seq}"
+
+
+class SimTransport:
+    """Opens sim sessions; its inbound path is separate (a durable consumer on `SIM`)."""
+
+    name = "sim"
+    separate_inbound = True
+
+    def __init__(self, bus: Bus, faults: SimFaults, *, seed: int | None = None) -> None:
+        self.bus = bus
+        self.faults = faults
+        self.rng = random.Random(seed)  # noqa: S311 -- fault injection, not security
+
+    @asynccontextmanager
+    async def session(
+        self, account: str, on_event: EventCallback, *, receive: bool
+    ) -> AsyncIterator[SimSession]:
+        """Attach to `account`; with `receive`, also relay what users sent it."""
+        session = SimSession(self.bus, account, self.faults, self.rng)
+        if not receive:
+            yield session
+            return
+        async with self.receiver(account, on_event):
+            yield session
+
+    def receiver(self, account: str, on_event: EventCallback) -> AbstractAsyncContextManager[None]:
+        """Relay what users sent `account` (shared durable consumer: any number may run)."""
+        return _receive(self.bus, account, on_event)
+
+
+@asynccontextmanager
+async def _receive(bus: Bus, account: str, on_event: EventCallback) -> AsyncIterator[None]:
+    async def handle(d: Delivery) -> None:
+        payload = decode(d.data, SimInbound)
+        await on_event(
+            Incoming(chat=payload.chat, sender=payload.sender, text=payload.text,
+                     message_id=payload.message_id)
+        )  # fmt: skip
+
+    # max_ack_pending=1 keeps arrival order into INBOUND even with several receivers.
+    spec = ConsumerSpec(
+        stream=SIM.name,
+        durable=sim_consumer(account),
+        filter_subject=subjects.sim_in(account),
+        max_ack_pending=1,
+        batch=1,
+    )
+    loop = ConsumerLoop(bus, spec, handle)
+    await loop.ensure()
+    stop = asyncio.Event()
+    task = asyncio.create_task(loop.run(stop), name=f"sim-receive-{account}")
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
