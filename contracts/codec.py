@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import cache
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgspec
 
@@ -28,11 +28,13 @@ def _decoder(kind: Any) -> msgspec.json.Decoder[Any]:
 def decode(data: bytes, kind: type[T]) -> T:
     """Decode `data` as `kind` (a Struct or a union of them); raise DecodeError on bad input."""
     try:
-        result: T = _decoder(kind).decode(data)
+        result: T = _decoder(cast(Any, kind)).decode(data)
     except msgspec.ValidationError as exc:
         raise DecodeError(f"invalid {_name(kind)}: {exc}") from None
     except msgspec.DecodeError as exc:
         raise DecodeError(f"malformed JSON for {_name(kind)}: {exc}") from None
+    except RecursionError:
+        raise DecodeError(f"malformed JSON for {_name(kind)}: nested too deeply") from None
     return result
 
 

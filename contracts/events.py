@@ -10,11 +10,14 @@ from __future__ import annotations
 import hashlib
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 CHANNEL_WHATSAPP = "whatsapp"
+
+
+UtcDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
 
 
 def utcnow() -> datetime:
@@ -37,7 +40,7 @@ class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=T
     """Envelope shared by every event and command."""
 
     id: str = msgspec.field(default_factory=new_id)
-    at: datetime = msgspec.field(default_factory=utcnow)
+    at: UtcDatetime = msgspec.field(default_factory=utcnow)
 
 
 class Event(Message, frozen=True, kw_only=True):
@@ -213,6 +216,7 @@ class DeadLettered(Event, frozen=True, kw_only=True):
     payload: bytes = b""
     headers: dict[str, str] = msgspec.field(default_factory=dict)
     job_id: str | None = None
+    source_msg_id: str = ""
 
 
 # --- PLUGINS ---------------------------------------------------------------------------
@@ -331,12 +335,7 @@ DeliveryEvent = (
 DeadLetterEvent = DeadLettered
 PluginEvent = PluginInstalled | PluginConfigured | PluginUninstalled | ToolPolicySet
 AccountEvent = (
-    AccountRegistered
-    | LeaseAcquired
-    | LeaseReleased
-    | LeaseLost
-    | SessionLoggedOut
-    | SessionBanned
+    AccountRegistered | LeaseAcquired | LeaseReleased | LeaseLost | SessionLoggedOut | SessionBanned
 )
 AnyMessage = (
     MessageReceived

@@ -6,7 +6,7 @@ from enum import StrEnum
 
 import msgspec
 
-from contracts.subjects import check_account, check_channel
+from contracts.subjects import check_account, check_channel, subject_matches
 
 MiB = 1024 * 1024
 DAY = 86_400.0
@@ -28,7 +28,9 @@ class StreamSpec(msgspec.Struct, frozen=True, kw_only=True):
     retention: Retention = Retention.LIMITS
     description: str = ""
     max_age_s: float = 0.0
-    max_msg_size: int = 1 * MiB
+    # 512 KiB: a dead letter (payload base64-encoded, +1/3) must still fit the server's
+    # default 1 MiB max_payload. WhatsApp text tops out at 65,536 characters.
+    max_msg_size: int = 512 * 1024
     duplicate_window_s: float = 120.0
 
 
@@ -66,7 +68,7 @@ DEADLETTER = StreamSpec(
     name="DEADLETTER",
     subjects=("deadletter.>",),
     description="Messages that could not be processed, with every attempt's error",
-    max_msg_size=4 * MiB,
+    max_msg_size=1 * MiB,
 )
 PLUGINS = StreamSpec(
     name="PLUGINS",
@@ -106,7 +108,9 @@ STREAMS: tuple[StreamSpec, ...] = (
 )
 STREAMS_BY_NAME: dict[str, StreamSpec] = {s.name: s for s in STREAMS}
 
-LEASES = BucketSpec(name="leases", description="one sender per account: {holder, token, acquired_at}")
+LEASES = BucketSpec(
+    name="leases", description="one sender per account: {holder, token, acquired_at}"
+)
 BUCKETS: tuple[BucketSpec, ...] = (LEASES,)
 
 # Durable consumer names.
@@ -124,11 +128,8 @@ def sim_consumer(account: str) -> str:
 
 
 def stream_for_subject(subject: str) -> StreamSpec | None:
-    """The spec whose subjects capture `subject` (first token match is enough here)."""
-    head = subject.split(".", 1)[0]
+    """The spec whose subjects capture `subject`, or None."""
     for spec in STREAMS:
-        if any(pattern.split(".", 1)[0] == head for pattern in spec.subjects):
-            if head == "sim":
-                return SIM if subject.endswith(".in") else SIM_OUT
+        if any(subject_matches(pattern, subject) for pattern in spec.subjects):
             return spec
     return None

@@ -62,9 +62,7 @@ def decode_chat(token: str) -> str:
 def check_account(account: str) -> str:
     """Return `account` if it matches the account grammar, else raise."""
     if not _ACCOUNT_RE.fullmatch(account):
-        raise InvalidSubjectError(
-            f"account {account!r} is invalid: use 1-64 of A-Z a-z 0-9 _ -"
-        )
+        raise InvalidSubjectError(f"account {account!r} is invalid: use 1-64 of A-Z a-z 0-9 _ -")
     return account
 
 
@@ -116,9 +114,22 @@ def deadletter(source_subject: str) -> str:
     return f"deadletter.{source_subject}"
 
 
+_PLUGIN_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+
+def check_plugin(name: str) -> str:
+    """Return `name` if it is a valid plugin name, else raise."""
+    if not _PLUGIN_RE.fullmatch(name):
+        raise InvalidSubjectError(
+            f"plugin name {name!r} is invalid: use 1-64 of a-z 0-9 _ -,"
+            " starting with a letter or digit"
+        )
+    return name
+
+
 def plugins(name: str) -> str:
     """`plugins.<name>` (install, configure, uninstall of one plugin)."""
-    return f"plugins.{name}"
+    return f"plugins.{check_plugin(name)}"
 
 
 PLUGIN_POLICY_SUBJECT = "plugins._policy"
@@ -139,6 +150,17 @@ def sim_out(account: str) -> str:
     return f"sim.whatsapp.{check_account(account)}.out"
 
 
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard match: `*` is one token, a final `>` is one or more tokens."""
+    pat, sub = pattern.split("."), subject.split(".")
+    for i, part in enumerate(pat):
+        if part == ">":
+            return len(sub) > i
+        if i >= len(sub) or part not in ("*", sub[i]):
+            return False
+    return len(sub) == len(pat)
+
+
 class ChatSubject(msgspec.Struct, frozen=True):
     """A parsed `<kind>.<channel>.<account>.<chat>` subject."""
 
@@ -153,7 +175,8 @@ def parse_chat_subject(subject: str) -> ChatSubject:
     parts = subject.split(".")
     if len(parts) != 4 or parts[0] not in ("inbound", "agent", "outbound", "delivery"):
         raise InvalidSubjectError(
-            f"subject {subject!r} is not <inbound|agent|outbound|delivery>.<channel>.<account>.<chat>"
+            f"subject {subject!r} is not"
+            " <inbound|agent|outbound|delivery>.<channel>.<account>.<chat>"
         )
     kind, channel, account, token = parts
     return ChatSubject(kind, check_channel(channel), check_account(account), decode_chat(token))

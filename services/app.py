@@ -29,9 +29,7 @@ def make_llm(settings: Settings) -> LLM:
     """The LLM adapter SVC_LLM selects."""
     if settings.llm == "echo":
         return EchoLLM()
-    raise ConfigError(
-        "SVC_LLM='openai' is not available in this build yet: use SVC_LLM=echo"
-    )
+    raise ConfigError("SVC_LLM='openai' is not available in this build yet: use SVC_LLM=echo")
 
 
 def make_transport(settings: Settings, bus: Bus) -> Transport:
@@ -39,15 +37,19 @@ def make_transport(settings: Settings, bus: Bus) -> Transport:
     if settings.transport == "sim":
         return SimTransport(bus, settings.sim)
     raise ConfigError(
-        "WHATSAPP_TRANSPORT='neonize' is not available in this build yet: use WHATSAPP_TRANSPORT=sim"
+        "WHATSAPP_TRANSPORT='neonize' is not available in this build yet:"
+        " use WHATSAPP_TRANSPORT=sim"
     )
 
 
 @asynccontextmanager
-async def nats_url(settings: Settings, *, embedded_port: int = EMBEDDED_PORT) -> AsyncIterator[str]:
-    """NATS_URL when set; otherwise an embedded server storing under SVC_DATA_DIR."""
-    if settings.nats_url:
-        yield settings.nats_url
+async def nats_url(
+    settings: Settings, role: Role, *, embedded_port: int = EMBEDDED_PORT
+) -> AsyncIterator[str]:
+    """NATS_URL when set; else role `all` embeds a server (under SVC_DATA_DIR) and the
+    other roles connect to the default local server."""
+    if settings.nats_url or role != "all":
+        yield settings.effective_nats_url
         return
     async with EmbeddedNats(settings.data_dir / "nats", port=embedded_port) as server:
         yield server.url
@@ -85,8 +87,9 @@ async def run_role(bus: Bus, settings: Settings, role: Role, stop: asyncio.Event
             receive = role != "whatsapp-egress" or not transport.separate_inbound
             log.info("owner started", extra={"holder": holder, "accounts": list(settings.accounts)})
             for account in settings.accounts:
-                owner = AccountOwner(bus, transport, account, holder,
-                                     lease_ttl=settings.lease_ttl, receive=receive)  # fmt: skip
+                owner = AccountOwner(
+                    bus, transport, account, holder, lease_ttl=settings.lease_ttl, receive=receive
+                )
                 tasks.append(asyncio.create_task(owner.run(stop), name=f"owner-{account}"))
         if role == "whatsapp-ingress":
             transport = make_transport(settings, bus)
@@ -111,13 +114,15 @@ async def _supervise(tasks: list[asyncio.Task[None]], stop: asyncio.Event) -> No
 
 
 @asynccontextmanager
-async def system(settings: Settings, role: Role, *, embedded_port: int = EMBEDDED_PORT,
-                 client_name: str = "svc") -> AsyncIterator[tuple[Bus, asyncio.Event, asyncio.Task[None]]]:  # fmt: skip
+async def system(
+    settings: Settings, role: Role, *, embedded_port: int = EMBEDDED_PORT, client_name: str = "svc"
+) -> AsyncIterator[tuple[Bus, asyncio.Event, asyncio.Task[None]]]:
     """Start `role` (with an embedded server if NATS_URL is unset); yield (bus, stop, task)."""
-    async with nats_url(settings, embedded_port=embedded_port) as url, connect(
-        url, name=f"{client_name}-{role}", timeout=settings.connect_timeout
-    ) as bus:
-        check_role(settings, role)
+    check_role(settings, role)
+    async with (
+        nats_url(settings, role, embedded_port=embedded_port) as url,
+        connect(url, name=f"{client_name}-{role}", timeout=settings.connect_timeout) as bus,
+    ):
         await provision(bus, settings)
         stop = asyncio.Event()
         task = asyncio.create_task(run_role(bus, settings, role, stop), name=f"role-{role}")

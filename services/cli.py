@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import nats.errors
 import typer
@@ -49,7 +49,7 @@ def _settings(role: str | None = None, *, quiet: bool = False) -> Settings:
     return settings
 
 
-def _run(main: Callable[[], Awaitable[T]]) -> T:
+def _run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine; turn service errors into one line and an exit code."""
     try:
         return asyncio.run(main())
@@ -73,8 +73,8 @@ def run(
     ] = None,
 ) -> None:
     """Run a role until SIGTERM/SIGINT (then drain in-flight work and exit 0)."""
-    from services.app import system  # noqa: PLC0415 -- keep `svc --help` fast
-    from services.runtime.lifecycle import install_stop_signals  # noqa: PLC0415
+    from services.app import system
+    from services.runtime.lifecycle import install_stop_signals
 
     settings = _settings(role)
 
@@ -95,7 +95,7 @@ def demo(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every reply.")] = 30.0,
 ) -> None:
     """One-shot end-to-end proof: all roles in one process, sim chats, transcript, timings."""
-    from services.ops.demo import run_demo  # noqa: PLC0415
+    from services.ops.demo import run_demo
 
     settings = _settings("all", quiet=True)
     ok = _run(lambda: run_demo(settings, chats=chats, messages=messages, timeout=timeout))
@@ -105,14 +105,16 @@ def demo(
 
 @app.command()
 def chat(
-    account: Annotated[str | None, typer.Option(help="Account to talk to (default: the first configured).")] = None,
+    account: Annotated[
+        str | None, typer.Option(help="Account to talk to (default: the first configured).")
+    ] = None,
     chat_jid: Annotated[str, typer.Option("--chat", help="Your chat JID.")] = "me@s.whatsapp.net",
     wait: Annotated[float, typer.Option(help="Seconds to wait for replies.")] = 10.0,
 ) -> None:
     """Talk to the running system through the sim transport (reads lines from stdin)."""
-    from contracts.subjects import check_account  # noqa: PLC0415
-    from services.ops.chat import run_chat  # noqa: PLC0415
-    from services.runtime.bus import connect  # noqa: PLC0415
+    from contracts.subjects import check_account
+    from services.ops.chat import run_chat
+    from services.runtime.bus import connect
 
     settings = _settings(quiet=True)
     target = account or settings.accounts[0]
@@ -122,7 +124,9 @@ def chat(
         raise _fail(f"--account: {exc}", 2) from None
 
     async def main() -> int:
-        async with connect(settings.effective_nats_url, name="svc-chat", timeout=settings.connect_timeout) as bus:
+        async with connect(
+            settings.effective_nats_url, name="svc-chat", timeout=settings.connect_timeout
+        ) as bus:
             return await run_chat(bus, target, chat_jid, wait=wait)
 
     if _run(main):
@@ -132,13 +136,15 @@ def chat(
 @app.command()
 def status(as_json: JsonOpt = False) -> None:
     """Streams, consumers (pending / ack pending / redelivered), leases, dead letters."""
-    from services.ops.status import collect_status, render_status, to_json  # noqa: PLC0415
-    from services.runtime.bus import connect  # noqa: PLC0415
+    from services.ops.status import collect_status, render_status, to_json
+    from services.runtime.bus import connect
 
     settings = _settings(quiet=True)
 
     async def main() -> str:
-        async with connect(settings.effective_nats_url, name="svc-status", timeout=settings.connect_timeout) as bus:
+        async with connect(
+            settings.effective_nats_url, name="svc-status", timeout=settings.connect_timeout
+        ) as bus:
             result = await collect_status(bus)
         return to_json(result) if as_json else render_status(result)
 
@@ -149,17 +155,21 @@ def status(as_json: JsonOpt = False) -> None:
 def nats_serve(
     port: Annotated[int, typer.Option(help="Client port (0 picks a free one).")] = 4222,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    store_dir: Annotated[Path | None, typer.Option(help="JetStream store (default: $SVC_DATA_DIR/nats).")] = None,
+    store_dir: Annotated[
+        Path | None, typer.Option(help="JetStream store (default: $SVC_DATA_DIR/nats).")
+    ] = None,
 ) -> None:
     """Run the embedded JetStream nats-server in the foreground until SIGTERM/SIGINT."""
-    from services.runtime.lifecycle import install_stop_signals  # noqa: PLC0415
-    from services.runtime.nats_server import EmbeddedNats  # noqa: PLC0415
+    from services.runtime.lifecycle import install_stop_signals
+    from services.runtime.nats_server import EmbeddedNats
 
     settings = _settings()
 
     async def main() -> None:
         stop = asyncio.Event()
-        async with EmbeddedNats(store_dir or settings.data_dir / "nats", host=host, port=port) as server:
+        async with EmbeddedNats(
+            store_dir or settings.data_dir / "nats", host=host, port=port
+        ) as server:
             install_stop_signals(stop)
             typer.echo(f"nats-server ready at {server.url} (store {server.store_dir})")
             sys.stdout.flush()
@@ -171,17 +181,19 @@ def nats_serve(
 @streams_app.command("ensure")
 def streams_ensure(as_json: JsonOpt = False) -> None:
     """Create missing streams and buckets; report (exit 1) any with a conflicting config."""
-    from dataclasses import asdict  # noqa: PLC0415
+    from dataclasses import asdict
 
-    import msgspec  # noqa: PLC0415
+    import msgspec
 
-    from services.runtime.bus import connect  # noqa: PLC0415
-    from services.runtime.provisioning import Provisioned, ensure_streams  # noqa: PLC0415
+    from services.runtime.bus import connect
+    from services.runtime.provisioning import Provisioned, ensure_streams
 
     settings = _settings(quiet=True)
 
     async def main() -> list[Provisioned]:
-        async with connect(settings.effective_nats_url, name="svc-streams", timeout=settings.connect_timeout) as bus:
+        async with connect(
+            settings.effective_nats_url, name="svc-streams", timeout=settings.connect_timeout
+        ) as bus:
             return await ensure_streams(bus.js, replicas=settings.stream_replicas)
 
     results = _run(main)

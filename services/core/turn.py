@@ -81,7 +81,9 @@ def completed(
         for i, part in enumerate(split_reply(completion.text))
     ]
     usage = (
-        TokenUsage(prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens)
+        TokenUsage(
+            prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens
+        )
         if completion.prompt_tokens or completion.completion_tokens
         else None
     )

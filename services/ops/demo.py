@@ -30,14 +30,20 @@ async def run_demo(settings: Settings, *, chats: int, messages: int, timeout: fl
             settings = replace(settings, data_dir=Path(tmp))
         account = settings.accounts[0]
         started = time.perf_counter()
-        async with system(settings, "all", embedded_port=0, client_name="svc-demo") as (bus, _, task):
+        async with system(settings, "all", embedded_port=0, client_name="svc-demo") as (
+            bus,
+            _,
+            task,
+        ):
             where = settings.nats_url or "an embedded nats-server (temporary store)"
             typer.echo(f"switchboard demo: account {account!r} on {where}")
             records = SentRecords()
             sub = await bus.nc.subscribe(f"delivery.whatsapp.{account}.*", cb=records.on_msg)
             async with SimUser(bus, account) as user:
-                chat_ids = [CHATS[i % len(CHATS)].replace("@", f"{i // len(CHATS) or ''}@", 1)
-                            for i in range(chats)]  # fmt: skip
+                chat_ids = [
+                    CHATS[i % len(CHATS)].replace("@", f"{i // len(CHATS) or ''}@", 1)
+                    for i in range(chats)
+                ]
                 for n in range(messages):
                     for chat in chat_ids:
                         await user.send(chat, f"{LINES[n % len(LINES)]} (#{n + 1})")
@@ -51,8 +57,10 @@ async def run_demo(settings: Settings, *, chats: int, messages: int, timeout: fl
         total = time.perf_counter() - started
         if latencies:
             typer.echo(
-                f"\n{len(latencies)}/{len(user.exchanges)} replies, {len(records.sent)} MessageSent recorded; "
-                f"reply latency p50 {statistics.median(latencies):.1f} ms, max {max(latencies):.1f} ms; "
+                f"\n{len(latencies)}/{len(user.exchanges)} replies, "
+                f"{len(records.sent)} MessageSent recorded; "
+                f"reply latency p50 {statistics.median(latencies):.1f} ms, "
+                f"max {max(latencies):.1f} ms; "
                 f"total {total:.2f} s (including start-up)"
             )
         missing = user.pending()
@@ -99,6 +107,9 @@ def _print_transcript(user: SimUser, chats: list[str]) -> None:
             typer.echo(f"  user > {e.text}")
             if e.reply:
                 r = e.reply
-                typer.echo(f"  bot  < {r.text}   [{e.latency_ms:.1f} ms, holder {r.holder}, token {r.lease_token}]")
+                typer.echo(
+                    f"  bot  < {r.text}   [{e.latency_ms:.1f} ms,"
+                    f" holder {r.holder}, token {r.lease_token}]"
+                )
             else:
                 typer.echo("  bot  < (no reply)")

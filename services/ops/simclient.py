@@ -77,7 +77,9 @@ class SimUser:
         exchange = Exchange(chat, text, message_id, time.perf_counter())
         self.exchanges[first_reply_job_id(self.account, message_id)] = exchange
         payload = SimInbound(chat=chat, sender=sender or chat, text=text, message_id=message_id)
-        await self.bus.publish_bytes(subjects.sim_in(self.account), encode(payload), msg_id=f"sim-in:{message_id}")
+        await self.bus.publish_bytes(
+            subjects.sim_in(self.account), encode(payload), msg_id=f"sim-in:{message_id}"
+        )
         return exchange
 
     def pending(self) -> list[Exchange]:

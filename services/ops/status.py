@@ -11,6 +11,7 @@ import nats.js.errors
 from contracts.streams import BUCKETS, DEADLETTER, LEASES, STREAMS
 from services.runtime.bus import Bus
 from services.runtime.lease import read_lease
+from services.runtime.provisioning import retention_name
 
 
 async def collect_status(bus: Bus) -> dict[str, Any]:
@@ -26,36 +27,50 @@ async def collect_status(bus: Bus) -> dict[str, Any]:
             continue
         consumers = []
         for c in await js.consumers_info(name):
-            consumers.append({
-                "name": c.name,
-                "filter": c.config.filter_subject,
-                "pending": c.num_pending,
-                "ack_pending": c.num_ack_pending,
-                "redelivered": c.num_redelivered,
-                "waiting": c.num_waiting,
-            })  # fmt: skip
+            consumers.append(
+                {
+                    "name": c.name,
+                    "filter": c.config.filter_subject,
+                    "pending": c.num_pending,
+                    "ack_pending": c.num_ack_pending,
+                    "redelivered": c.num_redelivered,
+                    "waiting": c.num_waiting,
+                }
+            )
         state = info.state
-        streams.append({
-            "name": name,
-            "retention": info.config.retention.value if info.config.retention else None,
-            "messages": state.messages,
-            "bytes": state.bytes,
-            "first_seq": state.first_seq,
-            "last_seq": state.last_seq,
-            "consumers": consumers,
-        })  # fmt: skip
+        streams.append(
+            {
+                "name": name,
+                "retention": retention_name(info.config),
+                "messages": state.messages,
+                "bytes": state.bytes,
+                "first_seq": state.first_seq,
+                "last_seq": state.last_seq,
+                "consumers": consumers,
+            }
+        )
     leases: list[dict[str, Any]] = []
+    prefix = f"$KV.{LEASES.name}."
     try:
         kv = await js.key_value(LEASES.name)
-        keys = await kv.keys()
-    except (nats.js.errors.NotFoundError, nats.js.errors.NoKeysError):
+        # The stream's subject list, not kv.keys(): that would leave a consumer behind.
+        info = await js.stream_info(f"KV_{LEASES.name}", subjects_filter=f"{prefix}>")
+        keys = [s.removeprefix(prefix) for s in (info.state.subjects or {})]
+    except nats.js.errors.NotFoundError:
         keys = []
     for key in sorted(keys):
         found = await read_lease(kv, key)
         if found is not None:
             value, revision = found
-            leases.append({"key": key, "holder": value.holder, "token": value.token,
-                           "revision": revision, "acquired_at": value.acquired_at})  # fmt: skip
+            leases.append(
+                {
+                    "key": key,
+                    "holder": value.holder,
+                    "token": value.token,
+                    "revision": revision,
+                    "acquired_at": value.acquired_at,
+                }
+            )
     dead = next((s for s in streams if s["name"] == DEADLETTER.name), {})
     return {
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -67,23 +82,28 @@ async def collect_status(bus: Bus) -> dict[str, Any]:
 
 def render_status(status: dict[str, Any]) -> str:
     """The human view of `collect_status`."""
-    lines = ["STREAM       RETENTION  MESSAGES  LAST SEQ  CONSUMERS (pending/ack pending/redelivered)"]
+    lines = [
+        "STREAM       RETENTION  MESSAGES  LAST SEQ  CONSUMERS (pending/ack pending/redelivered)"
+    ]
     for s in status["streams"]:
         if s.get("missing"):
             lines.append(f"{s['name']:<12} (missing: run 'svc streams ensure')")
             continue
         consumers = ", ".join(
-            f"{c['name']} {c['pending']}/{c['ack_pending']}/{c['redelivered']}" for c in s["consumers"]
+            f"{c['name']} {c['pending']}/{c['ack_pending']}/{c['redelivered']}"
+            for c in s["consumers"]
         )
         lines.append(
-            f"{s['name']:<12} {s['retention'] or '-':<10} {s['messages']:>8}  {s['last_seq']:>8}  {consumers or '-'}"
+            f"{s['name']:<12} {s['retention'] or '-':<10} {s['messages']:>8}"
+            f"  {s['last_seq']:>8}  {consumers or '-'}"
         )
     lines.append("")
     if status["leases"]:
         lines.append("LEASE                    HOLDER                                TOKEN  SINCE")
         for lease in status["leases"]:
             lines.append(
-                f"{lease['key']:<24} {lease['holder']:<37} {lease['token']:>5}  {lease['acquired_at']}"
+                f"{lease['key']:<24} {lease['holder']:<37} {lease['token']:>5}"
+                f"  {lease['acquired_at']}"
             )
     else:
         lines.append("LEASES: none held")

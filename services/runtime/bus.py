@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -86,7 +87,7 @@ class _ErrorReporter:
 async def connect(url: str, *, name: str, timeout: float = 5.0) -> AsyncIterator[Bus]:
     """Connect with endless reconnects; give up on the *first* connect after `timeout` s."""
     reporter = _ErrorReporter(name)
-    nc = nats.NATS()
+    nc = Client()
     try:
         await asyncio.wait_for(
             nc.connect(
@@ -96,13 +97,15 @@ async def connect(url: str, *, name: str, timeout: float = 5.0) -> AsyncIterator
                 disconnected_cb=reporter.disconnected,
                 reconnected_cb=reporter.reconnected,
                 connect_timeout=max(1, int(timeout)),
-                reconnect_time_wait=0.5,
+                reconnect_time_wait=0.5,  # type: ignore[arg-type]  # annotated int, sleeps float
                 max_reconnect_attempts=-1,
             ),
             timeout,
         )
     except (TimeoutError, OSError, nats.errors.Error) as exc:
-        await nc.close()
+        reporter.closing = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), 2)
         shown = url if "@" not in url else "<NATS_URL with credentials>"
         raise NatsUnavailableError(
             f"cannot reach NATS at {shown} within {timeout:g}s ({type(exc).__name__}): "
@@ -116,4 +119,5 @@ async def connect(url: str, *, name: str, timeout: float = 5.0) -> AsyncIterator
             try:
                 await asyncio.wait_for(nc.drain(), 5)
             except Exception:  # a drain that cannot finish must not hide the body's error
-                await nc.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(nc.close(), 2)

@@ -10,6 +10,7 @@ anything but success is dead-lettered, so nothing stays stuck in a work queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from contracts import subjects
 from contracts.errors import ContractError
 from contracts.events import AttemptError, DeadLettered
+from contracts.streams import OUTBOUND
 from services.runtime.bus import Bus
 from services.runtime.errors import PermanentError, TransientError
 from services.runtime.telemetry import consume_span
@@ -117,14 +119,17 @@ class ConsumerLoop:
         batch = max(1, min(self.spec.batch, self.spec.max_ack_pending))
         log.info(
             "consuming",
-            extra={"stream": self.spec.stream, "consumer": self.spec.durable,
-                   "filter": self.spec.filter_subject},
-        )  # fmt: skip
+            extra={
+                "stream": self.spec.stream,
+                "consumer": self.spec.durable,
+                "filter": self.spec.filter_subject,
+            },
+        )
         try:
             while not stop.is_set():
                 try:
                     msgs = await sub.fetch(batch, timeout=self.spec.fetch_timeout)
-                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                except (TimeoutError, nats.errors.TimeoutError):
                     continue
                 except nats.js.errors.NotFoundError:
                     # The consumer was deleted under us (e.g. by an operator): recreate it.
@@ -132,7 +137,9 @@ class ConsumerLoop:
                     await self._safe_ensure()
                     continue
                 except _NATS_TRANSIENT as exc:
-                    log.warning("fetch failed", extra={"consumer": self.spec.durable, "error": repr(exc)})
+                    log.warning(
+                        "fetch failed", extra={"consumer": self.spec.durable, "error": repr(exc)}
+                    )
                     await self._wait(stop, 1.0)
                     continue
                 for msg in msgs:
@@ -153,10 +160,8 @@ class ConsumerLoop:
 
     @staticmethod
     async def _wait(stop: asyncio.Event, seconds: float) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), seconds)
-        except TimeoutError:
-            pass
 
     async def _handle(self, msg: Msg) -> None:
         meta = msg.metadata
@@ -169,7 +174,9 @@ class ConsumerLoop:
             num_delivered=meta.num_delivered,
         )
         last_try = delivery.num_delivered >= self.spec.max_deliver
-        with consume_span(msg.subject, delivery.headers, self.spec.durable, delivery.msg_id) as span:
+        with consume_span(
+            msg.subject, delivery.headers, self.spec.durable, delivery.msg_id
+        ) as span:
             try:
                 await self.handler(delivery)
             except (PermanentError, ContractError) as exc:
@@ -184,14 +191,19 @@ class ConsumerLoop:
                 span.set_attribute("switchboard.outcome", "retry")
                 log.exception(
                     "handler failed",
-                    extra={"consumer": self.spec.durable, "subject": msg.subject,
-                           "seq": delivery.stream_seq},
-                )  # fmt: skip
+                    extra={
+                        "consumer": self.spec.durable,
+                        "subject": msg.subject,
+                        "seq": delivery.stream_seq,
+                    },
+                )
                 delay = self._delay(delivery.num_delivered)
                 await self._retry(delivery, f"{type(exc).__name__}: {exc}", delay, last_try)
                 return
             span.set_attribute("switchboard.outcome", "ack")
-        await self._settle(msg.ack())
+        # Wait for the server to confirm: on a graceful handover the next owner must not
+        # be handed a job whose ack was still in our socket buffer.
+        await self._settle(msg.ack_sync(timeout=5))
         self.handled += 1
 
     def _delay(self, num_delivered: int) -> float:
@@ -200,15 +212,19 @@ class ConsumerLoop:
 
     async def _retry(self, d: Delivery, error: str, delay: float, last_try: bool) -> None:
         if last_try:
-            await self._dead_letter(
-                d, f"gave up after {d.num_delivered} attempts: {error}"
-            )
+            await self._dead_letter(d, f"gave up after {d.num_delivered} attempts: {error}")
             return
         log.warning(
             "retrying",
-            extra={"consumer": self.spec.durable, "subject": d.subject, "seq": d.stream_seq,
-                   "attempt": d.num_delivered, "delay_s": delay, "error": error},
-        )  # fmt: skip
+            extra={
+                "consumer": self.spec.durable,
+                "subject": d.subject,
+                "seq": d.stream_seq,
+                "attempt": d.num_delivered,
+                "delay_s": delay,
+                "error": error,
+            },
+        )
         await self._settle(d.msg.nak(delay=delay))
 
     async def _dead_letter(self, d: Delivery, reason: str) -> None:
@@ -221,6 +237,9 @@ class ConsumerLoop:
             errors=errors,
             payload=d.data,
             headers={k: v for k, v in d.headers.items() if k != "Nats-Msg-Id"},
+            source_msg_id=d.msg_id,
+            # An OUTBOUND job is published with its job id as Nats-Msg-Id.
+            job_id=(d.msg_id or None) if self.spec.stream == OUTBOUND.name else None,
         )
         try:
             if self.on_dead_letter is not None:
@@ -238,13 +257,17 @@ class ConsumerLoop:
             return
         log.error(
             "dead-lettered",
-            extra={"consumer": self.spec.durable, "subject": d.subject, "seq": d.stream_seq,
-                   "reason": reason},
-        )  # fmt: skip
+            extra={
+                "consumer": self.spec.durable,
+                "subject": d.subject,
+                "seq": d.stream_seq,
+                "reason": reason,
+            },
+        )
         await self._settle(d.msg.term())
         self.dead_lettered += 1
 
-    async def _settle(self, ack: Awaitable[None]) -> None:
+    async def _settle(self, ack: Awaitable[object]) -> None:
         # A lost ack only means a redelivery, which every handler tolerates (idempotence).
         try:
             await ack

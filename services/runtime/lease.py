@@ -52,6 +52,7 @@ class LeaseState:
     token: int = 0
     revision: int = 0
     deadline: float = 0.0  # time.monotonic() after which we no longer trust the lease
+    acquired_at: str = ""
 
 
 class Lease:
@@ -88,24 +89,30 @@ class Lease:
             self._kv = await self.bus.js.key_value(LEASES.name)
         return self._kv
 
-    def _value(self, token: int) -> bytes:
+    def _value(self, token: int, acquired_at: str) -> bytes:
         return msgspec.json.encode(
-            LeaseValue(holder=self.holder, token=token, acquired_at=utcnow().isoformat())
+            LeaseValue(holder=self.holder, token=token, acquired_at=acquired_at)
         )
 
     async def try_acquire(self) -> bool:
         """Take the lease if nobody holds it; True on success."""
         kv = await self._bucket()
         sent = time.monotonic()
+        acquired_at = utcnow().isoformat(timespec="milliseconds")
         try:
-            revision = await kv.create(self.key, self._value(0), msg_ttl=self.ttl)
+            revision = await kv.create(self.key, self._value(0, acquired_at), msg_ttl=self.ttl)
         except nats.js.errors.KeyWrongLastSequenceError:
             return False
         except nats.js.errors.APIError as exc:
             if exc.err_code == _WRONG_LAST_SEQUENCE:
                 return False
             raise
-        self.state = LeaseState(token=revision, revision=revision, deadline=sent + self.ttl - self.margin)
+        self.state = LeaseState(
+            token=revision,
+            revision=revision,
+            deadline=sent + self.ttl - self.margin,
+            acquired_at=acquired_at,
+        )
         # Record the token in the value so `svc status` and `nats kv get` show it.
         await self.renew()
         return self.valid()
@@ -118,7 +125,7 @@ class Lease:
         try:
             ack = await self.bus.js.publish(
                 f"$KV.{LEASES.name}.{self.key}",
-                self._value(self.state.token),
+                self._value(self.state.token, self.state.acquired_at),
                 headers={"Nats-Expected-Last-Subject-Sequence": str(self.state.revision)},
                 msg_ttl=self.ttl,
                 timeout=max(0.5, min(2.0, self.remaining())),

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -16,6 +18,15 @@ from types import TracebackType
 from services.runtime.errors import EmbeddedServerError
 
 log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the parent dies, even by SIGKILL."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def nats_server_binary() -> str:
@@ -81,20 +92,27 @@ class EmbeddedNats:
         args = [
             nats_server_binary(),
             "--jetstream",
-            "--store_dir", str(self.store_dir),
-            "--addr", self.host,
-            "--port", str(self.port if self.port else -1),
-            "--server_name", self.name,
-            "--ports_file_dir", self._ports_dir.name,
-            "--log", str(self._log_path),
+            "--store_dir",
+            str(self.store_dir),
+            "--addr",
+            self.host,
+            "--port",
+            str(self.port if self.port else -1),
+            "--server_name",
+            self.name,
+            "--ports_file_dir",
+            self._ports_dir.name,
+            "--log",
+            str(self._log_path),
             *self.extra_args,
-        ]  # fmt: skip
+        ]
         self._proc = await asyncio.create_subprocess_exec(
             *args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
             start_new_session=True,  # a Ctrl-C to our group is ours to handle, not the server's
+            preexec_fn=_die_with_parent,
         )
         try:
             self.url = await asyncio.wait_for(self._wait_ready(), self.start_timeout)
@@ -104,11 +122,14 @@ class EmbeddedNats:
             if isinstance(reason, str):
                 raise EmbeddedServerError(reason) from None
             raise
-        log.info("embedded nats-server ready", extra={"url": self.url, "store": str(self.store_dir)})
+        log.info(
+            "embedded nats-server ready", extra={"url": self.url, "store": str(self.store_dir)}
+        )
         return self.url
 
     async def _wait_ready(self) -> str:
-        assert self._proc is not None and self._ports_dir is not None
+        assert self._proc is not None
+        assert self._ports_dir is not None
         ports_file = Path(self._ports_dir.name) / f"nats-server_{self._proc.pid}.ports"
         while True:
             if self._proc.returncode is not None:

@@ -53,19 +53,24 @@ def stream_config(spec: StreamSpec, replicas: int = 1) -> StreamConfig:
     )
 
 
+def retention_name(config: StreamConfig) -> str:
+    """The retention policy's name (nats-py returns a str or an enum, depending on the call)."""
+    return RetentionPolicy(config.retention or RetentionPolicy.LIMITS).value
+
+
 def _stream_conflicts(spec: StreamSpec, live: StreamConfig) -> list[str]:
     want = stream_config(spec)
-    problems = []
+    problems: list[str] = []
     if set(live.subjects or []) != set(want.subjects or []):
         problems.append(f"subjects are {live.subjects}, expected {want.subjects}")
-    if live.retention != want.retention:
-        live_retention = live.retention.value if live.retention else None
+    live_retention = retention_name(live)
+    if live_retention != spec.retention.value:
         problems.append(f"retention is {live_retention}, expected {spec.retention.value}")
     return problems
 
 
 def _bucket_conflicts(spec: BucketSpec, live: StreamConfig) -> list[str]:
-    problems = []
+    problems: list[str] = []
     if live.max_msgs_per_subject != spec.history:
         problems.append(f"history is {live.max_msgs_per_subject}, expected {spec.history}")
     if not live.allow_msg_ttl:
@@ -87,7 +92,9 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> list[Pro
             continue
         problems = _stream_conflicts(spec, info.config)
         results.append(
-            Provisioned("stream", spec.name, "conflict" if problems else "unchanged", "; ".join(problems))
+            Provisioned(
+                "stream", spec.name, "conflict" if problems else "unchanged", "; ".join(problems)
+            )
         )
     for bucket in BUCKETS:
         stream_name = f"KV_{bucket.name}"
@@ -106,11 +113,13 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> list[Pro
             continue
         problems = _bucket_conflicts(bucket, info.config)
         results.append(
-            Provisioned("bucket", bucket.name, "conflict" if problems else "unchanged", "; ".join(problems))
+            Provisioned(
+                "bucket", bucket.name, "conflict" if problems else "unchanged", "; ".join(problems)
+            )
         )
     for r in results:
         if r.action == "created":
-            log.info("provisioned", extra={"kind": r.kind, "name": r.name})
+            log.info("provisioned", extra={"kind": r.kind, "resource": r.name})
     return results
 
 

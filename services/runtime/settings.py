@@ -81,27 +81,29 @@ def load_settings(env: Mapping[str, str] | None = None, *, role: str | None = No
     """Parse and validate settings from `env` (default: os.environ)."""
     env = os.environ if env is None else env
     get = _Reader(env)
-    role_value = role if role is not None else get.str("SVC_ROLE", "all")
-    llm = get.choice("SVC_LLM", "echo", ("echo", "openai"))
+    role_value = role if role is not None else get.get_str("SVC_ROLE", "all")
+    llm = get.get_choice("SVC_LLM", "echo", ("echo", "openai"))
     settings = Settings(
-        nats_url=get.url("NATS_URL"),
+        nats_url=get.get_url("NATS_URL"),
         role=cast(Role, _choice("SVC_ROLE", role_value, ROLES)),
-        data_dir=Path(get.str("SVC_DATA_DIR", ".svc")),
-        accounts=get.accounts(),
-        transport=cast(TransportName, get.choice("WHATSAPP_TRANSPORT", "sim", ("sim", "neonize"))),
-        lease_ttl=get.int("WHATSAPP_LEASE_TTL", 10, minimum=2, maximum=3600),
+        data_dir=Path(get.get_str("SVC_DATA_DIR", ".svc")),
+        accounts=get.get_accounts(),
+        transport=cast(
+            TransportName, get.get_choice("WHATSAPP_TRANSPORT", "sim", ("sim", "neonize"))
+        ),
+        lease_ttl=get.get_int("WHATSAPP_LEASE_TTL", 10, minimum=2, maximum=3600),
         llm=cast(LLMName, llm),
-        llm_model=get.str("SVC_LLM_MODEL", "echo" if llm == "echo" else "gpt-4o-mini"),
-        openai_base_url=get.str("OPENAI_BASE_URL", "https://api.openai.com/v1"),
+        llm_model=get.get_str("SVC_LLM_MODEL", "echo" if llm == "echo" else "gpt-4o-mini"),
+        openai_base_url=get.get_str("OPENAI_BASE_URL", "https://api.openai.com/v1"),
         openai_api_key=Secret(env.get("OPENAI_API_KEY", "")),
-        stream_replicas=get.int("SVC_STREAM_REPLICAS", 1, minimum=1, maximum=5),
-        connect_timeout=get.float("NATS_CONNECT_TIMEOUT", 5.0, minimum=0.1, maximum=300),
-        log_level=get.choice("SVC_LOG_LEVEL", "INFO", _LOG_LEVELS, upper=True),
-        log_format=cast(LogFormat, get.choice("SVC_LOG_FORMAT", "json", ("json", "text"))),
+        stream_replicas=get.get_int("SVC_STREAM_REPLICAS", 1, minimum=1, maximum=5),
+        connect_timeout=get.get_float("NATS_CONNECT_TIMEOUT", 5.0, minimum=0.1, maximum=300),
+        log_level=get.get_choice("SVC_LOG_LEVEL", "INFO", _LOG_LEVELS, upper=True),
+        log_format=cast(LogFormat, get.get_choice("SVC_LOG_FORMAT", "json", ("json", "text"))),
         sim=SimFaults(
-            latency_ms=get.float("SIM_SEND_LATENCY_MS", 0.0, minimum=0, maximum=60_000),
-            failure_rate=get.float("SIM_FAILURE_RATE", 0.0, minimum=0, maximum=1),
-            failing_chats=frozenset(get.list("SIM_FAILING_CHATS")),
+            latency_ms=get.get_float("SIM_SEND_LATENCY_MS", 0.0, minimum=0, maximum=60_000),
+            failure_rate=get.get_float("SIM_FAILURE_RATE", 0.0, minimum=0, maximum=1),
+            failing_chats=frozenset(get.get_list("SIM_FAILING_CHATS")),
         ),
     )
     if settings.llm == "openai" and not settings.openai_api_key:
@@ -123,10 +125,10 @@ class _Reader:
         value = self._env.get(name)
         return None if value is None or value.strip() == "" else value.strip()
 
-    def str(self, name: str, default: str) -> str:
+    def get_str(self, name: str, default: str) -> str:
         return self._raw(name) or default
 
-    def choice(
+    def get_choice(
         self, name: str, default: str, allowed: tuple[str, ...], *, upper: bool = False
     ) -> str:
         raw = self._raw(name)
@@ -134,7 +136,7 @@ class _Reader:
             return default
         return _choice(name, raw.upper() if upper else raw.lower(), allowed)
 
-    def int(self, name: str, default: int, *, minimum: int, maximum: int) -> int:
+    def get_int(self, name: str, default: int, *, minimum: int, maximum: int) -> int:
         raw = self._raw(name)
         if raw is None:
             return default
@@ -148,7 +150,7 @@ class _Reader:
             )
         return value
 
-    def float(self, name: str, default: float, *, minimum: float, maximum: float) -> float:
+    def get_float(self, name: str, default: float, *, minimum: float, maximum: float) -> float:
         raw = self._raw(name)
         if raw is None:
             return default
@@ -162,11 +164,11 @@ class _Reader:
             )
         return value
 
-    def list(self, name: str) -> list[str]:
+    def get_list(self, name: str) -> list[str]:
         raw = self._raw(name)
         return [] if raw is None else [item.strip() for item in raw.split(",") if item.strip()]
 
-    def url(self, name: str) -> str | None:
+    def get_url(self, name: str) -> str | None:
         raw = self._raw(name)
         if raw is None:
             return None
@@ -181,8 +183,8 @@ class _Reader:
                 )
         return raw
 
-    def accounts(self) -> tuple[str, ...]:
-        names = self.list("WHATSAPP_ACCOUNTS")
+    def get_accounts(self) -> tuple[str, ...]:
+        names = self.get_list("WHATSAPP_ACCOUNTS")
         source = "WHATSAPP_ACCOUNTS"
         if not names and (single := self._raw("WHATSAPP_ACCOUNT_ID")):
             names, source = [single], "WHATSAPP_ACCOUNT_ID"

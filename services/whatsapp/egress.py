@@ -57,17 +57,27 @@ class Egress:
         fence = Fence(holder=self.lease.holder, token=self.lease.token)
         where = subjects.delivery(job.channel, job.account, job.chat)
         try:
-            transport_id = await self.session.send(job.chat, job.text, job_id=job.job_id, fence=fence)
+            transport_id = await self.session.send(
+                job.chat, job.text, job_id=job.job_id, fence=fence
+            )
         except TransportError as exc:
             await self.bus.publish(
                 where,
-                DeliveryFailed(job_id=job.job_id, channel=job.channel, account=job.account,
-                               chat=job.chat, attempt=d.num_delivered, error=str(exc),
-                               permanent=exc.permanent),
-            )  # fmt: skip
+                DeliveryFailed(
+                    job_id=job.job_id,
+                    channel=job.channel,
+                    account=job.account,
+                    chat=job.chat,
+                    attempt=d.num_delivered,
+                    error=str(exc),
+                    permanent=exc.permanent,
+                ),
+            )
             if exc.permanent:
                 raise PermanentError(str(exc)) from exc
-            raise TransientError(str(exc), delay=min(30.0, 0.5 * 2 ** (d.num_delivered - 1))) from exc
+            raise TransientError(
+                str(exc), delay=min(30.0, 0.5 * 2 ** (d.num_delivered - 1))
+            ) from exc
         sent = MessageSent(
             id=derived_id("sent", job.job_id),
             job_id=job.job_id,
@@ -89,7 +99,13 @@ class Egress:
             return
         await self.bus.publish(
             subjects.delivery(job.channel, job.account, job.chat),
-            DeliveryDeadLettered(id=derived_id("deadlettered", job.job_id), job_id=job.job_id,
-                                 channel=job.channel, account=job.account, chat=job.chat,
-                                 reason=reason, attempts=d.num_delivered),
-        )  # fmt: skip
+            DeliveryDeadLettered(
+                id=derived_id("deadlettered", job.job_id),
+                job_id=job.job_id,
+                channel=job.channel,
+                account=job.account,
+                chat=job.chat,
+                reason=reason,
+                attempts=d.num_delivered,
+            ),
+        )

@@ -72,16 +72,22 @@ class Ingress:
                 self.end_reason = reason or "logged out"
                 await self.bus.publish(
                     account_subject,
-                    SessionLoggedOut(account=self.account, holder=self.holder, reason=self.end_reason),
+                    SessionLoggedOut(
+                        account=self.account, holder=self.holder, reason=self.end_reason
+                    ),
                 )
                 self.session_ended.set()
             case TemporaryBan():
                 self.end_reason = f"banned: {event.reason}"
                 await self.bus.publish(
                     account_subject,
-                    SessionBanned(account=self.account, holder=self.holder, reason=event.reason,
-                                  until=event.until),
-                )  # fmt: skip
+                    SessionBanned(
+                        account=self.account,
+                        holder=self.holder,
+                        reason=event.reason,
+                        until=event.until,
+                    ),
+                )
                 self.session_ended.set()
             case _:
                 assert_never(event)

@@ -57,7 +57,9 @@ class AccountOwner:
             try:
                 acquired = await self.lease.try_acquire()
             except Exception as exc:  # NATS trouble: stay standby and retry
-                log.warning("lease acquire failed", extra={"account": self.account, "error": repr(exc)})
+                log.warning(
+                    "lease acquire failed", extra={"account": self.account, "error": repr(exc)}
+                )
                 acquired = False
             if not acquired:
                 await _wait(stop, self.retry_interval * random.uniform(0.75, 1.25))
@@ -66,9 +68,17 @@ class AccountOwner:
 
     async def _own(self, stop: asyncio.Event) -> None:
         token = self.lease.token
-        log.info("lease acquired", extra={"account": self.account, "holder": self.holder, "token": token})
-        await self._record(LeaseAcquired(id=derived_id("lease-acquired", self.account, str(token)),
-                                         account=self.account, holder=self.holder, token=token))  # fmt: skip
+        log.info(
+            "lease acquired", extra={"account": self.account, "holder": self.holder, "token": token}
+        )
+        await self._record(
+            LeaseAcquired(
+                id=derived_id("lease-acquired", self.account, str(token)),
+                account=self.account,
+                holder=self.holder,
+                token=token,
+            )
+        )
         ingress = Ingress(self.bus, self.account, self.holder)
         lost = asyncio.Event()
         done = asyncio.Event()  # stop sending: shutdown, lease lost, or session ended
@@ -96,20 +106,37 @@ class AccountOwner:
         if lost.is_set() or not self.lease.valid():
             self.lease.forget()
             log.warning("lease lost", extra={"account": self.account, "token": token})
-            await self._record(LeaseLost(id=derived_id("lease-lost", self.account, str(token)),
-                                         account=self.account, holder=self.holder, token=token,
-                                         reason="could not renew"))  # fmt: skip
+            await self._record(
+                LeaseLost(
+                    id=derived_id("lease-lost", self.account, str(token)),
+                    account=self.account,
+                    holder=self.holder,
+                    token=token,
+                    reason="could not renew",
+                )
+            )
             return
         reason = ingress.end_reason or "shutdown"
         released = await self.lease.release()
         if released:
-            log.info("lease released", extra={"account": self.account, "token": token, "reason": reason})
-            await self._record(LeaseReleased(id=derived_id("lease-released", self.account, str(token)),
-                                             account=self.account, holder=self.holder, token=token,
-                                             reason=reason))  # fmt: skip
+            log.info(
+                "lease released", extra={"account": self.account, "token": token, "reason": reason}
+            )
+            await self._record(
+                LeaseReleased(
+                    id=derived_id("lease-released", self.account, str(token)),
+                    account=self.account,
+                    holder=self.holder,
+                    token=token,
+                    reason=reason,
+                )
+            )
         if ingress.session_ended.is_set():
             # Logged out / replaced / banned: wait for an operator instead of looping.
-            log.error("session ended; waiting for an operator", extra={"account": self.account, "reason": reason})
+            log.error(
+                "session ended; waiting for an operator",
+                extra={"account": self.account, "reason": reason},
+            )
             await stop.wait()
 
     async def _renew(self, lost: asyncio.Event) -> None:
@@ -119,7 +146,9 @@ class AccountOwner:
             try:
                 ok = await self.lease.renew()
             except Exception as exc:
-                log.warning("lease renew failed", extra={"account": self.account, "error": repr(exc)})
+                log.warning(
+                    "lease renew failed", extra={"account": self.account, "error": repr(exc)}
+                )
                 ok = self.lease.valid()
                 if ok:
                     await asyncio.sleep(min(0.5, max(0.05, self.lease.remaining() / 4)))
@@ -133,4 +162,6 @@ class AccountOwner:
         try:
             await self.bus.publish(self._subject, event)
         except Exception as exc:  # the lease itself is the truth; the event is the record
-            log.warning("could not record lease event", extra={"account": self.account, "error": repr(exc)})
+            log.warning(
+                "could not record lease event", extra={"account": self.account, "error": repr(exc)}
+            )

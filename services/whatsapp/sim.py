@@ -43,11 +43,17 @@ class SimSession:
         if chat in self.faults.failing_chats:
             raise TransportError(f"sim: {chat} is not on WhatsApp", permanent=True)
         if len(text) > SIM_TEXT_LIMIT:
-            raise TransportError(f"sim: text of {len(text)} chars is over {SIM_TEXT_LIMIT}", permanent=True)
+            raise TransportError(
+                f"sim: text of {len(text)} chars is over {SIM_TEXT_LIMIT}", permanent=True
+            )
         if self.faults.failure_rate and self.rng.random() < self.faults.failure_rate:
             raise TransportError("sim: injected transient failure")
-        out = SimOutbound(chat=chat, text=text, job_id=job_id, holder=fence.holder, lease_token=fence.token)
-        ack = await self.bus.publish_bytes(self.subject, encode(out), msg_id=f"sim-out:{job_id}:{fence.token}")
+        out = SimOutbound(
+            chat=chat, text=text, job_id=job_id, holder=fence.holder, lease_token=fence.token
+        )
+        ack = await self.bus.publish_bytes(
+            self.subject, encode(out), msg_id=f"sim-out:{job_id}:{fence.token}"
+        )
         return f"sim-{ack.seq}"
 
 
@@ -60,7 +66,7 @@ class SimTransport:
     def __init__(self, bus: Bus, faults: SimFaults, *, seed: int | None = None) -> None:
         self.bus = bus
         self.faults = faults
-        self.rng = random.Random(seed)  # noqa: S311 -- fault injection, not security
+        self.rng = random.Random(seed)
 
     @asynccontextmanager
     async def session(
@@ -84,9 +90,13 @@ async def _receive(bus: Bus, account: str, on_event: EventCallback) -> AsyncIter
     async def handle(d: Delivery) -> None:
         payload = decode(d.data, SimInbound)
         await on_event(
-            Incoming(chat=payload.chat, sender=payload.sender, text=payload.text,
-                     message_id=payload.message_id)
-        )  # fmt: skip
+            Incoming(
+                chat=payload.chat,
+                sender=payload.sender,
+                text=payload.text,
+                message_id=payload.message_id,
+            )
+        )
 
     # max_ack_pending=1 keeps arrival order into INBOUND even with several receivers.
     spec = ConsumerSpec(

@@ -212,11 +212,6 @@ def test_stream_for_subject_returns_none_for_subjects_of_no_stream(subject: str)
     assert stream_for_subject(subject) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: stream_for_subject looks only at the first token (and the sim suffix), "
-    "so it returns a stream that does not capture the subject",
-)
 @pytest.mark.parametrize(
     "subject",
     ["inbound.whatsapp.acct-1", "accounts.whatsapp.acct-1.extra", "sim.whatsapp.acct-1.x"],

@@ -1,0 +1,171 @@
+"""Shared fixtures: a real nats-server per test (port 0, temp store), svc processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from contracts.codec import decode_any
+from contracts.events import AnyMessage
+from services.runtime.bus import Bus, connect
+from services.runtime.nats_server import EmbeddedNats
+from services.runtime.provisioning import ensure_streams
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+async def nats_server(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
+    """A real JetStream nats-server on a free port with a temp store."""
+    async with EmbeddedNats(tmp_path / "nats", port=0) as server:
+        yield server
+
+
+@pytest.fixture
+async def bus(nats_server: EmbeddedNats) -> AsyncIterator[Bus]:
+    """A connection to `nats_server` with every stream and bucket provisioned."""
+    async with connect(nats_server.url, name="test", timeout=5) as b:
+        await ensure_streams(b.js)
+        yield b
+
+
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool]] | Callable[[], bool],
+    timeout: float = 10.0,
+    what: str = "condition",
+) -> None:
+    """Poll `predicate` until it holds; fail the test with `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def read_stream(bus: Bus, stream: str, subject: str = ">") -> list[tuple[str, AnyMessage]]:
+    """Every message currently stored in `stream` on `subject`, decoded, in order."""
+    from contracts.subjects import subject_matches
+
+    info = await bus.js.stream_info(stream)
+    out: list[tuple[str, AnyMessage]] = []
+    if info.state.messages == 0:
+        return out
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        try:
+            raw = await bus.js.get_msg(stream, seq)
+        except Exception:
+            continue
+        if raw.subject and subject_matches(subject, raw.subject) and raw.data is not None:
+            out.append((raw.subject, decode_any(raw.data)))
+    return out
+
+
+async def stream_raw(bus: Bus, stream: str) -> list[tuple[str, bytes, dict[str, str]]]:
+    """Raw (subject, data, headers) of every message in `stream`."""
+    info = await bus.js.stream_info(stream)
+    out: list[tuple[str, bytes, dict[str, str]]] = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1) if info.state.messages else []:
+        try:
+            raw = await bus.js.get_msg(stream, seq)
+        except Exception:
+            continue
+        out.append((raw.subject or "", raw.data or b"", dict(raw.headers or {})))
+    return out
+
+
+def svc_argv(*args: str) -> list[str]:
+    """The argv of a real `svc` process (the console script of this environment)."""
+    script = Path(sys.executable).parent / "svc"
+    if script.exists():
+        return [str(script), *args]
+    return [sys.executable, "-m", "services", *args]
+
+
+class Processes:
+    """Real `svc` processes started by a test; all killed at teardown, even on failure."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: dict[int, Path] = {}
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("NATS_", "SVC_", "WHATSAPP_", "OPENAI_", "SIM_", "OTEL_"))
+        }
+        env.update({"SVC_DATA_DIR": str(self.tmp_path / "svc-data"), "SVC_LOG_LEVEL": "INFO"})
+        env.update(overrides)
+        return env
+
+    def start(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        path = self.tmp_path / f"proc{len(self.procs)}-{'-'.join(args)}.log"
+        with path.open("wb") as log:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(
+                svc_argv(*args),
+                env=self.env(**env),
+                stdout=subprocess.PIPE,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.tmp_path,
+            )
+        self.logs[proc.pid] = path
+        self.procs.append(proc)
+        return proc
+
+    def log(self, proc: subprocess.Popen[bytes]) -> str:
+        """What the process wrote to stderr so far (its structured logs)."""
+        return self.logs[proc.pid].read_text(errors="replace")
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 10) -> int:
+        """SIGTERM `proc` (its whole group); SIGKILL it if it hangs past `timeout` s."""
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+        return proc.returncode
+
+    def stop_all(self) -> None:
+        """Stop every process in reverse start order (servers last)."""
+        for proc in reversed(self.procs):
+            self.stop(proc)
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    """Start real svc processes; they are stopped when the test ends, pass or fail."""
+    procs = Processes(tmp_path)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+def run_svc(
+    *args: str, env: dict[str, str], timeout: float = 60, input_: bytes | None = None
+) -> Any:
+    """Run `svc ARGS` to completion; return the CompletedProcess."""
+    return subprocess.run(
+        svc_argv(*args), env=env, capture_output=True, timeout=timeout, input=input_, check=False
+    )

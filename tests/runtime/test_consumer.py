@@ -1,0 +1,193 @@
+"""The consumer loop: errors decide acks, poison is dead-lettered, stop drains."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from opentelemetry import trace
+
+from contracts.codec import decode
+from contracts.events import DeadLettered, MessageReceived
+from contracts.streams import OUTBOUND
+from services.runtime.bus import Bus
+from services.runtime.consumer import ConsumerLoop, ConsumerSpec, Delivery
+from services.runtime.errors import PermanentError, TransientError
+from services.runtime.telemetry import setup_tracing
+from tests.conftest import read_stream, wait_until
+
+SUBJECT = "outbound.whatsapp.acct.chat1"
+
+
+def spec(**kw: object) -> ConsumerSpec:
+    base: dict[str, object] = {
+        "stream": OUTBOUND.name,
+        "durable": "test",
+        "filter_subject": "outbound.>",
+        "max_deliver": 3,
+        "fetch_timeout": 0.2,
+        "retry_delays": (0.05,),
+    }
+    base.update(kw)
+    return ConsumerSpec(**base)  # type: ignore[arg-type]
+
+
+def event(text: str) -> MessageReceived:
+    return MessageReceived(
+        account="acct", chat="c@s.whatsapp.net", sender="s", message_id=text, text=text
+    )
+
+
+@asynccontextmanager
+async def running(
+    bus: Bus, handler: Callable[[Delivery], Awaitable[None]], **kw: object
+) -> AsyncIterator[ConsumerLoop]:
+    loop = ConsumerLoop(bus, spec(**kw), handler)
+    stop = asyncio.Event()
+    task = asyncio.create_task(loop.run(stop))
+    try:
+        yield loop
+    finally:
+        stop.set()
+        await task
+
+
+async def pending(bus: Bus) -> int:
+    info = await bus.js.consumer_info(OUTBOUND.name, "test")
+    return int(info.num_pending + info.num_ack_pending)
+
+
+async def test_a_handled_message_is_acked_and_leaves_the_work_queue(bus: Bus) -> None:
+    seen: list[str] = []
+
+    async def handler(d: Delivery) -> None:
+        seen.append(decode(d.data, MessageReceived).text)
+
+    async with running(bus, handler) as loop:
+        for text in ("a", "b", "c"):
+            await bus.publish(SUBJECT, event(text))
+        await wait_until(lambda: loop.handled == 3, what="3 handled")
+    assert seen == ["a", "b", "c"]
+    assert (await bus.js.stream_info(OUTBOUND.name)).state.messages == 0
+
+
+async def test_a_malformed_payload_is_dead_lettered_and_the_next_message_still_flows(
+    bus: Bus,
+) -> None:
+    seen: list[str] = []
+
+    async def handler(d: Delivery) -> None:
+        seen.append(decode(d.data, MessageReceived).text)
+
+    async with running(bus, handler) as loop:
+        await bus.publish_bytes(SUBJECT, b"{not json", msg_id="poison-1")
+        await bus.publish(SUBJECT, event("after"))
+        await wait_until(lambda: loop.handled == 1 and loop.dead_lettered == 1, what="dlq + next")
+    assert seen == ["after"]
+    letters = await read_stream(bus, "DEADLETTER")
+    assert len(letters) == 1
+    subject, letter = letters[0]
+    assert subject == f"deadletter.{SUBJECT}"
+    assert isinstance(letter, DeadLettered)
+    assert letter.payload == b"{not json"
+    assert letter.source_subject == SUBJECT
+    assert "malformed JSON" in letter.reason
+    assert await pending(bus) == 0
+
+
+async def test_a_transient_error_is_retried_then_succeeds(bus: Bus) -> None:
+    attempts: list[int] = []
+
+    async def handler(d: Delivery) -> None:
+        attempts.append(d.num_delivered)
+        if d.num_delivered < 2:
+            raise TransientError("flaky", delay=0.05)
+
+    async with running(bus, handler) as loop:
+        await bus.publish(SUBJECT, event("x"))
+        await wait_until(lambda: loop.handled == 1, what="success on retry")
+    assert attempts == [1, 2]
+    assert loop.dead_lettered == 0
+
+
+async def test_after_the_last_attempt_the_message_is_dead_lettered_with_every_error(
+    bus: Bus,
+) -> None:
+    async def handler(d: Delivery) -> None:
+        raise TransientError(f"down #{d.num_delivered}", delay=0.05)
+
+    async with running(bus, handler, max_deliver=3) as loop:
+        await bus.publish(SUBJECT, event("x"))
+        await wait_until(lambda: loop.dead_lettered == 1, what="dead letter")
+    ((_, letter),) = await read_stream(bus, "DEADLETTER")
+    assert isinstance(letter, DeadLettered)
+    assert "gave up after 3 attempts: down #3" in letter.reason
+    # Nothing stays stuck in the work queue after max_deliver.
+    assert (await bus.js.stream_info(OUTBOUND.name)).state.messages == 0
+
+
+async def test_an_unexpected_exception_is_retried_not_fatal(bus: Bus) -> None:
+    calls = 0
+
+    async def handler(d: Delivery) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("bug")
+
+    async with running(bus, handler) as loop:
+        await bus.publish(SUBJECT, event("x"))
+        await wait_until(lambda: loop.handled == 1, what="handled after a bug")
+    assert calls == 2
+
+
+async def test_a_permanent_error_dead_letters_at_once_without_retry(bus: Bus) -> None:
+    calls = 0
+
+    async def handler(d: Delivery) -> None:
+        nonlocal calls
+        calls += 1
+        raise PermanentError("invalid recipient")
+
+    async with running(bus, handler) as loop:
+        await bus.publish(SUBJECT, event("x"))
+        await wait_until(lambda: loop.dead_lettered == 1, what="dead letter")
+    assert calls == 1
+
+
+async def test_stop_lets_the_in_flight_message_finish_and_be_acked(bus: Bus) -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+    finished: list[str] = []
+
+    async def handler(d: Delivery) -> None:
+        started.set()
+        await release.wait()
+        finished.append("done")
+
+    loop = ConsumerLoop(bus, spec(), handler)
+    stop = asyncio.Event()
+    task = asyncio.create_task(loop.run(stop))
+    await bus.publish(SUBJECT, event("slow"))
+    await asyncio.wait_for(started.wait(), 10)
+    stop.set()  # SIGTERM arrives mid-message
+    release.set()
+    await asyncio.wait_for(task, 10)
+    assert finished == ["done"]
+    assert loop.handled == 1
+    assert await pending(bus) == 0
+
+
+async def test_the_handler_runs_in_a_span_continuing_the_publishers_trace(bus: Bus) -> None:
+    setup_tracing("test")
+    seen: list[tuple[str, int]] = []
+
+    async def handler(d: Delivery) -> None:
+        ctx = trace.get_current_span().get_span_context()
+        seen.append((d.headers["traceparent"], ctx.trace_id))
+
+    async with running(bus, handler) as loop:
+        await bus.publish(SUBJECT, event("traced"))
+        await wait_until(lambda: loop.handled == 1, what="handled")
+    ((traceparent, trace_id),) = seen
+    assert traceparent.split("-")[1] == format(trace_id, "032x")

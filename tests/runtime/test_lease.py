@@ -1,0 +1,76 @@
+"""The minimal fenced lease: one holder, growing tokens, stale writes refused, expiry."""
+
+from __future__ import annotations
+
+import time
+
+from services.runtime.bus import Bus
+from services.runtime.lease import Lease, new_holder_id, read_lease
+from tests.conftest import wait_until
+
+
+def lease(bus: Bus, holder: str, ttl: int = 2) -> Lease:
+    return Lease(bus, "whatsapp", "acct", holder, ttl)
+
+
+def test_holder_ids_are_unique_per_process_and_readable() -> None:
+    a, b = new_holder_id("core"), new_holder_id("core")
+    assert a != b
+    assert "-core-" in a
+
+
+async def test_only_one_of_two_racers_acquires_and_the_token_is_the_revision(bus: Bus) -> None:
+    a, b = lease(bus, "a"), lease(bus, "b")
+    assert await a.try_acquire()
+    assert not await b.try_acquire()
+    assert a.valid()
+    assert not b.valid()
+    kv = await bus.js.key_value("leases")
+    found = await read_lease(kv, "whatsapp.acct")
+    assert found is not None
+    value, _ = found
+    assert (value.holder, value.token) == ("a", a.token)
+    assert a.token > 0
+
+
+async def test_renew_keeps_the_ttl_so_an_abandoned_lease_expires(bus: Bus) -> None:
+    a, b = lease(bus, "a"), lease(bus, "b")
+    assert await a.try_acquire()
+    assert await a.renew()
+    abandoned_at = time.monotonic()
+    # The renewed value must still expire: b takes over once the TTL (2 s) passes.
+    await wait_until(b.try_acquire, timeout=6, what="takeover after expiry")
+    assert time.monotonic() - abandoned_at >= 1.5
+    assert b.token > a.token
+    # The old holder's proof ran out before b could acquire, and its renew is refused.
+    assert not a.valid()
+    assert not await a.renew()
+
+
+async def test_the_local_deadline_ends_before_the_server_ttl(bus: Bus) -> None:
+    a = lease(bus, "a", ttl=10)
+    assert await a.try_acquire()
+    assert 7.0 < a.remaining() <= 8.0  # margin max(0.5 s, 20% of TTL)
+
+
+async def test_release_lets_another_holder_acquire_with_a_higher_token(bus: Bus) -> None:
+    a, b = lease(bus, "a", ttl=30), lease(bus, "b", ttl=30)
+    assert await a.try_acquire()
+    first = a.token
+    assert await a.release()
+    assert not a.valid()
+    assert await b.try_acquire()
+    assert b.token > first
+
+
+async def test_a_stale_holder_cannot_release_someone_elses_lease(bus: Bus) -> None:
+    a, b = lease(bus, "a"), lease(bus, "b", ttl=30)
+    assert await a.try_acquire()
+    stale_revision = a.state.revision
+    await wait_until(b.try_acquire, timeout=6, what="takeover")
+    a.state.token, a.state.revision = 1, stale_revision  # a believes it still holds it
+    assert not await a.release()
+    kv = await bus.js.key_value("leases")
+    found = await read_lease(kv, "whatsapp.acct")
+    assert found is not None
+    assert found[0].holder == "b"

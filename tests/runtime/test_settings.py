@@ -1,0 +1,97 @@
+"""Settings: typed, validated at start, one clear line on a bad value, secrets hidden."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from services.runtime.errors import ConfigError
+from services.runtime.settings import load_settings
+from tests.conftest import Processes, run_svc
+
+
+def test_defaults_run_everything_on_the_sim_with_echo() -> None:
+    s = load_settings({})
+    assert s.nats_url is None
+    assert s.effective_nats_url == "nats://127.0.0.1:4222"
+    assert (s.role, s.transport, s.llm, s.accounts) == ("all", "sim", "echo", ("default",))
+
+
+def test_accounts_come_from_the_list_or_the_single_id() -> None:
+    assert load_settings({"WHATSAPP_ACCOUNTS": "a, b ,c"}).accounts == ("a", "b", "c")
+    assert load_settings({"WHATSAPP_ACCOUNT_ID": "solo"}).accounts == ("solo",)
+
+
+@pytest.mark.parametrize(
+    ("env", "needles"),
+    [
+        ({"SVC_ROLE": "boss"}, ["SVC_ROLE", "'boss'", "core", "whatsapp-ingress"]),
+        ({"WHATSAPP_LEASE_TTL": "abc"}, ["WHATSAPP_LEASE_TTL", "'abc'", "whole number"]),
+        ({"WHATSAPP_LEASE_TTL": "1"}, ["WHATSAPP_LEASE_TTL", "2 to 3600"]),
+        ({"WHATSAPP_TRANSPORT": "telegram"}, ["WHATSAPP_TRANSPORT", "sim, neonize"]),
+        ({"WHATSAPP_ACCOUNTS": "ok,bad.name"}, ["WHATSAPP_ACCOUNTS", "'bad.name'", "A-Z"]),
+        ({"WHATSAPP_ACCOUNTS": "a,a"}, ["WHATSAPP_ACCOUNTS", "twice"]),
+        ({"NATS_URL": "localhost:4222"}, ["NATS_URL", "nats://HOST:PORT"]),
+        ({"SVC_LLM": "gpt"}, ["SVC_LLM", "echo, openai"]),
+        ({"SIM_FAILURE_RATE": "2"}, ["SIM_FAILURE_RATE", "0 to 1"]),
+        ({"SVC_LOG_LEVEL": "loud"}, ["SVC_LOG_LEVEL", "DEBUG"]),
+    ],
+)
+def test_a_bad_value_names_the_variable_the_value_and_what_is_allowed(
+    env: dict[str, str], needles: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env)
+    message = str(caught.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message
+
+
+def test_secrets_never_reach_repr_or_errors() -> None:
+    s = load_settings({"SVC_LLM": "openai", "OPENAI_API_KEY": "sk-very-secret"})
+    assert "sk-very-secret" not in repr(s)
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"NATS_URL": "nats//user:hunter2@host:4222"})
+    assert "hunter2" not in str(caught.value)
+
+
+def test_openai_without_a_key_is_refused_at_start() -> None:
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
+        load_settings({"SVC_LLM": "openai"})
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [("SVC_ROLE", "boss"), ("WHATSAPP_LEASE_TTL", "abc"), ("NATS_URL", "http://x")],
+)
+def test_svc_exits_2_with_one_line_on_invalid_environment(
+    processes: Processes, var: str, value: str
+) -> None:
+    result = run_svc("run", env=processes.env(**{var: value}), timeout=30)
+    assert result.returncode == 2
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert var in lines[0]
+    assert value in lines[0]
+
+
+def test_unreachable_nats_is_a_clear_error_not_a_traceback(processes: Processes) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = processes.env(NATS_URL=f"nats://127.0.0.1:{port}", NATS_CONNECT_TIMEOUT="1")
+    result = run_svc("run", "core", env=env, timeout=30)
+    err = result.stderr.decode()
+    assert result.returncode == 1
+    assert "Traceback" not in err
+    assert f"cannot reach NATS at nats://127.0.0.1:{port}" in err
+    assert "svc nats serve" in err
+
+
+def test_a_role_the_transport_cannot_support_is_refused_clearly(processes: Processes) -> None:
+    env = processes.env(WHATSAPP_TRANSPORT="neonize", NATS_URL="nats://127.0.0.1:1")
+    result = run_svc("run", "whatsapp-ingress", env=env, timeout=30)
+    assert result.returncode == 2
+    assert "whatsapp-ingress cannot run with WHATSAPP_TRANSPORT=neonize" in result.stderr.decode()

@@ -1,0 +1,124 @@
+"""The sim transport and account owner: kept-until-attached inbound, fenced sends, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+
+from contracts.events import (
+    DeadLettered,
+    DeliveryDeadLettered,
+    DeliveryFailed,
+    LeaseAcquired,
+    LeaseReleased,
+    MessageSent,
+)
+from services.app import check_role, run_role
+from services.ops.simclient import SimUser
+from services.runtime.bus import Bus
+from services.runtime.errors import ConfigError
+from services.runtime.settings import SimFaults, load_settings
+from tests.conftest import read_stream, wait_until
+
+
+@asynccontextmanager
+async def role(bus: Bus, name: str, **env: str) -> AsyncIterator[None]:
+    settings = load_settings({"WHATSAPP_LEASE_TTL": "4", **env})
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_role(bus, settings, name, stop))  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+async def test_messages_sent_while_no_owner_is_attached_are_kept_and_answered_in_order(
+    bus: Bus,
+) -> None:
+    async with SimUser(bus, "default") as user:
+        # Given users write while nothing serves the account
+        for i in range(5):
+            await user.send("alice@s.whatsapp.net", f"early {i}")
+        # When the system starts
+        async with role(bus, "all"):
+            assert await user.wait_replies(15)
+    replies = [e.reply.text for e in user.exchanges.values() if e.reply]
+    assert replies == [f"echo: early {i}" for i in range(5)]
+
+
+async def test_every_send_carries_the_holder_and_its_fencing_token(bus: Bus) -> None:
+    async with SimUser(bus, "default") as user, role(bus, "all"):
+        await user.send("bob@s.whatsapp.net", "hi")
+        assert await user.wait_replies(15)
+    acquired = [e for _, e in await read_stream(bus, "ACCOUNTS") if isinstance(e, LeaseAcquired)]
+    sent = [e for _, e in await read_stream(bus, "DELIVERY") if isinstance(e, MessageSent)]
+    reply = next(iter(user.exchanges.values())).reply
+    assert reply is not None
+    assert len(acquired) == 1
+    assert (reply.holder, reply.lease_token) == (acquired[0].holder, acquired[0].token)
+    assert (sent[0].holder, sent[0].lease_token) == (acquired[0].holder, acquired[0].token)
+    assert reply.lease_token > 0
+
+
+async def test_a_graceful_stop_releases_the_lease(bus: Bus) -> None:
+    async with SimUser(bus, "default") as user, role(bus, "whatsapp"):
+        await wait_until(lambda: _has_lease(bus), what="lease held")
+        del user
+    events = [e for _, e in await read_stream(bus, "ACCOUNTS")]
+    assert any(isinstance(e, LeaseReleased) and e.reason == "shutdown" for e in events)
+    assert not await _has_lease(bus)
+
+
+async def _has_lease(bus: Bus) -> bool:
+    kv = await bus.js.key_value("leases")
+    try:
+        await kv.get("whatsapp.default")
+    except Exception:
+        return False
+    return True
+
+
+async def test_a_permanently_failing_chat_is_dead_lettered_and_other_chats_flow(bus: Bus) -> None:
+    env = {"SIM_FAILING_CHATS": "ghost@s.whatsapp.net"}
+    async with SimUser(bus, "default") as user, role(bus, "all", **env):
+        await user.send("ghost@s.whatsapp.net", "anyone?")
+        await user.send("alice@s.whatsapp.net", "hello")
+        await wait_until(
+            lambda: any(e.reply for e in user.exchanges.values() if e.chat.startswith("alice")),
+            timeout=15,
+            what="alice's reply",
+        )
+        await wait_until(lambda: _count(bus, "DEADLETTER", DeadLettered, 1), what="dead letter")
+    delivery = [e for _, e in await read_stream(bus, "DELIVERY")]
+    failed = [e for e in delivery if isinstance(e, DeliveryFailed)]
+    dead = [e for e in delivery if isinstance(e, DeliveryDeadLettered)]
+    assert len(failed) == 1
+    assert failed[0].permanent
+    assert len(dead) == 1
+    assert dead[0].chat == "ghost@s.whatsapp.net"
+
+
+async def _count(bus: Bus, stream: str, kind: type, n: int) -> bool:
+    return len([e for _, e in await read_stream(bus, stream) if isinstance(e, kind)]) >= n
+
+
+async def test_ingress_and_egress_can_run_as_separate_roles_on_the_sim(bus: Bus) -> None:
+    async with (
+        SimUser(bus, "default") as user,
+        role(bus, "core"),
+        role(bus, "whatsapp-egress"),
+        role(bus, "whatsapp-ingress"),
+    ):
+        await user.send("carol@s.whatsapp.net", "split roles")
+        assert await user.wait_replies(15)
+
+
+def test_whatsapp_ingress_refuses_a_session_transport() -> None:
+    settings = dataclasses.replace(load_settings({}), transport="neonize", sim=SimFaults())
+    with pytest.raises(ConfigError, match="cannot run with WHATSAPP_TRANSPORT=neonize"):
+        check_role(settings, "whatsapp-ingress")
