@@ -65,9 +65,12 @@ class _ErrorReporter:
     def __init__(self, name: str) -> None:
         self.name = name
         self.closing = False
+        self.connected = False  # before the first connect, the caller reports failure once
         self._last: tuple[str, float] = ("", 0.0)
 
     async def error(self, exc: Exception) -> None:
+        if not self.connected:
+            return
         text = f"{type(exc).__name__}: {exc}".strip()
         now = time.monotonic()
         if text != self._last[0] or now - self._last[1] > 30:
@@ -111,6 +114,7 @@ async def connect(url: str, *, name: str, timeout: float = 5.0) -> AsyncIterator
             f"cannot reach NATS at {shown} within {timeout:g}s ({type(exc).__name__}): "
             "start one with 'svc nats serve' or set NATS_URL"
         ) from None
+    reporter.connected = True
     try:
         yield Bus(nc, nc.jetstream())
     finally:
