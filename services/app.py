@@ -15,6 +15,7 @@ from services.runtime.lease import new_holder_id
 from services.runtime.nats_server import EmbeddedNats
 from services.runtime.provisioning import ensure_streams, raise_on_conflict
 from services.runtime.settings import Role, Settings
+from services.runtime.telemetry import setup_tracing
 from services.whatsapp.ingress import Ingress
 from services.whatsapp.owner import AccountOwner
 from services.whatsapp.sim import SimTransport
@@ -73,7 +74,10 @@ def check_role(settings: Settings, role: Role) -> None:
 
 
 async def run_role(bus: Bus, settings: Settings, role: Role, stop: asyncio.Event) -> None:
-    """Run `role`'s workers on `bus` until `stop` is set (then drain). Provision first."""
+    """Run `role`'s workers on `bus` until `stop` is set (then drain)."""
+    # Idempotent; makes sure every message published below carries a traceparent even
+    # when the caller (a test, an embedding program) did not set tracing up.
+    setup_tracing(f"switchboard-{role}")
     async with AsyncExitStack() as stack:
         tasks: list[asyncio.Task[None]] = []
         if role in ("all", "core"):

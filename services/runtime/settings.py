@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, cast
+from typing import Literal, TypeVar, cast
 from urllib.parse import urlparse
 
 from contracts.subjects import ACCOUNT_PATTERN
@@ -27,6 +27,7 @@ DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_ACCOUNT = "default"
 _ACCOUNT_RE = re.compile(ACCOUNT_PATTERN)
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+N = TypeVar("N", int, float)
 
 
 @dataclass(frozen=True)
@@ -137,31 +138,23 @@ class _Reader:
         return _choice(name, raw.upper() if upper else raw.lower(), allowed)
 
     def get_int(self, name: str, default: int, *, minimum: int, maximum: int) -> int:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            value = None
-        if value is None or not minimum <= value <= maximum:
-            raise ConfigError(
-                f"{name}={raw!r} is invalid: expected a whole number from {minimum} to {maximum}"
-            )
-        return value
+        what = f"a whole number from {minimum} to {maximum}"
+        return self._number(name, default, int, minimum, maximum, what)
 
     def get_float(self, name: str, default: float, *, minimum: float, maximum: float) -> float:
+        what = f"a number from {minimum:g} to {maximum:g}"
+        return self._number(name, default, float, minimum, maximum, what)
+
+    def _number(self, name: str, default: N, kind: type[N], minimum: N, maximum: N, what: str) -> N:
         raw = self._raw(name)
         if raw is None:
             return default
         try:
-            value: float | None = float(raw)
+            value = kind(raw)
         except ValueError:
-            value = None
-        if value is None or not minimum <= value <= maximum:
-            raise ConfigError(
-                f"{name}={raw!r} is invalid: expected a number from {minimum:g} to {maximum:g}"
-            )
+            raise ConfigError(f"{name}={raw!r} is invalid: expected {what}") from None
+        if not minimum <= value <= maximum:
+            raise ConfigError(f"{name}={raw!r} is invalid: expected {what}")
         return value
 
     def get_list(self, name: str) -> list[str]:

@@ -31,3 +31,18 @@ def test_every_command_has_help(processes: Processes, argv: list[str]) -> None:
 def test_an_unknown_command_fails_with_a_usage_error(processes: Processes) -> None:
     result = run_svc("frobnicate", env=processes.env(), timeout=30)
     assert result.returncode == 2
+
+
+def test_spans_are_exported_when_otel_asks_for_the_console(processes: Processes) -> None:
+    env = processes.env(OTEL_TRACES_EXPORTER="console")
+    result = run_svc("demo", "--chats", "1", "--messages", "1", env=env, timeout=90)
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode()
+    assert '"name": "process inbound"' in out
+    assert '"messaging.system": "nats"' in out
+
+
+def test_an_unknown_trace_exporter_is_a_config_error(processes: Processes) -> None:
+    result = run_svc("demo", env=processes.env(OTEL_TRACES_EXPORTER="zipkin"), timeout=30)
+    assert result.returncode == 2
+    assert "OTEL_TRACES_EXPORTER='zipkin' is invalid" in result.stderr.decode()

@@ -22,7 +22,7 @@ from services.ops.simclient import SimUser
 from services.runtime.bus import Bus
 from services.runtime.errors import ConfigError
 from services.runtime.settings import SimFaults, load_settings
-from tests.conftest import read_stream, wait_until
+from tests.conftest import read_stream, stream_raw, wait_until
 
 
 @asynccontextmanager
@@ -122,3 +122,20 @@ def test_whatsapp_ingress_refuses_a_session_transport() -> None:
     settings = dataclasses.replace(load_settings({}), transport="neonize", sim=SimFaults())
     with pytest.raises(ConfigError, match="cannot run with WHATSAPP_TRANSPORT=neonize"):
         check_role(settings, "whatsapp-ingress")
+
+
+async def test_one_trace_follows_a_message_from_the_user_to_the_recorded_send(bus: Bus) -> None:
+    # Given one user message answered by the whole system
+    async with SimUser(bus, "default") as user, role(bus, "all"):
+        await user.send("dave@s.whatsapp.net", "trace me")
+        assert await user.wait_replies(15)
+        await wait_until(lambda: _count(bus, "DELIVERY", MessageSent, 1), what="MessageSent")
+    # Then every stored message of the chain carries a traceparent of the same trace
+    # (SIM and OUTBOUND are work queues: their messages are gone once handled)
+    trace_ids = set()
+    for stream in ("INBOUND", "AGENT", "SIM_OUT", "DELIVERY"):
+        stored = await stream_raw(bus, stream)
+        assert stored, f"{stream} is empty"
+        for _, _, headers in stored:
+            trace_ids.add(headers["traceparent"].split("-")[1])
+    assert len(trace_ids) == 1
