@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 
@@ -92,16 +91,16 @@ class AccountOwner:
             )
             self.owning.set()
             sending = asyncio.create_task(loop.run(done), name=f"egress-{self.account}")
-            renewing = asyncio.create_task(self._renew(lost), name=f"renew-{self.account}")
+            renewing = asyncio.create_task(self._renew(lost, done), name=f"renew-{self.account}")
             waiters = [asyncio.create_task(e.wait()) for e in (stop, lost, ingress.session_ended)]
             await asyncio.wait([*waiters, sending], return_when=asyncio.FIRST_COMPLETED)
             done.set()
             for w in waiters:
                 w.cancel()
             await asyncio.gather(sending, return_exceptions=True)  # finish the in-flight send
-            renewing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewing
+            # Not cancelled: a renewal cut off mid-flight could land with a revision we
+            # never learn, and the revision-checked release would then be refused.
+            await renewing
             self.owning.clear()
         if lost.is_set() or not self.lease.valid():
             self.lease.forget()
@@ -139,10 +138,10 @@ class AccountOwner:
             )
             await stop.wait()
 
-    async def _renew(self, lost: asyncio.Event) -> None:
-        """Renew every ttl/3; on failure retry fast until the local deadline passes."""
+    async def _renew(self, lost: asyncio.Event, done: asyncio.Event) -> None:
+        """Renew every ttl/3 until `done`; on failure retry fast until the deadline passes."""
         interval = self.lease.ttl / 3
-        while True:
+        while not done.is_set():
             try:
                 ok = await self.lease.renew()
             except Exception as exc:
@@ -151,12 +150,12 @@ class AccountOwner:
                 )
                 ok = self.lease.valid()
                 if ok:
-                    await asyncio.sleep(min(0.5, max(0.05, self.lease.remaining() / 4)))
+                    await _wait(done, min(0.5, max(0.05, self.lease.remaining() / 4)))
                     continue
             if not ok:
                 lost.set()
                 return
-            await asyncio.sleep(interval)
+            await _wait(done, interval)
 
     async def _record(self, event: LeaseAcquired | LeaseLost | LeaseReleased) -> None:
         try:
