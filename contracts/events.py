@@ -324,6 +324,15 @@ class SessionBanned(Event, frozen=True, kw_only=True):
     until: datetime | None = None
 
 
+class AccountResumed(Event, frozen=True, kw_only=True):
+    """An operator cleared a parked account (logged out, replaced, banned) for takeover."""
+
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    actor: str = ""
+    reason: str = ""
+
+
 # --- Unions, one per stream ------------------------------------------------------------
 
 InboundEvent = MessageReceived
@@ -335,7 +344,13 @@ DeliveryEvent = (
 DeadLetterEvent = DeadLettered
 PluginEvent = PluginInstalled | PluginConfigured | PluginUninstalled | ToolPolicySet
 AccountEvent = (
-    AccountRegistered | LeaseAcquired | LeaseReleased | LeaseLost | SessionLoggedOut | SessionBanned
+    AccountRegistered
+    | LeaseAcquired
+    | LeaseReleased
+    | LeaseLost
+    | SessionLoggedOut
+    | SessionBanned
+    | AccountResumed
 )
 AnyMessage = (
     MessageReceived
@@ -358,6 +373,7 @@ AnyMessage = (
     | LeaseLost
     | SessionLoggedOut
     | SessionBanned
+    | AccountResumed
 )
 
 ALL_TYPES: tuple[type[Message], ...] = (
@@ -381,4 +397,5 @@ ALL_TYPES: tuple[type[Message], ...] = (
     LeaseLost,
     SessionLoggedOut,
     SessionBanned,
+    AccountResumed,
 )

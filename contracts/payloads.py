@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 
@@ -12,6 +14,13 @@ class SimInbound(msgspec.Struct, frozen=True, kw_only=True):
     sender: str
     text: str
     message_id: str
+
+
+class SimControl(msgspec.Struct, frozen=True, kw_only=True):
+    """A session signal the simulated network sends the account's attached owner."""
+
+    event: Literal["stream_replaced", "logged_out", "temporary_ban"]
+    reason: str = ""
 
 
 class SimOutbound(msgspec.Struct, frozen=True, kw_only=True):

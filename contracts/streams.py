@@ -111,7 +111,10 @@ STREAMS_BY_NAME: dict[str, StreamSpec] = {s.name: s for s in STREAMS}
 LEASES = BucketSpec(
     name="leases", description="one sender per account: {holder, token, acquired_at}"
 )
-BUCKETS: tuple[BucketSpec, ...] = (LEASES,)
+# Live whatsapp workers announce themselves here (key `<account-set>.<holder>`, per-key
+# TTL) so each can compute its fair share of the accounts.
+PRESENCE = BucketSpec(name="presence", description="live whatsapp workers, for fair share")
+BUCKETS: tuple[BucketSpec, ...] = (LEASES, PRESENCE)
 
 # Durable consumer names.
 CORE_CONSUMER = "core"

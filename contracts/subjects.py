@@ -140,6 +140,16 @@ def lease_key(channel: str, account: str) -> str:
     return f"{check_channel(channel)}.{check_account(account)}"
 
 
+def lease_handover(channel: str, account: str) -> str:
+    """Request subject the account's owner answers by releasing its lease gracefully."""
+    return f"svc.lease.handover.{check_channel(channel)}.{check_account(account)}"
+
+
+def sim_control(account: str) -> str:
+    """Simulated session signals for `account` (stream replaced, logged out, banned)."""
+    return f"sim.whatsapp.{check_account(account)}.control"
+
+
 def sim_in(account: str) -> str:
     """What a simulated user sends to `account`."""
     return f"sim.whatsapp.{check_account(account)}.in"

@@ -16,6 +16,7 @@ from services.runtime.nats_server import EmbeddedNats
 from services.runtime.provisioning import ensure_streams, raise_on_conflict
 from services.runtime.settings import Role, Settings
 from services.runtime.telemetry import setup_tracing
+from services.whatsapp.fleet import Fleet, LeaseBoard
 from services.whatsapp.ingress import Ingress
 from services.whatsapp.owner import AccountOwner
 from services.whatsapp.sim import SimTransport
@@ -89,10 +90,20 @@ async def run_role(bus: Bus, settings: Settings, role: Role, stop: asyncio.Event
             # A session transport relays what its socket receives; a separate-inbound one
             # (sim) leaves receiving to whatsapp-ingress unless the role is whatsapp/all.
             receive = role != "whatsapp-egress" or not transport.separate_inbound
+            board = await stack.enter_async_context(LeaseBoard(bus))
+            fleet = Fleet(bus, holder, settings.accounts, settings.lease_ttl)
+            tasks.append(asyncio.create_task(fleet.run(stop), name="fleet"))
             log.info("owner started", extra={"holder": holder, "accounts": list(settings.accounts)})
             for account in settings.accounts:
                 owner = AccountOwner(
-                    bus, transport, account, holder, lease_ttl=settings.lease_ttl, receive=receive
+                    bus,
+                    transport,
+                    account,
+                    holder,
+                    lease_ttl=settings.lease_ttl,
+                    receive=receive,
+                    board=board,
+                    fleet=fleet,
                 )
                 tasks.append(asyncio.create_task(owner.run(stop), name=f"owner-{account}"))
         if role == "whatsapp-ingress":

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import msgspec
 import nats.errors
 import typer
 
+from services.runtime.bus import Bus
 from services.runtime.errors import ConfigError, ServiceError
 from services.runtime.logs import setup_logging
 from services.runtime.settings import ROLES, Settings, load_settings
@@ -28,7 +31,9 @@ app = typer.Typer(
 nats_app = typer.Typer(help="The embedded nats-server.", no_args_is_help=True)
 streams_app = typer.Typer(help="Streams and buckets.", no_args_is_help=True)
 app.add_typer(nats_app, name="nats")
+accounts_app = typer.Typer(help="Account ownership: handover and resume.", no_args_is_help=True)
 app.add_typer(streams_app, name="streams")
+app.add_typer(accounts_app, name="accounts")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print data as JSON.")]
 
@@ -205,6 +210,65 @@ def streams_ensure(as_json: JsonOpt = False) -> None:
             typer.echo(f"{r.kind:<7} {r.name:<12} {r.action}{detail}")
     if any(r.action == "conflict" for r in results):
         raise _fail("some streams conflict with the expected config (left unchanged)", 1)
+
+
+@accounts_app.command("handover")
+def accounts_handover(
+    account: Annotated[str, typer.Argument(help="The account to hand over.")],
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the owner.")] = 30.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask the account's owner to finish its in-flight send and release the lease."""
+    from services.ops.accounts import handover
+
+    settings = _settings(quiet=True)
+    _check_account(account)
+
+    async def main() -> str:
+        async with _connect(settings, "svc-accounts") as bus:
+            reply = await handover(bus, account, timeout=timeout)
+        if as_json:
+            return msgspec.json.encode(reply).decode()
+        state = "released by" if reply.released else "was no longer held by"
+        return f"{account}: {state} {reply.holder} (token {reply.token}); a standby takes over"
+
+    typer.echo(_run(main))
+
+
+@accounts_app.command("resume")
+def accounts_resume(
+    account: Annotated[str, typer.Argument(help="The parked account.")],
+    reason: Annotated[str, typer.Option(help="Why (recorded in AccountResumed).")] = "",
+) -> None:
+    """Clear a parked account (logged out, replaced, banned) so a worker takes it over."""
+    import getpass
+
+    from services.ops.accounts import resume
+
+    settings = _settings(quiet=True)
+    _check_account(account)
+
+    async def main() -> str:
+        async with _connect(settings, "svc-accounts") as bus:
+            was = await resume(bus, account, actor=getpass.getuser(), reason=reason)
+        return f"{account}: resumed (was parked: {was})"
+
+    typer.echo(_run(main))
+
+
+def _check_account(account: str) -> None:
+    from contracts.subjects import check_account
+
+    try:
+        check_account(account)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+
+
+def _connect(settings: Settings, name: str) -> AbstractAsyncContextManager[Bus]:
+    from services.runtime.bus import connect
+
+    return connect(settings.effective_nats_url, name=name, timeout=settings.connect_timeout)
 
 
 def main() -> None:

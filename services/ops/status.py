@@ -64,6 +64,7 @@ async def collect_status(bus: Bus) -> dict[str, Any]:
             value, revision = found
             leases.append(
                 {
+                    "parked": value.parked,
                     "key": key,
                     "holder": value.holder,
                     "token": value.token,
@@ -101,6 +102,11 @@ def render_status(status: dict[str, Any]) -> str:
     if status["leases"]:
         lines.append("LEASE                    HOLDER                                TOKEN  SINCE")
         for lease in status["leases"]:
+            if lease["parked"]:
+                lines.append(
+                    f"{lease['key']:<24} PARKED: {lease['parked']} ('svc accounts resume')"
+                )
+                continue
             lines.append(
                 f"{lease['key']:<24} {lease['holder']:<37} {lease['token']:>5}"
                 f"  {lease['acquired_at']}"

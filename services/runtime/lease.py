@@ -4,13 +4,18 @@ Acquire by `create` (with a per-key TTL), renew by a revision-checked raw publis
 keeps the TTL (`kv.update` would drop it), release by a revision-checked delete. The
 revision at acquisition is the fencing token. `valid()` is the local proof: a monotonic
 deadline computed from the time each successful write was *sent*, minus a safety margin,
-so the holder stops trusting its lease before the server could expire the key.
+so the holder stops trusting its lease before the server could expire the key. `prove()`
+adds a revision-checked renew when the last one is older than `fresh_for`, so a lease
+whose revision moved under us (deleted by hand, say) is noticed before the next send.
+See docs/adr/0007-fenced-leases.md for the argument and its remaining window.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import re
 import secrets
 import socket
 import time
@@ -32,17 +37,18 @@ _WRONG_LAST_SEQUENCE = 10071
 
 
 def new_holder_id(role: str = "svc") -> str:
-    """A holder id unique per process: host, pid and a random suffix."""
-    host = socket.gethostname().split(".")[0][:24] or "host"
+    """A holder id unique per process: host, pid and a random suffix (a valid KV token)."""
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0])[:24] or "host"
     return f"{host}-{os.getpid()}-{role}-{secrets.token_hex(3)}"
 
 
 class LeaseValue(msgspec.Struct, frozen=True, kw_only=True):
-    """What the `leases` bucket stores per account."""
+    """What the `leases` bucket stores per account. `parked` (no TTL) blocks takeover."""
 
     holder: str
     token: int
     acquired_at: str
+    parked: str = ""
 
 
 @dataclass
@@ -52,24 +58,29 @@ class LeaseState:
     token: int = 0
     revision: int = 0
     deadline: float = 0.0  # time.monotonic() after which we no longer trust the lease
+    renewed: float = 0.0  # time.monotonic() when the last successful write was sent
     acquired_at: str = ""
 
 
 class Lease:
     """The lease on one account, as seen by one would-be holder."""
 
-    def __init__(self, bus: Bus, channel: str, account: str, holder: str, ttl: int) -> None:
+    def __init__(
+        self, bus: Bus, channel: str, account: str, holder: str, ttl: int, *, fresh_for: float = 1.0
+    ) -> None:
         self.bus = bus
         self.channel = channel
         self.account = account
         self.holder = holder
         self.ttl = ttl
+        self.fresh_for = fresh_for
         self.key = subjects.lease_key(channel, account)
         # Stop trusting the lease well before the server could expire it: a margin for
         # the time a write takes to reach the server and for clock-rate drift.
         self.margin = max(0.5, ttl * 0.2)
         self.state = LeaseState()
         self._kv: KeyValue | None = None
+        self._lock = asyncio.Lock()  # one write at a time: each needs the last revision
 
     @property
     def token(self) -> int:
@@ -84,50 +95,74 @@ class Lease:
         """Seconds of proof left (negative when expired)."""
         return self.state.deadline - time.monotonic()
 
-    async def _bucket(self) -> KeyValue:
+    async def bucket(self) -> KeyValue:
+        """The `leases` bucket."""
         if self._kv is None:
             self._kv = await self.bus.js.key_value(LEASES.name)
         return self._kv
 
-    def _value(self, token: int, acquired_at: str) -> bytes:
+    def _value(self, token: int, acquired_at: str, parked: str = "") -> bytes:
         return msgspec.json.encode(
-            LeaseValue(holder=self.holder, token=token, acquired_at=acquired_at)
+            LeaseValue(holder=self.holder, token=token, acquired_at=acquired_at, parked=parked)
         )
 
     async def try_acquire(self) -> bool:
         """Take the lease if nobody holds it; True on success."""
-        kv = await self._bucket()
-        sent = time.monotonic()
-        acquired_at = utcnow().isoformat(timespec="milliseconds")
-        try:
-            revision = await kv.create(self.key, self._value(0, acquired_at), msg_ttl=self.ttl)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return False
-        except nats.js.errors.APIError as exc:
-            if exc.err_code == _WRONG_LAST_SEQUENCE:
+        kv = await self.bucket()
+        async with self._lock:
+            sent = time.monotonic()
+            acquired_at = utcnow().isoformat(timespec="milliseconds")
+            try:
+                revision = await kv.create(self.key, self._value(0, acquired_at), msg_ttl=self.ttl)
+            except nats.js.errors.KeyWrongLastSequenceError:
                 return False
-            raise
-        self.state = LeaseState(
-            token=revision,
-            revision=revision,
-            deadline=sent + self.ttl - self.margin,
-            acquired_at=acquired_at,
-        )
+            except nats.js.errors.APIError as exc:
+                if exc.err_code == _WRONG_LAST_SEQUENCE:
+                    return False
+                raise
+            self.state = LeaseState(
+                token=revision,
+                revision=revision,
+                deadline=sent + self.ttl - self.margin,
+                renewed=sent,
+                acquired_at=acquired_at,
+            )
         # Record the token in the value so `svc status` and `nats kv get` show it.
         await self.renew()
         return self.valid()
 
     async def renew(self) -> bool:
         """Extend the lease; False (and no longer held) if someone else's write came first."""
+        async with self._lock:
+            return await self._write(self._value(self.state.token, self.state.acquired_at))
+
+    async def prove(self) -> bool:
+        """Right before a send: renew if the last write is older than `fresh_for`, then
+        check the local deadline. False means: do not send."""
+        if not self.valid():
+            return False
+        if time.monotonic() - self.state.renewed > self.fresh_for:
+            try:
+                if not await self.renew():
+                    return False
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+                # Unreachable NATS does not void the lease by itself: the deadline decides.
+                log.warning(
+                    "lease proof renew failed", extra={"account": self.account, "error": repr(exc)}
+                )
+        return self.valid()
+
+    async def _write(self, value: bytes, *, ttl: bool = True) -> bool:
         if self.state.token == 0:
             return False
         sent = time.monotonic()
+        headers = {"Nats-Expected-Last-Subject-Sequence": str(self.state.revision)}
         try:
             ack = await self.bus.js.publish(
                 f"$KV.{LEASES.name}.{self.key}",
-                self._value(self.state.token, self.state.acquired_at),
-                headers={"Nats-Expected-Last-Subject-Sequence": str(self.state.revision)},
-                msg_ttl=self.ttl,
+                value,
+                headers=headers,
+                msg_ttl=self.ttl if ttl else None,
                 timeout=max(0.5, min(2.0, self.remaining())),
             )
         except nats.js.errors.APIError as exc:
@@ -136,21 +171,34 @@ class Lease:
                 return False
             raise
         self.state.revision = ack.seq
+        self.state.renewed = sent
         self.state.deadline = sent + self.ttl - self.margin
         return True
 
     async def release(self) -> bool:
         """Give the lease up (only if still ours); True if it was released."""
-        if self.state.token == 0:
-            return False
-        kv = await self._bucket()
-        revision, self.state = self.state.revision, LeaseState()
-        try:
-            await kv.delete(self.key, last=revision)
-        except (nats.js.errors.Error, nats.errors.Error) as exc:
-            log.info("lease release refused", extra={"account": self.account, "error": repr(exc)})
-            return False
-        return True
+        kv = await self.bucket()
+        async with self._lock:
+            if self.state.token == 0:
+                return False
+            revision, self.state = self.state.revision, LeaseState()
+            try:
+                await kv.delete(self.key, last=revision)
+            except (nats.js.errors.Error, nats.errors.Error) as exc:
+                log.info(
+                    "lease release refused", extra={"account": self.account, "error": repr(exc)}
+                )
+                return False
+            return True
+
+    async def park(self, reason: str) -> bool:
+        """Replace our lease by a parked marker without TTL: nobody takes the account over
+        until an operator resumes it (the session was logged out, replaced or banned)."""
+        async with self._lock:
+            value = self._value(self.state.token, self.state.acquired_at, parked=reason or "parked")
+            parked = await self._write(value, ttl=False)
+            self.state = LeaseState()
+            return parked
 
     def forget(self) -> None:
         """Drop local proof (the lease is lost or expired)."""
@@ -158,7 +206,7 @@ class Lease:
 
 
 async def read_lease(kv: KeyValue, key: str) -> tuple[LeaseValue, int] | None:
-    """The current holder of `key` and the entry's revision, or None."""
+    """The current value of `key` and the entry's revision, or None."""
     try:
         entry = await kv.get(key)
     except nats.js.errors.KeyNotFoundError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from contracts import subjects
@@ -43,16 +44,18 @@ def egress_consumer_spec(channel: str, account: str) -> ConsumerSpec:
 class Egress:
     """Sends jobs through `session` while `lease` is proven."""
 
-    def __init__(self, bus: Bus, session: Session, lease: Lease) -> None:
+    def __init__(self, bus: Bus, session: Session, lease: Lease, lost: asyncio.Event) -> None:
         self.bus = bus
         self.session = session
         self.lease = lease
+        self.lost = lost
 
     async def handle(self, d: Delivery) -> None:
         """Send one job and record `MessageSent` (or a failure event, then raise)."""
         job = decode(d.data, SendMessage)
-        # Fencing: send only while we can prove nobody else holds the lease.
-        if not self.lease.valid():
+        # Fencing: send only while we can prove nobody else can hold the lease.
+        if not await self.lease.prove():
+            self.lost.set()
             raise TransientError("lease not proven; job left for the next owner", delay=1.0)
         fence = Fence(holder=self.lease.holder, token=self.lease.token)
         where = subjects.delivery(job.channel, job.account, job.chat)

@@ -1,30 +1,63 @@
-"""Account ownership: hold the lease, attach the session, send (and relay) until it ends."""
+"""Account ownership: hold the lease, attach the session, send (and relay) until it ends.
+
+One `AccountOwner` per (worker, account). As a standby it retries acquisition on a
+jittered timer, wakes at once when the lease board sees the key released, and aims its
+next attempt at the moment a silent owner's key expires. As the owner it renews every
+ttl/3, proves the lease before every send (egress), and stops sending on: shutdown,
+loss of proof, a session signal (logged out / replaced / banned: the lease is parked),
+a fair-share rebalance, or an operator's handover request.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+import time
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
 
 from contracts import subjects
-from contracts.events import CHANNEL_WHATSAPP, LeaseAcquired, LeaseLost, LeaseReleased, derived_id
+from contracts.events import (
+    CHANNEL_WHATSAPP,
+    LeaseAcquired,
+    LeaseLost,
+    LeaseReleased,
+    derived_id,
+)
+from contracts.streams import OUTBOUND
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerLoop
-from services.runtime.lease import Lease
+from services.runtime.lease import Lease, read_lease
 from services.whatsapp.egress import Egress, egress_consumer_spec
+from services.whatsapp.fleet import Fleet, LeaseBoard
 from services.whatsapp.ingress import Ingress
 from services.whatsapp.transport import Transport
 
 log = logging.getLogger(__name__)
 
 
-async def _wait(event: asyncio.Event, seconds: float) -> bool:
-    """Wait up to `seconds` for `event`; True if it was set."""
+async def _first(*events: asyncio.Event, timeout: float | None = None) -> None:
+    """Wait until any of `events` is set, or `timeout` seconds pass."""
+    waiters = [asyncio.create_task(e.wait()) for e in events]
     try:
-        await asyncio.wait_for(event.wait(), seconds)
-    except TimeoutError:
-        return False
-    return True
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+class HandoverReply(msgspec.Struct, frozen=True, kw_only=True):
+    """What the owner answers to `svc accounts handover`."""
+
+    account: str
+    holder: str
+    token: int
+    released: bool
 
 
 class AccountOwner:
@@ -39,128 +72,216 @@ class AccountOwner:
         *,
         lease_ttl: int,
         receive: bool,
+        board: LeaseBoard | None = None,
+        fleet: Fleet | None = None,
     ) -> None:
         self.bus = bus
         self.transport = transport
         self.account = account
         self.holder = holder
         self.receive = receive
+        self.board = board
+        self.fleet = fleet
         self.lease = Lease(bus, CHANNEL_WHATSAPP, account, holder, lease_ttl)
-        self.retry_interval = max(0.5, lease_ttl / 5)
+        self.retry_interval = min(1.0, max(0.2, lease_ttl / 5))
         self.owning = asyncio.Event()
+        self._cooldown_until = 0.0
+        self._parked_logged = ""
         self._subject = subjects.accounts(CHANNEL_WHATSAPP, account)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Acquire, own, and on loss go back to standby, until `stop`."""
         while not stop.is_set():
+            if self.fleet is not None and not self.fleet.settled.is_set():
+                await _first(stop, self.fleet.settled)  # first see who else is there
+                continue
+            if time.monotonic() < self._cooldown_until or (
+                self.fleet is not None and not self.fleet.may_acquire()
+            ):
+                await _first(stop, timeout=self.retry_interval)
+                continue
             try:
                 acquired = await self.lease.try_acquire()
-            except Exception as exc:  # NATS trouble: stay standby and retry
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
                 log.warning(
                     "lease acquire failed", extra={"account": self.account, "error": repr(exc)}
                 )
                 acquired = False
-            if not acquired:
-                await _wait(stop, self.retry_interval * random.uniform(0.75, 1.25))
-                continue
-            await self._own(stop)
+            if acquired:
+                self._parked_logged = ""
+                await self._own(stop)
+            else:
+                await self._standby(stop)
+
+    async def _standby(self, stop: asyncio.Event) -> None:
+        """Wait for the next acquisition attempt: a release, an expected expiry, or a timer."""
+        delay = self.retry_interval * random.uniform(0.5, 1.0)
+        parked = await self._parked_reason()
+        if parked:
+            if parked != self._parked_logged:
+                log.warning(
+                    "account parked, waiting for an operator",
+                    extra={"account": self.account, "reason": parked},
+                )
+                self._parked_logged = parked
+            delay = 10.0  # `svc accounts resume` deletes the key: the board wakes us
+        elif self.board is not None:
+            expires = self.board.expires_in(self.lease.key, self.lease.ttl)
+            if expires is not None:
+                delay = min(delay, max(0.05, expires + 0.05))
+        wake = [stop] if self.board is None else [stop, self.board.changed(self.lease.key)]
+        await _first(*wake, timeout=delay)
+
+    async def _parked_reason(self) -> str:
+        try:
+            found = await read_lease(await self.lease.bucket(), self.lease.key)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError, msgspec.DecodeError):
+            return ""
+        return found[0].parked if found else ""
 
     async def _own(self, stop: asyncio.Event) -> None:
         token = self.lease.token
         log.info(
             "lease acquired", extra={"account": self.account, "holder": self.holder, "token": token}
         )
-        await self._record(
-            LeaseAcquired(
-                id=derived_id("lease-acquired", self.account, str(token)),
-                account=self.account,
-                holder=self.holder,
-                token=token,
-            )
+        await self._record(LeaseAcquired, token)
+        shed = self.fleet.owning(self.account) if self.fleet else asyncio.Event()
+        handover = asyncio.Event()
+        handover_replies: list[str] = []
+
+        async def on_handover(msg: Msg) -> None:
+            if msg.reply:
+                handover_replies.append(msg.reply)
+            handover.set()
+
+        sub = await self.bus.nc.subscribe(
+            subjects.lease_handover(CHANNEL_WHATSAPP, self.account), cb=on_handover
         )
         ingress = Ingress(self.bus, self.account, self.holder)
         lost = asyncio.Event()
-        done = asyncio.Event()  # stop sending: shutdown, lease lost, or session ended
-        async with self.transport.session(self.account, ingress, receive=self.receive) as session:
-            egress = Egress(self.bus, session, self.lease)
-            loop = ConsumerLoop(
-                self.bus,
-                egress_consumer_spec(CHANNEL_WHATSAPP, self.account),
-                egress.handle,
-                on_dead_letter=egress.dead_lettered,
-            )
-            self.owning.set()
-            sending = asyncio.create_task(loop.run(done), name=f"egress-{self.account}")
-            renewing = asyncio.create_task(self._renew(lost, done), name=f"renew-{self.account}")
-            waiters = [asyncio.create_task(e.wait()) for e in (stop, lost, ingress.session_ended)]
-            await asyncio.wait([*waiters, sending], return_when=asyncio.FIRST_COMPLETED)
-            done.set()
-            for w in waiters:
-                w.cancel()
-            await asyncio.gather(sending, return_exceptions=True)  # finish the in-flight send
-            # Not cancelled: a renewal cut off mid-flight could land with a revision we
-            # never learn, and the revision-checked release would then be refused.
-            await renewing
-            self.owning.clear()
-        if lost.is_set() or not self.lease.valid():
-            self.lease.forget()
-            log.warning("lease lost", extra={"account": self.account, "token": token})
-            await self._record(
-                LeaseLost(
-                    id=derived_id("lease-lost", self.account, str(token)),
-                    account=self.account,
-                    holder=self.holder,
-                    token=token,
-                    reason="could not renew",
+        done = asyncio.Event()  # stop sending
+        try:
+            spec = egress_consumer_spec(CHANNEL_WHATSAPP, self.account)
+            # A new owner starts from the first unacked job at once, instead of waiting for
+            # the ack deadline of a job the previous owner held when it died (work queue:
+            # everything still stored is unacked, so nothing is skipped).
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await self.bus.js.delete_consumer(OUTBOUND.name, spec.durable)
+            async with self.transport.session(
+                self.account, ingress, receive=self.receive
+            ) as session:
+                egress = Egress(self.bus, session, self.lease, lost)
+                loop = ConsumerLoop(
+                    self.bus, spec, egress.handle, on_dead_letter=egress.dead_lettered
                 )
+                self.owning.set()
+                sending = asyncio.create_task(loop.run(done), name=f"egress-{self.account}")
+                renewing = asyncio.create_task(
+                    self._renew(lost, done), name=f"renew-{self.account}"
+                )
+                ended = asyncio.create_task(
+                    _first(stop, lost, ingress.session_ended, shed, handover)
+                )
+                await asyncio.wait([ended, sending], return_when=asyncio.FIRST_COMPLETED)
+                ended.cancel()
+                done.set()  # stop taking jobs; the in-flight send finishes
+                await asyncio.gather(sending, return_exceptions=True)
+                # Not cancelled: a renewal cut off mid-flight could land with a revision we
+                # never learn, and the revision-checked release would then be refused.
+                await renewing
+                self.owning.clear()
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+            if self.fleet is not None:
+                self.fleet.released(self.account)
+        await self._finish(token, lost, ingress, shed, handover, handover_replies)
+
+    async def _finish(
+        self,
+        token: int,
+        lost: asyncio.Event,
+        ingress: Ingress,
+        shed: asyncio.Event,
+        handover: asyncio.Event,
+        replies: list[str],
+    ) -> None:
+        if lost.is_set() or not self.lease.valid():
+            reason = self._lost_reason or "lease deadline passed before a renewal succeeded"
+            self.lease.forget()
+            log.warning(
+                "lease lost", extra={"account": self.account, "token": token, "reason": reason}
+            )
+            await self._record(LeaseLost, token, reason)
+            return
+        if ingress.session_ended.is_set():
+            parked = await self.lease.park(ingress.end_reason)
+            log.error(
+                "session ended, account parked",
+                extra={"account": self.account, "reason": ingress.end_reason, "parked": parked},
             )
             return
-        reason = ingress.end_reason or "shutdown"
+        reason = (
+            "operator handover"
+            if handover.is_set()
+            else "rebalance"
+            if shed.is_set()
+            else "shutdown"
+        )
         released = await self.lease.release()
         if released:
             log.info(
                 "lease released", extra={"account": self.account, "token": token, "reason": reason}
             )
-            await self._record(
-                LeaseReleased(
-                    id=derived_id("lease-released", self.account, str(token)),
-                    account=self.account,
-                    holder=self.holder,
-                    token=token,
-                    reason=reason,
-                )
-            )
-        if ingress.session_ended.is_set():
-            # Logged out / replaced / banned: wait for an operator instead of looping.
-            log.error(
-                "session ended; waiting for an operator",
-                extra={"account": self.account, "reason": reason},
-            )
-            await stop.wait()
+            await self._record(LeaseReleased, token, reason)
+        if reason != "shutdown":
+            # Step aside long enough for a standby to take it; compete again afterwards.
+            self._cooldown_until = time.monotonic() + 3 * self.retry_interval
+        reply = msgspec.json.encode(
+            HandoverReply(account=self.account, holder=self.holder, token=token, released=released)
+        )
+        for inbox in replies:
+            with contextlib.suppress(nats.errors.Error):
+                await self.bus.nc.publish(inbox, reply)
+
+    _lost_reason = ""
 
     async def _renew(self, lost: asyncio.Event, done: asyncio.Event) -> None:
         """Renew every ttl/3 until `done`; on failure retry fast until the deadline passes."""
+        self._lost_reason = ""
         interval = self.lease.ttl / 3
-        while not done.is_set():
+        while not done.is_set() and not lost.is_set():
             try:
                 ok = await self.lease.renew()
-            except Exception as exc:
+                if not ok:
+                    self._lost_reason = "renewal refused: the revision moved (someone else wrote)"
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
                 log.warning(
                     "lease renew failed", extra={"account": self.account, "error": repr(exc)}
                 )
                 ok = self.lease.valid()
                 if ok:
-                    await _wait(done, min(0.5, max(0.05, self.lease.remaining() / 4)))
+                    await _first(done, timeout=min(0.5, max(0.05, self.lease.remaining() / 4)))
                     continue
-            if not ok:
+                self._lost_reason = f"could not renew before the deadline: {exc!r}"
+            if not ok or not self.lease.valid():
+                self._lost_reason = self._lost_reason or "lease deadline passed (process paused?)"
                 lost.set()
                 return
-            await _wait(done, interval)
+            await _first(done, lost, timeout=interval)
 
-    async def _record(self, event: LeaseAcquired | LeaseLost | LeaseReleased) -> None:
+    async def _record(
+        self, kind: type[LeaseAcquired | LeaseLost | LeaseReleased], token: int, reason: str = ""
+    ) -> None:
+        """Publish a lease event; its id derives from (kind, account, token): no duplicates."""
+        fields = {"account": self.account, "holder": self.holder, "token": token}
+        if kind is not LeaseAcquired:
+            fields["reason"] = reason
+        event = kind(id=derived_id(kind.__name__, self.account, str(token)), **fields)  # type: ignore[arg-type]
         try:
             await self.bus.publish(self._subject, event)
-        except Exception as exc:  # the lease itself is the truth; the event is the record
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            # The lease itself is the truth; the event is the record.
             log.warning(
                 "could not record lease event", extra={"account": self.account, "error": repr(exc)}
             )

@@ -10,18 +10,36 @@ sequence is the transport message id. Faults come from settings (SIM_* variables
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import assert_never
+
+import nats.errors
+from nats.aio.msg import Msg
 
 from contracts import subjects
 from contracts.codec import decode, encode
-from contracts.payloads import SimInbound, SimOutbound
+from contracts.errors import DecodeError
+from contracts.payloads import SimControl, SimInbound, SimOutbound
 from contracts.streams import SIM, sim_consumer
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerLoop, ConsumerSpec, Delivery
 from services.runtime.settings import SimFaults
-from services.whatsapp.transport import EventCallback, Fence, Incoming, TransportError
+from services.whatsapp.transport import (
+    EventCallback,
+    Fence,
+    Incoming,
+    LoggedOut,
+    StreamReplaced,
+    TemporaryBan,
+    TransportError,
+    TransportEvent,
+)
+
+log = logging.getLogger(__name__)
 
 SIM_TEXT_LIMIT = 65_536
 
@@ -74,15 +92,46 @@ class SimTransport:
     ) -> AsyncIterator[SimSession]:
         """Attach to `account`; with `receive`, also relay what users sent it."""
         session = SimSession(self.bus, account, self.faults, self.rng)
-        if not receive:
-            yield session
-            return
-        async with self.receiver(account, on_event):
-            yield session
+        signals = await self.bus.nc.subscribe(
+            subjects.sim_control(account), cb=_control_relay(on_event)
+        )
+        try:
+            if not receive:
+                yield session
+                return
+            async with self.receiver(account, on_event):
+                yield session
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await signals.unsubscribe()
 
     def receiver(self, account: str, on_event: EventCallback) -> AbstractAsyncContextManager[None]:
         """Relay what users sent `account` (shared durable consumer: any number may run)."""
         return _receive(self.bus, account, on_event)
+
+
+def _control_relay(on_event: EventCallback) -> Callable[[Msg], Awaitable[None]]:
+    """Turn sim control messages into the session events a real socket would raise."""
+
+    async def relay(msg: Msg) -> None:
+        try:
+            control = decode(msg.data, SimControl)
+        except DecodeError as exc:
+            log.warning("bad sim control message", extra={"error": str(exc)})
+            return
+        event: TransportEvent
+        match control.event:
+            case "stream_replaced":
+                event = StreamReplaced()
+            case "logged_out":
+                event = LoggedOut(reason=control.reason or "logged out")
+            case "temporary_ban":
+                event = TemporaryBan(reason=control.reason or "temporary ban")
+            case _:
+                assert_never(control.event)
+        await on_event(event)
+
+    return relay
 
 
 @asynccontextmanager
@@ -105,6 +154,9 @@ async def _receive(bus: Bus, account: str, on_event: EventCallback) -> AsyncIter
         filter_subject=subjects.sim_in(account),
         max_ack_pending=1,
         batch=1,
+        # Relaying is one publish: a receiver killed mid-message blocks the account's
+        # inbound (max_ack_pending=1) only this long.
+        ack_wait=5.0,
     )
     loop = ConsumerLoop(bus, spec, handle)
     await loop.ensure()

@@ -268,6 +268,14 @@ SAMPLES: dict[type[ev.Message], ev.Message] = {
         reason="temporary ban",
         until=LATER,
     ),
+    ev.AccountResumed: ev.AccountResumed(
+        id="00000000000000000000000000000021",
+        at=AT,
+        channel=CHANNEL,
+        account="acct-1",
+        actor="ops@example.com",
+        reason="re-paired",
+    ),
 }
 
 TYPES = list(ev.ALL_TYPES)

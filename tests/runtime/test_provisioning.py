@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from nats.js.api import RetentionPolicy, StreamConfig
 
-from contracts.streams import LEASES, STREAMS
+from contracts.streams import BUCKETS, LEASES, STREAMS
 from services.runtime.bus import Bus, connect
 from services.runtime.errors import ProvisioningError
 from services.runtime.nats_server import EmbeddedNats
@@ -23,7 +23,7 @@ async def test_provisioning_twice_creates_once_and_changes_nothing(
         again = {s.name: (await b.js.stream_info(s.name)).config for s in STREAMS}
     assert {r.action for r in first} == {"created"}
     assert {r.action for r in second} == {"unchanged"}
-    assert len(first) == len(STREAMS) + 1
+    assert len(first) == len(STREAMS) + len(BUCKETS)
     assert configs == again
 
 

@@ -1,0 +1,50 @@
+"""`svc accounts`: hand an account over to another worker, resume a parked account."""
+
+from __future__ import annotations
+
+import msgspec
+import nats.errors
+import nats.js.errors
+
+from contracts import subjects
+from contracts.events import CHANNEL_WHATSAPP, AccountResumed
+from contracts.streams import LEASES
+from services.runtime.bus import Bus
+from services.runtime.errors import ServiceError
+from services.runtime.lease import read_lease
+from services.whatsapp.owner import HandoverReply
+
+
+async def handover(bus: Bus, account: str, *, timeout: float) -> HandoverReply:
+    """Ask the account's owner to release its lease gracefully (a standby takes over)."""
+    subject = subjects.lease_handover(CHANNEL_WHATSAPP, account)
+    try:
+        msg = await bus.nc.request(subject, b"", timeout=timeout)
+    except nats.errors.NoRespondersError:
+        raise ServiceError(f"nobody holds account {account!r}: nothing to hand over") from None
+    except nats.errors.TimeoutError:
+        raise ServiceError(
+            f"the owner of {account!r} did not confirm within {timeout:g}s; check 'svc status'"
+        ) from None
+    return msgspec.json.decode(msg.data, type=HandoverReply)
+
+
+async def resume(bus: Bus, account: str, *, actor: str, reason: str) -> str:
+    """Clear a parked account so a worker takes it over again; return what was parked."""
+    key = subjects.lease_key(CHANNEL_WHATSAPP, account)
+    kv = await bus.js.key_value(LEASES.name)
+    found = await read_lease(kv, key)
+    if found is None:
+        raise ServiceError(f"account {account!r} is not parked (nobody holds it)")
+    value, revision = found
+    if not value.parked:
+        raise ServiceError(f"account {account!r} is not parked: {value.holder} holds it")
+    try:
+        await kv.delete(key, last=revision)
+    except nats.js.errors.Error as exc:
+        raise ServiceError(f"account {account!r} changed while resuming ({exc}); retry") from None
+    await bus.publish(
+        subjects.accounts(CHANNEL_WHATSAPP, account),
+        AccountResumed(account=account, actor=actor, reason=reason),
+    )
+    return value.parked
