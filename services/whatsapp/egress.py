@@ -38,6 +38,7 @@ def egress_consumer_spec(channel: str, account: str) -> ConsumerSpec:
         batch=1,
         max_deliver=5,
         ack_wait=30.0,
+        fetch_timeout=0.25,  # a handover waits for the idle fetch to end
     )
 
 

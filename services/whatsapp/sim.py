@@ -157,6 +157,8 @@ async def _receive(bus: Bus, account: str, on_event: EventCallback) -> AsyncIter
         # Relaying is one publish: a receiver killed mid-message blocks the account's
         # inbound (max_ack_pending=1) only this long.
         ack_wait=5.0,
+        # Closing the session waits for the idle fetch: keep handovers well under 1 s.
+        fetch_timeout=0.25,
     )
     loop = ConsumerLoop(bus, spec, handle)
     await loop.ensure()

@@ -3,33 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-from collections.abc import AsyncIterator
 
 import pytest
 
 from contracts.events import DeadLettered, MessageSent, TurnCompleted
 from services.ops.simclient import SimUser
-from services.runtime.bus import Bus, connect
+from services.runtime.bus import Bus
 from tests.conftest import Processes, read_stream, run_svc, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def read_url(proc: subprocess.Popen[bytes]) -> str:
-    """`svc nats serve` prints `nats-server ready at URL (...)` first."""
-    assert proc.stdout is not None
-    line = proc.stdout.readline().decode()
-    assert line.startswith("nats-server ready at "), line
-    return line.split()[3]
-
-
-@pytest.fixture
-async def served(processes: Processes) -> AsyncIterator[tuple[str, Bus]]:
-    """`svc nats serve` in its own process, plus a test client."""
-    url = read_url(processes.start("nats", "serve", "--port", "0"))
-    async with connect(url, name="e2e-test") as bus:
-        yield url, bus
 
 
 async def test_a_sim_message_is_answered_across_separate_processes(

@@ -74,3 +74,30 @@ async def test_a_stale_holder_cannot_release_someone_elses_lease(bus: Bus) -> No
     found = await read_lease(kv, "whatsapp.acct")
     assert found is not None
     assert found[0].holder == "b"
+
+
+async def test_prove_notices_a_revision_moved_under_the_holder(bus: Bus) -> None:
+    a = Lease(bus, "whatsapp", "acct", "a", 30, fresh_for=0.0)
+    assert await a.try_acquire()
+    assert await a.prove()
+    # When someone writes the key behind the holder's back
+    kv = await bus.js.key_value("leases")
+    await kv.put("whatsapp.acct", b'{"holder":"intruder","token":0,"acquired_at":""}')
+    # Then the next proof fails even though the local deadline has not passed
+    assert not await a.prove()
+    assert not a.valid()
+
+
+async def test_a_parked_lease_blocks_acquisition_and_never_expires(bus: Bus) -> None:
+    a, b = lease(bus, "a", ttl=2), lease(bus, "b", ttl=2)
+    assert await a.try_acquire()
+    assert await a.park("stream replaced")
+    assert not a.valid()
+    kv = await bus.js.key_value("leases")
+    found = await read_lease(kv, "whatsapp.acct")
+    assert found is not None
+    assert found[0].parked == "stream replaced"
+    # Longer than the TTL later (each failed create is a round trip), still parked
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        assert not await b.try_acquire()
