@@ -114,10 +114,12 @@ class Lease:
             acquired_at = utcnow().isoformat(timespec="milliseconds")
             try:
                 revision = await kv.create(self.key, self._value(0, acquired_at), msg_ttl=self.ttl)
-            except nats.js.errors.KeyWrongLastSequenceError:
+            except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
+                # KeyNotFound: nats-py's create found the key taken, and it expired before
+                # the follow-up read; the next attempt can take it.
                 return False
             except nats.js.errors.APIError as exc:
-                if exc.err_code == _WRONG_LAST_SEQUENCE:
+                if getattr(exc, "err_code", None) == _WRONG_LAST_SEQUENCE:
                     return False
                 raise
             self.state = LeaseState(
@@ -166,7 +168,7 @@ class Lease:
                 timeout=max(0.5, min(2.0, self.remaining())),
             )
         except nats.js.errors.APIError as exc:
-            if exc.err_code == _WRONG_LAST_SEQUENCE:
+            if getattr(exc, "err_code", None) == _WRONG_LAST_SEQUENCE:
                 self.state = LeaseState()
                 return False
             raise
