@@ -6,6 +6,8 @@ from typing import Literal
 
 import msgspec
 
+from contracts.events import AttemptError
+
 
 class SimInbound(msgspec.Struct, frozen=True, kw_only=True):
     """A simulated user's message to an account."""
@@ -19,8 +21,21 @@ class SimInbound(msgspec.Struct, frozen=True, kw_only=True):
 class SimControl(msgspec.Struct, frozen=True, kw_only=True):
     """A session signal the simulated network sends the account's attached owner."""
 
-    event: Literal["stream_replaced", "logged_out", "temporary_ban"]
+    event: Literal["stream_replaced", "logged_out", "temporary_ban", "receipt"]
     reason: str = ""
+    # receipt only: which messages (transport ids, `sim-<seq>`) reached which state
+    chat: str = ""
+    message_ids: list[str] = msgspec.field(default_factory=list)
+    status: str = "delivered"
+
+
+class SimFailure(msgspec.Struct, frozen=True, kw_only=True):
+    """A send the simulated network refused (published on `sim.whatsapp.<acct>.failures`)."""
+
+    job_id: str
+    chat: str
+    error: str
+    permanent: bool
 
 
 class SimOutbound(msgspec.Struct, frozen=True, kw_only=True):
@@ -31,3 +46,29 @@ class SimOutbound(msgspec.Struct, frozen=True, kw_only=True):
     job_id: str
     holder: str
     lease_token: int
+
+
+SendState = Literal["sending", "failed", "sent", "skipped", "dead"]
+
+
+class SendRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """The durable state of one job's delivery (bucket `sends`, key `<account>.<job_id>`).
+
+    `sending` is written before every transport call: found on redelivery it means the
+    outcome of that attempt is unknown (the sender stopped in between).
+    """
+
+    job_id: str
+    state: SendState
+    attempt: int
+    holder: str = ""
+    lease_token: int = 0
+    transport_message_id: str = ""
+    errors: list[AttemptError] = msgspec.field(default_factory=list)
+
+
+class SentIndex(msgspec.Struct, frozen=True, kw_only=True):
+    """Which job a transport message id belongs to (for receipts)."""
+
+    job_id: str
+    chat: str

@@ -41,6 +41,7 @@ class BucketSpec(msgspec.Struct, frozen=True, kw_only=True):
     history: int = 1
     description: str = ""
     max_value_size: int = 4096
+    max_age_s: float = 0.0
 
 
 INBOUND = StreamSpec(
@@ -114,7 +115,12 @@ LEASES = BucketSpec(
 # Live whatsapp workers announce themselves here (key `<account-set>.<holder>`, per-key
 # TTL) so each can compute its fair share of the accounts.
 PRESENCE = BucketSpec(name="presence", description="live whatsapp workers, for fair share")
-BUCKETS: tuple[BucketSpec, ...] = (LEASES, PRESENCE)
+# Per-job delivery state (SendRecord) and transport-id -> job index, kept a week: what
+# makes a redelivered job "already sent" or "uncertain" across owners and restarts.
+SENDS = BucketSpec(
+    name="sends", description="delivery state per job", max_value_size=65536, max_age_s=7 * DAY
+)
+BUCKETS: tuple[BucketSpec, ...] = (LEASES, PRESENCE, SENDS)
 
 # Durable consumer names.
 CORE_CONSUMER = "core"

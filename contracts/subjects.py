@@ -145,6 +145,27 @@ def lease_handover(channel: str, account: str) -> str:
     return f"svc.lease.handover.{check_channel(channel)}.{check_account(account)}"
 
 
+_JOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def send_key(account: str, job_id: str) -> str:
+    """Key of a job's SendRecord in the `sends` bucket."""
+    if not _JOB_ID_RE.fullmatch(job_id):
+        raise InvalidSubjectError(f"job id {job_id!r} is invalid: use 1-128 of A-Z a-z 0-9 _ -")
+    return f"{check_account(account)}.{job_id}"
+
+
+def sent_index_key(account: str, transport_message_id: str) -> str:
+    """Key of the transport-id -> job index in the `sends` bucket."""
+    token = "".join(c if c.isalnum() or c in "-_" else "_" for c in transport_message_id)[:200]
+    return f"{check_account(account)}.tid.{token or '_'}"
+
+
+def sim_failures(account: str) -> str:
+    """Where the sim network reports each send it refused (observability for tests)."""
+    return f"sim.whatsapp.{check_account(account)}.failures"
+
+
 def sim_control(account: str) -> str:
     """Simulated session signals for `account` (stream replaced, logged out, banned)."""
     return f"sim.whatsapp.{check_account(account)}.control"

@@ -104,6 +104,7 @@ async def run_role(bus: Bus, settings: Settings, role: Role, stop: asyncio.Event
                     receive=receive,
                     board=board,
                     fleet=fleet,
+                    delivery=settings.delivery,
                 )
                 tasks.append(asyncio.create_task(owner.run(stop), name=f"owner-{account}"))
         if role == "whatsapp-ingress":

@@ -1,10 +1,18 @@
 """One consumer-loop building block: durable pull consumer, explicit acks, errors -> acks.
 
-The handler gets a `Delivery` and returns normally (ack), raises TransientError
-(nak with its delay), or raises PermanentError / a ContractError such as a malformed
-payload (dead-letter with the attempt history, then term). Any other exception is
-treated as transient and logged with its traceback. On the last allowed delivery
-anything but success is dead-lettered, so nothing stays stuck in a work queue.
+The handler gets a `Delivery` and returns normally (ack), raises TransientError (retry
+after its delay), PermanentError or a ContractError such as a malformed payload
+(dead-letter with the attempt history, then term), or AbandonError (hand the message back
+untouched). Any other exception is treated as transient and logged with its traceback.
+After the last allowed attempt anything but success is dead-lettered, so nothing stays
+stuck in a work queue.
+
+Two ways to run:
+- sequential (default): one message at a time; a retry is a `nak(delay)`.
+- `ordered_by_subject`: one message at a time *per subject*, subjects in parallel (up to
+  `max_ack_pending` held). A retry waits in place, keeping the message alive with
+  `in_progress()`, because a nak would let the next message of the same subject overtake
+  it. This is how per-chat order holds without one chat blocking the others.
 """
 
 from __future__ import annotations
@@ -12,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from contracts import subjects
@@ -25,7 +35,7 @@ from contracts.errors import ContractError
 from contracts.events import AttemptError, DeadLettered
 from contracts.streams import OUTBOUND
 from services.runtime.bus import Bus
-from services.runtime.errors import PermanentError, TransientError
+from services.runtime.errors import AbandonError, PermanentError, TransientError
 from services.runtime.telemetry import consume_span
 
 log = logging.getLogger(__name__)
@@ -40,13 +50,14 @@ class ConsumerSpec:
     stream: str
     durable: str
     filter_subject: str
-    max_deliver: int = 5
+    max_deliver: int = 5  # attempts before dead-lettering; -1: unlimited on the server
     ack_wait: float = 30.0
     max_ack_pending: int = 1000
     batch: int = 100
     backoff: tuple[float, ...] = ()
     fetch_timeout: float = 1.0
     retry_delays: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
+    ordered_by_subject: bool = False
 
     def config(self) -> ConsumerConfig:
         """The nats-py consumer config."""
@@ -55,11 +66,17 @@ class ConsumerSpec:
             filter_subject=self.filter_subject,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
-            max_deliver=self.max_deliver,
+            # In-place retries count attempts themselves; the server must not give up.
+            max_deliver=-1 if self.ordered_by_subject else self.max_deliver,
             ack_wait=self.ack_wait,
             max_ack_pending=self.max_ack_pending,
             backoff=list(self.backoff) or None,
         )
+
+    def delay(self, attempt: int) -> float:
+        """The wait before retry number `attempt` (1-based)."""
+        delays = self.retry_delays
+        return delays[min(attempt, len(delays)) - 1] if delays else 1.0
 
 
 @dataclass
@@ -72,6 +89,7 @@ class Delivery:
     headers: dict[str, str]
     stream_seq: int
     num_delivered: int
+    attempt: int = 1  # this process's attempt (in-place retries count up; redeliveries too)
     errors: list[AttemptError] = field(default_factory=list)
 
     @property
@@ -81,15 +99,29 @@ class Delivery:
 
     async def in_progress(self) -> None:
         """Tell the server this slow message is still being worked on."""
-        await self.msg.in_progress()
+        with contextlib.suppress(*_NATS_TRANSIENT):
+            await self.msg.in_progress()
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
 DeadLetterHook = Callable[[Delivery, str], Awaitable[None]]
 
 
+def _delivery(msg: Msg) -> Delivery:
+    meta = msg.metadata
+    return Delivery(
+        msg=msg,
+        subject=msg.subject,
+        data=msg.data,
+        headers=dict(msg.headers or {}),
+        stream_seq=meta.sequence.stream,
+        num_delivered=meta.num_delivered,
+        attempt=meta.num_delivered,
+    )
+
+
 class ConsumerLoop:
-    """Pull, handle in order, ack. Stops (draining the current message) when `stop` is set."""
+    """Pull, handle, settle. Stops (finishing the messages in hand) when `stop` is set."""
 
     def __init__(
         self,
@@ -116,7 +148,6 @@ class ConsumerLoop:
         sub = await self.bus.js.pull_subscribe_bind(
             durable=self.spec.durable, stream=self.spec.stream
         )
-        batch = max(1, min(self.spec.batch, self.spec.max_ack_pending))
         log.info(
             "consuming",
             extra={
@@ -126,109 +157,110 @@ class ConsumerLoop:
             },
         )
         try:
-            while not stop.is_set():
-                try:
-                    msgs = await sub.fetch(batch, timeout=self.spec.fetch_timeout)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    continue
-                except nats.js.errors.NotFoundError:
-                    # The consumer was deleted under us (e.g. by an operator): recreate it.
-                    await self._wait(stop, 1.0)
-                    await self._safe_ensure()
-                    continue
-                except _NATS_TRANSIENT as exc:
-                    log.warning(
-                        "fetch failed", extra={"consumer": self.spec.durable, "error": repr(exc)}
-                    )
-                    await self._wait(stop, 1.0)
-                    continue
-                for msg in msgs:
-                    # Messages already fetched are handled even after stop: they are ours
-                    # until acked, and handing them back would only delay them.
-                    await self._handle(msg)
+            if self.spec.ordered_by_subject:
+                await _KeyedRun(self, sub, stop).run()
+            else:
+                await self._run_sequential(sub, stop)
         finally:
-            try:
+            with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
-            except nats.errors.Error as exc:
-                log.debug("unsubscribe failed", extra={"error": repr(exc)})
 
-    async def _safe_ensure(self) -> None:
+    async def _run_sequential(
+        self, sub: JetStreamContext.PullSubscription, stop: asyncio.Event
+    ) -> None:
+        batch = max(1, min(self.spec.batch, self.spec.max_ack_pending))
+        while not stop.is_set():
+            for msg in await self.fetch(sub, batch, stop):
+                # Messages already fetched are handled even after stop: they are ours
+                # until settled, and handing them back would only delay them.
+                await self._handle_once(_delivery(msg))
+
+    async def fetch(
+        self, sub: JetStreamContext.PullSubscription, batch: int, stop: asyncio.Event
+    ) -> list[Msg]:
+        """Up to `batch` messages; [] on a quiet interval or a connection problem."""
         try:
-            await self.ensure()
+            return list(await sub.fetch(batch, timeout=self.spec.fetch_timeout))
+        except (TimeoutError, nats.errors.TimeoutError):
+            return []
+        except nats.js.errors.NotFoundError:
+            # The consumer was deleted under us (e.g. by an operator): recreate it.
+            await _wait(stop, 1.0)
+            with contextlib.suppress(*_NATS_TRANSIENT):
+                await self.ensure()
+            return []
         except _NATS_TRANSIENT as exc:
-            log.warning("consumer re-create failed", extra={"error": repr(exc)})
+            log.warning("fetch failed", extra={"consumer": self.spec.durable, "error": repr(exc)})
+            await _wait(stop, 1.0)
+            return []
 
-    @staticmethod
-    async def _wait(stop: asyncio.Event, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), seconds)
+    async def _handle_once(self, d: Delivery) -> None:
+        """Sequential mode: one attempt; a retry is a nak(delay) (server-side redelivery)."""
+        last_try = d.num_delivered >= self.spec.max_deliver
+        outcome = await self.attempt(d)
+        match outcome:
+            case None:
+                await self.settle(d.msg.ack_sync(timeout=5))
+                self.handled += 1
+            case _Retry(error, delay) if not last_try:
+                self.log_retry(d, error, delay)
+                await self.settle(d.msg.nak(delay=delay))
+            case _Retry(error, _):
+                await self.dead_letter(d, f"gave up after {d.num_delivered} attempts: {error}")
+            case _DeadLetter(reason):
+                await self.dead_letter(d, reason)
+            case _Abandon():
+                await self.settle(d.msg.nak())
 
-    async def _handle(self, msg: Msg) -> None:
-        meta = msg.metadata
-        delivery = Delivery(
-            msg=msg,
-            subject=msg.subject,
-            data=msg.data,
-            headers=dict(msg.headers or {}),
-            stream_seq=meta.sequence.stream,
-            num_delivered=meta.num_delivered,
-        )
-        last_try = delivery.num_delivered >= self.spec.max_deliver
-        with consume_span(
-            msg.subject, delivery.headers, self.spec.durable, delivery.msg_id
-        ) as span:
+    async def attempt(self, d: Delivery) -> _Outcome | None:
+        """Run the handler once in its span; None means success."""
+        with consume_span(d.subject, d.headers, self.spec.durable, d.msg_id) as span:
             try:
-                await self.handler(delivery)
+                await self.handler(d)
             except (PermanentError, ContractError) as exc:
                 span.set_attribute("switchboard.outcome", "dead-letter")
-                await self._dead_letter(delivery, f"{type(exc).__name__}: {exc}")
-                return
+                if isinstance(exc, PermanentError):
+                    d.errors.extend(exc.errors)
+                return _DeadLetter(f"{type(exc).__name__}: {exc}")
             except TransientError as exc:
                 span.set_attribute("switchboard.outcome", "retry")
-                await self._retry(delivery, str(exc), exc.delay, last_try)
-                return
+                return _Retry(str(exc), exc.delay)
+            except AbandonError as exc:
+                span.set_attribute("switchboard.outcome", "abandoned")
+                log.info("abandoned", extra={"consumer": self.spec.durable, "reason": str(exc)})
+                return _Abandon()
             except Exception as exc:
                 span.set_attribute("switchboard.outcome", "retry")
                 log.exception(
                     "handler failed",
                     extra={
                         "consumer": self.spec.durable,
-                        "subject": msg.subject,
-                        "seq": delivery.stream_seq,
+                        "subject": d.subject,
+                        "seq": d.stream_seq,
                     },
                 )
-                delay = self._delay(delivery.num_delivered)
-                await self._retry(delivery, f"{type(exc).__name__}: {exc}", delay, last_try)
-                return
+                return _Retry(f"{type(exc).__name__}: {exc}", self.spec.delay(d.attempt))
             span.set_attribute("switchboard.outcome", "ack")
-        # Wait for the server to confirm: on a graceful handover the next owner must not
-        # be handed a job whose ack was still in our socket buffer.
-        await self._settle(msg.ack_sync(timeout=5))
-        self.handled += 1
+            return None
 
-    def _delay(self, num_delivered: int) -> float:
-        delays = self.spec.retry_delays
-        return delays[min(num_delivered, len(delays)) - 1] if delays else 1.0
-
-    async def _retry(self, d: Delivery, error: str, delay: float, last_try: bool) -> None:
-        if last_try:
-            await self._dead_letter(d, f"gave up after {d.num_delivered} attempts: {error}")
-            return
+    def log_retry(self, d: Delivery, error: str, delay: float) -> None:
         log.warning(
             "retrying",
             extra={
                 "consumer": self.spec.durable,
                 "subject": d.subject,
                 "seq": d.stream_seq,
-                "attempt": d.num_delivered,
+                "attempt": d.attempt,
                 "delay_s": delay,
                 "error": error,
             },
         )
-        await self._settle(d.msg.nak(delay=delay))
 
-    async def _dead_letter(self, d: Delivery, reason: str) -> None:
-        errors = [*d.errors, AttemptError(attempt=d.num_delivered, error=reason)]
+    async def dead_letter(self, d: Delivery, reason: str) -> None:
+        """Park the message in DEADLETTER with its attempt history, then remove it."""
+        errors = [*d.errors]
+        if not errors or errors[-1].error != reason:
+            errors.append(AttemptError(attempt=d.attempt, error=reason))
         letter = DeadLettered(
             source_stream=self.spec.stream,
             source_subject=d.subject,
@@ -253,7 +285,7 @@ class ConsumerLoop:
         except _NATS_TRANSIENT as exc:
             # Could not park it: keep it in the source stream rather than lose it.
             log.error("dead-letter publish failed", extra={"error": repr(exc), "seq": d.stream_seq})
-            await self._settle(d.msg.nak(delay=self._delay(d.num_delivered)))
+            await self.settle(d.msg.nak(delay=self.spec.delay(d.attempt)))
             return
         log.error(
             "dead-lettered",
@@ -264,12 +296,138 @@ class ConsumerLoop:
                 "reason": reason,
             },
         )
-        await self._settle(d.msg.term())
+        await self.settle(d.msg.term())
         self.dead_lettered += 1
 
-    async def _settle(self, ack: Awaitable[object]) -> None:
-        # A lost ack only means a redelivery, which every handler tolerates (idempotence).
+    async def settle(self, ack: Awaitable[object]) -> None:
+        """Send an ack/nak/term; a lost one only means a redelivery, which handlers tolerate."""
         try:
             await ack
         except _NATS_TRANSIENT as exc:
             log.warning("ack failed; the message will be redelivered", extra={"error": repr(exc)})
+
+
+@dataclass(frozen=True)
+class _Retry:
+    error: str
+    delay: float
+
+
+@dataclass(frozen=True)
+class _DeadLetter:
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Abandon:
+    pass
+
+
+_Outcome = _Retry | _DeadLetter | _Abandon
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait up to `seconds` for `stop`; True if it was set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+    return stop.is_set()
+
+
+class _KeyedRun:
+    """Ordered-by-subject mode: per-subject queues, one worker task per busy subject."""
+
+    def __init__(
+        self, loop: ConsumerLoop, sub: JetStreamContext.PullSubscription, stop: asyncio.Event
+    ) -> None:
+        self.loop = loop
+        self.spec = loop.spec
+        self.sub = sub
+        self.stop = stop
+        self.held: dict[int, Msg] = {}  # stream seq -> latest delivery, until settled
+        self.queues: dict[str, deque[int]] = {}
+        self.workers: dict[str, asyncio.Task[None]] = {}
+        self.slot_freed = asyncio.Event()
+
+    async def run(self) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            while not self.stop.is_set():
+                free = self.spec.max_ack_pending - len(self.held)
+                if free <= 0:
+                    # fetch(batch > free) would block for the whole timeout: wait for a slot.
+                    self.slot_freed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.slot_freed.wait(), self.spec.fetch_timeout)
+                    continue
+                for msg in await self.loop.fetch(self.sub, min(self.spec.batch, free), self.stop):
+                    self._dispatch(msg)
+        finally:
+            # Stop: each worker finishes the message in hand; the rest are handed back.
+            await asyncio.gather(*self.workers.values(), return_exceptions=True)
+            heartbeat.cancel()
+            for seq in sorted(self.held):
+                await self.loop.settle(self.held.pop(seq).nak())
+
+    def _dispatch(self, msg: Msg) -> None:
+        seq = msg.metadata.sequence.stream
+        if seq in self.held:  # a redelivery of one we still hold: keep the newest handle
+            self.held[seq] = msg
+            return
+        self.held[seq] = msg
+        self.queues.setdefault(msg.subject, deque()).append(seq)
+        if msg.subject not in self.workers:
+            self.workers[msg.subject] = asyncio.create_task(self._work(msg.subject))
+
+    async def _work(self, subject: str) -> None:
+        queue = self.queues[subject]
+        try:
+            while queue and not self.stop.is_set():
+                seq = queue[0]
+                await self._process(self.held[seq])
+                queue.popleft()
+                self.held.pop(seq, None)
+                self.slot_freed.set()
+        finally:
+            del self.workers[subject]
+            if not queue:
+                del self.queues[subject]
+
+    async def _process(self, msg: Msg) -> None:
+        d = _delivery(msg)
+        d.attempt = 1
+        while True:
+            outcome = await self.loop.attempt(d)
+            current = self.held.get(d.stream_seq, msg)
+            match outcome:
+                case None:
+                    await self.loop.settle(current.ack_sync(timeout=5))
+                    self.loop.handled += 1
+                    return
+                case _DeadLetter(reason):
+                    d.msg = current
+                    await self.loop.dead_letter(d, reason)
+                    return
+                case _Abandon():
+                    await self.loop.settle(current.nak())
+                    return
+                case _Retry(error, delay):
+                    d.errors.append(AttemptError(attempt=d.attempt, error=error))
+                    if self.spec.max_deliver > 0 and d.attempt >= self.spec.max_deliver:
+                        d.msg = current
+                        await self.loop.dead_letter(
+                            d, f"gave up after {d.attempt} attempts: {error}"
+                        )
+                        return
+                    self.loop.log_retry(d, error, delay)
+                    if await _wait(self.stop, delay):
+                        await self.loop.settle(current.nak())  # shutting down: hand it back
+                        return
+                    d.attempt += 1
+
+    async def _heartbeat(self) -> None:
+        """Keep every held message alive while it waits behind its subject's queue."""
+        while True:
+            await asyncio.sleep(self.spec.ack_wait / 3)
+            for msg in list(self.held.values()):
+                with contextlib.suppress(*_NATS_TRANSIENT):
+                    await msg.in_progress()

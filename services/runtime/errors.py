@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contracts.events import AttemptError
+
 
 class ServiceError(Exception):
     """Base of every error raised by the services layer."""
@@ -32,4 +34,14 @@ class TransientError(ServiceError):
 
 
 class PermanentError(ServiceError):
-    """Retrying cannot help: the message is dead-lettered at once."""
+    """Retrying cannot help: the message is dead-lettered at once (with `errors`, the
+    history of earlier attempts, when the handler kept one)."""
+
+    def __init__(self, message: str, *, errors: list[AttemptError] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+
+class AbandonError(ServiceError):
+    """Stop working on this message without judging it (e.g. the lease was lost): it is
+    handed back for redelivery."""

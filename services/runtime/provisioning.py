@@ -107,6 +107,7 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> list[Pro
                 history=bucket.history,
                 description=bucket.description,
                 max_value_size=bucket.max_value_size,
+                ttl=bucket.max_age_s or None,
                 replicas=replicas,
             )
             results.append(Provisioned("bucket", bucket.name, "created"))

@@ -50,6 +50,39 @@ class SimFaults:
     latency_ms: float = 0.0
     failure_rate: float = 0.0
     failing_chats: frozenset[str] = frozenset()
+    auto_receipts: bool = False
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """A send budget: `per_minute` on average, bursts of up to `burst`."""
+
+    per_minute: float
+    burst: int
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """How egress retries and resolves uncertain sends."""
+
+    backoff: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0)
+    uncertain: Literal["resend", "skip"] = "resend"
+    rate_limit: RateLimit | None = None  # default for every account; None: unlimited
+    rate_limits: tuple[tuple[str, RateLimit | None], ...] = ()  # per-account overrides
+
+    @property
+    def max_attempts(self) -> int:
+        """Transport attempts per job: the first plus one per backoff step."""
+        return len(self.backoff) + 1
+
+    def limit_for(self, account: str) -> RateLimit | None:
+        """The send budget of `account`."""
+        return dict(self.rate_limits).get(account, self.rate_limit)
+
+
+# A real WhatsApp number gets banned for bulk sending: stay well below what it tolerates.
+NEONIZE_DEFAULT_LIMIT = RateLimit(per_minute=30, burst=5)
 
 
 @dataclass(frozen=True)
@@ -71,6 +104,7 @@ class Settings:
     log_level: str = "INFO"
     log_format: LogFormat = "json"
     sim: SimFaults = SimFaults()
+    delivery: Delivery = Delivery()
 
     @property
     def effective_nats_url(self) -> str:
@@ -105,11 +139,44 @@ def load_settings(env: Mapping[str, str] | None = None, *, role: str | None = No
             latency_ms=get.get_float("SIM_SEND_LATENCY_MS", 0.0, minimum=0, maximum=60_000),
             failure_rate=get.get_float("SIM_FAILURE_RATE", 0.0, minimum=0, maximum=1),
             failing_chats=frozenset(get.get_list("SIM_FAILING_CHATS")),
+            auto_receipts=get.get_bool("SIM_AUTO_RECEIPTS", False),
+            seed=get.get_int("SIM_SEED", -1, minimum=-1, maximum=2**31)
+            if "SIM_SEED" in env
+            else None,
+        ),
+        delivery=Delivery(
+            backoff=get.get_backoff("DELIVERY_BACKOFF", (1.0, 2.0, 5.0, 10.0, 30.0)),
+            uncertain=cast(
+                Literal["resend", "skip"],
+                get.get_choice("DELIVERY_UNCERTAIN", "resend", ("resend", "skip")),
+            ),
+            rate_limit=get.get_rate(
+                "WHATSAPP_RATE_LIMIT",
+                NEONIZE_DEFAULT_LIMIT
+                if env.get("WHATSAPP_TRANSPORT", "sim") == "neonize"
+                else None,
+            ),
+            rate_limits=get.get_rates("WHATSAPP_RATE_LIMITS"),
         ),
     )
     if settings.llm == "openai" and not settings.openai_api_key:
         raise ConfigError("OPENAI_API_KEY is not set: SVC_LLM=openai needs an API key")
     return settings
+
+
+def _parse_rate(name: str, raw: str) -> RateLimit | None:
+    if raw.lower() == "off":
+        return None
+    per_minute, _, burst = raw.partition(":")
+    try:
+        rate = RateLimit(per_minute=float(per_minute), burst=int(burst) if burst else 1)
+    except ValueError:
+        rate = None
+    if rate is None or not 0 < rate.per_minute <= 1_000_000 or not 1 <= rate.burst <= 100_000:
+        raise ConfigError(
+            f"{name}={raw!r} is invalid: expected PER_MINUTE[:BURST] (e.g. 30:5) or off"
+        )
+    return rate
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -156,6 +223,45 @@ class _Reader:
         if not minimum <= value <= maximum:
             raise ConfigError(f"{name}={raw!r} is invalid: expected {what}")
         return value
+
+    def get_bool(self, name: str, default: bool) -> bool:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        value = raw.lower()
+        if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ConfigError(f"{name}={raw!r} is invalid: expected true or false")
+        return value in ("1", "true", "yes", "on")
+
+    def get_backoff(self, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            steps = tuple(float(part) for part in raw.split(","))
+        except ValueError:
+            steps = ()
+        if not steps or len(steps) > 50 or any(not 0 <= s <= 3600 for s in steps):
+            raise ConfigError(
+                f"{name}={raw!r} is invalid: expected comma-separated seconds, e.g. 1,2,5,10,30"
+            )
+        return steps
+
+    def get_rate(self, name: str, default: RateLimit | None) -> RateLimit | None:
+        raw = self._raw(name)
+        return default if raw is None else _parse_rate(name, raw)
+
+    def get_rates(self, name: str) -> tuple[tuple[str, RateLimit | None], ...]:
+        out = []
+        for item in self.get_list(name):
+            account, sep, rate = item.partition("=")
+            if not sep or not _ACCOUNT_RE.fullmatch(account.strip()):
+                raise ConfigError(
+                    f"{name} has invalid entry {item!r}:"
+                    " expected ACCOUNT=PER_MINUTE[:BURST] or ACCOUNT=off"
+                )
+            out.append((account.strip(), _parse_rate(name, rate.strip())))
+        return tuple(out)
 
     def get_list(self, name: str) -> list[str]:
         raw = self._raw(name)

@@ -1,42 +1,62 @@
-"""Egress: the lease holder sends an account's SendMessage jobs, fenced by its token."""
+"""Egress: the lease holder sends an account's SendMessage jobs, fenced by its token.
+
+Per job: look at its SendRecord when it may have been attempted before (a redelivery, or
+the first jobs after a takeover): `sent` -> ack without sending; `sending` -> the outcome
+of that attempt is unknown: record `DeliveryUncertain` and resend or skip (policy
+DELIVERY_UNCERTAIN); `failed` -> continue counting attempts. Then, per attempt: spend
+the account's send budget, prove the lease, write `sending`, call the transport, and
+record `MessageSent` + `sent` -- or `DeliveryFailed`, wait the backoff in place, retry;
+a permanent error or the last attempt dead-letters the job with every attempt's error.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from contracts import subjects
 from contracts.codec import decode
+from contracts.errors import ContractError
 from contracts.events import (
+    AttemptError,
     DeliveryDeadLettered,
     DeliveryFailed,
+    DeliveryUncertain,
     MessageSent,
     SendMessage,
     derived_id,
 )
+from contracts.payloads import SendRecord
 from contracts.streams import OUTBOUND, egress_consumer
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerSpec, Delivery
-from services.runtime.errors import PermanentError, TransientError
+from services.runtime.errors import AbandonError, PermanentError
 from services.runtime.lease import Lease
+from services.runtime.settings import Delivery as DeliverySettings
+from services.whatsapp.ledger import SendLedger
+from services.whatsapp.ratelimit import TokenBucket, Unlimited
 from services.whatsapp.transport import Fence, Session, TransportError
 
 log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 256  # jobs held per account: one per chat at a time, chats in parallel
 
 
 def egress_consumer_spec(channel: str, account: str) -> ConsumerSpec:
     """One durable consumer per account; only the lease holder pulls from it.
 
-    max_ack_pending=1: a job is sent only after the one before it is settled, which keeps
-    per-chat (indeed per-account) order through redelivery and failover.
+    Ordered by subject (= chat): a chat's jobs go one at a time in enqueue order, other
+    chats meanwhile; retries wait in place so nothing overtakes them.
     """
     return ConsumerSpec(
         stream=OUTBOUND.name,
         durable=egress_consumer(channel, account),
         filter_subject=subjects.outbound_filter(channel, account),
-        max_ack_pending=1,
-        batch=1,
-        max_deliver=5,
+        ordered_by_subject=True,
+        max_ack_pending=MAX_IN_FLIGHT,
+        batch=64,
+        max_deliver=-1,  # transport attempts are counted in the SendRecord instead
         ack_wait=30.0,
         fetch_timeout=0.25,  # a handover waits for the idle fetch to end
     )
@@ -45,43 +65,129 @@ def egress_consumer_spec(channel: str, account: str) -> ConsumerSpec:
 class Egress:
     """Sends jobs through `session` while `lease` is proven."""
 
-    def __init__(self, bus: Bus, session: Session, lease: Lease, lost: asyncio.Event) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        session: Session,
+        lease: Lease,
+        lost: asyncio.Event,
+        *,
+        settings: DeliverySettings,
+        ledger: SendLedger,
+        limiter: TokenBucket | Unlimited,
+        stop: asyncio.Event,
+    ) -> None:
         self.bus = bus
         self.session = session
         self.lease = lease
         self.lost = lost
+        self.settings = settings
+        self.ledger = ledger
+        self.limiter = limiter
+        self.stop = stop
+        # The previous owner may have been mid-send on up to MAX_IN_FLIGHT jobs.
+        self._recovering = MAX_IN_FLIGHT
 
     async def handle(self, d: Delivery) -> None:
-        """Send one job and record `MessageSent` (or a failure event, then raise)."""
+        """Deliver one job (with its retries); return when it is settled either way."""
         job = decode(d.data, SendMessage)
-        # Fencing: send only while we can prove nobody else can hold the lease.
-        if not await self.lease.prove():
-            self.lost.set()
-            raise TransientError("lease not proven; job left for the next owner", delay=1.0)
-        fence = Fence(holder=self.lease.holder, token=self.lease.token)
-        where = subjects.delivery(job.channel, job.account, job.chat)
         try:
-            transport_id = await self.session.send(
-                job.chat, job.text, job_id=job.job_id, fence=fence
+            subjects.send_key(job.account, job.job_id)
+        except ContractError as exc:
+            raise PermanentError(str(exc)) from None
+        record = None
+        if d.num_delivered > 1 or self._recovering > 0:
+            self._recovering -= 1
+            record = await self.ledger.get(job.job_id)
+        attempt, errors = (record.attempt, list(record.errors)) if record else (0, [])
+        if record is not None:
+            match record.state:
+                case "sent" | "skipped" | "dead":
+                    log.info(
+                        "job already settled", extra={"job_id": job.job_id, "state": record.state}
+                    )
+                    return
+                case "sending":
+                    if await self._uncertain(job, record, errors):
+                        return
+                case "failed":
+                    pass
+        while True:
+            attempt += 1
+            if attempt > self.settings.max_attempts:
+                raise PermanentError(f"gave up after {attempt - 1} attempts", errors=errors)
+            await self.limiter.acquire()
+            # Fencing: send only while we can prove nobody else can hold the lease.
+            if not await self.lease.prove():
+                self.lost.set()
+                raise AbandonError("lease not proven; the job waits for the next owner")
+            fence = Fence(holder=self.lease.holder, token=self.lease.token)
+            await self.ledger.put(self._record(job, "sending", attempt, fence, errors))
+            try:
+                transport_id = await self.session.send(
+                    job.chat, job.text, job_id=job.job_id, fence=fence
+                )
+            except TransportError as exc:
+                errors.append(AttemptError(attempt=attempt, error=str(exc)))
+                await self._failed(job, attempt, str(exc), exc.permanent)
+                if exc.permanent:
+                    raise PermanentError(str(exc), errors=errors) from exc
+                await self.ledger.put(self._record(job, "failed", attempt, fence, errors))
+                if attempt < self.settings.max_attempts:
+                    await self._backoff(d, attempt)
+                continue
+            await self._sent(job, attempt, fence, transport_id)
+            return
+
+    async def _uncertain(
+        self, job: SendMessage, record: SendRecord, errors: list[AttemptError]
+    ) -> bool:
+        """Record that an attempt's outcome is unknown; True if the policy skips the job."""
+        resolution = self.settings.uncertain
+        log.warning(
+            "delivery uncertain",
+            extra={"job_id": job.job_id, "attempt": record.attempt, "resolution": resolution},
+        )
+        await self.bus.publish(
+            subjects.delivery(job.channel, job.account, job.chat),
+            DeliveryUncertain(
+                id=derived_id("uncertain", job.job_id, str(record.attempt)),
+                job_id=job.job_id,
+                channel=job.channel,
+                account=job.account,
+                chat=job.chat,
+                holder=record.holder,
+                lease_token=record.lease_token,
+                resolution=resolution,
+            ),
+        )
+        errors.append(
+            AttemptError(
+                attempt=record.attempt, error="outcome unknown: the sender stopped mid-send"
             )
-        except TransportError as exc:
-            await self.bus.publish(
-                where,
-                DeliveryFailed(
-                    job_id=job.job_id,
-                    channel=job.channel,
-                    account=job.account,
-                    chat=job.chat,
-                    attempt=d.num_delivered,
-                    error=str(exc),
-                    permanent=exc.permanent,
-                ),
-            )
-            if exc.permanent:
-                raise PermanentError(str(exc)) from exc
-            raise TransientError(
-                str(exc), delay=min(30.0, 0.5 * 2 ** (d.num_delivered - 1))
-            ) from exc
+        )
+        if resolution == "skip":
+            fence = Fence(record.holder, record.lease_token)
+            await self.ledger.put(self._record(job, "skipped", record.attempt, fence, errors))
+            return True
+        return False
+
+    async def _failed(self, job: SendMessage, attempt: int, error: str, permanent: bool) -> None:
+        await self.bus.publish(
+            subjects.delivery(job.channel, job.account, job.chat),
+            DeliveryFailed(
+                id=derived_id("failed", job.job_id, str(attempt)),
+                job_id=job.job_id,
+                channel=job.channel,
+                account=job.account,
+                chat=job.chat,
+                attempt=attempt,
+                error=error,
+                permanent=permanent,
+            ),
+        )
+
+    async def _sent(self, job: SendMessage, attempt: int, fence: Fence, transport_id: str) -> None:
         sent = MessageSent(
             id=derived_id("sent", job.job_id),
             job_id=job.job_id,
@@ -91,15 +197,52 @@ class Egress:
             holder=fence.holder,
             lease_token=fence.token,
             transport_message_id=transport_id,
-            attempt=d.num_delivered,
+            attempt=attempt,
         )
-        await self.bus.publish(where, sent)
+        record = self._record(job, "sent", attempt, fence, [], transport_id)
+        # Three independent writes, one round trip.
+        await asyncio.gather(
+            self.bus.publish(subjects.delivery(job.channel, job.account, job.chat), sent),
+            self.ledger.put(record),
+            self.ledger.index(transport_id, job.job_id, job.chat),
+        )
+
+    async def _backoff(self, d: Delivery, attempt: int) -> None:
+        """Wait before the next attempt, keeping the job ours; give it back on stop/loss."""
+        delay = self.settings.backoff[min(attempt, len(self.settings.backoff)) - 1]
+        waiters = [asyncio.create_task(e.wait()) for e in (self.stop, self.lost)]
+        try:
+            done, _ = await asyncio.wait(waiters, timeout=delay)
+        finally:
+            for w in waiters:
+                w.cancel()
+        if done:
+            raise AbandonError("stopping during a retry wait")
+
+    @staticmethod
+    def _record(
+        job: SendMessage,
+        state: str,
+        attempt: int,
+        fence: Fence,
+        errors: list[AttemptError],
+        transport_id: str = "",
+    ) -> SendRecord:
+        return SendRecord(
+            job_id=job.job_id,
+            state=state,  # type: ignore[arg-type]
+            attempt=attempt,
+            holder=fence.holder,
+            lease_token=fence.token,
+            transport_message_id=transport_id,
+            errors=errors[-20:],
+        )
 
     async def dead_lettered(self, d: Delivery, reason: str) -> None:
-        """Record on DELIVERY that a job will not be sent."""
+        """Record on DELIVERY (and in the ledger) that a job will not be sent."""
         try:
             job = decode(d.data, SendMessage)
-        except Exception:  # a malformed job has no job id to record; DEADLETTER keeps it
+        except ContractError:  # a malformed job has no job id to record; DEADLETTER keeps it
             return
         await self.bus.publish(
             subjects.delivery(job.channel, job.account, job.chat),
@@ -110,6 +253,8 @@ class Egress:
                 account=job.account,
                 chat=job.chat,
                 reason=reason,
-                attempts=d.num_delivered,
+                attempts=len(d.errors) or d.attempt,
             ),
         )
+        with contextlib.suppress(ContractError):
+            await self.ledger.put(self._record(job, "dead", d.attempt, Fence("", 0), d.errors))

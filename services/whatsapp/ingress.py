@@ -9,12 +9,14 @@ from typing import assert_never
 from contracts import subjects
 from contracts.events import (
     CHANNEL_WHATSAPP,
+    DeliveryReceipt,
     MessageReceived,
     SessionBanned,
     SessionLoggedOut,
     derived_id,
 )
 from services.runtime.bus import Bus
+from services.whatsapp.ledger import SendLedger
 from services.whatsapp.transport import (
     Connected,
     Incoming,
@@ -48,10 +50,13 @@ def inbound_event(account: str, msg: Incoming) -> MessageReceived:
 class Ingress:
     """Relays one account's transport events; session-ending signals set `session_ended`."""
 
-    def __init__(self, bus: Bus, account: str, holder: str = "") -> None:
+    def __init__(
+        self, bus: Bus, account: str, holder: str = "", ledger: SendLedger | None = None
+    ) -> None:
         self.bus = bus
         self.account = account
         self.holder = holder
+        self.ledger = ledger
         self.session_ended = asyncio.Event()
         self.end_reason = ""
 
@@ -63,8 +68,7 @@ class Ingress:
                 msg = inbound_event(self.account, event)
                 await self.bus.publish(subjects.inbound(msg.channel, msg.account, msg.chat), msg)
             case Receipt():
-                # Linking receipts to jobs needs the sent-message index (delivery issue).
-                log.debug("receipt", extra={"account": self.account, "status": event.status})
+                await self._receipt(event)
             case Connected():
                 log.info("session connected", extra={"account": self.account})
             case StreamReplaced() | LoggedOut():
@@ -91,3 +95,22 @@ class Ingress:
                 self.session_ended.set()
             case _:
                 assert_never(event)
+
+    async def _receipt(self, receipt: Receipt) -> None:
+        """Record a receipt per message we sent, linked to its job."""
+        for tid in receipt.transport_message_ids:
+            sent = await self.ledger.job_of(tid) if self.ledger else None
+            if sent is None:
+                log.debug("receipt for a message we did not send", extra={"id": tid})
+                continue
+            await self.bus.publish(
+                subjects.delivery(CHANNEL_WHATSAPP, self.account, sent.chat),
+                DeliveryReceipt(
+                    id=derived_id("receipt", self.account, tid, receipt.status),
+                    job_id=sent.job_id,
+                    account=self.account,
+                    chat=sent.chat,
+                    transport_message_id=tid,
+                    status=receipt.status,
+                ),
+            )

@@ -33,9 +33,12 @@ from contracts.streams import OUTBOUND
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerLoop
 from services.runtime.lease import Lease, read_lease
+from services.runtime.settings import Delivery as DeliverySettings
 from services.whatsapp.egress import Egress, egress_consumer_spec
 from services.whatsapp.fleet import Fleet, LeaseBoard
 from services.whatsapp.ingress import Ingress
+from services.whatsapp.ledger import SendLedger
+from services.whatsapp.ratelimit import budget
 from services.whatsapp.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,7 @@ class AccountOwner:
         receive: bool,
         board: LeaseBoard | None = None,
         fleet: Fleet | None = None,
+        delivery: DeliverySettings | None = None,
     ) -> None:
         self.bus = bus
         self.transport = transport
@@ -83,6 +87,9 @@ class AccountOwner:
         self.board = board
         self.fleet = fleet
         self.lease = Lease(bus, CHANNEL_WHATSAPP, account, holder, lease_ttl)
+        self.delivery = delivery or DeliverySettings()
+        self.ledger = SendLedger(bus, account)
+        self.limiter = budget(self.delivery.limit_for(account))
         self.retry_interval = min(1.0, max(0.2, lease_ttl / 5))
         self.owning = asyncio.Event()
         self._cooldown_until = 0.0
@@ -157,7 +164,7 @@ class AccountOwner:
         sub = await self.bus.nc.subscribe(
             subjects.lease_handover(CHANNEL_WHATSAPP, self.account), cb=on_handover
         )
-        ingress = Ingress(self.bus, self.account, self.holder)
+        ingress = Ingress(self.bus, self.account, self.holder, self.ledger)
         lost = asyncio.Event()
         done = asyncio.Event()  # stop sending
         try:
@@ -170,7 +177,16 @@ class AccountOwner:
             async with self.transport.session(
                 self.account, ingress, receive=self.receive
             ) as session:
-                egress = Egress(self.bus, session, self.lease, lost)
+                egress = Egress(
+                    self.bus,
+                    session,
+                    self.lease,
+                    lost,
+                    settings=self.delivery,
+                    ledger=self.ledger,
+                    limiter=self.limiter,
+                    stop=done,
+                )
                 loop = ConsumerLoop(
                     self.bus, spec, egress.handle, on_dead_letter=egress.dead_lettered
                 )

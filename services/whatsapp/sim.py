@@ -15,7 +15,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import assert_never
+from typing import NoReturn, assert_never
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -23,7 +23,7 @@ from nats.aio.msg import Msg
 from contracts import subjects
 from contracts.codec import decode, encode
 from contracts.errors import DecodeError
-from contracts.payloads import SimControl, SimInbound, SimOutbound
+from contracts.payloads import SimControl, SimFailure, SimInbound, SimOutbound
 from contracts.streams import SIM, sim_consumer
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerLoop, ConsumerSpec, Delivery
@@ -33,6 +33,7 @@ from services.whatsapp.transport import (
     Fence,
     Incoming,
     LoggedOut,
+    Receipt,
     StreamReplaced,
     TemporaryBan,
     TransportError,
@@ -59,20 +60,32 @@ class SimSession:
         if self.faults.latency_ms:
             await asyncio.sleep(self.faults.latency_ms / 1000)
         if chat in self.faults.failing_chats:
-            raise TransportError(f"sim: {chat} is not on WhatsApp", permanent=True)
+            await self._refuse(job_id, chat, f"sim: {chat} is not on WhatsApp", permanent=True)
         if len(text) > SIM_TEXT_LIMIT:
-            raise TransportError(
-                f"sim: text of {len(text)} chars is over {SIM_TEXT_LIMIT}", permanent=True
+            await self._refuse(
+                job_id,
+                chat,
+                f"sim: text of {len(text)} chars is over {SIM_TEXT_LIMIT}",
+                permanent=True,
             )
         if self.faults.failure_rate and self.rng.random() < self.faults.failure_rate:
-            raise TransportError("sim: injected transient failure")
+            await self._refuse(job_id, chat, "sim: injected transient failure", permanent=False)
         out = SimOutbound(
             chat=chat, text=text, job_id=job_id, holder=fence.holder, lease_token=fence.token
         )
         ack = await self.bus.publish_bytes(
             self.subject, encode(out), msg_id=f"sim-out:{job_id}:{fence.token}"
         )
-        return f"sim-{ack.seq}"
+        transport_id = f"sim-{ack.seq}"
+        if self.faults.auto_receipts:
+            receipt = SimControl(event="receipt", chat=chat, message_ids=[transport_id])
+            await self.bus.nc.publish(subjects.sim_control(self.account), encode(receipt))
+        return transport_id
+
+    async def _refuse(self, job_id: str, chat: str, error: str, *, permanent: bool) -> NoReturn:
+        failure = SimFailure(job_id=job_id, chat=chat, error=error, permanent=permanent)
+        await self.bus.nc.publish(subjects.sim_failures(self.account), encode(failure))
+        raise TransportError(error, permanent=permanent)
 
 
 class SimTransport:
@@ -127,6 +140,12 @@ def _control_relay(on_event: EventCallback) -> Callable[[Msg], Awaitable[None]]:
                 event = LoggedOut(reason=control.reason or "logged out")
             case "temporary_ban":
                 event = TemporaryBan(reason=control.reason or "temporary ban")
+            case "receipt":
+                event = Receipt(
+                    chat=control.chat,
+                    transport_message_ids=tuple(control.message_ids),
+                    status=control.status,
+                )
             case _:
                 assert_never(control.event)
         await on_event(event)

@@ -1,0 +1,69 @@
+"""The `sends` bucket: each job's delivery state, and transport id -> job for receipts."""
+
+from __future__ import annotations
+
+import msgspec
+import nats.js.errors
+from nats.js.kv import KeyValue
+
+from contracts import subjects
+from contracts.codec import decode, encode
+from contracts.payloads import SendRecord, SentIndex
+from contracts.streams import SENDS
+from services.runtime.bus import Bus
+
+
+class SendLedger:
+    """Read and write SendRecords; the record written before a send is what makes a crash
+    between the transport call and `MessageSent` visible (`DeliveryUncertain`)."""
+
+    def __init__(self, bus: Bus, account: str) -> None:
+        self.bus = bus
+        self.account = account
+        self._kv: KeyValue | None = None
+        self.recent: dict[str, SentIndex] = {}  # transport id -> job, newest sends first
+        self._recent_cap = 10_000
+
+    async def _bucket(self) -> KeyValue:
+        if self._kv is None:
+            self._kv = await self.bus.js.key_value(SENDS.name)
+        return self._kv
+
+    async def get(self, job_id: str) -> SendRecord | None:
+        """The job's record, or None if it was never attempted."""
+        try:
+            entry = await (await self._bucket()).get(subjects.send_key(self.account, job_id))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if not entry.value:
+            return None
+        try:
+            return decode(entry.value, SendRecord)
+        except msgspec.DecodeError:
+            return None
+
+    async def put(self, record: SendRecord) -> None:
+        """Write the job's record (last write wins: one owner per account writes)."""
+        await (await self._bucket()).put(
+            subjects.send_key(self.account, record.job_id), encode(record)
+        )
+
+    async def index(self, transport_message_id: str, job_id: str, chat: str) -> None:
+        """Remember which job a transport message id belongs to."""
+        entry = SentIndex(job_id=job_id, chat=chat)
+        self.recent[transport_message_id] = entry
+        if len(self.recent) > self._recent_cap:
+            self.recent.pop(next(iter(self.recent)))
+        key = subjects.sent_index_key(self.account, transport_message_id)
+        await (await self._bucket()).put(key, encode(entry))
+
+    async def job_of(self, transport_message_id: str) -> SentIndex | None:
+        """The job a transport message id belongs to, if we sent it."""
+        if found := self.recent.get(transport_message_id):
+            return found
+        key = subjects.sent_index_key(self.account, transport_message_id)
+        try:
+            entry = await (await self._bucket()).get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return decode(entry.value, SentIndex) if entry.value else None
