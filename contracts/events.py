@@ -219,6 +219,25 @@ class DeadLettered(Event, frozen=True, kw_only=True):
     source_msg_id: str = ""
 
 
+class DeadLetterRequeued(Event, frozen=True, kw_only=True):
+    """An operator sent a dead letter back (an OUTBOUND job as `new_job_id`)."""
+
+    letter_seq: int
+    letter_id: str
+    new_job_id: str | None = None
+    actor: str = ""
+    reason: str = ""
+
+
+class DeadLetterDropped(Event, frozen=True, kw_only=True):
+    """An operator discarded a dead letter."""
+
+    letter_seq: int
+    letter_id: str
+    actor: str = ""
+    reason: str = ""
+
+
 # --- PLUGINS ---------------------------------------------------------------------------
 
 
@@ -341,7 +360,7 @@ OutboundCommand = SendMessage
 DeliveryEvent = (
     MessageSent | DeliveryFailed | DeliveryDeadLettered | DeliveryUncertain | DeliveryReceipt
 )
-DeadLetterEvent = DeadLettered
+DeadLetterEvent = DeadLettered | DeadLetterRequeued | DeadLetterDropped
 PluginEvent = PluginInstalled | PluginConfigured | PluginUninstalled | ToolPolicySet
 AccountEvent = (
     AccountRegistered
@@ -363,6 +382,8 @@ AnyMessage = (
     | DeliveryUncertain
     | DeliveryReceipt
     | DeadLettered
+    | DeadLetterRequeued
+    | DeadLetterDropped
     | PluginInstalled
     | PluginConfigured
     | PluginUninstalled
@@ -387,6 +408,8 @@ ALL_TYPES: tuple[type[Message], ...] = (
     DeliveryUncertain,
     DeliveryReceipt,
     DeadLettered,
+    DeadLetterRequeued,
+    DeadLetterDropped,
     PluginInstalled,
     PluginConfigured,
     PluginUninstalled,

@@ -127,6 +127,9 @@ def check_plugin(name: str) -> str:
     return name
 
 
+DEADLETTER_OPS_SUBJECT = "deadletter._ops"  # requeue/drop records, beside the letters
+
+
 def plugins(name: str) -> str:
     """`plugins.<name>` (install, configure, uninstall of one plugin)."""
     return f"plugins.{check_plugin(name)}"

@@ -34,6 +34,8 @@ app.add_typer(nats_app, name="nats")
 accounts_app = typer.Typer(help="Account ownership: handover and resume.", no_args_is_help=True)
 app.add_typer(streams_app, name="streams")
 app.add_typer(accounts_app, name="accounts")
+dlq_app = typer.Typer(help="Dead letters: list, show, requeue, drop.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print data as JSON.")]
 
@@ -254,6 +256,91 @@ def accounts_resume(
         return f"{account}: resumed (was parked: {was})"
 
     typer.echo(_run(main))
+
+
+@dlq_app.command("ls")
+def dlq_ls(
+    show_all: Annotated[bool, typer.Option("--all", help="Include requeued and dropped.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """List dead letters (open ones unless --all): sequence, age, source, job, reason."""
+    from services.ops.dlq import letters
+
+    settings = _settings(quiet=True)
+
+    async def main() -> list[dict[str, Any]]:
+        async with _connect(settings, "svc-dlq") as bus:
+            found = await letters(bus)
+        return [x.summary() for x in found.values() if show_all or x.state == "open"]
+
+    rows = _run(main)
+    if as_json:
+        typer.echo(msgspec.json.encode(rows).decode())
+        return
+    if not rows:
+        typer.echo("no dead letters" if show_all else "no open dead letters")
+        return
+    typer.echo(f"{'SEQ':>6}  {'AT':<25} {'STATE':<9} {'TRIES':>5}  SOURCE / JOB / REASON")
+    for r in rows:
+        typer.echo(
+            f"{r['seq']:>6}  {r['at']:<25} {r['state']:<9} {r['attempts']:>5}  {r['source']}"
+        )
+        job = f"job {r['job_id']}: " if r["job_id"] else ""
+        typer.echo(f"{'':>6}  {job}{r['reason']}")
+
+
+@dlq_app.command("show")
+def dlq_show(seq: Annotated[int, typer.Argument(help="The dead letter's sequence.")]) -> None:
+    """Print one dead letter: payload, every attempt's error, actions taken (JSON)."""
+    from services.ops.dlq import details, one
+
+    settings = _settings(quiet=True)
+
+    async def main() -> dict[str, Any]:
+        async with _connect(settings, "svc-dlq") as bus:
+            return details(await one(bus, seq))
+
+    typer.echo(msgspec.json.format(msgspec.json.encode(_run(main))).decode())
+
+
+@dlq_app.command("requeue")
+def dlq_requeue(
+    seq: Annotated[int, typer.Argument(help="The dead letter's sequence.")],
+    reason: Annotated[str, typer.Option(help="Why (recorded).")] = "",
+    force: Annotated[bool, typer.Option(help="Requeue even if already handled.")] = False,
+) -> None:
+    """Send a dead letter back; a job gets a new id linked to the original."""
+    import getpass
+
+    from services.ops.dlq import requeue
+
+    settings = _settings(quiet=True)
+
+    async def main() -> str:
+        async with _connect(settings, "svc-dlq") as bus:
+            return await requeue(bus, seq, actor=getpass.getuser(), reason=reason, force=force)
+
+    typer.echo(f"requeued dead letter {seq} as {_run(main)}")
+
+
+@dlq_app.command("drop")
+def dlq_drop(
+    seq: Annotated[int, typer.Argument(help="The dead letter's sequence.")],
+    reason: Annotated[str, typer.Option(help="Why (required, recorded with who).")],
+) -> None:
+    """Discard a dead letter, recording who and why."""
+    import getpass
+
+    from services.ops.dlq import drop
+
+    settings = _settings(quiet=True)
+
+    async def main() -> None:
+        async with _connect(settings, "svc-dlq") as bus:
+            await drop(bus, seq, actor=getpass.getuser(), reason=reason)
+
+    _run(main)
+    typer.echo(f"dropped dead letter {seq}")
 
 
 def _check_account(account: str) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,22 @@ async def stream_raw(bus: Bus, stream: str) -> list[tuple[str, bytes, dict[str, 
             continue
         out.append((raw.subject or "", raw.data or b"", dict(raw.headers or {})))
     return out
+
+
+@asynccontextmanager
+async def role(bus: Bus, name: str, **env: str) -> AsyncIterator[None]:
+    """Run a role in this process on `bus` (settings from `env`) until the block ends."""
+    from services.app import run_role
+    from services.runtime.settings import load_settings
+
+    settings = load_settings({"WHATSAPP_LEASE_TTL": "4", **env})
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_role(bus, settings, name, stop))  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
 
 
 def svc_argv(*args: str) -> list[str]:
@@ -169,3 +186,8 @@ def run_svc(
     return subprocess.run(
         svc_argv(*args), env=env, capture_output=True, timeout=timeout, input=input_, check=False
     )
+
+
+async def arun_svc(*args: str, env: dict[str, str], timeout: float = 60) -> Any:
+    """`run_svc` off the event loop, so in-process roles and subscriptions keep running."""
+    return await asyncio.to_thread(run_svc, *args, env=env, timeout=timeout)

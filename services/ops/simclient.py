@@ -53,6 +53,7 @@ class SimUser:
 
     async def __aenter__(self) -> SimUser:
         self._sub = await self.bus.nc.subscribe(subjects.sim_out(self.account), cb=self._on_out)
+        await self.bus.nc.flush()  # subscribed on the server before the first message goes out
         return self
 
     async def __aexit__(self, *exc: object) -> None:

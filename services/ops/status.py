@@ -9,6 +9,7 @@ import msgspec
 import nats.js.errors
 
 from contracts.streams import BUCKETS, DEADLETTER, LEASES, STREAMS
+from contracts.subjects import DEADLETTER_OPS_SUBJECT
 from services.runtime.bus import Bus
 from services.runtime.lease import read_lease
 from services.runtime.provisioning import retention_name
@@ -73,11 +74,17 @@ async def collect_status(bus: Bus) -> dict[str, Any]:
                 }
             )
     dead = next((s for s in streams if s["name"] == DEADLETTER.name), {})
+    letters = int(dead.get("messages", 0))
+    if letters:
+        # Each requeue/drop record on deadletter._ops closes one letter.
+        ops = await js.stream_info(DEADLETTER.name, subjects_filter=DEADLETTER_OPS_SUBJECT)
+        handled = sum((ops.state.subjects or {}).values())
+        letters -= 2 * handled
     return {
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "streams": streams,
         "leases": leases,
-        "dead_letters": dead.get("messages", 0),
+        "dead_letters": max(0, letters),
     }
 
 
@@ -113,7 +120,7 @@ def render_status(status: dict[str, Any]) -> str:
             )
     else:
         lines.append("LEASES: none held")
-    lines.append(f"\nDEAD LETTERS: {status['dead_letters']}")
+    lines.append(f"\nDEAD LETTERS: {status['dead_letters']} open ('svc dlq ls')")
     return "\n".join(lines)
 
 

@@ -258,9 +258,8 @@ class ConsumerLoop:
 
     async def dead_letter(self, d: Delivery, reason: str) -> None:
         """Park the message in DEADLETTER with its attempt history, then remove it."""
-        errors = [*d.errors]
-        if not errors or errors[-1].error != reason:
-            errors.append(AttemptError(attempt=d.attempt, error=reason))
+        # The handler's own attempt history when it kept one, else this attempt's error.
+        errors = [*d.errors] or [AttemptError(attempt=d.attempt, error=reason)]
         letter = DeadLettered(
             source_stream=self.spec.stream,
             source_subject=d.subject,

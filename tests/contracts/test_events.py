@@ -186,6 +186,23 @@ SAMPLES: dict[type[ev.Message], ev.Message] = {
         job_id="00000000000000000000000000000004",
         source_msg_id="00000000000000000000000000000004",
     ),
+    ev.DeadLetterRequeued: ev.DeadLetterRequeued(
+        id="00000000000000000000000000000022",
+        at=AT,
+        letter_seq=42,
+        letter_id="00000000000000000000000000000010",
+        new_job_id="00000000000000000000000000000023",
+        actor="ops@example.com",
+        reason="recipient fixed",
+    ),
+    ev.DeadLetterDropped: ev.DeadLetterDropped(
+        id="00000000000000000000000000000024",
+        at=AT,
+        letter_seq=43,
+        letter_id="00000000000000000000000000000025",
+        actor="ops@example.com",
+        reason="spam",
+    ),
     ev.PluginInstalled: ev.PluginInstalled(
         id="00000000000000000000000000000011",
         at=AT,

@@ -79,6 +79,7 @@ class SimNetwork:
 
     async def __aenter__(self) -> SimNetwork:
         self._sub = await self.bus.nc.subscribe(subjects.sim_out(self.account), cb=self._on)
+        await self.bus.nc.flush()  # subscribed on the server before anything is sent
         return self
 
     async def __aexit__(self, *exc: object) -> None:

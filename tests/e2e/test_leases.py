@@ -17,7 +17,13 @@ import pytest
 
 from contracts import subjects
 from contracts.codec import encode
-from contracts.events import LeaseAcquired, LeaseLost, LeaseReleased, SessionLoggedOut
+from contracts.events import (
+    DeliveryUncertain,
+    LeaseAcquired,
+    LeaseLost,
+    LeaseReleased,
+    SessionLoggedOut,
+)
 from contracts.payloads import SimControl
 from services.runtime.bus import Bus
 from tests.conftest import Processes, read_stream, run_svc, wait_until
@@ -251,3 +257,27 @@ async def _shares(bus: Bus, expected: list[int]) -> bool:
     counts = sorted(Counter(holders).values(), reverse=True)
     assert counts[0] <= math.ceil(len(ACCOUNTS) / 1)  # sanity: a holder id per account
     return counts == expected
+
+
+async def test_kill_9_in_the_middle_of_500_jobs_only_uncertain_jobs_may_repeat(
+    processes: Processes, served: tuple[str, Bus]
+) -> None:
+    url, bus = served
+    workers(processes, url, 2)
+    await wait_until(lambda: holder_of(bus, "default"), what="an owner")
+    first = await holder_of(bus, "default")
+    assert first is not None
+    async with SimNetwork(bus, "default") as net:
+        jobs = await enqueue(bus, "default", count=500, chats=20)
+        await net.wait(lambda: len(net.seen) >= 150, 60, "150 sends")
+        os.kill(pid_of(first), signal.SIGKILL)
+        await net.wait(lambda: net.job_ids() >= {j.job_id for j in jobs}, 60, "every job")
+    sends = await net.recorded()
+    assert_single_writer(sends)
+    assert_per_chat_order(sends, jobs)
+    repeated = {job for job, n in Counter(s.job_id for s in sends).items() if n > 1}
+    uncertain = {
+        e.job_id for _, e in await read_stream(bus, "DELIVERY") if isinstance(e, DeliveryUncertain)
+    }
+    assert repeated <= uncertain
+    assert len(uncertain) <= 20  # at most one job in flight per chat

@@ -191,3 +191,59 @@ async def test_the_handler_runs_in_a_span_continuing_the_publishers_trace(bus: B
         await wait_until(lambda: loop.handled == 1, what="handled")
     ((traceparent, trace_id),) = seen
     assert traceparent.split("-")[1] == format(trace_id, "032x")
+
+
+async def test_ordered_by_subject_a_retry_waits_in_place_and_other_subjects_flow(bus: Bus) -> None:
+    order: list[str] = []
+    a1_failures = 2
+
+    async def handler(d: Delivery) -> None:
+        nonlocal a1_failures
+        text = decode(d.data, MessageReceived).text
+        if text == "a1" and a1_failures:
+            a1_failures -= 1
+            raise TransientError("flaky", delay=0.2)
+        order.append(text)
+
+    async with running(bus, handler, ordered_by_subject=True, retry_delays=(0.2,)) as loop:
+        await bus.publish("outbound.whatsapp.acct.A", event("a1"))
+        await bus.publish("outbound.whatsapp.acct.A", event("a2"))
+        await bus.publish("outbound.whatsapp.acct.B", event("b1"))
+        await wait_until(lambda: loop.handled == 3, what="3 handled")
+    # b1 was not held up by a1's retries; a2 did not overtake a1
+    assert order.index("b1") < order.index("a1") < order.index("a2")
+
+
+async def test_ordered_by_subject_keeps_waiting_messages_alive_past_the_ack_deadline(
+    bus: Bus,
+) -> None:
+    calls: list[str] = []
+    slow_done = asyncio.Event()
+
+    async def handler(d: Delivery) -> None:
+        text = decode(d.data, MessageReceived).text
+        calls.append(text)
+        if text == "slow":
+            await asyncio.sleep(2.5)  # the work itself: longer than ack_wait
+            slow_done.set()
+
+    async with running(bus, handler, ordered_by_subject=True, ack_wait=1.0) as loop:
+        await bus.publish("outbound.whatsapp.acct.A", event("slow"))
+        await bus.publish("outbound.whatsapp.acct.A", event("behind"))
+        await wait_until(lambda: loop.handled == 2, what="both handled")
+    # Neither was redelivered while it waited
+    assert calls == ["slow", "behind"]
+
+
+async def test_ordered_by_subject_dead_letters_after_the_last_attempt_with_every_error(
+    bus: Bus,
+) -> None:
+    async def handler(d: Delivery) -> None:
+        raise TransientError(f"down #{d.attempt}", delay=0.01)
+
+    async with running(bus, handler, ordered_by_subject=True, max_deliver=3) as loop:
+        await bus.publish(SUBJECT, event("x"))
+        await wait_until(lambda: loop.dead_lettered == 1, what="dead letter")
+    ((_, letter),) = await read_stream(bus, "DEADLETTER")
+    assert isinstance(letter, DeadLettered)
+    assert [e.error for e in letter.errors] == ["down #1", "down #2", "down #3"]

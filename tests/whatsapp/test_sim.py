@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import pytest
 
@@ -17,24 +14,12 @@ from contracts.events import (
     LeaseReleased,
     MessageSent,
 )
-from services.app import check_role, run_role
+from services.app import check_role
 from services.ops.simclient import SimUser
 from services.runtime.bus import Bus
 from services.runtime.errors import ConfigError
 from services.runtime.settings import SimFaults, load_settings
-from tests.conftest import read_stream, stream_raw, wait_until
-
-
-@asynccontextmanager
-async def role(bus: Bus, name: str, **env: str) -> AsyncIterator[None]:
-    settings = load_settings({"WHATSAPP_LEASE_TTL": "4", **env})
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_role(bus, settings, name, stop))  # type: ignore[arg-type]
-    try:
-        yield
-    finally:
-        stop.set()
-        await task
+from tests.conftest import read_stream, role, stream_raw, wait_until
 
 
 async def test_messages_sent_while_no_owner_is_attached_are_kept_and_answered_in_order(

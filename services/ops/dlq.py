@@ -1,0 +1,148 @@
+"""`svc dlq`: list, inspect, requeue and drop dead letters. Actions are recorded as events
+(`DeadLetterRequeued`, `DeadLetterDropped` on `deadletter._ops`), never by deleting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from contracts import subjects
+from contracts.codec import decode, decode_any
+from contracts.errors import ContractError
+from contracts.events import (
+    DeadLetterDropped,
+    DeadLettered,
+    DeadLetterRequeued,
+    SendMessage,
+    derived_id,
+)
+from contracts.streams import DEADLETTER, OUTBOUND
+from services.runtime.bus import Bus
+from services.runtime.errors import ServiceError
+from services.runtime.reader import read
+
+
+@dataclass
+class Letter:
+    """A dead letter and what operators did with it."""
+
+    seq: int
+    letter: DeadLettered
+    actions: list[DeadLetterRequeued | DeadLetterDropped] = field(default_factory=list)
+
+    @property
+    def state(self) -> str:
+        """open, requeued or dropped."""
+        if not self.actions:
+            return "open"
+        return "requeued" if isinstance(self.actions[-1], DeadLetterRequeued) else "dropped"
+
+    def summary(self) -> dict[str, Any]:
+        """The row `svc dlq ls` prints."""
+        return {
+            "seq": self.seq,
+            "at": self.letter.at.isoformat(timespec="seconds"),
+            "state": self.state,
+            "source": self.letter.source_subject,
+            "job_id": self.letter.job_id,
+            "attempts": len(self.letter.errors),
+            "reason": self.letter.reason,
+        }
+
+
+async def letters(bus: Bus) -> dict[int, Letter]:
+    """Every dead letter by stream sequence, with the actions taken on it."""
+    found: dict[int, Letter] = {}
+    async for stored in read(bus, DEADLETTER.name):
+        try:
+            event = decode_any(stored.data)
+        except ContractError:
+            continue
+        if isinstance(event, DeadLettered):
+            found[stored.seq] = Letter(stored.seq, event)
+        elif (
+            isinstance(event, DeadLetterRequeued | DeadLetterDropped) and event.letter_seq in found
+        ):
+            found[event.letter_seq].actions.append(event)
+    return found
+
+
+async def one(bus: Bus, seq: int) -> Letter:
+    """The dead letter at `seq`, or a clear error."""
+    found = (await letters(bus)).get(seq)
+    if found is None:
+        raise ServiceError(f"no dead letter at sequence {seq}: see 'svc dlq ls --all'")
+    return found
+
+
+def details(letter: Letter) -> dict[str, Any]:
+    """Everything `svc dlq show` prints: the letter, its payload decoded when it is JSON."""
+    doc: dict[str, Any] = msgspec.to_builtins(letter.letter)
+    try:
+        doc["payload"] = msgspec.json.decode(letter.letter.payload)
+    except msgspec.DecodeError:
+        doc["payload"] = letter.letter.payload.decode("utf-8", "backslashreplace")
+    doc["seq"] = letter.seq
+    doc["state"] = letter.state
+    doc["actions"] = [msgspec.to_builtins(a) for a in letter.actions]
+    return doc
+
+
+async def requeue(bus: Bus, seq: int, *, actor: str, reason: str, force: bool = False) -> str:
+    """Send a dead letter back; an OUTBOUND job gets a new job id linked to the original."""
+    letter = await one(bus, seq)
+    if letter.state != "open" and not force:
+        raise ServiceError(
+            f"dead letter {seq} is already {letter.state}; add --force to requeue again"
+        )
+    dead = letter.letter
+    new_job_id = None
+    if dead.source_stream == OUTBOUND.name:
+        try:
+            job = decode(dead.payload, SendMessage)
+        except ContractError as exc:
+            raise ServiceError(
+                f"dead letter {seq} holds no valid job ({exc}); drop it instead"
+            ) from None
+        new_job_id = derived_id("requeue", job.job_id, str(seq), str(len(letter.actions)))
+        again = SendMessage(
+            id=new_job_id,
+            job_id=new_job_id,
+            channel=job.channel,
+            account=job.account,
+            chat=job.chat,
+            text=job.text,
+            reply_to=job.reply_to,
+            cause_id=job.cause_id,
+            requeued_from=job.job_id,
+        )
+        await bus.publish(subjects.outbound(job.channel, job.account, job.chat), again)
+        target = f"job {new_job_id} (from job {job.job_id})"
+    else:
+        await bus.publish_bytes(
+            dead.source_subject,
+            dead.payload,
+            msg_id=f"requeue:{seq}:{len(letter.actions)}",
+            headers=dead.headers,
+        )
+        target = dead.source_subject
+    await bus.publish(
+        subjects.DEADLETTER_OPS_SUBJECT,
+        DeadLetterRequeued(
+            letter_seq=seq, letter_id=dead.id, new_job_id=new_job_id, actor=actor, reason=reason
+        ),
+    )
+    return target
+
+
+async def drop(bus: Bus, seq: int, *, actor: str, reason: str) -> None:
+    """Discard a dead letter, recording who and why."""
+    letter = await one(bus, seq)
+    if letter.state != "open":
+        raise ServiceError(f"dead letter {seq} is already {letter.state}")
+    await bus.publish(
+        subjects.DEADLETTER_OPS_SUBJECT,
+        DeadLetterDropped(letter_seq=seq, letter_id=letter.letter.id, actor=actor, reason=reason),
+    )
