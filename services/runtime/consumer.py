@@ -58,6 +58,9 @@ class ConsumerSpec:
     fetch_timeout: float = 1.0
     retry_delays: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
     ordered_by_subject: bool = False
+    # Wait for the server to confirm each ack (so a graceful handover never hands over an
+    # acked message). A handler whose own records make a redelivery harmless can skip it.
+    sync_ack: bool = True
 
     def config(self) -> ConsumerConfig:
         """The nats-py consumer config."""
@@ -366,6 +369,8 @@ class _KeyedRun:
             heartbeat.cancel()
             for seq in sorted(self.held):
                 await self.loop.settle(self.held.pop(seq).nak())
+            with contextlib.suppress(*_NATS_TRANSIENT):
+                await self.loop.bus.nc.flush(timeout=5)  # acks sent before we return
 
     def _dispatch(self, msg: Msg) -> None:
         seq = msg.metadata.sequence.stream
@@ -399,7 +404,8 @@ class _KeyedRun:
             current = self.held.get(d.stream_seq, msg)
             match outcome:
                 case None:
-                    await self.loop.settle(current.ack_sync(timeout=5))
+                    ack = current.ack_sync(timeout=5) if self.spec.sync_ack else current.ack()
+                    await self.loop.settle(ack)
                     self.loop.handled += 1
                     return
                 case _DeadLetter(reason):

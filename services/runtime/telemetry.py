@@ -66,9 +66,15 @@ def _exporter(name: str) -> SpanExporter | None:
     raise ConfigError(f"OTEL_TRACES_EXPORTER={name!r} is invalid: expected none, console or otlp")
 
 
+_tracer: trace.Tracer | None = None
+
+
 def tracer() -> trace.Tracer:
-    """The switchboard tracer."""
-    return trace.get_tracer(_TRACER_NAME)
+    """The switchboard tracer (looked up once: get_tracer is costly on a hot path)."""
+    global _tracer
+    if _tracer is None or not _installed:
+        _tracer = trace.get_tracer(_TRACER_NAME)
+    return _tracer
 
 
 def inject(headers: dict[str, str]) -> dict[str, str]:
@@ -79,7 +85,11 @@ def inject(headers: dict[str, str]) -> dict[str, str]:
 
 @contextmanager
 def publish_span(subject: str, msg_id: str) -> Iterator[dict[str, str]]:
-    """A producer span (child of the current one) and headers carrying its context."""
+    """Headers carrying the trace context: the current span's when a handler publishes
+    (its consumer span already covers the work), else a new producer span's."""
+    if trace.get_current_span().get_span_context().is_valid:
+        yield inject({})
+        return
     with tracer().start_as_current_span(
         f"send {subject.split('.', 1)[0]}",
         kind=SpanKind.PRODUCER,

@@ -59,6 +59,9 @@ def egress_consumer_spec(channel: str, account: str) -> ConsumerSpec:
         max_deliver=-1,  # transport attempts are counted in the SendRecord instead
         ack_wait=30.0,
         fetch_timeout=0.25,  # a handover waits for the idle fetch to end
+        # The SendRecord says `sent` before the ack goes out, and a new owner checks the
+        # records of every job its predecessor had been handed: a lost ack resends nothing.
+        sync_ack=False,
     )
 
 
@@ -76,6 +79,7 @@ class Egress:
         ledger: SendLedger,
         limiter: TokenBucket | Unlimited,
         stop: asyncio.Event,
+        in_flight_upto: int = 0,
     ) -> None:
         self.bus = bus
         self.session = session
@@ -85,8 +89,9 @@ class Egress:
         self.ledger = ledger
         self.limiter = limiter
         self.stop = stop
-        # The previous owner may have been mid-send on up to MAX_IN_FLIGHT jobs.
-        self._recovering = MAX_IN_FLIGHT
+        # Jobs the previous owner's consumer had delivered (stream seq <= this) may have
+        # been mid-send when it stopped: only those need a look at their SendRecord.
+        self.in_flight_upto = in_flight_upto
 
     async def handle(self, d: Delivery) -> None:
         """Deliver one job (with its retries); return when it is settled either way."""
@@ -96,8 +101,7 @@ class Egress:
         except ContractError as exc:
             raise PermanentError(str(exc)) from None
         record = None
-        if d.num_delivered > 1 or self._recovering > 0:
-            self._recovering -= 1
+        if d.num_delivered > 1 or d.stream_seq <= self.in_flight_upto:
             record = await self.ledger.get(job.job_id)
         attempt, errors = (record.attempt, list(record.errors)) if record else (0, [])
         if record is not None:
@@ -200,12 +204,13 @@ class Egress:
             attempt=attempt,
         )
         record = self._record(job, "sent", attempt, fence, [], transport_id)
-        # Three independent writes, one round trip.
-        await asyncio.gather(
+        writes = [
             self.bus.publish(subjects.delivery(job.channel, job.account, job.chat), sent),
             self.ledger.put(record),
-            self.ledger.index(transport_id, job.job_id, job.chat),
-        )
+        ]
+        if self.session.reports_receipts:
+            writes.append(self.ledger.index(transport_id, job.job_id, job.chat))
+        await asyncio.gather(*writes)  # independent writes, one round trip
 
     async def _backoff(self, d: Delivery, attempt: int) -> None:
         """Wait before the next attempt, keeping the job ours; give it back on stop/loss."""

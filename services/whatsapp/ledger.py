@@ -48,6 +48,23 @@ class SendLedger:
             subjects.send_key(self.account, record.job_id), encode(record)
         )
 
+    async def raise_boundary(self, delivered_upto: int) -> int:
+        """Record that jobs up to stream seq `delivered_upto` were handed to an owner, and
+        return the highest such boundary ever recorded: every job at or below it may have
+        been mid-send when its owner stopped. Kept durably so an owner dying during a
+        takeover cannot lose it."""
+        kv = await self._bucket()
+        key = f"{self.account}.=inflight"
+        try:
+            entry = await kv.get(key)
+            known = int(entry.value or b"0")
+        except nats.js.errors.KeyNotFoundError:
+            known = 0
+        if delivered_upto > known:
+            await kv.put(key, str(delivered_upto).encode())
+            return delivered_upto
+        return known
+
     async def index(self, transport_message_id: str, job_id: str, chat: str) -> None:
         """Remember which job a transport message id belongs to."""
         entry = SentIndex(job_id=job_id, chat=chat)

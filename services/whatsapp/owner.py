@@ -172,6 +172,12 @@ class AccountOwner:
             # A new owner starts from the first unacked job at once, instead of waiting for
             # the ack deadline of a job the previous owner held when it died (work queue:
             # everything still stored is unacked, so nothing is skipped).
+            delivered = 0
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                previous = await self.bus.js.consumer_info(OUTBOUND.name, spec.durable)
+                delivered = previous.delivered.stream_seq if previous.delivered else 0
+            # Durable before the consumer goes: jobs up to here get their records checked.
+            in_flight_upto = await self.ledger.raise_boundary(delivered)
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 await self.bus.js.delete_consumer(OUTBOUND.name, spec.durable)
             async with self.transport.session(
@@ -186,6 +192,7 @@ class AccountOwner:
                     ledger=self.ledger,
                     limiter=self.limiter,
                     stop=done,
+                    in_flight_upto=in_flight_upto,
                 )
                 loop = ConsumerLoop(
                     self.bus, spec, egress.handle, on_dead_letter=egress.dead_lettered

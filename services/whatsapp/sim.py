@@ -54,6 +54,8 @@ class SimSession:
         self.faults = faults
         self.rng = rng
         self.subject = subjects.sim_out(account)
+        # The sim network reports receipts only when told to (SIM_AUTO_RECEIPTS).
+        self.reports_receipts = faults.auto_receipts
 
     async def send(self, chat: str, text: str, *, job_id: str, fence: Fence) -> str:
         """Publish the message on the sim network; its stream sequence is its id."""

@@ -86,6 +86,8 @@ class TransportError(ServiceError):
 class Session(Protocol):
     """An attached account session (one per account, owned by the lease holder)."""
 
+    reports_receipts: bool  # receipts will refer to the ids send() returns
+
     async def send(self, chat: str, text: str, *, job_id: str, fence: Fence) -> str:
         """Send `text` to `chat`; return the transport's message id."""
         ...

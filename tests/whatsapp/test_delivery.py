@@ -25,6 +25,7 @@ from contracts.events import (
 )
 from contracts.payloads import SendRecord, SimFailure
 from services.runtime.bus import Bus
+from services.whatsapp.egress import egress_consumer_spec
 from tests.conftest import Processes, arun_svc, read_stream, role, run_svc, stream_raw, wait_until
 from tests.e2e.conftest import SimNetwork, assert_per_chat_order, assert_single_writer, enqueue, job
 
@@ -132,6 +133,15 @@ async def seed_record(bus: Bus, record: SendRecord) -> None:
     await kv.put(subjects.send_key("default", record.job_id), encode(record))
 
 
+async def handed_to_an_earlier_owner(bus: Bus) -> None:
+    """An earlier owner's consumer took the queued jobs and died without acking them."""
+    spec = egress_consumer_spec("whatsapp", "default")
+    await bus.js.add_consumer(spec.stream, config=spec.config())
+    sub = await bus.js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+    assert await sub.fetch(10, timeout=2)
+    await sub.unsubscribe()
+
+
 async def test_a_job_left_past_its_last_attempt_by_a_dead_worker_ends_in_the_dead_letter(
     bus: Bus,
 ) -> None:
@@ -150,6 +160,7 @@ async def test_a_job_left_past_its_last_attempt_by_a_dead_worker_ends_in_the_dea
         ),
     )
     await bus.publish(subjects.outbound("whatsapp", "default", stuck.chat), stuck)
+    await handed_to_an_earlier_owner(bus)
     # When a new owner takes the account
     async with role(bus, "whatsapp", DELIVERY_BACKOFF="0.01,0.01"):
         await wait_until(lambda: _count(bus, DeliveryDeadLettered, 1), what="dead letter")
@@ -173,8 +184,9 @@ async def test_an_uncertain_send_is_recorded_and_resolved_by_policy(
             job_id=maybe.job_id, state="sending", attempt=1, holder="dead-worker", lease_token=3
         ),
     )
+    await bus.publish(subjects.outbound("whatsapp", "default", maybe.chat), maybe)
+    await handed_to_an_earlier_owner(bus)
     async with SimNetwork(bus, "default") as net, role(bus, "whatsapp", DELIVERY_UNCERTAIN=policy):
-        await bus.publish(subjects.outbound("whatsapp", "default", maybe.chat), maybe)
         await wait_until(lambda: _count(bus, DeliveryUncertain, 1), what="DeliveryUncertain")
         await wait_until(lambda: _queue_empty(bus), what="the job settled")
     (uncertain,) = await delivery_events(bus, DeliveryUncertain)
@@ -200,9 +212,10 @@ async def test_a_job_already_recorded_as_sent_is_acked_without_sending_again(bus
         ),
     )
     later = job("default", "dave@s.whatsapp.net", 2)
+    for j in (done, later):
+        await bus.publish(subjects.outbound("whatsapp", "default", j.chat), j)
+    await handed_to_an_earlier_owner(bus)
     async with SimNetwork(bus, "default") as net, role(bus, "whatsapp"):
-        for j in (done, later):
-            await bus.publish(subjects.outbound("whatsapp", "default", j.chat), j)
         await net.wait(lambda: later.job_id in net.job_ids(), 20, "the next job")
     assert [s.job_id for s in net.seen] == [later.job_id]
 

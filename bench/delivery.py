@@ -1,0 +1,189 @@
+"""Delivery benchmark: jobs/s and enqueue -> sent latency, Switchboard vs raw nats-py.
+
+Throughput: a backlog of jobs (20 chats per account) is queued on OUTBOUND, then the
+senders start; we time until every job is sent. Latency: jobs are queued at a steady
+rate while the senders run; we time each from its publish to its send.
+
+Switchboard's path per job: per-chat ordered consumer, ledger record before the send,
+lease proof, the sim transport send, MessageSent + ledger + receipt index, ack.
+The raw baseline does the same hops in plain nats-py: consume from the work queue,
+publish an event, ack -- one consumer per account, no ordering, fencing or ledger.
+
+    python bench/delivery.py --jobs 2000 --accounts 1 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from contracts import subjects
+from contracts.codec import decode
+from contracts.events import SendMessage, new_id
+from contracts.payloads import SimOutbound
+from services.app import run_role
+from services.runtime.bus import Bus, connect
+from services.runtime.nats_server import EmbeddedNats
+from services.runtime.provisioning import ensure_streams
+from services.runtime.settings import load_settings
+
+CHATS = 20
+
+
+def accounts(n: int) -> list[str]:
+    return ["default"] if n == 1 else [f"acct{i:02d}" for i in range(n)]
+
+
+async def enqueue(bus: Bus, accts: list[str], jobs: int, stamps: dict[str, float] | None) -> None:
+    """Queue `jobs` jobs round-robin over accounts and their chats, 500 in flight."""
+    pending: list[Awaitable[object]] = []
+    for n in range(jobs):
+        account = accts[n % len(accts)]
+        chat = f"c{(n // len(accts)) % CHATS}@s.whatsapp.net"
+        job_id = new_id()
+        job = SendMessage(id=job_id, job_id=job_id, account=account, chat=chat, text=f"#{n}")
+        if stamps is not None:
+            stamps[job_id] = time.perf_counter()
+        pending.append(bus.publish(subjects.outbound("whatsapp", account, chat), job))
+        if len(pending) >= 500:
+            await asyncio.gather(*pending)
+            pending = []
+    await asyncio.gather(*pending)
+
+
+class Sent:
+    """Counts sends seen on `sim.whatsapp.*.out` and when each job arrived."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.at: dict[str, float] = {}
+        self.done = asyncio.Event()
+
+    async def on(self, msg: Msg) -> None:
+        job_id = decode(msg.data, SimOutbound).job_id if msg.data[:1] == b"{" else msg.data.decode()
+        self.at.setdefault(job_id, time.perf_counter())
+        if len(self.at) >= self.total:
+            self.done.set()
+
+
+Runner = Callable[[Bus, list[str], asyncio.Event], Awaitable[None]]
+
+
+async def ours(bus: Bus, accts: list[str], stop: asyncio.Event) -> None:
+    env = {
+        "WHATSAPP_ACCOUNTS": ",".join(accts),
+        "SVC_LOG_LEVEL": os.environ.get("BENCH_LOG", "ERROR"),
+    }
+    await run_role(bus, load_settings(env), "whatsapp", stop)
+
+
+async def raw(bus: Bus, accts: list[str], stop: asyncio.Event) -> None:
+    async def one(account: str) -> None:
+        config = ConsumerConfig(
+            durable_name=f"raw-{account}",
+            ack_policy=AckPolicy.EXPLICIT,
+            filter_subject=f"outbound.whatsapp.{account}.*",
+            max_ack_pending=1000,
+        )
+        await bus.js.add_consumer("OUTBOUND", config)
+        sub = await bus.js.pull_subscribe_bind(durable=f"raw-{account}", stream="OUTBOUND")
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(64, timeout=0.25)
+            except TimeoutError:
+                continue
+            for msg in msgs:
+                job = decode(msg.data, SendMessage)
+                # the event (and, like ours, what the network sees)
+                await bus.js.publish(f"delivery.whatsapp.{account}.x", msg.data)
+                await bus.nc.publish(subjects.sim_out(account), job.job_id.encode())
+                await msg.ack_sync()
+
+    await asyncio.gather(*(one(a) for a in accts))
+    await asyncio.sleep(0.3)  # let the last pulls expire before the server goes
+
+
+async def measure(
+    runner: Runner, accts: list[str], jobs: int, rate: float
+) -> tuple[float, list[float]]:
+    """(jobs/s on a backlog, enqueue->sent latencies in ms at `rate` jobs/s)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        async with (
+            EmbeddedNats(Path(tmp) / "nats", port=0) as server,
+            connect(server.url, name="bench") as bus,
+        ):
+            await ensure_streams(bus.js)
+            sent = Sent(jobs)
+            await bus.nc.subscribe("sim.whatsapp.*.out", cb=sent.on)
+            stop = asyncio.Event()
+            task = asyncio.create_task(runner(bus, accts, stop))
+            await ready(bus, accts, "raw" if runner is raw else "egress-whatsapp")
+            started = time.perf_counter()
+            await enqueue(bus, accts, jobs, None)
+            await asyncio.wait_for(sent.done.wait(), 600)
+            throughput = jobs / (time.perf_counter() - started)
+            # Latency under a steady load, senders warm.
+            paced = Sent(min(jobs, 1000))
+            stamps: dict[str, float] = {}
+            await bus.nc.subscribe("sim.whatsapp.*.out", cb=paced.on)
+            for _ in range(paced.total):
+                await enqueue(bus, accts, 1, stamps)
+                await asyncio.sleep(1 / rate)
+            await asyncio.wait_for(paced.done.wait(), 600)
+            stop.set()
+            await task
+            return throughput, [(paced.at[j] - t) * 1000 for j, t in stamps.items()]
+
+
+async def ready(bus: Bus, accts: list[str], prefix: str) -> None:
+    """Wait until every account's consumer has a pull request waiting (senders attached)."""
+    for account in accts:
+        while True:
+            try:
+                info = await bus.js.consumer_info("OUTBOUND", f"{prefix}-{account}")
+                if info.num_waiting:
+                    break
+            except nats.js.errors.NotFoundError:
+                pass
+            await asyncio.sleep(0.05)
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * q))]
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description="Delivery: ours vs raw nats-py")
+    parser.add_argument("--jobs", type=int, default=2000)
+    parser.add_argument("--accounts", type=int, nargs="+", default=[1, 50])
+    parser.add_argument("--rate", type=float, default=200.0, help="jobs/s for the latency run")
+    args = parser.parse_args()
+    for n in args.accounts:
+        accts = accounts(n)
+        raw_tp, raw_lat = await measure(raw, accts, args.jobs, args.rate)
+        our_tp, our_lat = await measure(ours, accts, args.jobs, args.rate)
+        print(f"delivery: {args.jobs} jobs, {n} account(s), {CHATS} chats each")
+        print(
+            f"  raw nats-py (consume, publish event, ack): {raw_tp:8.0f} jobs/s   "
+            f"latency p50 {statistics.median(raw_lat):6.1f} ms  p99 {pct(raw_lat, 0.99):6.1f} ms"
+        )
+        print(
+            f"  switchboard                               : {our_tp:8.0f} jobs/s   "
+            f"latency p50 {statistics.median(our_lat):6.1f} ms  p99 {pct(our_lat, 0.99):6.1f} ms"
+        )
+        print(f"  ratio switchboard/raw (throughput)        : {our_tp / raw_tp:8.2f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
