@@ -56,7 +56,9 @@ def egress_consumer_spec(channel: str, account: str) -> ConsumerSpec:
         ordered_by_subject=True,
         max_ack_pending=MAX_IN_FLIGHT,
         batch=64,
-        max_deliver=-1,  # transport attempts are counted in the SendRecord instead
+        # Transport attempts are counted in the SendRecord; this caps in-place retries of
+        # unexpected errors (a bug) so a poison job cannot hold its chat forever.
+        max_deliver=20,
         ack_wait=30.0,
         fetch_timeout=0.25,  # a handover waits for the idle fetch to end
         # The SendRecord says `sent` before the ack goes out, and a new owner checks the

@@ -266,3 +266,33 @@ def test_the_token_bucket_waits_exactly_for_the_next_token() -> None:
     now[0] = 10.0
     assert bucket.wait_time() == 0
     assert bucket.tokens == 2  # never more than the burst
+
+
+async def test_dropping_a_dead_letter_records_who_and_why(
+    bus: Bus, processes: Processes, nats_server: object
+) -> None:
+    env = {"SIM_FAILING_CHATS": "ghost@s.whatsapp.net"}
+    async with role(bus, "whatsapp", **env):
+        lost = job("default", "ghost@s.whatsapp.net", 1)
+        await bus.publish(subjects.outbound("whatsapp", "default", lost.chat), lost)
+        await wait_until(lambda: _count(bus, DeliveryDeadLettered, 1), what="dead letter")
+    ((seq, _),) = await _letters(bus)
+    cli = processes.env(NATS_URL=nats_server.url)  # type: ignore[attr-defined]
+    no_reason = await arun_svc("dlq", "drop", str(seq), env=cli)
+    assert no_reason.returncode == 2  # --reason is required
+    dropped = await arun_svc("dlq", "drop", str(seq), "--reason", "not a real user", env=cli)
+    assert dropped.returncode == 0, dropped.stderr
+    shown = msgspec.json.decode((await arun_svc("dlq", "show", str(seq), env=cli)).stdout)
+    assert shown["state"] == "dropped"
+    assert shown["payload"]["job_id"] == lost.job_id
+    (action,) = shown["actions"]
+    assert action["type"] == "DeadLetterDropped"
+    assert action["reason"] == "not a real user"
+    assert action["actor"]
+    everything = msgspec.json.decode(
+        (await arun_svc("dlq", "ls", "--all", "--json", env=cli)).stdout
+    )
+    assert [(r["seq"], r["state"]) for r in everything] == [(seq, "dropped")]
+    missing = await arun_svc("dlq", "show", "999", env=cli)
+    assert missing.returncode == 1
+    assert "no dead letter at sequence 999" in missing.stderr.decode()
