@@ -15,6 +15,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import Span, SpanKind
 
 from services.runtime.errors import ConfigError
@@ -33,9 +34,14 @@ def setup_tracing(service_name: str, env: Mapping[str, str] | None = None) -> No
         _installed = True
         return
     name = env.get("OTEL_SERVICE_NAME") or service_name
-    provider = TracerProvider(resource=Resource.create({"service.name": name}))
     exporter = _exporter(env.get("OTEL_TRACES_EXPORTER", "none").strip().lower())
-    if exporter is not None:
+    resource = Resource.create({"service.name": name})
+    if exporter is None:
+        # Nothing is exported: keep trace context flowing (valid, unsampled spans still
+        # yield a traceparent) without paying to record spans on the hot path.
+        provider = TracerProvider(resource=resource, sampler=ALWAYS_OFF)
+    else:
+        provider = TracerProvider(resource=resource)  # OTEL_TRACES_SAMPLER applies
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     _installed = True
