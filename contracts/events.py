@@ -66,6 +66,7 @@ class MessageReceived(Event, frozen=True, kw_only=True):
     from_me: bool = False
     is_group: bool = False
     sender_name: str = ""
+    mentioned: bool = False  # in a group: the message mentions the account
 
 
 # --- AGENT -----------------------------------------------------------------------------

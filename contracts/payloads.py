@@ -72,3 +72,21 @@ class SentIndex(msgspec.Struct, frozen=True, kw_only=True):
 
     job_id: str
     chat: str
+
+
+class HistoryEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """One line of a chat's conversation as the model sees it."""
+
+    role: Literal["user", "assistant"]
+    text: str
+    ref: str = ""  # the inbound event id or the reply job id
+
+
+class ChatState(msgspec.Struct, frozen=True, kw_only=True):
+    """A chat as the core knows it (bucket `chats`): the stream sequence of the last
+    inbound message whose turn is settled, and the recent history. Written with a
+    revision check after each turn, so replicas agree on both."""
+
+    chat: str
+    last_seq: int = 0
+    history: list[HistoryEntry] = msgspec.field(default_factory=list)

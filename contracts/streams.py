@@ -120,7 +120,11 @@ PRESENCE = BucketSpec(name="presence", description="live whatsapp workers, for f
 SENDS = BucketSpec(
     name="sends", description="delivery state per job", max_value_size=65536, max_age_s=7 * DAY
 )
-BUCKETS: tuple[BucketSpec, ...] = (LEASES, PRESENCE, SENDS)
+# Per-chat core state (ChatState): turn order across core replicas, and history.
+CHATS = BucketSpec(
+    name="chats", description="per-chat turn position and history", max_value_size=262144
+)
+BUCKETS: tuple[BucketSpec, ...] = (LEASES, PRESENCE, SENDS, CHATS)
 
 # Durable consumer names.
 CORE_CONSUMER = "core"

@@ -7,6 +7,7 @@ separator, so chats travel as one escaped token: bytes outside the safe set are 
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Literal
 
@@ -156,6 +157,13 @@ def send_key(account: str, job_id: str) -> str:
     if not _JOB_ID_RE.fullmatch(job_id):
         raise InvalidSubjectError(f"job id {job_id!r} is invalid: use 1-128 of A-Z a-z 0-9 _ -")
     return f"{check_account(account)}.{job_id}"
+
+
+def chat_key(channel: str, account: str, chat: str) -> str:
+    """Key of a chat's ChatState in the `chats` bucket (KV keys cannot hold a JID's
+    characters, so the chat is hashed; the value keeps the JID)."""
+    digest = hashlib.blake2b(chat.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
+    return f"{check_channel(channel)}.{check_account(account)}.{digest}"
 
 
 def sent_index_key(account: str, transport_message_id: str) -> str:

@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
-from services.core.llm import LLM, EchoLLM
+from services.core.llm import LLM, EchoLLM, LLMError, OpenAILLM
 from services.core.worker import CoreWorker
 from services.runtime.bus import Bus, connect
 from services.runtime.errors import ConfigError
@@ -31,7 +31,16 @@ def make_llm(settings: Settings) -> LLM:
     """The LLM adapter SVC_LLM selects."""
     if settings.llm == "echo":
         return EchoLLM()
-    raise ConfigError("SVC_LLM='openai' is not available in this build yet: use SVC_LLM=echo")
+    try:
+        return OpenAILLM(
+            base_url=settings.openai_base_url,
+            api_key=settings.openai_api_key.value,
+            model=settings.llm_model,
+            timeout=settings.core.llm_timeout,
+            retries=settings.core.llm_retries,
+        )
+    except LLMError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def make_transport(settings: Settings, bus: Bus) -> Transport:
@@ -82,7 +91,7 @@ async def run_role(bus: Bus, settings: Settings, role: Role, stop: asyncio.Event
     async with AsyncExitStack() as stack:
         tasks: list[asyncio.Task[None]] = []
         if role in ("all", "core"):
-            worker = CoreWorker(bus, make_llm(settings))
+            worker = CoreWorker(bus, make_llm(settings), settings.core)
             tasks.append(asyncio.create_task(worker.loop.run(stop), name="core"))
         if role in ("all", "whatsapp", "whatsapp-egress"):
             transport = make_transport(settings, bus)

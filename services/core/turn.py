@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from contracts.events import (
     MessageReceived,
     SendMessage,
     TokenUsage,
+    ToolCallRecord,
     TurnCompleted,
     TurnFailed,
     derived_id,
 )
+from contracts.payloads import ChatState, HistoryEntry
 from services.core.llm import ChatMessage, Completion
 
 REPLY_LIMIT = 4096  # characters per WhatsApp message we send; longer replies are split
@@ -35,18 +38,41 @@ def job_id(inbound: MessageReceived, index: int) -> str:
     return derived_id("job", inbound.id, str(index))
 
 
-def skip_reason(inbound: MessageReceived) -> str | None:
+def skip_reason(
+    inbound: MessageReceived, groups: Literal["mention", "all", "none"] = "mention"
+) -> str | None:
     """Why this message gets no answer, or None to answer it."""
     if inbound.from_me:
         return "own message"
     if inbound.chat == "status@broadcast":
         return "status broadcast"
+    if inbound.is_group and (groups == "none" or (groups == "mention" and not inbound.mentioned)):
+        return "group message without a mention" if groups == "mention" else "group message"
     return None
 
 
-def prompt(inbound: MessageReceived, system_prompt: str) -> list[ChatMessage]:
-    """The model's input for this turn."""
-    return [ChatMessage("system", system_prompt), ChatMessage("user", inbound.text)]
+def prompt(
+    inbound: MessageReceived, system_prompt: str, state: ChatState | None = None
+) -> list[ChatMessage]:
+    """The model's input: system prompt, the chat's recent history, the new message."""
+    history = [ChatMessage(h.role, h.text) for h in (state.history if state else [])]
+    return [ChatMessage("system", system_prompt), *history, ChatMessage("user", inbound.text)]
+
+
+def remember(
+    state: ChatState,
+    seq: int,
+    entries: list[HistoryEntry],
+    *,
+    max_messages: int,
+    max_chars: int,
+) -> ChatState:
+    """The state after a settled turn: position `seq`, history bounded by count and size
+    (oldest dropped first)."""
+    history = [*state.history, *entries][-max_messages:] if max_messages else []
+    while history and sum(len(h.text) for h in history) > max_chars:
+        history = history[1:]
+    return ChatState(chat=state.chat, last_seq=max(seq, state.last_seq), history=history)
 
 
 def split_reply(text: str, limit: int = REPLY_LIMIT) -> list[str]:
@@ -64,7 +90,12 @@ def split_reply(text: str, limit: int = REPLY_LIMIT) -> list[str]:
 
 
 def completed(
-    inbound: MessageReceived, completion: Completion, model: str, latency_ms: float
+    inbound: MessageReceived,
+    completion: Completion,
+    model: str,
+    latency_ms: float,
+    tools: list[ToolCallRecord] | None = None,
+    reply_limit: int = REPLY_LIMIT,
 ) -> TurnOutput:
     """The events of a turn that produced `completion`."""
     jobs = [
@@ -78,7 +109,7 @@ def completed(
             reply_to=inbound.message_id if i == 0 else None,
             cause_id=inbound.id,
         )
-        for i, part in enumerate(split_reply(completion.text))
+        for i, part in enumerate(split_reply(completion.text, reply_limit))
     ]
     usage = (
         TokenUsage(
@@ -94,6 +125,7 @@ def completed(
         chat=inbound.chat,
         inbound_id=inbound.id,
         model=model,
+        tools_called=tools or [],
         reply_ids=[j.job_id for j in jobs],
         latency_ms=round(latency_ms, 3),
         usage=usage,
@@ -115,8 +147,9 @@ def skipped(inbound: MessageReceived, reason: str, model: str) -> TurnOutput:
     return TurnOutput(jobs=[], record=record)
 
 
-def failed(inbound: MessageReceived, error: str, model: str) -> TurnOutput:
-    """A turn that could not complete."""
+def failed(inbound: MessageReceived, error: str, model: str, fallback: str = "") -> TurnOutput:
+    """A turn that could not complete; `fallback` (if any) is still sent to the user."""
+    jobs = completed(inbound, Completion(text=fallback), model, 0).jobs if fallback else []
     record = TurnFailed(
         id=turn_id(inbound),
         channel=inbound.channel,
@@ -125,5 +158,6 @@ def failed(inbound: MessageReceived, error: str, model: str) -> TurnOutput:
         inbound_id=inbound.id,
         model=model,
         error=error,
+        reply_ids=[j.job_id for j in jobs],
     )
-    return TurnOutput(jobs=[], record=record)
+    return TurnOutput(jobs=jobs, record=record)

@@ -1,70 +1,198 @@
-"""The core's I/O shell: consume INBOUND, run the turn, publish jobs and the turn record."""
+"""The core's I/O shell: consume INBOUND, run each chat's turns in arrival order across all
+replicas, publish jobs and the turn record, remember the exchange.
+
+Order across replicas: every replica pulls from the one durable consumer `core`; inside a
+replica a chat's messages run one at a time (ordered by subject). Across replicas each
+chat has a record in the `chats` bucket holding the stream sequence of its last settled
+message. A message runs only when the first message of its chat after that sequence is
+itself; otherwise an earlier one is still in flight elsewhere and it waits. Settling a
+turn writes the record with a revision check. The same record carries the history, so a
+turn on any replica sees the previous turn, and a redelivered message whose sequence is
+already settled is acked without a second turn.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
+import nats.errors
+import nats.js.errors
+
 from contracts import subjects
 from contracts.codec import decode
+from contracts.errors import ContractError
 from contracts.events import MessageReceived
+from contracts.payloads import ChatState, HistoryEntry
 from contracts.streams import CORE_CONSUMER, INBOUND
 from services.core import turn
-from services.core.llm import LLM, LLMError
+from services.core.agent import run_turn
+from services.core.chats import ChatStore
+from services.core.llm import LLM, Completion, LLMError
+from services.core.tools import ToolBox
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerLoop, ConsumerSpec, Delivery
-from services.runtime.errors import TransientError
+from services.runtime.errors import AbandonError, PermanentError, TransientError
+from services.runtime.settings import CoreSettings
 
 log = logging.getLogger(__name__)
 
-SYSTEM_PROMPT = "You are a helpful assistant answering WhatsApp messages. Be brief."
+_NATS = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
 
 
-def core_consumer_spec() -> ConsumerSpec:
-    """All core replicas share this durable consumer.
-
-    max_ack_pending=1 makes turns run one at a time in arrival order across replicas
-    (the simple, strict choice; per-chat parallelism is the core-runtime issue's job).
-    """
+def core_consumer_spec(settings: CoreSettings) -> ConsumerSpec:
+    """All core replicas share this durable consumer (same config everywhere)."""
     return ConsumerSpec(
         stream=INBOUND.name,
         durable=CORE_CONSUMER,
         filter_subject="inbound.>",
-        max_ack_pending=1,
-        batch=1,
-        max_deliver=5,
-        ack_wait=60.0,
+        ordered_by_subject=True,
+        max_ack_pending=256,
+        batch=64,
+        max_deliver=settings.turn_attempts,
+        ack_wait=5.0,  # kept alive while a turn runs; a dead replica's turn returns in 5 s
+        retry_delays=(1.0, 2.0, 4.0, 8.0, 16.0),
+        fetch_timeout=0.5,
+        # The chat record says a message is settled before its ack: a lost ack only
+        # means a redelivery that is acked without a second turn.
+        sync_ack=False,
     )
 
 
 class CoreWorker:
     """Turns MessageReceived into TurnCompleted/TurnFailed plus SendMessage jobs."""
 
-    def __init__(self, bus: Bus, llm: LLM, *, system_prompt: str = SYSTEM_PROMPT) -> None:
+    def __init__(
+        self, bus: Bus, llm: LLM, settings: CoreSettings | None = None, *, turn_wait: float = 5.0
+    ) -> None:
         self.bus = bus
         self.llm = llm
-        self.system_prompt = system_prompt
-        self.loop = ConsumerLoop(bus, core_consumer_spec(), self.handle)
+        self.settings = settings or CoreSettings()
+        self.turn_wait = turn_wait
+        self.chats = ChatStore(bus)
+        self.loop = ConsumerLoop(
+            bus, core_consumer_spec(self.settings), self.handle, on_dead_letter=self.dead_lettered
+        )
 
     async def handle(self, d: Delivery) -> None:
-        """Run one turn; publishing is idempotent (derived ids), so redelivery is safe."""
-        inbound = decode(d.data, MessageReceived)
-        started = time.perf_counter()
-        if reason := turn.skip_reason(inbound):
-            log.info("skipped", extra={"inbound_id": inbound.id, "reason": reason})
-            output = turn.skipped(inbound, reason, self.llm.model)
-        else:
-            try:
-                completion = await self.llm.complete(turn.prompt(inbound, self.system_prompt), [])
-            except LLMError as exc:
-                last_try = d.num_delivered >= self.loop.spec.max_deliver
-                if exc.transient and not last_try:
-                    raise TransientError(f"llm: {exc}", delay=2.0 * d.num_delivered) from exc
-                output = turn.failed(inbound, f"llm: {exc}", self.llm.model)
-            else:
-                elapsed = (time.perf_counter() - started) * 1000
-                output = turn.completed(inbound, completion, self.llm.model, elapsed)
+        """Run one turn when it is this message's turn; settle it; publish its outputs."""
+        try:
+            where = subjects.parse_chat_subject(d.subject)
+        except ContractError as exc:
+            raise PermanentError(str(exc)) from None
+        key = subjects.chat_key(where.channel, where.account, where.chat)
+        mine = await self._my_turn(d, key, where.chat)
+        if mine is None:
+            log.info("already settled", extra={"seq": d.stream_seq, "subject": d.subject})
+            return
+        state, revision = mine
+        inbound = decode(d.data, MessageReceived)  # malformed: dead letter (the hook settles it)
+        output, entries = await self._turn(inbound, state, d)
         for job in output.jobs:
             await self.bus.publish(subjects.outbound(job.channel, job.account, job.chat), job)
         record = output.record
         await self.bus.publish(subjects.agent(record.channel, record.account, record.chat), record)
+        await self._settle(key, where.chat, d.stream_seq, entries, state, revision)
+
+    async def _my_turn(self, d: Delivery, key: str, chat: str) -> tuple[ChatState, int] | None:
+        """Wait until every earlier message of the chat is settled; None if this one is."""
+        deadline = time.monotonic() + self.turn_wait
+        delay = 0.01
+        try:
+            while True:
+                state, revision = await self.chats.get(key, chat)
+                if state.last_seq >= d.stream_seq:
+                    return None
+                try:
+                    first = await self.bus.js.get_msg(
+                        INBOUND.name, seq=state.last_seq + 1, subject=d.subject, next=True
+                    )
+                    head = first.seq or d.stream_seq
+                except nats.js.errors.NotFoundError:
+                    head = d.stream_seq
+                if head >= d.stream_seq:
+                    return state, revision
+                if time.monotonic() > deadline:
+                    raise AbandonError(
+                        f"message {head} of this chat is still in flight; trying again later",
+                        delay=0.5,
+                    )
+                await asyncio.sleep(delay)  # another replica is settling message `head`
+                delay = min(delay * 2, 0.25)
+        except _NATS as exc:
+            raise AbandonError(f"cannot read the chat's position: {exc!r}", delay=1.0) from None
+
+    async def _turn(
+        self, inbound: MessageReceived, state: ChatState, d: Delivery
+    ) -> tuple[turn.TurnOutput, list[HistoryEntry]]:
+        settings = self.settings
+        model = self.llm.model
+        if reason := turn.skip_reason(inbound, settings.group_replies):
+            log.info("skipped", extra={"inbound_id": inbound.id, "reason": reason})
+            return turn.skipped(inbound, reason, model), []
+        asked = HistoryEntry(role="user", text=inbound.text, ref=inbound.id)
+        started = time.perf_counter()
+        tools = ToolBox.for_scope(inbound.channel, inbound.account, timeout=settings.tool_timeout)
+        try:
+            result = await run_turn(
+                self.llm,
+                tools,
+                turn.prompt(inbound, settings.system_prompt, state),
+                max_rounds=settings.max_tool_rounds,
+            )
+        except LLMError as exc:
+            if exc.transient and d.attempt < settings.turn_attempts:
+                raise TransientError(f"llm: {exc}") from None  # retried in place, in order
+            log.error("turn failed", extra={"inbound_id": inbound.id, "error": str(exc)})
+            return turn.failed(inbound, f"llm: {exc}", model, settings.fallback_reply), [asked]
+        elapsed = (time.perf_counter() - started) * 1000
+        completion = Completion(
+            text=result.text,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+        )
+        output = turn.completed(
+            inbound, completion, model, elapsed, result.tools, settings.reply_limit
+        )
+        entries = [asked]
+        if result.text.strip():
+            refs = ",".join(j.job_id for j in output.jobs)
+            entries.append(HistoryEntry(role="assistant", text=result.text.strip(), ref=refs))
+        return output, entries
+
+    async def _settle(
+        self,
+        key: str,
+        chat: str,
+        seq: int,
+        entries: list[HistoryEntry],
+        state: ChatState,
+        revision: int,
+    ) -> None:
+        """Advance the chat past `seq`, adding `entries` to its history (revision-checked)."""
+        for _ in range(10):
+            new = turn.remember(
+                state,
+                seq,
+                entries,
+                max_messages=self.settings.history_messages,
+                max_chars=self.settings.history_chars,
+            )
+            if await self.chats.save(key, new, revision):
+                return
+            state, revision = await self.chats.get(key, chat)
+            if state.last_seq >= seq:
+                return  # settled by a concurrent redelivery; its outputs deduped with ours
+        raise TransientError("could not settle the chat's position")
+
+    async def dead_lettered(self, d: Delivery, reason: str) -> None:
+        """A message that cannot be handled still gives its chat's turn to the next one."""
+        try:
+            where = subjects.parse_chat_subject(d.subject)
+        except ContractError:
+            return  # no chat to unblock
+        key = subjects.chat_key(where.channel, where.account, where.chat)
+        state, revision = await self.chats.get(key, where.chat)
+        if state.last_seq < d.stream_seq:
+            await self._settle(key, where.chat, d.stream_seq, [], state, revision)

@@ -212,8 +212,8 @@ class ConsumerLoop:
                 await self.dead_letter(d, f"gave up after {d.num_delivered} attempts: {error}")
             case _DeadLetter(reason):
                 await self.dead_letter(d, reason)
-            case _Abandon():
-                await self.settle(d.msg.nak())
+            case _Abandon(delay):
+                await self.settle(d.msg.nak(delay=delay or None))
 
     async def attempt(self, d: Delivery) -> _Outcome | None:
         """Run the handler once in its span; None means success."""
@@ -231,7 +231,7 @@ class ConsumerLoop:
             except AbandonError as exc:
                 span.set_attribute("switchboard.outcome", "abandoned")
                 log.info("abandoned", extra={"consumer": self.spec.durable, "reason": str(exc)})
-                return _Abandon()
+                return _Abandon(exc.delay)
             except Exception as exc:
                 span.set_attribute("switchboard.outcome", "retry")
                 log.exception(
@@ -322,7 +322,7 @@ class _DeadLetter:
 
 @dataclass(frozen=True)
 class _Abandon:
-    pass
+    delay: float = 0.0
 
 
 _Outcome = _Retry | _DeadLetter | _Abandon
@@ -412,8 +412,8 @@ class _KeyedRun:
                     d.msg = current
                     await self.loop.dead_letter(d, reason)
                     return
-                case _Abandon():
-                    await self.loop.settle(current.nak())
+                case _Abandon(delay):
+                    await self.loop.settle(current.nak(delay=delay or None))
                     return
                 case _Retry(error, delay):
                     d.errors.append(AttemptError(attempt=d.attempt, error=error))

@@ -44,4 +44,8 @@ class PermanentError(ServiceError):
 
 class AbandonError(ServiceError):
     """Stop working on this message without judging it (e.g. the lease was lost): it is
-    handed back for redelivery."""
+    handed back for redelivery after `delay` seconds; no attempt is counted."""
+
+    def __init__(self, message: str, *, delay: float = 0.0) -> None:
+        super().__init__(message)
+        self.delay = delay

@@ -86,6 +86,23 @@ NEONIZE_DEFAULT_LIMIT = RateLimit(per_minute=30, burst=5)
 
 
 @dataclass(frozen=True)
+class CoreSettings:
+    """How the core runs turns."""
+
+    system_prompt: str = "You are a helpful assistant answering WhatsApp messages. Be brief."
+    history_messages: int = 20
+    history_chars: int = 8000
+    max_tool_rounds: int = 4
+    tool_timeout: float = 10.0
+    llm_timeout: float = 60.0
+    llm_retries: int = 2
+    turn_attempts: int = 5
+    fallback_reply: str = "Sorry, I could not answer that just now. Please try again later."
+    group_replies: Literal["mention", "all", "none"] = "mention"
+    reply_limit: int = 4096
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a role needs, parsed and validated."""
 
@@ -105,6 +122,7 @@ class Settings:
     log_format: LogFormat = "json"
     sim: SimFaults = SimFaults()
     delivery: Delivery = Delivery()
+    core: CoreSettings = CoreSettings()
 
     @property
     def effective_nats_url(self) -> str:
@@ -157,6 +175,22 @@ def load_settings(env: Mapping[str, str] | None = None, *, role: str | None = No
                 else None,
             ),
             rate_limits=get.get_rates("WHATSAPP_RATE_LIMITS"),
+        ),
+        core=CoreSettings(
+            system_prompt=get.get_str("SVC_SYSTEM_PROMPT", CoreSettings.system_prompt),
+            history_messages=get.get_int("SVC_HISTORY_MESSAGES", 20, minimum=0, maximum=1000),
+            history_chars=get.get_int("SVC_HISTORY_CHARS", 8000, minimum=0, maximum=200_000),
+            max_tool_rounds=get.get_int("SVC_MAX_TOOL_ROUNDS", 4, minimum=0, maximum=50),
+            tool_timeout=get.get_float("SVC_TOOL_TIMEOUT", 10.0, minimum=0.1, maximum=600),
+            llm_timeout=get.get_float("SVC_LLM_TIMEOUT", 60.0, minimum=0.1, maximum=600),
+            llm_retries=get.get_int("SVC_LLM_RETRIES", 2, minimum=0, maximum=20),
+            turn_attempts=get.get_int("SVC_TURN_ATTEMPTS", 5, minimum=1, maximum=50),
+            fallback_reply=env.get("SVC_FALLBACK_REPLY", CoreSettings.fallback_reply),
+            group_replies=cast(
+                Literal["mention", "all", "none"],
+                get.get_choice("SVC_GROUP_REPLIES", "mention", ("mention", "all", "none")),
+            ),
+            reply_limit=get.get_int("SVC_REPLY_LIMIT", 4096, minimum=100, maximum=65_536),
         ),
     )
     if settings.llm == "openai" and not settings.openai_api_key:

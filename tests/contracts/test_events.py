@@ -77,6 +77,7 @@ SAMPLES: dict[type[ev.Message], ev.Message] = {
         from_me=True,
         is_group=True,
         sender_name="Zoë",
+        mentioned=True,
     ),
     ev.TurnCompleted: ev.TurnCompleted(
         id="00000000000000000000000000000002",
@@ -727,3 +728,11 @@ def test_an_envelope_time_without_a_timezone_is_rejected() -> None:
     # Then it is not silently taken as a naive datetime
     with pytest.raises(DecodeError, match="at"):
         decode_any(data)
+
+
+def test_bytes_written_before_a_field_was_added_still_decode() -> None:
+    # MessageReceived v1 as stored before `mentioned` existed
+    old = (GOLDEN_DIR / "MessageReceived.v1.before-mentioned.json.compat").read_bytes().strip()
+    event = decode(old, ev.MessageReceived)
+    assert event.mentioned is False
+    assert event.text == SAMPLES[ev.MessageReceived].text

@@ -55,16 +55,19 @@ async def test_a_redelivered_inbound_creates_no_second_turn_or_job(bus: Bus) -> 
     assert len(await read_stream(bus, "OUTBOUND")) == 1
 
 
-async def test_turns_follow_arrival_order(bus: Bus) -> None:
-    texts = [f"m{i}" for i in range(20)]
+async def test_turns_of_each_chat_follow_arrival_order(bus: Bus) -> None:
+    texts = [f"m{i}" for i in range(30)]
     for t in texts:
         msg = inbound(t, chat=f"c{int(t[1:]) % 3}@s.whatsapp.net")
         await bus.publish(subjects.inbound("whatsapp", "acct", msg.chat), msg)
     worker = CoreWorker(bus, EchoLLM())
     stop = asyncio.Event()
     task = asyncio.create_task(worker.loop.run(stop))
-    await wait_until(lambda: worker.loop.handled == 20, what="20 turns")
+    await wait_until(lambda: worker.loop.handled == 30, what="30 turns")
     stop.set()
     await task
     jobs = [j for _, j in await read_stream(bus, "OUTBOUND") if isinstance(j, SendMessage)]
-    assert [j.text for j in jobs] == [f"echo: {t}" for t in texts]
+    for c in range(3):
+        chat = f"c{c}@s.whatsapp.net"
+        expected = [f"echo: {t}" for t in texts if int(t[1:]) % 3 == c]
+        assert [j.text for j in jobs if j.chat == chat] == expected

@@ -56,6 +56,7 @@ async def test_a_malformed_inbound_payload_is_dead_lettered_and_the_core_keeps_s
         await user.send("bob@s.whatsapp.net", "still there?")
         # Then it is answered
         assert await user.wait_replies(20)
+    await wait_until(lambda: _count_letters(bus, 2), what="both dead letters")
     letters = [e for _, e in await read_stream(bus, "DEADLETTER") if isinstance(e, DeadLettered)]
     assert {letter.payload for letter in letters} == {
         b"\x00\xffnot json",
@@ -132,3 +133,8 @@ async def _sent_count(bus: Bus, n: int) -> bool:
     return (
         len([e for _, e in await read_stream(bus, "DELIVERY") if isinstance(e, MessageSent)]) >= n
     )
+
+
+async def _count_letters(bus: Bus, n: int) -> bool:
+    letters = [e for _, e in await read_stream(bus, "DEADLETTER") if isinstance(e, DeadLettered)]
+    return len(letters) >= n
