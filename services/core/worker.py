@@ -113,6 +113,8 @@ class CoreWorker:
                     head = d.stream_seq
                 if head >= d.stream_seq:
                     return state, revision
+                if d.overtaken():  # the earlier one is queued right behind us: let it go first
+                    raise AbandonError(f"message {head} of this chat came back; it goes first")
                 if time.monotonic() > deadline:
                     raise AbandonError(
                         f"message {head} of this chat is still in flight; trying again later",

@@ -18,9 +18,9 @@ Two ways to run:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -94,6 +94,9 @@ class Delivery:
     num_delivered: int
     attempt: int = 1  # this process's attempt (in-place retries count up; redeliveries too)
     errors: list[AttemptError] = field(default_factory=list)
+    # Ordered-by-subject mode: True once an earlier message of the same subject is queued
+    # behind this one (a redelivery); a handler waiting for its turn should step aside.
+    overtaken: Callable[[], bool] = lambda: False
 
     @property
     def msg_id(self) -> str:
@@ -346,7 +349,7 @@ class _KeyedRun:
         self.sub = sub
         self.stop = stop
         self.held: dict[int, Msg] = {}  # stream seq -> latest delivery, until settled
-        self.queues: dict[str, deque[int]] = {}
+        self.queues: dict[str, list[int]] = {}  # per subject, sorted by stream sequence
         self.workers: dict[str, asyncio.Task[None]] = {}
         self.slot_freed = asyncio.Event()
 
@@ -378,7 +381,10 @@ class _KeyedRun:
             self.held[seq] = msg
             return
         self.held[seq] = msg
-        self.queues.setdefault(msg.subject, deque()).append(seq)
+        # Sorted: a redelivered earlier message goes before later ones (not before the one
+        # in progress, which may step aside: see Delivery.overtaken).
+        queue = self.queues.setdefault(msg.subject, [])
+        bisect.insort(queue, seq, lo=1 if msg.subject in self.workers else 0)
         if msg.subject not in self.workers:
             self.workers[msg.subject] = asyncio.create_task(self._work(msg.subject))
 
@@ -387,8 +393,8 @@ class _KeyedRun:
         try:
             while queue and not self.stop.is_set():
                 seq = queue[0]
-                await self._process(self.held[seq])
-                queue.popleft()
+                await self._process(self.held[seq], queue)
+                queue.remove(seq)
                 self.held.pop(seq, None)
                 self.slot_freed.set()
         finally:
@@ -396,9 +402,10 @@ class _KeyedRun:
             if not queue:
                 del self.queues[subject]
 
-    async def _process(self, msg: Msg) -> None:
+    async def _process(self, msg: Msg, queue: list[int]) -> None:
         d = _delivery(msg)
         d.attempt = 1
+        d.overtaken = lambda: len(queue) > 1 and queue[1] < d.stream_seq
         while True:
             outcome = await self.loop.attempt(d)
             current = self.held.get(d.stream_seq, msg)
