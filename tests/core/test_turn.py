@@ -63,3 +63,55 @@ def test_split_reply_respects_the_limit_and_keeps_every_word(text: str, limit: i
     assert all(0 < len(p) <= limit for p in parts)
     # Only whitespace at the cut points may go; every other character stays, in order.
     assert "".join("".join(parts).split()) == "".join(text.split())
+
+
+def test_group_messages_are_answered_per_the_group_rule() -> None:
+    group = inbound(chat="123@g.us", is_group=True)
+    mentioned = inbound(chat="123@g.us", is_group=True, mentioned=True)
+    assert turn.skip_reason(group, "mention") == "group message without a mention"
+    assert turn.skip_reason(mentioned, "mention") is None
+    assert turn.skip_reason(group, "all") is None
+    assert turn.skip_reason(mentioned, "none") == "group message"
+
+
+def test_history_is_bounded_by_count_and_size_oldest_first() -> None:
+    from contracts.payloads import ChatState, HistoryEntry
+
+    state = ChatState(chat="c", last_seq=3)
+    lines = [HistoryEntry(role="user", text=f"line {i:02d}") for i in range(10)]
+    by_count = turn.remember(state, 7, lines, max_messages=4, max_chars=10_000)
+    assert [h.text for h in by_count.history] == ["line 06", "line 07", "line 08", "line 09"]
+    assert by_count.last_seq == 7
+    by_size = turn.remember(state, 7, lines, max_messages=100, max_chars=21)
+    assert [h.text for h in by_size.history] == ["line 07", "line 08", "line 09"]
+
+
+def test_the_prompt_is_system_history_then_the_new_message() -> None:
+    from contracts.payloads import ChatState, HistoryEntry
+
+    state = ChatState(
+        chat="c",
+        history=[
+            HistoryEntry(role="user", text="hi"),
+            HistoryEntry(role="assistant", text="echo: hi"),
+        ],
+    )
+    messages = turn.prompt(inbound(text="again"), "be brief", state)
+    assert [(m.role, m.content) for m in messages] == [
+        ("system", "be brief"),
+        ("user", "hi"),
+        ("assistant", "echo: hi"),
+        ("user", "again"),
+    ]
+
+
+def test_the_calculator_never_evaluates_code() -> None:
+    import pytest
+
+    from services.core.tools import ToolError, calculate
+
+    assert calculate("(2+3)*4/5") == 4
+    assert calculate("2**10") == 1024
+    for hostile in ("__import__('os').system('true')", "open('x')", "2**1000000", "1/0", "a+1"):
+        with pytest.raises(ToolError):
+            calculate(hostile)
