@@ -1,0 +1,166 @@
+"""Core benchmark: turns/s of one core process (echo provider) vs raw nats-py, and the
+core's share of the whole pipeline's latency.
+
+Throughput: a backlog of MessageReceived events over many chats is stored on INBOUND, then
+the consumer starts; we time until every turn is recorded on AGENT. Switchboard's core
+does per-chat ordering across replicas (chat record read, predecessor check, revision-
+checked write), history, the agent loop and two publishes per turn; the raw baseline
+consumes, publishes two messages and acks.
+
+Latency: the whole system (role `all`) answers paced sim messages; for each, the core's
+part is AGENT's store time minus INBOUND's (server timestamps), next to the sim send ->
+reply time.
+
+    python bench/core.py --turns 2000 --chats 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from contracts import subjects
+from contracts.codec import decode_any
+from contracts.events import MessageReceived, TurnCompleted
+from services.app import system
+from services.core.llm import EchoLLM
+from services.core.worker import CoreWorker
+from services.ops.simclient import SimUser
+from services.runtime.bus import Bus, connect
+from services.runtime.nats_server import EmbeddedNats
+from services.runtime.provisioning import ensure_streams
+from services.runtime.reader import read
+from services.runtime.settings import load_settings
+
+
+async def backlog(bus: Bus, turns: int, chats: int) -> None:
+    pending: list[Awaitable[object]] = []
+    for n in range(turns):
+        chat = f"u{n % chats}@s.whatsapp.net"
+        msg = MessageReceived(
+            account="default", chat=chat, sender=chat, message_id=f"m{n}", text=f"hello {n}"
+        )
+        pending.append(bus.publish(subjects.inbound("whatsapp", "default", chat), msg))
+        if len(pending) >= 500:
+            await asyncio.gather(*pending)
+            pending = []
+    await asyncio.gather(*pending)
+
+
+async def ours(bus: Bus, stop: asyncio.Event) -> None:
+    await CoreWorker(bus, EchoLLM()).loop.run(stop)
+
+
+async def raw(bus: Bus, stop: asyncio.Event) -> None:
+    config = ConsumerConfig(
+        durable_name="raw",
+        filter_subject="inbound.>",
+        ack_policy=AckPolicy.EXPLICIT,
+        max_ack_pending=1000,
+    )
+    await bus.js.add_consumer("INBOUND", config)
+    sub = await bus.js.pull_subscribe_bind(durable="raw", stream="INBOUND")
+    while not stop.is_set():
+        try:
+            msgs = await sub.fetch(64, timeout=0.25)
+        except (TimeoutError, nats.errors.TimeoutError):
+            continue
+        for msg in msgs:
+            token = msg.subject.rsplit(".", 1)[1]
+            await bus.js.publish(f"outbound.whatsapp.default.{token}", msg.data)
+            await bus.js.publish(f"agent.whatsapp.default.{token}", msg.data)
+            await msg.ack_sync()
+
+
+async def throughput(runner: object, turns: int, chats: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        async with (
+            EmbeddedNats(Path(tmp) / "nats", port=0) as server,
+            connect(server.url, name="bench") as bus,
+        ):
+            await ensure_streams(bus.js)
+            await backlog(bus, turns, chats)
+            done = asyncio.Event()
+            count = 0
+
+            async def on_turn(_: Msg) -> None:
+                nonlocal count
+                count += 1
+                if count >= turns:
+                    done.set()
+
+            await bus.nc.subscribe("agent.>", cb=on_turn)
+            stop = asyncio.Event()
+            started = time.perf_counter()
+            task = asyncio.create_task(runner(bus, stop))  # type: ignore[operator]
+            await asyncio.wait_for(done.wait(), 600)
+            elapsed = time.perf_counter() - started
+            stop.set()
+            await task
+            return turns / elapsed
+
+
+async def pipeline_share(messages: int, chats: int) -> tuple[list[float], list[float]]:
+    """(core ms, end-to-end ms) per message in the whole system."""
+    with tempfile.TemporaryDirectory() as tmp:
+        async with EmbeddedNats(Path(tmp) / "nats", port=0) as server:
+            settings = load_settings(
+                {"NATS_URL": server.url, "SVC_LOG_LEVEL": "ERROR", "SVC_DATA_DIR": tmp}
+            )
+            async with system(settings, "all") as (bus, _, _t), SimUser(bus, "default") as user:
+                for n in range(messages):
+                    await user.send(f"u{n % chats}@s.whatsapp.net", f"hi {n}")
+                    await asyncio.sleep(0.005)
+                assert await user.wait_replies(120)
+                stored_in = {}
+                async for s in read(bus, "INBOUND"):
+                    stored_in[decode_any(s.data).id] = s.time
+                core = []
+                async for s in read(bus, "AGENT"):
+                    turn = decode_any(s.data)
+                    if (
+                        isinstance(turn, TurnCompleted)
+                        and s.time
+                        and stored_in.get(turn.inbound_id)
+                    ):
+                        core.append((s.time - stored_in[turn.inbound_id]).total_seconds() * 1000)
+                total = [e.latency_ms for e in user.exchanges.values()]
+            return core, total
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * q))]
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description="Core turns/s vs raw nats-py")
+    parser.add_argument("--turns", type=int, default=2000)
+    parser.add_argument("--chats", type=int, default=100)
+    args = parser.parse_args()
+    raw_rate = await throughput(raw, args.turns, args.chats)
+    our_rate = await throughput(ours, args.turns, args.chats)
+    core, total = await pipeline_share(300, 30)
+    print(f"core: {args.turns} turns over {args.chats} chats, echo provider, one process")
+    print(f"  raw nats-py (consume, publish 2, ack) : {raw_rate:8.0f} turns/s")
+    print(f"  switchboard core                      : {our_rate:8.0f} turns/s")
+    print(f"  ratio switchboard/raw                 : {our_rate / raw_rate:8.2f}")
+    share = statistics.median(core) / statistics.median(total)
+    print(
+        f"  pipeline (300 sim messages, role all): end to end p50 {statistics.median(total):.1f} ms"
+        f" p99 {pct(total, 0.99):.1f} ms; core part p50 {statistics.median(core):.1f} ms"
+        f" p99 {pct(core, 0.99):.1f} ms ({share:.0%} of p50)"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
