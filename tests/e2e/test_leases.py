@@ -50,6 +50,14 @@ def workers(processes: Processes, url: str, n: int, **env: str) -> list[object]:
     ]
 
 
+async def the_owner(bus: Bus) -> str:
+    """Wait until someone holds account `default`; return its holder id."""
+    await wait_until(lambda: holder_of(bus, "default"), what="an owner")
+    holder = await holder_of(bus, "default")
+    assert holder is not None
+    return holder
+
+
 async def account_events(bus: Bus, kind: type) -> list:  # type: ignore[type-arg]
     return [e for _, e in await read_stream(bus, "ACCOUNTS") if isinstance(e, kind)]
 
@@ -59,9 +67,7 @@ async def test_three_workers_one_sender_and_a_kill_9_loses_no_job(
 ) -> None:
     url, bus = served
     workers(processes, url, 3)
-    await wait_until(lambda: holder_of(bus, "default"), what="an owner")
-    first = await holder_of(bus, "default")
-    assert first is not None
+    first = await the_owner(bus)
     async with SimNetwork(bus, "default") as net:
         traffic = asyncio.create_task(enqueue(bus, "default", count=150, every=0.01))
         await net.wait(lambda: len(net.seen) >= 40, 30, "40 sends")
@@ -89,9 +95,7 @@ async def test_a_paused_owner_sends_nothing_after_resuming_and_records_lease_los
 ) -> None:
     url, bus = served
     workers(processes, url, 2)
-    await wait_until(lambda: holder_of(bus, "default"), what="an owner")
-    paused = await holder_of(bus, "default")
-    assert paused is not None
+    paused = await the_owner(bus)
     async with SimNetwork(bus, "default") as net:
         traffic = asyncio.create_task(enqueue(bus, "default", count=200, every=0.01))
         await net.wait(lambda: len(net.seen) >= 20, 30, "20 sends")
@@ -124,9 +128,7 @@ async def test_sigterm_hands_over_without_losing_or_repeating_a_job(
 ) -> None:
     url, bus = served
     procs = workers(processes, url, 2)
-    await wait_until(lambda: holder_of(bus, "default"), what="an owner")
-    first = await holder_of(bus, "default")
-    assert first is not None
+    first = await the_owner(bus)
     owner = next(p for p in procs if p.pid == pid_of(first))  # type: ignore[attr-defined]
     async with SimNetwork(bus, "default") as net:
         traffic = asyncio.create_task(enqueue(bus, "default", count=150, every=0.01))
@@ -179,9 +181,8 @@ async def test_stream_replaced_parks_the_account_until_an_operator_resumes_it(
 ) -> None:
     url, bus = served
     procs = workers(processes, url, 2)
-    await wait_until(lambda: holder_of(bus, "default"), what="an owner")
-    first = await holder_of(bus, "default")
-    standby = next(p for p in procs if p.pid != pid_of(first or ""))  # type: ignore[attr-defined]
+    first = await the_owner(bus)
+    standby = next(p for p in procs if p.pid != pid_of(first))  # type: ignore[attr-defined]
     async with SimNetwork(bus, "default") as net:  # the owner's session is attached once it sends
         warmup = await enqueue(bus, "default", count=1, run="warmup")
         await net.wait(lambda: net.job_ids() >= {warmup[0].job_id}, 20, "a first send")
@@ -220,8 +221,7 @@ async def test_an_operator_handover_moves_the_account_to_a_standby(
 ) -> None:
     url, bus = served
     workers(processes, url, 2)
-    await wait_until(lambda: holder_of(bus, "default"), what="an owner")
-    first = await holder_of(bus, "default")
+    first = await the_owner(bus)
     result = run_svc("accounts", "handover", "default", env=processes.env(NATS_URL=url))
     assert result.returncode == 0, result.stderr
     assert f"released by {first}" in result.stdout.decode()
@@ -264,9 +264,7 @@ async def test_kill_9_in_the_middle_of_500_jobs_only_uncertain_jobs_may_repeat(
 ) -> None:
     url, bus = served
     workers(processes, url, 2)
-    await wait_until(lambda: holder_of(bus, "default"), what="an owner")
-    first = await holder_of(bus, "default")
-    assert first is not None
+    first = await the_owner(bus)
     async with SimNetwork(bus, "default") as net:
         jobs = await enqueue(bus, "default", count=500, chats=20)
         await net.wait(lambda: len(net.seen) >= 150, 60, "150 sends")
