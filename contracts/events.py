@@ -285,6 +285,25 @@ class ToolPolicySet(Event, frozen=True, kw_only=True):
     actor: str = ""
 
 
+class FactRemembered(Event, frozen=True, kw_only=True):
+    """The memory plugin stored a fact for a chat."""
+
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    chat: str
+    key: str
+    value: str
+
+
+class FactForgotten(Event, frozen=True, kw_only=True):
+    """The memory plugin dropped a chat's fact."""
+
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    chat: str
+    key: str
+
+
 # --- ACCOUNTS --------------------------------------------------------------------------
 
 
@@ -362,7 +381,14 @@ DeliveryEvent = (
     MessageSent | DeliveryFailed | DeliveryDeadLettered | DeliveryUncertain | DeliveryReceipt
 )
 DeadLetterEvent = DeadLettered | DeadLetterRequeued | DeadLetterDropped
-PluginEvent = PluginInstalled | PluginConfigured | PluginUninstalled | ToolPolicySet
+PluginEvent = (
+    PluginInstalled
+    | PluginConfigured
+    | PluginUninstalled
+    | ToolPolicySet
+    | FactRemembered
+    | FactForgotten
+)
 AccountEvent = (
     AccountRegistered
     | LeaseAcquired
@@ -389,6 +415,8 @@ AnyMessage = (
     | PluginConfigured
     | PluginUninstalled
     | ToolPolicySet
+    | FactRemembered
+    | FactForgotten
     | AccountRegistered
     | LeaseAcquired
     | LeaseReleased
@@ -415,6 +443,8 @@ ALL_TYPES: tuple[type[Message], ...] = (
     PluginConfigured,
     PluginUninstalled,
     ToolPolicySet,
+    FactRemembered,
+    FactForgotten,
     AccountRegistered,
     LeaseAcquired,
     LeaseReleased,

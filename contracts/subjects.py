@@ -139,6 +139,11 @@ def plugins(name: str) -> str:
 PLUGIN_POLICY_SUBJECT = "plugins._policy"
 
 
+def memory(channel: str, account: str) -> str:
+    """`plugins.memory.<channel>.<account>`: the memory plugin's facts."""
+    return f"plugins.memory.{check_channel(channel)}.{check_account(account)}"
+
+
 def lease_key(channel: str, account: str) -> str:
     """Key of an account's lease in the `leases` bucket: `<channel>.<account>`."""
     return f"{check_channel(channel)}.{check_account(account)}"

@@ -204,6 +204,23 @@ SAMPLES: dict[type[ev.Message], ev.Message] = {
         actor="ops@example.com",
         reason="spam",
     ),
+    ev.FactRemembered: ev.FactRemembered(
+        id="00000000000000000000000000000026",
+        at=AT,
+        channel=CHANNEL,
+        account="acct-1",
+        chat="1203630@g.us",
+        key="name",
+        value="Zoë",
+    ),
+    ev.FactForgotten: ev.FactForgotten(
+        id="00000000000000000000000000000027",
+        at=AT,
+        channel=CHANNEL,
+        account="acct-1",
+        chat="1203630@g.us",
+        key="name",
+    ),
     ev.PluginInstalled: ev.PluginInstalled(
         id="00000000000000000000000000000011",
         at=AT,
