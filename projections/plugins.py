@@ -175,7 +175,7 @@ def _decide(
             return Decision(tool, False, f"deny {denied!r} at {scope}", config)
         if allowed := next((p for p in allow if fnmatchcase(tool, p)), None):
             return Decision(tool, True, f"allow {allowed!r} at {scope}", config)
-    allowed = manifest.default_policy == "allow"
+    by_default = manifest.default_policy == "allow"
     return Decision(
-        tool, allowed, f"default ({manifest.default_policy}) of {manifest.name}", config
+        tool, by_default, f"default ({manifest.default_policy}) of {manifest.name}", config
     )
