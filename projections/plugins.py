@@ -36,6 +36,14 @@ SCHEMA = (
 TABLES = ("installed", "policy", "facts")
 
 Statement = tuple[str, tuple[Any, ...]]
+HANDLED_TYPES = (
+    PluginInstalled,
+    PluginConfigured,
+    PluginUninstalled,
+    ToolPolicySet,
+    FactRemembered,
+    FactForgotten,
+)
 Handled = (
     PluginInstalled
     | PluginConfigured

@@ -6,9 +6,13 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
 from services.core.llm import LLM, EchoLLM, LLMError, OpenAILLM
 from services.core.worker import CoreWorker
+from services.plugins.projection import PluginProjection
+from services.plugins.registry import discover, manifests
+from services.plugins.tools import ProjectedTools
 from services.runtime.bus import Bus, connect
 from services.runtime.errors import ConfigError
 from services.runtime.lease import new_holder_id
@@ -41,6 +45,11 @@ def make_llm(settings: Settings) -> LLM:
         )
     except LLMError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def plugin_db(settings: Settings) -> Path:
+    """Where this process keeps its plugin projection (shared safely by local replicas)."""
+    return settings.data_dir / "projections" / "plugins.sqlite"
 
 
 def make_transport(settings: Settings, bus: Bus) -> Transport:
@@ -91,7 +100,14 @@ async def run_role(bus: Bus, settings: Settings, role: Role, stop: asyncio.Event
     async with AsyncExitStack() as stack:
         tasks: list[asyncio.Task[None]] = []
         if role in ("all", "core"):
-            worker = CoreWorker(bus, make_llm(settings), settings.core)
+            plugins = discover()
+            projection = await stack.enter_async_context(
+                PluginProjection(bus, plugin_db(settings), manifests(plugins))
+            )
+            await projection.catch_up()  # the first turn already sees installed plugins
+            tasks.append(asyncio.create_task(projection.run(stop), name="plugin-projection"))
+            tools = ProjectedTools(bus, plugins, projection, timeout=settings.core.tool_timeout)
+            worker = CoreWorker(bus, make_llm(settings), settings.core, tools=tools)
             tasks.append(asyncio.create_task(worker.loop.run(stop), name="core"))
         if role in ("all", "whatsapp", "whatsapp-egress"):
             transport = make_transport(settings, bus)

@@ -30,7 +30,8 @@ from services.core import turn
 from services.core.agent import run_turn
 from services.core.chats import ChatStore
 from services.core.llm import LLM, Completion, LLMError
-from services.core.tools import ToolBox
+from services.plugins.registry import discover
+from services.plugins.tools import ProjectedTools, ToolSource
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerLoop, ConsumerSpec, Delivery
 from services.runtime.errors import AbandonError, PermanentError, TransientError
@@ -64,11 +65,21 @@ class CoreWorker:
     """Turns MessageReceived into TurnCompleted/TurnFailed plus SendMessage jobs."""
 
     def __init__(
-        self, bus: Bus, llm: LLM, settings: CoreSettings | None = None, *, turn_wait: float = 5.0
+        self,
+        bus: Bus,
+        llm: LLM,
+        settings: CoreSettings | None = None,
+        *,
+        tools: ToolSource | None = None,
+        turn_wait: float = 5.0,
     ) -> None:
         self.bus = bus
         self.llm = llm
         self.settings = settings or CoreSettings()
+        # Without a projection: the discovered plugins with their default policies.
+        self.tools = tools or ProjectedTools(
+            bus, discover(), None, timeout=self.settings.tool_timeout
+        )
         self.turn_wait = turn_wait
         self.chats = ChatStore(bus)
         self.loop = ConsumerLoop(
@@ -135,7 +146,7 @@ class CoreWorker:
             return turn.skipped(inbound, reason, model), []
         asked = HistoryEntry(role="user", text=inbound.text, ref=inbound.id)
         started = time.perf_counter()
-        tools = ToolBox.for_scope(inbound.channel, inbound.account, timeout=settings.tool_timeout)
+        tools = await self.tools.toolbox(inbound.channel, inbound.account, inbound.chat)
         try:
             result = await run_turn(
                 self.llm,

@@ -108,7 +108,8 @@ def test_the_prompt_is_system_history_then_the_new_message() -> None:
 def test_the_calculator_never_evaluates_code() -> None:
     import pytest
 
-    from services.core.tools import ToolError, calculate
+    from services.plugins.base import ToolError
+    from services.plugins.builtin import calculate
 
     assert calculate("(2+3)*4/5") == 4
     assert calculate("2**10") == 1024

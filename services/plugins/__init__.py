@@ -1,0 +1,1 @@
+"""Plugins: the registry (entry points), the projection the core reads, built-ins."""

@@ -1,0 +1,119 @@
+"""How to write a plugin: a `Plugin` with a config Struct and tools whose parameters are
+Structs. Register it under the entry-point group `switchboard.plugins`.
+
+    class Params(msgspec.Struct):
+        name: str
+
+    greet = Plugin("greet", "1.0.0", "Say hello.")
+
+    @greet.tool("hello", "Greet someone by name.", Params)
+    async def hello(params: Params, config: msgspec.Struct, ctx: ToolContext) -> str:
+        return f"hello, {params.name}"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, Protocol, TypeVar
+
+import msgspec
+
+from contracts.plugins import PluginManifest, ToolManifest, parameters_schema
+
+
+class ToolError(Exception):
+    """A tool refused its arguments or failed; the message goes back to the model."""
+
+
+class Facts(Protocol):
+    """What the memory plugin needs from the platform."""
+
+    async def remember(self, key: str, value: str) -> None: ...
+    async def forget(self, key: str) -> None: ...
+    async def recall(self) -> dict[str, str]: ...
+
+
+@dataclass(frozen=True)
+class ToolContext:
+    """Where a tool runs: the chat it serves, and platform services."""
+
+    channel: str
+    account: str
+    chat: str
+    facts: Facts | None = None
+
+
+class NoConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """For plugins without settings."""
+
+
+P = TypeVar("P", bound=msgspec.Struct)
+ToolFn = Callable[[Any, Any, ToolContext], Awaitable[str]]
+
+
+@dataclass
+class _Tool:
+    manifest: ToolManifest
+    params: type[msgspec.Struct]
+    fn: ToolFn
+
+
+@dataclass
+class Plugin(Generic[P]):
+    """A plugin: name, version, description, config Struct, tools."""
+
+    name: str
+    version: str
+    description: str
+    config_type: type[msgspec.Struct] = NoConfig
+    default_policy: Literal["allow", "deny"] = "allow"
+    preinstalled: bool = False
+    _tools: dict[str, _Tool] = field(default_factory=dict)
+
+    def tool(
+        self, name: str, description: str, params: type[msgspec.Struct]
+    ) -> Callable[[ToolFn], ToolFn]:
+        """Register `fn(params, config, ctx) -> str` as tool `name`."""
+
+        def register(fn: ToolFn) -> ToolFn:
+            manifest = ToolManifest(
+                name=name, description=description, parameters=parameters_schema(params)
+            )
+            self._tools[name] = _Tool(manifest, params, fn)
+            return fn
+
+        return register
+
+    @property
+    def manifest(self) -> PluginManifest:
+        """The plugin's manifest (what `svc plugins ls` shows, what the model is offered)."""
+        return PluginManifest(
+            name=self.name,
+            version=self.version,
+            description=self.description,
+            tools=[t.manifest for t in self._tools.values()],
+            config_schema=parameters_schema(self.config_type),
+            default_policy=self.default_policy,
+            preinstalled=self.preinstalled,
+        )
+
+    def config(self, raw: dict[str, Any]) -> msgspec.Struct:
+        """Validated config; raises ToolError naming the field and the expected type."""
+        try:
+            return msgspec.convert(raw, self.config_type, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ToolError(f"config of {self.name}: {exc}") from None
+
+    async def call(
+        self, tool: str, arguments: dict[str, Any], config: dict[str, Any], ctx: ToolContext
+    ) -> str:
+        """Run `tool` with the model's arguments (validated against its parameter Struct)."""
+        entry = self._tools.get(tool)
+        if entry is None:
+            raise ToolError(f"{self.name} has no tool {tool!r}")
+        try:
+            params = msgspec.convert(arguments, entry.params, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ToolError(f"bad arguments for {self.name}.{tool}: {exc}") from None
+        return await entry.fn(params, self.config(config), ctx)

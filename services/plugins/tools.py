@@ -1,0 +1,101 @@
+"""The tools a turn may use: resolved from the plugin projection for (channel, account)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from contracts import subjects
+from contracts.events import FactForgotten, FactRemembered
+from projections import plugins as view
+from services.core.llm import ToolSpec
+from services.core.tools import BoundTool, ToolBox
+from services.plugins.base import Plugin, ToolContext
+from services.plugins.projection import PluginProjection
+from services.runtime.bus import Bus
+
+
+class ToolSource(Protocol):
+    """Where the core gets each turn's tools."""
+
+    async def toolbox(self, channel: str, account: str, chat: str) -> ToolBox:
+        """The tools allowed for this chat's turn."""
+        ...
+
+
+class ChatFacts:
+    """The memory plugin's view of one chat: writes are events, reads the projection."""
+
+    def __init__(
+        self, bus: Bus, projection: PluginProjection | None, ctx: tuple[str, str, str]
+    ) -> None:
+        self.bus = bus
+        self.projection = projection
+        self.channel, self.account, self.chat = ctx
+
+    async def remember(self, key: str, value: str) -> None:
+        await self.bus.publish(
+            subjects.memory(self.channel, self.account),
+            FactRemembered(
+                channel=self.channel, account=self.account, chat=self.chat, key=key, value=value
+            ),
+        )
+
+    async def forget(self, key: str) -> None:
+        await self.bus.publish(
+            subjects.memory(self.channel, self.account),
+            FactForgotten(channel=self.channel, account=self.account, chat=self.chat, key=key),
+        )
+
+    async def recall(self) -> dict[str, str]:
+        if self.projection is None:
+            return {}
+        return await self.projection.facts(self.channel, self.account, self.chat)
+
+
+class ProjectedTools:
+    """Tools of the plugins in effect, filtered by the resolved policy, bound to the chat."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        plugins: dict[str, Plugin[Any]],
+        projection: PluginProjection | None,
+        *,
+        timeout: float,
+    ) -> None:
+        self.bus = bus
+        self.plugins = plugins
+        self.projection = projection
+        self.timeout = timeout
+
+    async def decisions(self, channel: str, account: str) -> list[view.Decision]:
+        """The resolution the turn uses (events only, defaults when there is no projection)."""
+        if self.projection is not None:
+            return await self.projection.resolve(channel, account)
+        manifests = {n: p.manifest for n, p in self.plugins.items()}
+        return view.resolve([], {}, manifests, channel, account)
+
+    async def toolbox(self, channel: str, account: str, chat: str) -> ToolBox:
+        """The allowed tools, ready to call."""
+        ctx = ToolContext(
+            channel, account, chat, ChatFacts(self.bus, self.projection, (channel, account, chat))
+        )
+        bound = []
+        for decision in await self.decisions(channel, account):
+            if not decision.allowed:
+                continue
+            plugin_name, _, tool_name = decision.tool.partition(".")
+            plugin = self.plugins.get(plugin_name)
+            if plugin is None:
+                continue
+            manifest = next(t for t in plugin.manifest.tools if t.name == tool_name)
+            spec = ToolSpec(decision.tool, manifest.description, manifest.parameters)
+            bound.append(BoundTool(spec, _caller(plugin, tool_name, decision.config, ctx)))
+        return ToolBox(bound, timeout=self.timeout)
+
+
+def _caller(plugin: Plugin[Any], tool: str, config: dict[str, Any], ctx: ToolContext) -> Any:
+    async def call(arguments: dict[str, Any]) -> str:
+        return await plugin.call(tool, arguments, config, ctx)
+
+    return call
