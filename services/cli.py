@@ -34,6 +34,8 @@ app.add_typer(nats_app, name="nats")
 accounts_app = typer.Typer(help="Account ownership: handover and resume.", no_args_is_help=True)
 app.add_typer(streams_app, name="streams")
 app.add_typer(accounts_app, name="accounts")
+plugins_app = typer.Typer(help="Plugins and tool policy (events on PLUGINS).", no_args_is_help=True)
+app.add_typer(plugins_app, name="plugins")
 dlq_app = typer.Typer(help="Dead letters: list, show, requeue, drop.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
 
@@ -341,6 +343,150 @@ def dlq_drop(
 
     _run(main)
     typer.echo(f"dropped dead letter {seq}")
+
+
+ChannelOpt = Annotated[
+    str | None, typer.Option("--channel", help="Scope: a channel (e.g. whatsapp).")
+]
+AccountOpt = Annotated[str | None, typer.Option("--account", help="Scope: one account.")]
+ConfigOpt = Annotated[list[str] | None, typer.Option("--config", help="KEY=VALUE (repeatable).")]
+
+
+def _plugins(settings: Settings, work: Callable[[Bus], Coroutine[Any, Any, T]]) -> T:
+    async def main() -> T:
+        async with _connect(settings, "svc-plugins") as bus:
+            return await work(bus)
+
+    return _run(main)
+
+
+def _recorded(event: Any, seq: int, as_json: bool) -> None:
+    if as_json:
+        typer.echo(msgspec.json.encode({"seq": seq, "event": event}).decode())
+    else:
+        typer.echo(f"recorded {type(event).__name__} (PLUGINS seq {seq})")
+
+
+@plugins_app.command("ls")
+def plugins_ls(as_json: JsonOpt = False) -> None:
+    """Available plugins, and what is installed in which scope."""
+    from services.ops.plugins import listing
+
+    data = _plugins(_settings(quiet=True), listing)
+    if as_json:
+        typer.echo(msgspec.json.encode(data).decode())
+        return
+    typer.echo("AVAILABLE")
+    for p in data["available"]:
+        tools = ", ".join(f"{p['name']}.{t['name']}" for t in p["tools"])
+        flags = " preinstalled" if p["preinstalled"] else ""
+        typer.echo(
+            f"  {p['name']:<12} {p['version']:<8} default {p['default_policy']}{flags}: {tools}"
+        )
+    typer.echo("INSTALLED (scope: * global, <channel>, <channel>/<account>)")
+    if not data["installed"]:
+        typer.echo("  (nothing beyond the preinstalled plugins)")
+    for r in data["installed"]:
+        config = r["config"] or ""
+        typer.echo(f"  {r['scope']:<20} {r['name']:<12} {r['state']:<9} {r['version']:<8} {config}")
+    typer.echo("POLICIES")
+    for pol in data["policies"] or [{"scope": "-", "allow": [], "deny": []}]:
+        typer.echo(f"  {pol['scope']:<20} allow {pol['allow']} deny {pol['deny']}")
+
+
+@plugins_app.command("install")
+def plugins_install(
+    name: Annotated[str, typer.Argument(help="The plugin.")],
+    channel: ChannelOpt = None,
+    account: AccountOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Install a plugin globally, for a channel, or for one account."""
+    from services.ops.plugins import install, scope_of
+
+    settings = _settings(quiet=True)
+    scope = _scope(channel, account, scope_of)
+    event, seq = _plugins(settings, lambda bus: install(bus, name, scope, config or []))
+    _recorded(event, seq, as_json)
+
+
+@plugins_app.command("config")
+def plugins_config(
+    name: Annotated[str, typer.Argument(help="The plugin.")],
+    channel: ChannelOpt = None,
+    account: AccountOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Change an installed plugin's configuration in a scope."""
+    from services.ops.plugins import configure, scope_of
+
+    settings = _settings(quiet=True)
+    scope = _scope(channel, account, scope_of)
+    event, seq = _plugins(settings, lambda bus: configure(bus, name, scope, config or []))
+    _recorded(event, seq, as_json)
+
+
+@plugins_app.command("uninstall")
+def plugins_uninstall(
+    name: Annotated[str, typer.Argument(help="The plugin.")],
+    channel: ChannelOpt = None,
+    account: AccountOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Uninstall a plugin from a scope (preinstalled ones too)."""
+    from services.ops.plugins import scope_of, uninstall
+
+    settings = _settings(quiet=True)
+    scope = _scope(channel, account, scope_of)
+    event, seq = _plugins(settings, lambda bus: uninstall(bus, name, scope))
+    _recorded(event, seq, as_json)
+
+
+@plugins_app.command("policy")
+def plugins_policy(
+    channel: ChannelOpt = None,
+    account: AccountOpt = None,
+    allow: Annotated[
+        list[str] | None, typer.Option("--allow", help="plugin.tool glob (repeatable).")
+    ] = None,
+    deny: Annotated[
+        list[str] | None, typer.Option("--deny", help="plugin.tool glob (repeatable).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set a scope's allow/deny patterns (no --channel: global). Replaces its rules."""
+    from services.ops.plugins import policy, scope_of
+
+    settings = _settings(quiet=True)
+    scope = _scope(channel, account, scope_of)
+    event, seq = _plugins(settings, lambda bus: policy(bus, scope, allow or [], deny or []))
+    _recorded(event, seq, as_json)
+
+
+@plugins_app.command("resolve")
+def plugins_resolve(
+    channel: Annotated[str, typer.Option("--channel", help="The channel.")] = "whatsapp",
+    account: Annotated[str, typer.Option("--account", help="The account.")] = "default",
+    as_json: JsonOpt = False,
+) -> None:
+    """The tools a turn for (channel, account) gets, and which rule decided each."""
+    from services.ops.plugins import resolution
+
+    rows = _plugins(_settings(quiet=True), lambda bus: resolution(bus, channel, account))
+    if as_json:
+        typer.echo(msgspec.json.encode(rows).decode())
+        return
+    for r in rows:
+        typer.echo(f"{'ALLOW' if r['allowed'] else 'DENY ':<6} {r['tool']:<24} {r['rule']}")
+
+
+def _scope(channel: str | None, account: str | None, scope_of: Callable[..., Any]) -> Any:
+    try:
+        return scope_of(channel, account)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
 
 
 def _check_account(account: str) -> None:
