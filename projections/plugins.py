@@ -31,7 +31,8 @@ SCHEMA = (
     """CREATE TABLE IF NOT EXISTS facts (
         chat TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (chat, key))""",
     """CREATE TABLE IF NOT EXISTS checkpoint (
-        name TEXT PRIMARY KEY, seq INTEGER NOT NULL, skipped INTEGER NOT NULL)""",
+        name TEXT PRIMARY KEY, seq INTEGER NOT NULL, skipped INTEGER NOT NULL,
+        stream TEXT NOT NULL DEFAULT '')""",
 )
 TABLES = ("installed", "policy", "facts")
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -94,14 +95,15 @@ async def role(bus: Bus, name: str, **env: str) -> AsyncIterator[None]:
     from services.app import run_role
     from services.runtime.settings import load_settings
 
-    settings = load_settings({"WHATSAPP_LEASE_TTL": "4", **env})
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_role(bus, settings, name, stop))  # type: ignore[arg-type]
-    try:
-        yield
-    finally:
-        stop.set()
-        await task
+    with tempfile.TemporaryDirectory(prefix="svc-role-") as data_dir:
+        settings = load_settings({"WHATSAPP_LEASE_TTL": "4", "SVC_DATA_DIR": data_dir, **env})
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_role(bus, settings, name, stop))  # type: ignore[arg-type]
+        try:
+            yield
+        finally:
+            stop.set()
+            await task
 
 
 def svc_argv(*args: str) -> list[str]:

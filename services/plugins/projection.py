@@ -51,6 +51,7 @@ class PluginProjection:
         self.skipped = 0
         self.changed = asyncio.Event()  # set after every committed batch
         self._db: aiosqlite.Connection | None = None
+        self._checked = False
 
     async def __aenter__(self) -> PluginProjection:
         if self.path != ":memory:":
@@ -60,7 +61,9 @@ class PluginProjection:
         await self._db.execute("PRAGMA synchronous=NORMAL")
         for ddl in view.SCHEMA:
             await self._db.execute(ddl)
-        await self._db.execute("INSERT OR IGNORE INTO checkpoint VALUES (?, 0, 0)", (self.name,))
+        await self._db.execute(
+            "INSERT OR IGNORE INTO checkpoint VALUES (?, 0, 0, '')", (self.name,)
+        )
         self.position, self.skipped = await self._checkpoint()
         return self
 
@@ -84,8 +87,36 @@ class PluginProjection:
             row = await cur.fetchone()
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
+    async def _same_stream(self) -> None:
+        """Start over if PLUGINS was recreated since this file was built (its checkpoint
+        would point into a different history)."""
+        info = await self.bus.js.stream_info(PLUGINS.name)
+        identity = str(info.created)
+        async with self.db.execute(
+            "SELECT stream FROM checkpoint WHERE name = ?", (self.name,)
+        ) as cur:
+            row = await cur.fetchone()
+        if row and row[0] == identity:
+            return
+        if row and row[0]:
+            log.warning(
+                "PLUGINS was recreated: rebuilding the projection", extra={"path": self.path}
+            )
+        await self.db.execute("BEGIN IMMEDIATE")
+        for table in view.TABLES:
+            await self.db.execute(f"DELETE FROM {table}")  # noqa: S608 -- our own table names
+        await self.db.execute(
+            "UPDATE checkpoint SET seq = 0, skipped = 0, stream = ? WHERE name = ?",
+            (identity, self.name),
+        )
+        await self.db.execute("COMMIT")
+        self.position, self.skipped = 0, 0
+
     async def catch_up(self, *, upto: int | None = None) -> int:
         """Apply every event after the checkpoint (up to `upto`); return how many."""
+        if not self._checked:
+            await self._same_stream()
+            self._checked = True
         applied = 0
         batch: list[tuple[int, list[view.Statement] | None]] = []
         async for stored in read(

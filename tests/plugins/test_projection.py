@@ -164,3 +164,24 @@ async def test_a_bad_plugin_config_names_the_field_and_the_type() -> None:
         parse_config(http_get, ["colour=red"])
     ok: dict[str, Any] = parse_config(http_get, ["timeout_s=2", 'allowlist=["a.org"]'])
     assert ok == {"timeout_s": 2, "allowlist": ["a.org"]}
+
+
+async def test_a_projection_built_from_a_recreated_stream_starts_over(
+    bus: Bus, tmp_path: Path
+) -> None:
+    path = tmp_path / "p.sqlite"
+    await history(bus)
+    async with projection(bus, path) as first:
+        await first.catch_up()
+        assert first.position > 1
+    # Given PLUGINS was deleted and recreated (a wiped NATS store, say)
+    from services.runtime.provisioning import ensure_streams
+
+    await bus.js.delete_stream("PLUGINS")
+    await ensure_streams(bus.js)
+    await bus.publish(subjects.plugins("memory"), PluginInstalled(name="memory", version="1.0.0"))
+    # Then the old file is not trusted: it is rebuilt from the new history
+    async with projection(bus, path) as again:
+        await again.catch_up()
+        assert again.position == 1
+        assert (await again.dump())["installed"] == [("*", "memory", "installed", "1.0.0", "{}")]
