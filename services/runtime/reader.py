@@ -1,4 +1,10 @@
-"""Read a stream from a sequence with an ordered consumer (the fast path for replay)."""
+"""Read a stream from a sequence, in order, with bounded memory and no loss.
+
+An ephemeral pull consumer (no acks, in memory, removed when idle) fetched in batches:
+the reader asks for the next batch only when it has handled the last, so a slow reader
+(a projection writing SQLite) gets backpressure instead of dropped messages, which is what
+a pushed ordered consumer does to a slow subscriber.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from services.runtime.bus import Bus
 
+BATCH = 1000
+
 
 @dataclass(frozen=True)
 class Stored:
@@ -26,7 +34,13 @@ class Stored:
 
 
 async def read(
-    bus: Bus, stream: str, *, subject: str = ">", start_seq: int = 1, stop_seq: int | None = None
+    bus: Bus,
+    stream: str,
+    *,
+    subject: str = ">",
+    start_seq: int = 1,
+    stop_seq: int | None = None,
+    batch: int = BATCH,
 ) -> AsyncIterator[Stored]:
     """Every message of `stream` on `subject` from `start_seq` up to what was stored when
     the read began (or `stop_seq`); ephemeral, so it never disturbs a live system."""
@@ -41,23 +55,29 @@ async def read(
         deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
         opt_start_seq=max(1, start_seq),
         ack_policy=AckPolicy.NONE,
+        filter_subject=None if subject == ">" else subject,
+        inactive_threshold=30.0,
+        mem_storage=True,
+        max_ack_pending=-1,
     )
-    sub = await bus.js.subscribe(
-        subject, stream=stream, ordered_consumer=True, config=config, pending_msgs_limit=65_536
-    )
+    sub = await bus.js.pull_subscribe(subject, stream=stream, config=config)
     try:
         while True:
             try:
-                msg = await sub.next_msg(timeout=2.0)
-            except nats.errors.TimeoutError:
-                return  # nothing more matches the filter
-            meta = msg.metadata
-            seq = meta.sequence.stream
-            if seq > last:
-                return
-            yield Stored(seq, msg.subject, msg.data, dict(msg.headers or {}), meta.timestamp)
-            if seq == last or meta.num_pending == 0:
-                return
+                msgs = await sub.fetch(batch, timeout=1.0)
+            except (nats.errors.TimeoutError, TimeoutError):
+                info_c = await sub.consumer_info()
+                if info_c.num_pending == 0:
+                    return  # nothing left that matches
+                continue
+            for msg in msgs:
+                meta = msg.metadata
+                seq = meta.sequence.stream
+                if seq > last:
+                    return
+                yield Stored(seq, msg.subject, msg.data, dict(msg.headers or {}), meta.timestamp)
+                if seq == last or meta.num_pending == 0:
+                    return
     finally:
-        with contextlib.suppress(nats.errors.Error):
+        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
             await sub.unsubscribe()
