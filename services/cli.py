@@ -403,12 +403,9 @@ def plugins_install(
     as_json: JsonOpt = False,
 ) -> None:
     """Install a plugin globally, for a channel, or for one account."""
-    from services.ops.plugins import install, scope_of
+    from services.ops.plugins import install
 
-    settings = _settings(quiet=True)
-    scope = _scope(channel, account, scope_of)
-    event, seq = _plugins(settings, lambda bus: install(bus, name, scope, config or []))
-    _recorded(event, seq, as_json)
+    _write(channel, account, as_json, lambda bus, scope: install(bus, name, scope, config or []))
 
 
 @plugins_app.command("config")
@@ -420,12 +417,9 @@ def plugins_config(
     as_json: JsonOpt = False,
 ) -> None:
     """Change an installed plugin's configuration in a scope."""
-    from services.ops.plugins import configure, scope_of
+    from services.ops.plugins import configure
 
-    settings = _settings(quiet=True)
-    scope = _scope(channel, account, scope_of)
-    event, seq = _plugins(settings, lambda bus: configure(bus, name, scope, config or []))
-    _recorded(event, seq, as_json)
+    _write(channel, account, as_json, lambda bus, scope: configure(bus, name, scope, config or []))
 
 
 @plugins_app.command("uninstall")
@@ -436,12 +430,9 @@ def plugins_uninstall(
     as_json: JsonOpt = False,
 ) -> None:
     """Uninstall a plugin from a scope (preinstalled ones too)."""
-    from services.ops.plugins import scope_of, uninstall
+    from services.ops.plugins import uninstall
 
-    settings = _settings(quiet=True)
-    scope = _scope(channel, account, scope_of)
-    event, seq = _plugins(settings, lambda bus: uninstall(bus, name, scope))
-    _recorded(event, seq, as_json)
+    _write(channel, account, as_json, lambda bus, scope: uninstall(bus, name, scope))
 
 
 @plugins_app.command("policy")
@@ -457,12 +448,11 @@ def plugins_policy(
     as_json: JsonOpt = False,
 ) -> None:
     """Set a scope's allow/deny patterns (no --channel: global). Replaces its rules."""
-    from services.ops.plugins import policy, scope_of
+    from services.ops.plugins import policy
 
-    settings = _settings(quiet=True)
-    scope = _scope(channel, account, scope_of)
-    event, seq = _plugins(settings, lambda bus: policy(bus, scope, allow or [], deny or []))
-    _recorded(event, seq, as_json)
+    _write(
+        channel, account, as_json, lambda bus, scope: policy(bus, scope, allow or [], deny or [])
+    )
 
 
 @plugins_app.command("resolve")
@@ -482,11 +472,22 @@ def plugins_resolve(
         typer.echo(f"{'ALLOW' if r['allowed'] else 'DENY ':<6} {r['tool']:<24} {r['rule']}")
 
 
-def _scope(channel: str | None, account: str | None, scope_of: Callable[..., Any]) -> Any:
+def _write(
+    channel: str | None,
+    account: str | None,
+    as_json: bool,
+    work: Callable[[Bus, Any], Coroutine[Any, Any, tuple[Any, int]]],
+) -> None:
+    """Validate the scope, run a validated plugin write, print what was recorded."""
+    from services.ops.plugins import scope_of
+
+    settings = _settings(quiet=True)
     try:
-        return scope_of(channel, account)
+        scope = scope_of(channel, account)
     except ValueError as exc:
         raise _fail(str(exc), 2) from None
+    event, seq = _plugins(settings, lambda bus: work(bus, scope))
+    _recorded(event, seq, as_json)
 
 
 def _check_account(account: str) -> None:
