@@ -206,7 +206,7 @@ class ConsumerLoop:
         outcome = await self.attempt(d)
         match outcome:
             case None:
-                await self.settle(d.msg.ack_sync(timeout=5))
+                await self.settle(d.msg.ack_sync(timeout=5) if self.spec.sync_ack else d.msg.ack())
                 self.handled += 1
             case _Retry(error, delay) if not last_try:
                 self.log_retry(d, error, delay)

@@ -180,6 +180,8 @@ async def _receive(bus: Bus, account: str, on_event: EventCallback) -> AsyncIter
         ack_wait=5.0,
         # Closing the session waits for the idle fetch: keep handovers well under 1 s.
         fetch_timeout=0.25,
+        # A redelivery republishes the same MessageReceived id, which JetStream dedupes.
+        sync_ack=False,
     )
     loop = ConsumerLoop(bus, spec, handle)
     await loop.ensure()
