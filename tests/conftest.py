@@ -60,32 +60,31 @@ async def wait_until(
 
 async def read_stream(bus: Bus, stream: str, subject: str = ">") -> list[tuple[str, AnyMessage]]:
     """Every message currently stored in `stream` on `subject`, decoded, in order."""
+    return [(subj, decode_any(data)) for subj, data, _ in await stream_raw(bus, stream, subject)]
+
+
+async def stream_raw(
+    bus: Bus, stream: str, subject: str = ">"
+) -> list[tuple[str, bytes, dict[str, str]]]:
+    """Raw (subject, data, headers) of every message in `stream`. Limits streams are read
+    with the lossless reader; work queues (where no second consumer may read) by direct
+    gets that skip only messages already consumed. Any other failure fails the test."""
+    import nats.js.errors
+
     from contracts.subjects import subject_matches
+    from services.runtime.reader import read
 
     info = await bus.js.stream_info(stream)
-    out: list[tuple[str, AnyMessage]] = []
-    if info.state.messages == 0:
-        return out
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        try:
-            raw = await bus.js.get_msg(stream, seq)
-        except Exception:
-            continue
-        if raw.subject and subject_matches(subject, raw.subject) and raw.data is not None:
-            out.append((raw.subject, decode_any(raw.data)))
-    return out
-
-
-async def stream_raw(bus: Bus, stream: str) -> list[tuple[str, bytes, dict[str, str]]]:
-    """Raw (subject, data, headers) of every message in `stream`."""
-    info = await bus.js.stream_info(stream)
+    if str(getattr(info.config.retention, "value", info.config.retention)) != "workqueue":
+        return [(s.subject, s.data, s.headers) async for s in read(bus, stream, subject=subject)]
     out: list[tuple[str, bytes, dict[str, str]]] = []
     for seq in range(info.state.first_seq, info.state.last_seq + 1) if info.state.messages else []:
         try:
             raw = await bus.js.get_msg(stream, seq)
-        except Exception:
-            continue
-        out.append((raw.subject or "", raw.data or b"", dict(raw.headers or {})))
+        except nats.js.errors.NotFoundError:
+            continue  # consumed (acked) from the work queue
+        if raw.subject and subject_matches(subject, raw.subject):
+            out.append((raw.subject, raw.data or b"", dict(raw.headers or {})))
     return out
 
 
