@@ -70,6 +70,7 @@ class Plugin(Generic[P]):
     default_policy: Literal["allow", "deny"] = "allow"
     preinstalled: bool = False
     _tools: dict[str, _Tool] = field(default_factory=dict)
+    _manifest: PluginManifest | None = field(default=None, repr=False)
 
     def tool(
         self, name: str, description: str, params: type[msgspec.Struct]
@@ -81,22 +82,26 @@ class Plugin(Generic[P]):
                 name=name, description=description, parameters=parameters_schema(params)
             )
             self._tools[name] = _Tool(manifest, params, fn)
+            self._manifest = None  # rebuilt on next access
             return fn
 
         return register
 
     @property
     def manifest(self) -> PluginManifest:
-        """The plugin's manifest (what `svc plugins ls` shows, what the model is offered)."""
-        return PluginManifest(
-            name=self.name,
-            version=self.version,
-            description=self.description,
-            tools=[t.manifest for t in self._tools.values()],
-            config_schema=parameters_schema(self.config_type),
-            default_policy=self.default_policy,
-            preinstalled=self.preinstalled,
-        )
+        """The plugin's manifest (what `svc plugins ls` shows, what the model is offered);
+        built once, since the core reads it on every turn."""
+        if self._manifest is None:
+            self._manifest = PluginManifest(
+                name=self.name,
+                version=self.version,
+                description=self.description,
+                tools=[t.manifest for t in self._tools.values()],
+                config_schema=parameters_schema(self.config_type),
+                default_policy=self.default_policy,
+                preinstalled=self.preinstalled,
+            )
+        return self._manifest
 
     def config(self, raw: dict[str, Any]) -> msgspec.Struct:
         """Validated config; raises ToolError naming the field and the expected type."""

@@ -67,13 +67,22 @@ class ProjectedTools:
         self.plugins = plugins
         self.projection = projection
         self.timeout = timeout
+        # Resolution only changes when the projection moves: remember it per position.
+        self._resolved: dict[tuple[str, str], tuple[int, list[view.Decision]]] = {}
 
     async def decisions(self, channel: str, account: str) -> list[view.Decision]:
         """The resolution the turn uses (events only, defaults when there is no projection)."""
+        position = self.projection.position if self.projection is not None else 0
+        cached = self._resolved.get((channel, account))
+        if cached is not None and cached[0] == position:
+            return cached[1]
         if self.projection is not None:
-            return await self.projection.resolve(channel, account)
-        manifests = {n: p.manifest for n, p in self.plugins.items()}
-        return view.resolve([], {}, manifests, channel, account)
+            decisions = await self.projection.resolve(channel, account)
+        else:
+            manifests = {n: p.manifest for n, p in self.plugins.items()}
+            decisions = view.resolve([], {}, manifests, channel, account)
+        self._resolved[(channel, account)] = (position, decisions)
+        return decisions
 
     async def toolbox(self, channel: str, account: str, chat: str) -> ToolBox:
         """The allowed tools, ready to call."""
