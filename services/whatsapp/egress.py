@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 from contracts import subjects
 from contracts.codec import decode
@@ -21,6 +22,7 @@ from contracts.errors import ContractError
 from contracts.events import (
     AttemptError,
     DeliveryDeadLettered,
+    DeliveryEvent,
     DeliveryFailed,
     DeliveryUncertain,
     MessageSent,
@@ -154,18 +156,13 @@ class Egress:
             "delivery uncertain",
             extra={"job_id": job.job_id, "attempt": record.attempt, "resolution": resolution},
         )
-        await self.bus.publish(
-            subjects.delivery(job.channel, job.account, job.chat),
-            DeliveryUncertain(
-                id=derived_id("uncertain", job.job_id, str(record.attempt)),
-                job_id=job.job_id,
-                channel=job.channel,
-                account=job.account,
-                chat=job.chat,
-                holder=record.holder,
-                lease_token=record.lease_token,
-                resolution=resolution,
-            ),
+        await self._report(
+            job,
+            DeliveryUncertain,
+            ("uncertain", str(record.attempt)),
+            holder=record.holder,
+            lease_token=record.lease_token,
+            resolution=resolution,
         )
         errors.append(
             AttemptError(
@@ -178,36 +175,43 @@ class Egress:
             return True
         return False
 
-    async def _failed(self, job: SendMessage, attempt: int, error: str, permanent: bool) -> None:
-        await self.bus.publish(
-            subjects.delivery(job.channel, job.account, job.chat),
-            DeliveryFailed(
-                id=derived_id("failed", job.job_id, str(attempt)),
-                job_id=job.job_id,
-                channel=job.channel,
-                account=job.account,
-                chat=job.chat,
-                attempt=attempt,
-                error=error,
-                permanent=permanent,
-            ),
-        )
-
-    async def _sent(self, job: SendMessage, attempt: int, fence: Fence, transport_id: str) -> None:
-        sent = MessageSent(
-            id=derived_id("sent", job.job_id),
+    async def _report(
+        self, job: SendMessage, kind: type[DeliveryEvent], id_parts: tuple[str, ...], **fields: Any
+    ) -> None:
+        """Publish a DELIVERY event about `job`; its id derives from the job and `id_parts`,
+        so reporting the same fact twice dedupes."""
+        event = kind(
+            id=derived_id(id_parts[0], job.job_id, *id_parts[1:]),
             job_id=job.job_id,
             channel=job.channel,
             account=job.account,
             chat=job.chat,
-            holder=fence.holder,
-            lease_token=fence.token,
-            transport_message_id=transport_id,
-            attempt=attempt,
+            **fields,
         )
+        await self.bus.publish(subjects.delivery(job.channel, job.account, job.chat), event)
+
+    async def _failed(self, job: SendMessage, attempt: int, error: str, permanent: bool) -> None:
+        await self._report(
+            job,
+            DeliveryFailed,
+            ("failed", str(attempt)),
+            attempt=attempt,
+            error=error,
+            permanent=permanent,
+        )
+
+    async def _sent(self, job: SendMessage, attempt: int, fence: Fence, transport_id: str) -> None:
         record = self._record(job, "sent", attempt, fence, [], transport_id)
         writes = [
-            self.bus.publish(subjects.delivery(job.channel, job.account, job.chat), sent),
+            self._report(
+                job,
+                MessageSent,
+                ("sent",),
+                holder=fence.holder,
+                lease_token=fence.token,
+                transport_message_id=transport_id,
+                attempt=attempt,
+            ),
             self.ledger.put(record),
         ]
         if self.session.reports_receipts:
@@ -251,17 +255,12 @@ class Egress:
             job = decode(d.data, SendMessage)
         except ContractError:  # a malformed job has no job id to record; DEADLETTER keeps it
             return
-        await self.bus.publish(
-            subjects.delivery(job.channel, job.account, job.chat),
-            DeliveryDeadLettered(
-                id=derived_id("deadlettered", job.job_id),
-                job_id=job.job_id,
-                channel=job.channel,
-                account=job.account,
-                chat=job.chat,
-                reason=reason,
-                attempts=len(d.errors) or d.attempt,
-            ),
+        await self._report(
+            job,
+            DeliveryDeadLettered,
+            ("deadlettered",),
+            reason=reason,
+            attempts=len(d.errors) or d.attempt,
         )
         with contextlib.suppress(ContractError):
             await self.ledger.put(self._record(job, "dead", d.attempt, Fence("", 0), d.errors))
