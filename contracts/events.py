@@ -102,6 +102,9 @@ class TurnCompleted(Event, frozen=True, kw_only=True):
     latency_ms: float = 0.0
     usage: TokenUsage | None = None
     skipped: str | None = None
+    # PLUGINS stream position of the projection the turn's tools were resolved from
+    # (0: no projection, plugin defaults), so an audit can rebuild the policy it saw.
+    plugins_seq: int = 0
 
 
 class TurnFailed(Event, frozen=True, kw_only=True):
@@ -115,6 +118,7 @@ class TurnFailed(Event, frozen=True, kw_only=True):
     error: str
     reply_ids: list[str] = msgspec.field(default_factory=list)
     tools_called: list[ToolCallRecord] = msgspec.field(default_factory=list)
+    plugins_seq: int = 0
 
 
 # --- OUTBOUND --------------------------------------------------------------------------
@@ -147,6 +151,12 @@ class MessageSent(Event, frozen=True, kw_only=True):
     lease_token: int
     transport_message_id: str
     attempt: int = 1
+    # The job's OUTBOUND stream sequence (its enqueue position; 0 when unknown), when the
+    # transport call began (after the lease was proven), and what was sent: enough for an
+    # audit to check order and fencing, and for a transcript, after the job is consumed.
+    job_seq: int = 0
+    sent_at: UtcDatetime | None = None
+    text: str = ""
 
 
 class DeliveryFailed(Event, frozen=True, kw_only=True):
@@ -170,6 +180,7 @@ class DeliveryDeadLettered(Event, frozen=True, kw_only=True):
     chat: str
     reason: str
     attempts: int = 0
+    job_seq: int = 0
 
 
 class DeliveryUncertain(Event, frozen=True, kw_only=True):

@@ -39,6 +39,17 @@ app.add_typer(plugins_app, name="plugins")
 dlq_app = typer.Typer(help="Dead letters: list, show, requeue, drop.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
 
+replay_app = typer.Typer(
+    help="Rebuild state from the log: a projection as of any point, a conversation.",
+    no_args_is_help=True,
+)
+app.add_typer(replay_app, name="replay")
+audit_app = typer.Typer(
+    help="Check the invariants against the streams; explain a send (`svc audit explain JOB`).",
+    invoke_without_command=True,
+)
+app.add_typer(audit_app, name="audit")
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print data as JSON.")]
 
 
@@ -488,6 +499,15 @@ def _write(
         raise _fail(str(exc), 2) from None
     event, seq = _plugins(settings, lambda bus: work(bus, scope))
     _recorded(event, seq, as_json)
+
+
+# --- svc replay projection -------------------------------------------------------------
+
+
+# --- svc replay conversation / svc audit explain -----------------------------------------
+
+
+# --- svc audit ---------------------------------------------------------------------------
 
 
 def _check_account(account: str) -> None:

@@ -25,9 +25,10 @@ class BoundTool:
 class ToolBox:
     """The tools of one turn."""
 
-    def __init__(self, tools: list[BoundTool], *, timeout: float) -> None:
+    def __init__(self, tools: list[BoundTool], *, timeout: float, plugins_seq: int = 0) -> None:
         self.tools = {t.spec.name: t for t in tools}
         self.timeout = timeout
+        self.plugins_seq = plugins_seq  # the plugin projection position they came from
 
     def specs(self) -> list[ToolSpec]:
         """What the model is offered."""

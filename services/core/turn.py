@@ -96,6 +96,8 @@ def completed(
     latency_ms: float,
     tools: list[ToolCallRecord] | None = None,
     reply_limit: int = REPLY_LIMIT,
+    *,
+    plugins_seq: int = 0,
 ) -> TurnOutput:
     """The events of a turn that produced `completion`."""
     jobs = [
@@ -129,6 +131,7 @@ def completed(
         reply_ids=[j.job_id for j in jobs],
         latency_ms=round(latency_ms, 3),
         usage=usage,
+        plugins_seq=plugins_seq,
     )
     return TurnOutput(jobs=jobs, record=record)
 
@@ -147,7 +150,9 @@ def skipped(inbound: MessageReceived, reason: str, model: str) -> TurnOutput:
     return TurnOutput(jobs=[], record=record)
 
 
-def failed(inbound: MessageReceived, error: str, model: str, fallback: str = "") -> TurnOutput:
+def failed(
+    inbound: MessageReceived, error: str, model: str, fallback: str = "", plugins_seq: int = 0
+) -> TurnOutput:
     """A turn that could not complete; `fallback` (if any) is still sent to the user."""
     jobs = completed(inbound, Completion(text=fallback), model, 0).jobs if fallback else []
     record = TurnFailed(
@@ -159,5 +164,6 @@ def failed(inbound: MessageReceived, error: str, model: str, fallback: str = "")
         model=model,
         error=error,
         reply_ids=[j.job_id for j in jobs],
+        plugins_seq=plugins_seq,
     )
     return TurnOutput(jobs=jobs, record=record)

@@ -158,7 +158,10 @@ class CoreWorker:
             if exc.transient and d.attempt < settings.turn_attempts:
                 raise TransientError(f"llm: {exc}") from None  # retried in place, in order
             log.error("turn failed", extra={"inbound_id": inbound.id, "error": str(exc)})
-            return turn.failed(inbound, f"llm: {exc}", model, settings.fallback_reply), [asked]
+            failed = turn.failed(
+                inbound, f"llm: {exc}", model, settings.fallback_reply, tools.plugins_seq
+            )
+            return failed, [asked]
         elapsed = (time.perf_counter() - started) * 1000
         completion = Completion(
             text=result.text,
@@ -166,7 +169,13 @@ class CoreWorker:
             completion_tokens=result.completion_tokens,
         )
         output = turn.completed(
-            inbound, completion, model, elapsed, result.tools, settings.reply_limit
+            inbound,
+            completion,
+            model,
+            elapsed,
+            result.tools,
+            settings.reply_limit,
+            plugins_seq=tools.plugins_seq,
         )
         entries = [asked]
         if result.text.strip():

@@ -52,6 +52,9 @@ class PluginProjection:
         self.changed = asyncio.Event()  # set after every committed batch
         self._db: aiosqlite.Connection | None = None
         self._checked = False
+        # Our writes and our reads share one connection: a read must not land inside a
+        # batch's open transaction (it would see rows the checkpoint does not cover yet).
+        self._lock = asyncio.Lock()
 
     async def __aenter__(self) -> PluginProjection:
         if self.path != ":memory:":
@@ -144,6 +147,10 @@ class PluginProjection:
         return view.apply(event)
 
     async def _commit(self, batch: list[tuple[int, list[view.Statement] | None]]) -> int:
+        async with self._lock:
+            return await self._commit_locked(batch)
+
+    async def _commit_locked(self, batch: list[tuple[int, list[view.Statement] | None]]) -> int:
         db = self.db
         await db.execute("BEGIN IMMEDIATE")
         try:
@@ -199,23 +206,48 @@ class PluginProjection:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
 
+    async def snapshot(
+        self,
+    ) -> tuple[int, list[view.InstalledRow], dict[str, tuple[list[str], list[str]]]]:
+        """The checkpoint with the installed rows and policies it covers (one read
+        transaction, so the position is exact even when another process shares the file)."""
+        async with self._lock:
+            db = self.db
+            await db.execute("BEGIN")
+            try:
+                async with db.execute(
+                    "SELECT seq FROM checkpoint WHERE name = ?", (self.name,)
+                ) as cur:
+                    row = await cur.fetchone()
+                async with db.execute(
+                    "SELECT scope, name, state, version, config FROM installed"
+                ) as cur:
+                    installed = [
+                        view.InstalledRow(r[0], r[1], r[2], r[3], json.loads(r[4]))
+                        for r in await cur.fetchall()
+                    ]
+                async with db.execute("SELECT scope, allow, deny FROM policy") as cur:
+                    policies = {
+                        r[0]: (json.loads(r[1]), json.loads(r[2])) for r in await cur.fetchall()
+                    }
+            finally:
+                await db.execute("COMMIT")
+        return (int(row[0]) if row else 0), installed, policies
+
     async def rows(self) -> tuple[list[view.InstalledRow], dict[str, tuple[list[str], list[str]]]]:
         """Installed rows and policies, as resolution needs them."""
-        async with self.db.execute(
-            "SELECT scope, name, state, version, config FROM installed"
-        ) as cur:
-            installed = [
-                view.InstalledRow(r[0], r[1], r[2], r[3], json.loads(r[4]))
-                for r in await cur.fetchall()
-            ]
-        async with self.db.execute("SELECT scope, allow, deny FROM policy") as cur:
-            policies = {r[0]: (json.loads(r[1]), json.loads(r[2])) for r in await cur.fetchall()}
+        _, installed, policies = await self.snapshot()
         return installed, policies
+
+    async def resolve_at(self, channel: str, account: str) -> tuple[int, list[view.Decision]]:
+        """The PLUGINS position the view stands at, and every tool in effect for
+        (channel, account) there with whether it is allowed."""
+        seq, installed, policies = await self.snapshot()
+        return seq, view.resolve(installed, policies, self.manifests, channel, account)
 
     async def resolve(self, channel: str, account: str) -> list[view.Decision]:
         """Every tool in effect for (channel, account) and whether it is allowed."""
-        installed, policies = await self.rows()
-        return view.resolve(installed, policies, self.manifests, channel, account)
+        return (await self.resolve_at(channel, account))[1]
 
     async def facts(self, channel: str, account: str, chat: str) -> dict[str, str]:
         """The memory plugin's facts for a chat."""

@@ -68,21 +68,26 @@ class ProjectedTools:
         self.projection = projection
         self.timeout = timeout
         # Resolution only changes when the projection moves: remember it per position.
-        self._resolved: dict[tuple[str, str], tuple[int, list[view.Decision]]] = {}
+        self._resolved: dict[tuple[str, str], tuple[int, int, list[view.Decision]]] = {}
 
-    async def decisions(self, channel: str, account: str) -> list[view.Decision]:
-        """The resolution the turn uses (events only, defaults when there is no projection)."""
+    async def resolution(self, channel: str, account: str) -> tuple[int, list[view.Decision]]:
+        """The PLUGINS position and the resolution a turn uses (plugin defaults at 0 when
+        there is no projection)."""
         position = self.projection.position if self.projection is not None else 0
         cached = self._resolved.get((channel, account))
         if cached is not None and cached[0] == position:
-            return cached[1]
+            return cached[1], cached[2]
         if self.projection is not None:
-            decisions = await self.projection.resolve(channel, account)
+            seq, decisions = await self.projection.resolve_at(channel, account)
         else:
             manifests = {n: p.manifest for n, p in self.plugins.items()}
-            decisions = view.resolve([], {}, manifests, channel, account)
-        self._resolved[(channel, account)] = (position, decisions)
-        return decisions
+            seq, decisions = 0, view.resolve([], {}, manifests, channel, account)
+        self._resolved[(channel, account)] = (position, seq, decisions)
+        return seq, decisions
+
+    async def decisions(self, channel: str, account: str) -> list[view.Decision]:
+        """The resolution the turn uses (events only, defaults when there is no projection)."""
+        return (await self.resolution(channel, account))[1]
 
     async def toolbox(self, channel: str, account: str, chat: str) -> ToolBox:
         """The allowed tools, ready to call."""
@@ -90,7 +95,8 @@ class ProjectedTools:
             channel, account, chat, ChatFacts(self.bus, self.projection, (channel, account, chat))
         )
         bound = []
-        for decision in await self.decisions(channel, account):
+        seq, decisions = await self.resolution(channel, account)
+        for decision in decisions:
             if not decision.allowed:
                 continue
             plugin_name, _, tool_name = decision.tool.partition(".")
@@ -100,7 +106,7 @@ class ProjectedTools:
             manifest = next(t for t in plugin.manifest.tools if t.name == tool_name)
             spec = ToolSpec(decision.tool, manifest.description, manifest.parameters)
             bound.append(BoundTool(spec, _caller(plugin, tool_name, decision.config, ctx)))
-        return ToolBox(bound, timeout=self.timeout)
+        return ToolBox(bound, timeout=self.timeout, plugins_seq=seq)
 
 
 def _caller(plugin: Plugin[Any], tool: str, config: dict[str, Any], ctx: ToolContext) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import datetime
 from typing import Any
 
 from contracts import subjects
@@ -28,6 +29,7 @@ from contracts.events import (
     MessageSent,
     SendMessage,
     derived_id,
+    utcnow,
 )
 from contracts.payloads import SendRecord
 from contracts.streams import OUTBOUND, egress_consumer
@@ -131,6 +133,7 @@ class Egress:
                 raise AbandonError("lease not proven; the job waits for the next owner")
             fence = Fence(holder=self.lease.holder, token=self.lease.token)
             await self.ledger.put(self._record(job, "sending", attempt, fence, errors))
+            sent_at = utcnow()  # proven and recorded as `sending`: the send starts now
             try:
                 transport_id = await self.session.send(
                     job.chat, job.text, job_id=job.job_id, fence=fence
@@ -144,7 +147,7 @@ class Egress:
                 if attempt < self.settings.max_attempts:
                     await self._backoff(d, attempt)
                 continue
-            await self._sent(job, attempt, fence, transport_id)
+            await self._sent(job, attempt, fence, transport_id, d.stream_seq, sent_at)
             return
 
     async def _uncertain(
@@ -200,7 +203,15 @@ class Egress:
             permanent=permanent,
         )
 
-    async def _sent(self, job: SendMessage, attempt: int, fence: Fence, transport_id: str) -> None:
+    async def _sent(
+        self,
+        job: SendMessage,
+        attempt: int,
+        fence: Fence,
+        transport_id: str,
+        job_seq: int,
+        sent_at: datetime,
+    ) -> None:
         record = self._record(job, "sent", attempt, fence, [], transport_id)
         writes = [
             self._report(
@@ -211,6 +222,9 @@ class Egress:
                 lease_token=fence.token,
                 transport_message_id=transport_id,
                 attempt=attempt,
+                job_seq=job_seq,
+                sent_at=sent_at,
+                text=job.text,
             ),
             self.ledger.put(record),
         ]
@@ -261,6 +275,7 @@ class Egress:
             ("deadlettered",),
             reason=reason,
             attempts=len(d.errors) or d.attempt,
+            job_seq=d.stream_seq,
         )
         with contextlib.suppress(ContractError):
             await self.ledger.put(self._record(job, "dead", d.attempt, Fence("", 0), d.errors))

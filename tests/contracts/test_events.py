@@ -92,6 +92,7 @@ SAMPLES: dict[type[ev.Message], ev.Message] = {
         latency_ms=1234.5,
         usage=ev.TokenUsage(prompt_tokens=321, completion_tokens=54),
         skipped="message from a blocked sender",
+        plugins_seq=17,
     ),
     ev.TurnFailed: ev.TurnFailed(
         id="00000000000000000000000000000003",
@@ -104,6 +105,7 @@ SAMPLES: dict[type[ev.Message], ev.Message] = {
         error="model unavailable (503)",
         reply_ids=["job-c"],
         tools_called=TOOL_CALLS[:1],
+        plugins_seq=17,
     ),
     ev.SendMessage: ev.SendMessage(
         id="00000000000000000000000000000004",
@@ -128,6 +130,9 @@ SAMPLES: dict[type[ev.Message], ev.Message] = {
         lease_token=7,
         transport_message_id="3EB0FFEE0001",
         attempt=2,
+        job_seq=42,
+        sent_at=datetime(2026, 1, 2, 3, 4, 4, 500000, tzinfo=UTC),
+        text="hello from the bot",
     ),
     ev.DeliveryFailed: ev.DeliveryFailed(
         id="00000000000000000000000000000006",
@@ -149,6 +154,7 @@ SAMPLES: dict[type[ev.Message], ev.Message] = {
         chat="123@s.whatsapp.net",
         reason="permanent failure",
         attempts=3,
+        job_seq=42,
     ),
     ev.DeliveryUncertain: ev.DeliveryUncertain(
         id="00000000000000000000000000000008",
@@ -753,3 +759,17 @@ def test_bytes_written_before_a_field_was_added_still_decode() -> None:
     event = decode(old, ev.MessageReceived)
     assert event.mentioned is False
     assert event.text == SAMPLES[ev.MessageReceived].text
+
+
+@pytest.mark.parametrize(
+    "kind", [ev.MessageSent, ev.TurnCompleted, ev.TurnFailed, ev.DeliveryDeadLettered]
+)
+def test_events_written_before_the_audit_fields_still_decode(kind: type[ev.Message]) -> None:
+    # Given the bytes of an event written before job_seq / sent_at / text / plugins_seq
+    old = (GOLDEN_DIR / f"{kind.__name__}.v1.before-audit-fields.json.compat").read_bytes()
+    # When decoded, the new fields take their defaults and everything else is kept
+    event = decode(old.strip(), kind)
+    defaults = {"plugins_seq": 0, "job_seq": 0, "sent_at": None, "text": ""}
+    new_fields = {f: getattr(event, f) for f in defaults if hasattr(event, f)}
+    assert new_fields == {f: v for f, v in defaults.items() if f in new_fields}
+    assert event.id == SAMPLES[kind].id
