@@ -33,11 +33,39 @@ async def nats_server(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
 
 
 @pytest.fixture
-async def bus(nats_server: EmbeddedNats) -> AsyncIterator[Bus]:
-    """A connection to `nats_server` with every stream and bucket provisioned."""
+async def bus(nats_server: EmbeddedNats, request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
+    """A connection to `nats_server` with every stream and bucket provisioned. When the
+    test passes, `svc audit`'s rules must hold over what it left in the log (unless the
+    test is marked `audit_violations`: it crafts them on purpose)."""
     async with connect(nats_server.url, name="test", timeout=5) as b:
         await ensure_streams(b.js)
         yield b
+        await assert_audit_clean(b, request)
+
+
+async def assert_audit_clean(bus: Bus, request: pytest.FixtureRequest) -> None:
+    """Fail the test if the audit finds a violation in the log it left behind."""
+    from services.ops.audit import Scope, audit, render
+
+    if request.node.get_closest_marker("audit_violations") or _failed(request):
+        return
+    report, elapsed = await audit(bus, Scope())
+    assert report.ok, "the audit found violations in this test's log:\n" + render(
+        report, elapsed, Scope()
+    )
+
+
+def _failed(request: pytest.FixtureRequest) -> bool:
+    report = getattr(request.node, "rep_call", None)
+    return report is None or report.failed
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the item, so fixtures know whether the test passed."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
 
 
 async def wait_until(

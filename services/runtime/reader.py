@@ -67,6 +67,11 @@ async def read(
         mem_storage=True,
     )
     consumer = await bus.js.add_consumer(stream, config)
+    if not consumer.num_pending:
+        # Nothing matches the filter from there: a pull would only wait for its expiry.
+        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+            await bus.js.delete_consumer(stream, consumer.name)
+        return
     inbox = bus.nc.new_inbox()
     arrived: deque[Msg] = deque()
     wake = asyncio.Event()

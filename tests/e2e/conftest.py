@@ -21,7 +21,7 @@ from contracts.events import SendMessage, derived_id
 from contracts.payloads import SimOutbound
 from services.runtime.bus import Bus, connect
 from services.runtime.lease import LeaseValue
-from tests.conftest import Processes, stream_raw
+from tests.conftest import Processes, assert_audit_clean, stream_raw
 
 
 def read_url(proc: subprocess.Popen[bytes]) -> str:
@@ -33,11 +33,15 @@ def read_url(proc: subprocess.Popen[bytes]) -> str:
 
 
 @pytest.fixture
-async def served(processes: Processes) -> AsyncIterator[tuple[str, Bus]]:
-    """`svc nats serve` in its own process, plus a test client."""
+async def served(
+    processes: Processes, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[str, Bus]]:
+    """`svc nats serve` in its own process, plus a test client; the audit must find no
+    violation in what the test left in the log."""
     url = read_url(processes.start("nats", "serve", "--port", "0"))
     async with connect(url, name="e2e-test") as bus:
         yield url, bus
+        await assert_audit_clean(bus, request)
 
 
 def pid_of(holder: str) -> int:

@@ -44,3 +44,19 @@ async def test_it_reads_a_window_and_a_subject(bus: Bus) -> None:
 async def test_an_empty_or_missing_stream_reads_nothing(bus: Bus) -> None:
     assert [s async for s in read(bus, "PLUGINS")] == []
     assert [s async for s in read(bus, "NO_SUCH_STREAM")] == []
+
+
+async def test_a_subject_with_no_messages_ends_at_once_instead_of_waiting(bus: Bus) -> None:
+    # Given a stream with messages, none of them on the subject asked for
+    await fill(bus, 10)
+    # When it is read on that subject, the read ends (pytest-timeout would catch a hang:
+    # an unanswered pull waits for its expiry and is then asked again, forever)
+    found = await asyncio.wait_for(
+        _all(read(bus, "PLUGINS", subject="plugins.memory.whatsapp.nobody")), 1.5
+    )
+    # Then it is simply empty
+    assert found == []
+
+
+async def _all(reading: object) -> list[object]:
+    return [s async for s in reading]  # type: ignore[attr-defined]

@@ -1,0 +1,276 @@
+"""`svc audit`: read the streams (ephemeral consumers and direct gets only, so a live
+system is not disturbed) in the order the rules need, and judge with projections.audit.
+
+The order: ACCOUNTS, INBOUND, the core consumer's ack floor, AGENT, DEADLETTER, OUTBOUND's
+queued jobs, DELIVERY, SIM_OUT. Each later read covers what the earlier one could not see
+yet: a turn is recorded before its inbound is acked, a job's outcome before the job leaves
+the work queue. Memory grows with messages and jobs, never with the events about them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+import nats.js.errors
+
+from contracts.errors import ContractError
+from contracts.events import (
+    AccountEvent,
+    AgentEvent,
+    DeadLetterEvent,
+    DeliveryEvent,
+    MessageReceived,
+    SendMessage,
+)
+from contracts.payloads import SimOutbound
+from contracts.streams import (
+    ACCOUNTS,
+    AGENT,
+    CORE_CONSUMER,
+    DEADLETTER,
+    DELIVERY,
+    INBOUND,
+    OUTBOUND,
+    SIM_OUT,
+)
+from projections.audit import Auditor, Report
+from services.runtime.bus import Bus
+from services.runtime.reader import read
+
+_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+
+
+def _decoder(kind: Any) -> msgspec.json.Decoder[Any]:
+    if kind not in _decoders:
+        _decoders[kind] = msgspec.json.Decoder(kind)
+    return _decoders[kind]
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What to audit: one account or all, a time window, the grace for "lost"."""
+
+    account: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    grace: float = 60.0
+
+
+async def audit(
+    bus: Bus, scope: Scope, *, progress: Callable[[str, int], None] | None = None
+) -> tuple[Report, float]:
+    """Run every rule over the log; return the report and the seconds it took."""
+    started = time.perf_counter()
+    auditor = Auditor(
+        since=scope.since, until=scope.until, grace=scope.grace, account=scope.account
+    )
+    acct = scope.account or "*"
+    tick = progress or (lambda _stream, _n: None)
+
+    async def each(stream: str, subject: str, kind: Any, feed: Callable[..., None]) -> None:
+        decoder = _decoder(kind)
+        n = 0
+        async for stored in read(bus, stream, subject=subject):
+            n += 1
+            if n % 50_000 == 0:
+                tick(stream, n)
+            try:
+                event = decoder.decode(stored.data)
+            except (msgspec.DecodeError, ContractError):
+                auditor.skipped(stream)
+                continue
+            feed(stored.seq, stored.time or datetime.min.replace(tzinfo=UTC), event)
+        tick(stream, n)
+
+    await each(ACCOUNTS.name, f"accounts.*.{acct}", AccountEvent, auditor.account_event)
+    await each(INBOUND.name, f"inbound.*.{acct}.*", MessageReceived, auditor.inbound)
+    auditor.core_progress(await _core_ack_floor(bus))
+    await each(AGENT.name, f"agent.*.{acct}.*", AgentEvent, auditor.turn)
+    await each(DEADLETTER.name, ">", DeadLetterEvent, auditor.dead_letter)
+    await _queued_jobs(bus, f"outbound.*.{acct}.*", auditor)
+    await each(DELIVERY.name, f"delivery.*.{acct}.*", DeliveryEvent, auditor.delivery)
+
+    async for stored in read(bus, SIM_OUT.name, subject=f"sim.whatsapp.{acct}.out"):
+        try:
+            sent = _decoder(SimOutbound).decode(stored.data)
+        except msgspec.DecodeError:
+            auditor.skipped(SIM_OUT.name)
+            continue
+        account = stored.subject.split(".")[2]
+        auditor.network_send(
+            stored.seq,
+            stored.time or datetime.min.replace(tzinfo=UTC),
+            account,
+            sent.chat,
+            sent.job_id,
+            sent.holder,
+            sent.lease_token,
+        )
+    report = auditor.finish(datetime.now(UTC))
+    return report, time.perf_counter() - started
+
+
+async def _core_ack_floor(bus: Bus) -> int:
+    """The INBOUND sequence up to which the core has acked everything (0: no core yet)."""
+    try:
+        info = await bus.js.consumer_info(INBOUND.name, CORE_CONSUMER)
+    except nats.js.errors.NotFoundError:
+        return 0
+    return int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+
+
+async def _queued_jobs(bus: Bus, subject: str, auditor: Auditor) -> None:
+    """Jobs still in the OUTBOUND work queue, by direct gets (no consumer may be added)."""
+    seq = 1
+    while True:
+        try:
+            raw = await bus.js.get_msg(OUTBOUND.name, seq, subject=subject, next=True)
+        except nats.js.errors.NotFoundError:
+            return
+        if raw.seq is None:
+            return
+        seq = raw.seq + 1
+        at = raw.time or datetime.min.replace(tzinfo=UTC)
+        try:
+            job = _decoder(SendMessage).decode(raw.data or b"")
+        except msgspec.DecodeError:
+            auditor.skipped(OUTBOUND.name)
+            continue
+        auditor.pending(raw.seq, at, job)
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_when(text: str, now: datetime | None = None) -> datetime:
+    """RFC 3339 (a naive time is UTC) or an age like `90s`, `15m`, `2h`, `7d` (that long
+    ago); ValueError with what was expected otherwise."""
+    text = text.strip()
+    if text and text[-1] in _UNITS and text[:-1].replace(".", "", 1).isdigit():
+        return (now or datetime.now(UTC)) - timedelta(seconds=float(text[:-1]) * _UNITS[text[-1]])
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a time: use RFC 3339 (2026-11-26T10:00:00Z) or an age (15m, 2h, 7d)"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def to_builtins(report: Report, elapsed: float, scope: Scope) -> dict[str, Any]:
+    """The report as JSON-ready data (`svc audit --json`)."""
+    by_rule = report.by_rule()
+    return {
+        "ok": report.ok,
+        "scope": {
+            "account": scope.account,
+            "since": scope.since.isoformat() if scope.since else None,
+            "until": scope.until.isoformat() if scope.until else None,
+            "grace_s": scope.grace,
+        },
+        "elapsed_s": round(elapsed, 3),
+        "events": report.counts,
+        "skipped": report.skipped,
+        "rules": {
+            rule: {
+                "ok": not found,
+                "checked": report.checked.get(rule, {}),
+                "violations": [
+                    {**asdict(v), "event_ids": list(v.event_ids), "refs": list(v.refs)}
+                    for v in found
+                ],
+            }
+            for rule, found in by_rule.items()
+        },
+        "summary": {
+            "dead_letters": report.dead_letters,
+            "uncertain": report.uncertain,
+            "pending_jobs": report.pending_jobs,
+            "oldest_pending": report.oldest_pending.isoformat() if report.oldest_pending else None,
+            "waiting_inbound": report.waiting_inbound,
+            "leases": {
+                account: [
+                    {
+                        "at": e.at.isoformat(),
+                        "event": e.event,
+                        "holder": e.holder,
+                        "token": e.token,
+                        "reason": e.reason,
+                    }
+                    for e in entries
+                ]
+                for account, entries in sorted(report.leases.items())
+            },
+        },
+    }
+
+
+def render(report: Report, elapsed: float, scope: Scope) -> str:
+    """The report for people: one line per rule, violations with their event ids, summary."""
+    total = sum(report.counts.values())
+    rate = total / elapsed if elapsed > 0 else 0.0
+    where = f"account {scope.account}" if scope.account else "all accounts"
+    window = ""
+    if scope.since or scope.until:
+        window = f", {scope.since.isoformat() if scope.since else '-'}"
+        window += f" .. {scope.until.isoformat() if scope.until else '-'}"
+    lines = [
+        f"audit of {where}{window}: {total:,} events in {elapsed:.2f} s ({rate:,.0f}/s)",
+        "  " + ", ".join(f"{s} {n:,}" for s, n in report.counts.items()),
+    ]
+    if report.skipped:
+        skipped = ", ".join(f"{s} {n}" for s, n in report.skipped.items())
+        lines.append(f"  skipped (undecodable): {skipped}")
+    lines.append("")
+    by_rule = report.by_rule()
+    for rule, found in by_rule.items():
+        checked = ", ".join(f"{n:,} {what}" for what, n in report.checked.get(rule, {}).items())
+        verdict = "ok" if not found else f"VIOLATED ({len(found)})"
+        lines.append(f"{rule:<12} {verdict:<16} {checked}")
+    for rule, found in by_rule.items():
+        for v in found:
+            lines.append("")
+            lines.append(f"[{rule}] {v.account}: {v.message}")
+            lines.append(f"    events: {', '.join(v.event_ids)}")
+            if v.refs:
+                lines.append(f"    stored at: {', '.join(v.refs)}")
+    lines.append("")
+    lines.append("summary")
+    dead = ", ".join(f"{k} {n}" for k, n in sorted(report.dead_letters.items())) or "none"
+    lines.append(f"  dead letters: {dead}")
+    resolutions: dict[str, int] = {}
+    for u in report.uncertain:
+        resolutions[u["resolution"] or "?"] = resolutions.get(u["resolution"] or "?", 0) + 1
+    uncertain = ", ".join(f"{k} {n}" for k, n in sorted(resolutions.items()))
+    lines.append(
+        f"  uncertain sends: {len(report.uncertain)}" + (f" ({uncertain})" if uncertain else "")
+    )
+    for u in report.uncertain[:20]:
+        lines.append(
+            f"    job {u['job_id']} ({u['account']}, {u['chat']}): {u['holder']} token"
+            f" {u['lease_token']} -> {u['resolution']}"
+        )
+    oldest = f", oldest {report.oldest_pending.isoformat()}" if report.oldest_pending else ""
+    lines.append(f"  queued jobs: {report.pending_jobs}{oldest}")
+    if report.waiting_inbound:
+        lines.append(f"  inbound messages waiting for the core: {report.waiting_inbound}")
+    lines.append("  lease timeline:")
+    if not report.leases:
+        lines.append("    (no lease events)")
+    for account, entries in sorted(report.leases.items()):
+        lines.append(f"    {account}")
+        for e in entries[-50:]:
+            token = f" token {e.token}" if e.token else ""
+            reason = f" ({e.reason})" if e.reason else ""
+            who = f" {e.holder}" if e.holder else ""
+            lines.append(
+                f"      {e.at.isoformat(timespec='milliseconds')} {e.event}{who}{token}{reason}"
+            )
+        if len(entries) > 50:
+            lines.append(f"      ... {len(entries) - 50} earlier entries (see --json)")
+    return "\n".join(lines)
