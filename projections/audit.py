@@ -23,11 +23,13 @@ Rules (each violation names the offending event ids):
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from contracts.errors import ContractError
 from contracts.events import (
     AccountEvent,
     AccountRegistered,
@@ -51,6 +53,7 @@ from contracts.events import (
     SessionBanned,
     SessionLoggedOut,
 )
+from contracts.subjects import parse_chat_subject
 
 RULES = ("split-brain", "lost", "duplicates", "order")
 
@@ -106,7 +109,7 @@ class Report:
         return out
 
 
-@dataclass
+@dataclass(slots=True)
 class _Send:
     seq: int
     at: datetime  # when the send began (sent_at), else when it was recorded
@@ -115,12 +118,11 @@ class _Send:
     token: int
     job_id: str
     job_seq: int
-    transport_id: str
     chat: str
     stream: str = "DELIVERY"
 
 
-@dataclass
+@dataclass(slots=True)
 class _Job:
     account: str
     chat: str
@@ -128,23 +130,45 @@ class _Job:
     order: tuple[int, int] | None = None  # (turn's AGENT seq, index in reply_ids)
     outcome: str = ""  # sent | dead-lettered | skipped
     pending: bool = False
-    sent: list[_Send] = field(default_factory=list)
-    uncertain: bool = False
-    refs: list[str] = field(default_factory=list)
+    first_send: tuple[str, int, str, str, int] | None = None  # holder, token, transport, id, seq
+    refs: list[str] | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Inbound:
     seq: int
     at: datetime
     account: str
     chat: str
-    turns: list[tuple[int, str]] = field(default_factory=list)  # (AGENT seq, event id)
-    dead: bool = False
+    turn: str = ""  # the first turn's event id
+    turn_seq: int = 0
+
+
+@dataclass(slots=True)
+class _Token:
+    """An account's sends under one token: who, and the first and last of them."""
+
+    holder: str
+    first: _Send
+    last: _Send
+
+
+@dataclass(slots=True)
+class _Chat:
+    """The last send of a chat (by when it began), for the order rule."""
+
+    last: _Send | None = None
+    last_position: tuple[int, int] = (0, 0)
+    turn_inbound_seq: int = 0
+    turn_id: str = ""
 
 
 class Auditor:
-    """Feed events (in the services layer's read order), then `finish`."""
+    """Feed events (in the services layer's read order), then `finish`.
+
+    Memory: one small record per inbound message and per job, one per (account, token)
+    and per chat; nothing per event beyond that.
+    """
 
     def __init__(
         self,
@@ -159,15 +183,26 @@ class Auditor:
         self.grace = timedelta(seconds=grace)
         self.account = account
         self.report = Report()
+        self._names: dict[str, str] = {}  # one string object per account/chat/holder
         self._inbound: dict[str, _Inbound] = {}
-        self._inbound_seq_done: int = 0  # the core consumer's ack floor (0: unknown)
-        self._jobs: dict[str, _Job] = {}
-        self._granted: dict[tuple[str, int], tuple[str, datetime, str]] = {}
-        self._released: dict[tuple[str, int], tuple[datetime, str]] = {}
-        self._sends: dict[str, list[_Send]] = defaultdict(list)  # per account
-        self._network: dict[str, list[_Send]] = defaultdict(list)  # SIM_OUT per account
-        self._chat_turns: dict[tuple[str, str], list[tuple[int, str, str]]] = defaultdict(list)
         self._dead_inbound: set[int] = set()
+        self._inbound_seq_done = 0  # the core consumer's ack floor (0: no core consumer)
+        self._jobs: dict[tuple[str, str], _Job] = {}  # (account, job id): ids are per account
+        self._letters: dict[int, tuple[str, str]] = {}  # OUTBOUND dead letter -> account, chat
+        self._uncertain: set[str] = set()
+        self._twice: list[tuple[str, _Send, _Send]] = []  # (job, first, second) sends
+        self._granted: dict[tuple[str, int], tuple[str, datetime, str]] = {}
+        self._grants: dict[str, list[tuple[int, datetime, str, str]]] = defaultdict(list)
+        self._released: dict[tuple[str, int], tuple[datetime, str]] = {}
+        self._tokens: dict[str, dict[int, _Token]] = defaultdict(dict)  # DELIVERY, per account
+        self._network: dict[str, _Send] = {}  # SIM_OUT: the highest-token send per account
+        self._network_owner: dict[tuple[str, int], _Send] = {}
+        self._network_jobs: dict[tuple[str, str], _Send] = {}  # (account, job) -> first send
+        self._chats: dict[tuple[str, str], _Chat] = {}
+        self._sends = 0
+
+    def _name(self, text: str) -> str:
+        return self._names.setdefault(text, text)
 
     # --- feeding -------------------------------------------------------------------------
 
@@ -188,6 +223,7 @@ class Auditor:
         match event:
             case LeaseAcquired():
                 self._granted[(event.account, event.token)] = (event.holder, event.at, event.id)
+                self._grants[event.account].append((event.token, event.at, event.holder, event.id))
                 entry = LeaseEntry(event.at, "acquired", event.holder, event.token)
             case LeaseReleased():
                 self._released[(event.account, event.token)] = (event.at, event.id)
@@ -208,7 +244,9 @@ class Auditor:
     def inbound(self, seq: int, at: datetime, event: MessageReceived) -> None:
         """INBOUND: every message must end in a turn."""
         self._count("INBOUND")
-        self._inbound[event.id] = _Inbound(seq, at, event.account, event.chat)
+        self._inbound[event.id] = _Inbound(
+            seq, at, self._name(event.account), self._name(event.chat)
+        )
 
     def core_progress(self, ack_floor: int) -> None:
         """Every INBOUND message up to `ack_floor` was acked by the core."""
@@ -219,15 +257,47 @@ class Auditor:
         self._count("AGENT")
         found = self._inbound.get(event.inbound_id)
         if found is not None:
-            found.turns.append((seq, event.id))
-            if len(found.turns) == 1:
-                self._chat_turns[(event.account, event.chat)].append(
-                    (found.seq, event.id, at_ref("AGENT", seq))
-                )
+            if found.turn:
+                if self._in_window(found.at):
+                    self._flag(
+                        "duplicates",
+                        found.account,
+                        f"MessageReceived {event.inbound_id} has a second turn",
+                        [found.turn, event.id],
+                        [at_ref("AGENT", found.turn_seq), at_ref("AGENT", seq)],
+                        found.chat,
+                    )
+            else:
+                found.turn, found.turn_seq = event.id, seq
+                self._turn_order(found, seq, event.id)
         for index, job_id in enumerate(event.reply_ids):
             job = self._job(job_id, event.account, event.chat, at)
             if job.order is None:
                 job.order = (seq, index)
+
+    def _turn_order(self, inbound: _Inbound, seq: int, turn_id: str) -> None:
+        chat = self._chat(inbound.account, inbound.chat)
+        if inbound.seq < chat.turn_inbound_seq:
+            if self._in_window(inbound.at):
+                self._flag(
+                    "order",
+                    inbound.account,
+                    f"in chat {inbound.chat}, the turn for INBOUND:{inbound.seq}"
+                    f" (AGENT:{seq}) came after the turn for the later"
+                    f" INBOUND:{chat.turn_inbound_seq}",
+                    [chat.turn_id, turn_id],
+                    [at_ref("AGENT", seq)],
+                    inbound.chat,
+                )
+        else:
+            chat.turn_inbound_seq, chat.turn_id = inbound.seq, turn_id
+
+    def _chat(self, account: str, chat: str) -> _Chat:
+        key = (account, chat)
+        found = self._chats.get(key)
+        if found is None:
+            found = self._chats[key] = _Chat()
+        return found
 
     def dead_letter(self, seq: int, at: datetime, event: DeadLetterEvent) -> None:
         """DEADLETTER: dead-lettered inbound messages and jobs; requeued jobs."""
@@ -238,12 +308,17 @@ class Auditor:
                 self.report.dead_letters[kind] = self.report.dead_letters.get(kind, 0) + 1
                 if event.source_stream == "INBOUND":
                     self._dead_inbound.add(event.source_seq)
+                elif event.source_stream == "OUTBOUND":
+                    with contextlib.suppress(ContractError):
+                        where = parse_chat_subject(event.source_subject)
+                        self._letters[seq] = (where.account, where.chat)
             case DeadLetterRequeued():
                 self.report.dead_letters["requeued"] = (
                     self.report.dead_letters.get("requeued", 0) + 1
                 )
-                if event.new_job_id:
-                    self._job(event.new_job_id, "", "", at)
+                account, chat = self._letters.get(event.letter_seq, ("", ""))
+                if event.new_job_id and (self.account is None or account == self.account):
+                    self._job(event.new_job_id, account, chat, at)
             case DeadLetterDropped():
                 self.report.dead_letters["dropped"] = self.report.dead_letters.get("dropped", 0) + 1
 
@@ -259,30 +334,17 @@ class Auditor:
     def delivery(self, seq: int, at: datetime, event: DeliveryEvent) -> None:
         """DELIVERY: outcomes, attempts, uncertain sends, receipts."""
         self._count("DELIVERY")
-        job = self._job(event.job_id, event.account, event.chat, at)
-        ref = at_ref("DELIVERY", seq)
         match event:
             case MessageSent():
-                send = _Send(
-                    seq,
-                    event.sent_at or event.at,
-                    event.id,
-                    event.holder,
-                    event.lease_token,
-                    event.job_id,
-                    event.job_seq,
-                    event.transport_message_id,
-                    event.chat,
-                )
-                job.sent.append(send)
+                job = self._job(event.job_id, event.account, event.chat, at)
                 job.outcome = job.outcome or "sent"
-                job.refs.append(ref)
-                self._sends[event.account].append(send)
+                self._sent(seq, job, event)
             case DeliveryDeadLettered():
+                job = self._job(event.job_id, event.account, event.chat, at)
                 job.outcome = job.outcome or "dead-lettered"
-                job.refs.append(ref)
             case DeliveryUncertain():
-                job.uncertain = True
+                job = self._job(event.job_id, event.account, event.chat, at)
+                self._uncertain.add(event.job_id)
                 if event.resolution == "skip":
                     job.outcome = job.outcome or "skipped"
                 if self._in_window(event.at):
@@ -295,36 +357,227 @@ class Auditor:
                             "lease_token": event.lease_token,
                             "resolution": event.resolution,
                             "event_id": event.id,
-                            "ref": ref,
+                            "ref": at_ref("DELIVERY", seq),
                         }
                     )
-            case DeliveryFailed() | DeliveryReceipt():
+            case DeliveryFailed():
+                job = self._job(event.job_id, event.account, event.chat, at)
+                if job.refs is None:
+                    job.refs = []
+                job.refs.append(at_ref("DELIVERY", seq))
+            case DeliveryReceipt():
                 pass
+
+    def _sent(self, seq: int, job: _Job, event: MessageSent) -> None:
+        send = _Send(
+            seq,
+            event.sent_at or event.at,
+            event.id,
+            self._name(event.holder),
+            event.lease_token,
+            event.job_id,
+            event.job_seq,
+            job.chat,
+        )
+        self._sends += 1
+        signature = (send.holder, send.token, event.transport_message_id, send.event_id, seq)
+        if job.first_send is None:
+            job.first_send = signature
+            self._order(job, send)
+        elif job.first_send[:3] != signature[:3]:
+            holder, token, _, event_id, first_seq = job.first_send
+            first = _Send(first_seq, send.at, event_id, holder, token, send.job_id, 0, job.chat)
+            self._twice.append((job.account, first, send))
+        if not self._in_window(send.at):
+            self._track_token(job.account, send)
+            return
+        self._fencing(job.account, send)
+        self._against_grants(job.account, send)
 
     def network_send(
         self, seq: int, at: datetime, account: str, chat: str, job_id: str, holder: str, token: int
     ) -> None:
         """SIM_OUT: what the simulated network accepted, in the order it accepted it."""
         self._count("SIM_OUT")
-        send = _Send(seq, at, f"SIM_OUT:{seq}", holder, token, job_id, 0, "", chat, "SIM_OUT")
-        self._network[account].append(send)
+        self._sends += 1
+        send = _Send(seq, at, f"SIM_OUT:{seq}", holder, token, job_id, 0, chat, "SIM_OUT")
+        first = self._network_jobs.get((account, job_id))
+        if first is None:
+            self._network_jobs[(account, job_id)] = send
+        else:
+            self._twice.append((account, first, send))
+        highest = self._network.get(account)
+        owner = self._network_owner.setdefault((account, token), send)
+        if self._in_window(at):
+            if owner.holder != holder:
+                self._two_holders(account, owner, send, "SIM_OUT")
+            if highest is not None and token < highest.token:
+                self._regression(account, highest, send, "SIM_OUT")
+        if highest is None or token > highest.token:
+            self._network[account] = send
 
     def _job(self, job_id: str, account: str, chat: str, at: datetime) -> _Job:
-        job = self._jobs.get(job_id)
+        key = (account, job_id)
+        job = self._jobs.get(key)
         if job is None:
-            job = self._jobs[job_id] = _Job(account, chat, at)
-        elif not job.account and account:
-            job.account, job.chat = account, chat
+            job = self._jobs[key] = _Job(self._name(account), self._name(chat), at)
         return job
+
+    # --- split-brain ---------------------------------------------------------------------
+
+    def _track_token(self, account: str, send: _Send) -> _Token:
+        tokens = self._tokens[account]
+        known = tokens.get(send.token)
+        if known is None:
+            known = tokens[send.token] = _Token(send.holder, send, send)
+        elif send.at < known.first.at:
+            known.first = send
+        elif send.at >= known.last.at:
+            known.last = send
+        return known
+
+    def _fencing(self, account: str, send: _Send) -> None:
+        """Each token has one holder; no send under a token began after a send under a
+        higher one began (nor before a send under a lower one ended)."""
+        tokens = self._tokens[account]
+        before = tokens.get(send.token)
+        if before is not None and before.holder != send.holder:
+            self._two_holders(account, before.first, send, "DELIVERY")
+        for token, seen in tokens.items():
+            if token > send.token and seen.first.at < send.at:
+                self._regression(account, seen.first, send, "DELIVERY")
+                break
+            if token < send.token and seen.last.at > send.at:
+                self._regression(account, send, seen.last, "DELIVERY")
+                break
+        self._track_token(account, send)
+
+    def _two_holders(self, account: str, first: _Send, send: _Send, source: str) -> None:
+        self._flag(
+            "split-brain",
+            account,
+            f"token {send.token} used by two holders: {first.holder} and {send.holder} ({source})",
+            [first.event_id, send.event_id],
+            [ref(first), ref(send)],
+            send.chat,
+        )
+
+    def _regression(self, account: str, higher: _Send, lower: _Send, source: str) -> None:
+        self._flag(
+            "split-brain",
+            account,
+            f"{lower.holder} sent job {lower.job_id} under token {lower.token} after"
+            f" {higher.holder} had sent under token {higher.token} ({source})",
+            [higher.event_id, lower.event_id],
+            [ref(higher), ref(lower)],
+            lower.chat,
+        )
+
+    def _against_grants(self, account: str, s: _Send) -> None:
+        """The token was granted to this holder, and the send began while it was the
+        newest grant and before the holder released it."""
+        if not self._granted:
+            return  # no lease history to check against (e.g. ACCOUNTS was purged)
+        grant = self._granted.get((account, s.token))
+        if grant is None or grant[0] != s.holder:
+            who = f"to {grant[0]}" if grant else "to anyone"
+            self._flag(
+                "split-brain",
+                account,
+                f"{s.holder} sent job {s.job_id} under token {s.token}, which was never"
+                f" granted {who} (no matching LeaseAcquired)",
+                [s.event_id, *([grant[2]] if grant else [])],
+                [ref(s)],
+                s.chat,
+            )
+            return
+        newer = min(
+            ((t, at, h, e) for t, at, h, e in self._grants[account] if t > s.token),
+            default=None,
+        )
+        if newer is not None and newer[1] <= s.at:
+            self._flag(
+                "split-brain",
+                account,
+                f"{s.holder} began sending job {s.job_id} under token {s.token} at"
+                f" {s.at.isoformat()}, after the lease passed to {newer[2]} (token"
+                f" {newer[0]}) at {newer[1].isoformat()}",
+                [s.event_id, newer[3]],
+                [ref(s)],
+                s.chat,
+            )
+        released = self._released.get((account, s.token))
+        if released is not None and released[0] <= s.at:
+            self._flag(
+                "split-brain",
+                account,
+                f"{s.holder} began sending job {s.job_id} under token {s.token} after"
+                f" releasing that lease at {released[0].isoformat()}",
+                [s.event_id, released[1]],
+                [ref(s)],
+                s.chat,
+            )
+
+    # --- order ---------------------------------------------------------------------------
+
+    def _order(self, job: _Job, send: _Send) -> None:
+        """A chat's first sends, by when they began, follow enqueue order: the job's
+        OUTBOUND sequence, or (for events written before it was recorded) its turn's
+        reply order. A late record (sent earlier, recorded later) is checked against the
+        chat's latest send only."""
+        if send.job_seq:
+            position = (send.job_seq, 0)
+        elif job.order is not None:
+            position = job.order
+        else:
+            return
+        chat = self._chat(job.account, job.chat)
+        last = chat.last
+        if last is None:
+            chat.last, chat.last_position = send, position
+            return
+        if bool(last.job_seq) != bool(send.job_seq):
+            chat.last, chat.last_position = send, position  # two kinds of position: restart
+            return
+        if send.at >= last.at:
+            if position < chat.last_position and self._in_window(send.at):
+                self._flag(
+                    "order",
+                    job.account,
+                    f"in chat {job.chat}, job {send.job_id} (enqueued at"
+                    f" {fmt(position, send)}) was sent after job {last.job_id} (enqueued"
+                    f" later, at {fmt(chat.last_position, last)})",
+                    [last.event_id, send.event_id],
+                    [ref(last), ref(send)],
+                    job.chat,
+                )
+            else:
+                chat.last, chat.last_position = send, position
+        elif position > chat.last_position and self._in_window(send.at):
+            self._flag(
+                "order",
+                job.account,
+                f"in chat {job.chat}, job {send.job_id} (enqueued at {fmt(position, send)})"
+                f" was sent before job {last.job_id} (enqueued earlier, at"
+                f" {fmt(chat.last_position, last)})",
+                [send.event_id, last.event_id],
+                [ref(send), ref(last)],
+                job.chat,
+            )
 
     # --- judging -------------------------------------------------------------------------
 
     def finish(self, now: datetime) -> Report:
-        """Judge everything fed; return the report."""
-        self._split_brain()
+        """Judge what needs everything fed; return the report."""
         self._lost(now)
         self._duplicates()
-        self._order()
+        accounts = self._tokens.keys() | self._network.keys()
+        self.report.checked["split-brain"] = {
+            "accounts": len(accounts),
+            "sends": self._sends,
+            "leases granted": len(self._granted),
+        }
+        self.report.checked["order"] = {"chats": len(self._chats)}
         return self.report
 
     def _flag(
@@ -340,109 +593,11 @@ class Auditor:
             Violation(rule, account, message, tuple(ids), tuple(refs), chat)
         )
 
-    def _split_brain(self) -> None:
-        sends_checked = 0
-        for account, sends in sorted(self._sends.items()):
-            sends_checked += len(sends)
-            self._fencing(account, sends, "DELIVERY")
-            self._grants(account, sends)
-        for account, sends in sorted(self._network.items()):
-            sends_checked += len(sends)
-            self._fencing(account, sends, "SIM_OUT")  # already in the network's order
-        self.report.checked["split-brain"] = {
-            "accounts": len(self._sends.keys() | self._network.keys()),
-            "sends": sends_checked,
-            "leases granted": len(self._granted),
-        }
-
-    def _fencing(self, account: str, sends: list[_Send], source: str) -> None:
-        """Tokens never go back, and each token has one holder."""
-        ordered = sends if source == "SIM_OUT" else sorted(sends, key=lambda s: (s.at, s.seq))
-        highest: _Send | None = None
-        owner: dict[int, _Send] = {}
-        for s in ordered:
-            if not self._in_window(s.at):
-                highest = s if highest is None or s.token > highest.token else highest
-                owner.setdefault(s.token, s)
-                continue
-            first = owner.setdefault(s.token, s)
-            if first.holder != s.holder:
-                self._flag(
-                    "split-brain",
-                    account,
-                    f"token {s.token} used by two holders: {first.holder} and {s.holder}"
-                    f" ({source})",
-                    [first.event_id, s.event_id],
-                    [ref(first), ref(s)],
-                    s.chat,
-                )
-            if highest is not None and s.token < highest.token:
-                self._flag(
-                    "split-brain",
-                    account,
-                    f"{s.holder} sent job {s.job_id} under token {s.token} after"
-                    f" {highest.holder} had sent under token {highest.token} ({source})",
-                    [highest.event_id, s.event_id],
-                    [ref(highest), ref(s)],
-                    s.chat,
-                )
-            if highest is None or s.token > highest.token:
-                highest = s
-
-    def _grants(self, account: str, sends: list[_Send]) -> None:
-        """Every token was granted to its holder, and used only while it was the newest."""
-        if not self._granted:
-            return  # no lease history to check against (e.g. ACCOUNTS was purged)
-        grants = sorted(
-            (token, at, holder, eid)
-            for (acct, token), (holder, at, eid) in self._granted.items()
-            if acct == account
-        )
-        for s in sends:
-            if not self._in_window(s.at):
-                continue
-            grant = self._granted.get((account, s.token))
-            if grant is None or grant[0] != s.holder:
-                who = f"to {grant[0]}" if grant else "to anyone"
-                self._flag(
-                    "split-brain",
-                    account,
-                    f"{s.holder} sent job {s.job_id} under token {s.token}, which was never"
-                    f" granted {who} (no matching LeaseAcquired)",
-                    [s.event_id, *([grant[2]] if grant else [])],
-                    [ref(s)],
-                    s.chat,
-                )
-                continue
-            newer = next(((t, at, h, e) for t, at, h, e in grants if t > s.token), None)
-            if newer is not None and newer[1] <= s.at:
-                self._flag(
-                    "split-brain",
-                    account,
-                    f"{s.holder} began sending job {s.job_id} under token {s.token} at"
-                    f" {s.at.isoformat()}, after the lease passed to {newer[2]} (token"
-                    f" {newer[0]}) at {newer[1].isoformat()}",
-                    [s.event_id, newer[3]],
-                    [ref(s)],
-                    s.chat,
-                )
-            released = self._released.get((account, s.token))
-            if released is not None and released[0] <= s.at:
-                self._flag(
-                    "split-brain",
-                    account,
-                    f"{s.holder} began sending job {s.job_id} under token {s.token} after"
-                    f" releasing that lease at {released[0].isoformat()}",
-                    [s.event_id, released[1]],
-                    [ref(s)],
-                    s.chat,
-                )
-
     def _lost(self, now: datetime) -> None:
         cutoff = now - self.grace
         floor = self._inbound_seq_done
         for inbound_id, m in self._inbound.items():
-            if not self._in_window(m.at) or m.turns or m.seq in self._dead_inbound:
+            if not self._in_window(m.at) or m.turn or m.seq in self._dead_inbound:
                 continue
             acked = m.seq <= floor
             if not acked and floor:
@@ -464,9 +619,7 @@ class Auditor:
                 [f"INBOUND:{m.seq}"],
                 m.chat,
             )
-        for job_id, job in self._jobs.items():
-            if self.account is not None and job.account != self.account:
-                continue
+        for (_, job_id), job in self._jobs.items():
             if job.outcome or job.pending or not self._in_window(job.at) or job.at > cutoff:
                 continue
             self._flag(
@@ -475,7 +628,7 @@ class Auditor:
                 f"job {job_id} has no MessageSent or DeliveryDeadLettered and is no longer"
                 " queued in OUTBOUND",
                 [job_id],
-                job.refs,
+                job.refs or [],
                 job.chat,
             )
         self.report.checked["lost"] = {
@@ -486,109 +639,26 @@ class Auditor:
 
     def _duplicates(self) -> None:
         allowed = 0
-        on_network: dict[str, list[_Send]] = defaultdict(list)
-        account_of: dict[str, str] = {}
-        for account, sends in self._network.items():
-            for s in sends:
-                on_network[s.job_id].append(s)
-                account_of[s.job_id] = account
-        for job_id in self._jobs.keys() | on_network.keys():
-            job = self._jobs.get(job_id)
-            recorded = job.sent if job is not None else []
-            distinct = {(s.holder, s.token, s.transport_id) for s in recorded}
-            network = on_network.get(job_id, [])
-            if len(distinct) < 2 and len(network) < 2:
+        for account, first, again in self._twice:
+            if not (self._in_window(first.at) or self._in_window(again.at)):
                 continue
-            if not any(self._in_window(s.at) for s in [*recorded, *network]):
-                continue
-            if job is not None and job.uncertain:
+            if again.job_id in self._uncertain:
                 allowed += 1
                 continue
-            sends = recorded if len(distinct) >= 2 else network
             self._flag(
                 "duplicates",
-                job.account if job is not None else account_of[job_id],
-                f"job {job_id} was sent {max(len(distinct), len(network))} times with no"
-                " DeliveryUncertain recorded",
-                [s.event_id for s in sends],
-                [ref(s) for s in sends],
-                sends[0].chat,
+                account,
+                f"job {again.job_id} was sent again (by {again.holder}, token {again.token};"
+                f" first by {first.holder}, token {first.token}) with no DeliveryUncertain"
+                " recorded",
+                [first.event_id, again.event_id],
+                [ref(first), ref(again)],
+                again.chat,
             )
-        for inbound_id, m in self._inbound.items():
-            if len(m.turns) > 1 and self._in_window(m.at):
-                self._flag(
-                    "duplicates",
-                    m.account,
-                    f"MessageReceived {inbound_id} has {len(m.turns)} turns",
-                    [eid for _, eid in m.turns],
-                    [f"AGENT:{seq}" for seq, _ in m.turns],
-                    m.chat,
-                )
         self.report.checked["duplicates"] = {
             "jobs": len(self._jobs),
             "uncertain resends allowed": allowed,
         }
-
-    def _order(self) -> None:
-        chats: dict[tuple[str, str], list[_Send]] = defaultdict(list)
-        for account, sends in self._sends.items():
-            for s in sends:
-                chats[(account, s.chat)].append(s)
-        for (account, chat), sends in sorted(chats.items()):
-            firsts: list[_Send] = []
-            seen: set[str] = set()
-            for s in sorted(sends, key=lambda s: (s.at, s.seq)):
-                if s.job_id not in seen:  # a resend of an uncertain job repeats, not reorders
-                    seen.add(s.job_id)
-                    firsts.append(s)
-            # The job's OUTBOUND sequence is its enqueue position; events written before
-            # it was recorded fall back to the order of their turns' reply ids.
-            self._ordered(account, chat, [(s.job_seq, 0, s) for s in firsts if s.job_seq])
-            by_turn = []
-            for s in firsts:
-                job = self._jobs.get(s.job_id)
-                if not s.job_seq and job is not None and job.order is not None:
-                    by_turn.append((*job.order, s))
-            self._ordered(account, chat, by_turn)
-        for (account, chat), turns in sorted(self._chat_turns.items()):
-            highest = 0
-            prev = ""
-            for inbound_seq, event_id, where in turns:
-                if inbound_seq < highest:
-                    self._flag(
-                        "order",
-                        account,
-                        f"in chat {chat}, the turn for INBOUND:{inbound_seq} ({where}) came after"
-                        f" the turn for the later INBOUND:{highest}",
-                        [prev, event_id],
-                        [where],
-                        chat,
-                    )
-                else:
-                    highest, prev = inbound_seq, event_id
-        self.report.checked["order"] = {
-            "chats with sends": len(chats),
-            "chats with turns": len(self._chat_turns),
-        }
-
-    def _ordered(self, account: str, chat: str, sends: list[tuple[int, int, _Send]]) -> None:
-        """Flag a send whose enqueue position is below one already sent in the chat."""
-        last: tuple[int, int, _Send] | None = None
-        for position in sends:
-            s = position[2]
-            if last is not None and position[:2] < last[:2] and self._in_window(s.at):
-                before = last[2]
-                self._flag(
-                    "order",
-                    account,
-                    f"in chat {chat}, job {s.job_id} (enqueued at {fmt(position)}) was sent"
-                    f" after job {before.job_id} (enqueued later, at {fmt(last)})",
-                    [before.event_id, s.event_id],
-                    [ref(before), ref(s)],
-                    chat,
-                )
-            if last is None or position[:2] > last[:2]:
-                last = position
 
 
 def at_ref(stream: str, seq: int) -> str:
@@ -600,7 +670,7 @@ def ref(s: _Send) -> str:
     return at_ref(s.stream, s.seq)
 
 
-def fmt(position: tuple[int, int, _Send]) -> str:
-    if position[2].job_seq:
+def fmt(position: tuple[int, int], send: _Send) -> str:
+    if send.job_seq:
         return f"OUTBOUND:{position[0]}"
     return f"AGENT:{position[0]} reply #{position[1] + 1}"

@@ -1,0 +1,218 @@
+"""Audit benchmark: `svc audit` over >= 1M events (conversations: inbound, turn, sent,
+receipt, with lease changes and some failed attempts), next to a raw nats-py
+ordered-consumer read of the same streams in the same run, with peak memory; then the
+projection replay (bench/replay.py) against its own raw read.
+
+    python bench/audit.py --events 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+
+from contracts import subjects
+from contracts.codec import encode
+from contracts.events import (
+    DeliveryFailed,
+    DeliveryReceipt,
+    LeaseAcquired,
+    MessageReceived,
+    MessageSent,
+    TurnCompleted,
+    derived_id,
+)
+from services.ops.audit import Scope, audit
+from services.runtime.bus import Bus, connect
+from services.runtime.nats_server import EmbeddedNats
+from services.runtime.provisioning import ensure_streams
+
+ACCOUNTS = 50
+CHATS = 200  # per account
+STREAMS = ("ACCOUNTS", "INBOUND", "AGENT", "DELIVERY")
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def generate(bus: Bus, events: int) -> int:
+    """Publish about `events` events, like a busy deployment's log; return how many."""
+    nc = bus.nc
+    t0 = datetime.now(UTC) - timedelta(hours=2)
+    published = 0
+
+    async def leases(token: int, holder: str, when: datetime) -> int:
+        for a in range(ACCOUNTS):
+            acct = f"acct{a}"
+            lease = LeaseAcquired(account=acct, holder=holder, token=token, at=when)
+            await nc.publish(subjects.accounts("whatsapp", acct), encode(lease))
+        return ACCOUNTS
+
+    published += await leases(1, "worker-a", t0)
+    n = 0
+    job_seq = 0
+    handover = events // 8 // 4  # a quarter of the way: every account changes hands
+    token, holder = 1, "worker-a"
+    while published < events:
+        acct = f"acct{n % ACCOUNTS}"
+        chat = f"u{(n // ACCOUNTS) % CHATS}@s.whatsapp.net"
+        when = t0 + timedelta(minutes=3, microseconds=n * 20)
+        if n == handover:
+            token, holder = 2, "worker-b"
+            published += await leases(token, holder, when - timedelta(microseconds=10))
+        inbound = MessageReceived(
+            id=derived_id("in", str(n)),
+            at=when,
+            account=acct,
+            chat=chat,
+            sender=chat,
+            message_id=f"m{n}",
+            text=f"message {n}",
+        )
+        job_id = derived_id("job", inbound.id, "0")
+        job_seq += 1
+        turn = TurnCompleted(
+            id=derived_id("turn", inbound.id),
+            at=when,
+            account=acct,
+            chat=chat,
+            inbound_id=inbound.id,
+            model="echo",
+            reply_ids=[job_id],
+            latency_ms=1.5,
+        )
+        out = [
+            (subjects.inbound("whatsapp", acct, chat), encode(inbound)),
+            (subjects.agent("whatsapp", acct, chat), encode(turn)),
+        ]
+        delivery = subjects.delivery("whatsapp", acct, chat)
+        if n % 50 == 7:
+            failed = DeliveryFailed(
+                at=when, job_id=job_id, account=acct, chat=chat, attempt=1, error="503"
+            )
+            out.append((delivery, encode(failed)))
+        sent = MessageSent(
+            id=derived_id("sent", job_id),
+            at=when,
+            job_id=job_id,
+            account=acct,
+            chat=chat,
+            holder=holder,
+            lease_token=token,
+            transport_message_id=f"wa{n}",
+            job_seq=job_seq,
+            sent_at=when,
+            text=f"echo: message {n}",
+        )
+        receipt = DeliveryReceipt(
+            at=when,
+            job_id=job_id,
+            account=acct,
+            chat=chat,
+            transport_message_id=f"wa{n}",
+            status="delivered",
+        )
+        out += [(delivery, encode(sent)), (delivery, encode(receipt))]
+        for subject, data in out:
+            await nc.publish(subject, data)
+        published += len(out)
+        n += 1
+        if n % 2000 == 0:
+            await nc.flush()
+    await nc.flush()
+    # Plain publishes are stored asynchronously: wait until every one is in its stream.
+    deadline = time.monotonic() + 120
+    while await stored(bus) < published:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {await stored(bus)} of {published} events were stored")
+        await asyncio.sleep(0.2)
+    return published
+
+
+async def stored(bus: Bus) -> int:
+    return sum([(await bus.js.stream_info(s)).state.messages for s in STREAMS])
+
+
+async def raw_read(bus: Bus) -> float:
+    """Counting callbacks on pushed ordered consumers, stream after stream, like the audit."""
+    total = 0
+    started = time.perf_counter()
+    for stream in STREAMS:
+        last = (await bus.js.stream_info(stream)).state.last_seq
+        done = asyncio.Event()
+        count = 0
+
+        async def on_msg(msg: Msg, last: int = last, done: asyncio.Event = done) -> None:
+            nonlocal count
+            count += 1
+            if msg.metadata.sequence.stream >= last:
+                done.set()
+
+        sub = await bus.js.subscribe(
+            ">",
+            stream=stream,
+            cb=on_msg,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+            pending_msgs_limit=-1,
+            pending_bytes_limit=-1,
+        )
+        await asyncio.wait_for(done.wait(), 600)
+        await sub.unsubscribe()
+        total += count
+    return total / (time.perf_counter() - started)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description="svc audit and projection replay rates")
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--replay-events", type=int, default=None, help="default: --events")
+    parser.add_argument("--no-replay", action="store_true", help="only the audit")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        async with (
+            EmbeddedNats(Path(tmp) / "nats", port=0) as server,
+            connect(server.url, name="bench-audit") as bus,
+        ):
+            await ensure_streams(bus.js)
+            started = time.perf_counter()
+            published = await generate(bus, args.events)
+            made = time.perf_counter() - started
+            raw_rate = await raw_read(bus)
+            rss_before = rss_mib()
+            report, elapsed = await audit(bus, Scope(grace=0))
+            rss_after = rss_mib()
+            url = server.url
+            rate = sum(report.counts.values()) / elapsed
+            print(f"audit: {published:,} events generated in {made:.1f} s")
+            print(f"  raw nats-py ordered-consumer read : {raw_rate:9,.0f} events/s")
+            print(
+                f"  svc audit (4 rules + summary)     : {rate:9,.0f} events/s"
+                f"  ({elapsed:.1f} s for {sum(report.counts.values()):,} events;"
+                f" goal <= 30 s for 1M)"
+            )
+            print(f"  ratio audit/raw                   : {rate / raw_rate:9.2f}")
+            print(
+                f"  violations {len(report.violations)}; peak RSS {rss_after:.0f} MiB"
+                f" (before the audit {rss_before:.0f} MiB)"
+            )
+            del report
+            if not args.no_replay:
+                sys.path.insert(0, str(Path(__file__).parent))
+                from replay import measure_replay  # bench/replay.py
+
+                await measure_replay(url, args.replay_events or args.events)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
