@@ -504,10 +504,169 @@ def _write(
 # --- svc replay projection -------------------------------------------------------------
 
 
+@replay_app.command("projection")
+def replay_projection(
+    name: Annotated[str, typer.Argument(help="The projection to rebuild (known: plugins).")],
+    to_seq: Annotated[
+        int | None, typer.Option("--to-seq", help="Stop after this stream sequence.")
+    ] = None,
+    at: Annotated[
+        str | None,
+        typer.Option(
+            "--at", help="Stop at the last event stored at or before then (RFC 3339, or 2h ago)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write a new file here (default: swap into the live one)."),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(help="Replace an existing --out file; let the live file go back in time."),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rebuild a projection from its stream (as of a sequence or time) into a fresh file."""
+    from projections.replay import parse_when
+    from services.ops.replay import Request, replay
+
+    try:
+        request = Request(
+            name, to_seq=to_seq, at=parse_when(at) if at else None, out=out, force=force
+        )
+        request.check()
+    except ValueError as exc:
+        raise _fail(f"--at: {exc}", 2) from None
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    settings = _settings(quiet=True)
+
+    async def main() -> Any:
+        async with _connect(settings, "svc-replay") as bus:
+            return await replay(bus, settings, request)
+
+    summary = _run(main)
+    if as_json:
+        typer.echo(msgspec.json.encode(summary.to_builtins()).decode())
+    else:
+        typer.echo(summary.render())
+
+
 # --- svc replay conversation / svc audit explain -----------------------------------------
 
 
+@replay_app.command("conversation")
+def replay_conversation(
+    account: Annotated[str, typer.Option("--account", help="The account.")],
+    chat: Annotated[str, typer.Option("--chat", help="The chat JID (or its subject token).")],
+    channel: Annotated[str, typer.Option("--channel", help="The channel.")] = "whatsapp",
+    as_json: JsonOpt = False,
+) -> None:
+    """One chat's transcript: messages, turns (tools), sends, failures, receipts, facts."""
+    from contracts.errors import ContractError
+    from contracts.subjects import check_channel
+    from projections.transcript import transcript_lines
+    from services.ops.explain import check_chat, conversation
+
+    _check_account(account)
+    try:
+        check_channel(channel)
+        jid = check_chat(chat)
+    except ContractError as exc:
+        raise _fail(str(exc), 2) from None
+    settings = _settings(quiet=True)
+
+    async def main() -> list[Any]:
+        async with _connect(settings, "svc-replay") as bus:
+            return await conversation(bus, channel, account, jid)
+
+    entries = _run(main)
+    if as_json:
+        typer.echo(msgspec.json.encode(entries).decode())
+    elif not entries:
+        typer.echo(f"no events for {channel}/{account} chat {jid}")
+    else:
+        typer.echo(f"{channel}/{account}  {jid}  ({len(entries)} events, times UTC)")
+        typer.echo("\n".join(transcript_lines(entries)))
+
+
+@audit_app.command("explain")
+def audit_explain(
+    job_id: Annotated[str, typer.Argument(help="The outbound job id (SendMessage.job_id).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """The causal chain of one job: inbound, turn and its tool policy, job, attempts, the
+    send with its lease, receipts, or the dead letter."""
+    from contracts.errors import ContractError
+    from contracts.subjects import send_key
+    from projections.transcript import chain_lines
+    from services.ops.explain import explain
+
+    try:
+        send_key("x", job_id)
+    except ContractError as exc:
+        raise _fail(str(exc), 2) from None
+    settings = _settings(quiet=True)
+
+    async def main() -> Any:
+        async with _connect(settings, "svc-audit") as bus:
+            return await explain(bus, job_id)
+
+    chain = _run(main)
+    if as_json:
+        typer.echo(msgspec.json.encode(chain).decode())
+    else:
+        typer.echo("\n".join(chain_lines(chain)))
+
+
 # --- svc audit ---------------------------------------------------------------------------
+
+
+@audit_app.callback()
+def audit(
+    ctx: typer.Context,
+    account: Annotated[str | None, typer.Option(help="Audit one account only.")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Judge what happened from then (RFC 3339, or 2h, 7d ago).")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="... up to then (same forms).")] = None,
+    grace: Annotated[
+        float,
+        typer.Option(min=0, help="Seconds before a message or job without an outcome is lost."),
+    ] = 60.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check every invariant of DESIGN.md against the streams; exit 1 on a violation."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from projections.replay import parse_when
+    from services.ops.audit import Scope, render, to_builtins
+    from services.ops.audit import audit as run_audit
+
+    if account is not None:
+        _check_account(account)
+    try:
+        scope = Scope(
+            account=account,
+            since=parse_when(since) if since else None,
+            until=parse_when(until) if until else None,
+            grace=grace,
+        )
+    except ValueError as exc:
+        raise _fail(f"--since/--until: {exc}", 2) from None
+    settings = _settings(quiet=True)
+
+    async def main() -> tuple[Any, float]:
+        async with _connect(settings, "svc-audit") as bus:
+            return await run_audit(bus, scope)
+
+    report, elapsed = _run(main)
+    if as_json:
+        typer.echo(msgspec.json.encode(to_builtins(report, elapsed, scope)).decode())
+    else:
+        typer.echo(render(report, elapsed, scope))
+    if not report.ok:
+        raise _fail(f"{len(report.violations)} violation(s) found (see above)", 1)
 
 
 def _check_account(account: str) -> None:

@@ -96,24 +96,13 @@ async def stream_raw(
 ) -> list[tuple[str, bytes, dict[str, str]]]:
     """Raw (subject, data, headers) of every message in `stream`. Limits streams are read
     with the lossless reader; work queues (where no second consumer may read) by direct
-    gets that skip only messages already consumed. Any other failure fails the test."""
-    import nats.js.errors
-
-    from contracts.subjects import subject_matches
-    from services.runtime.reader import read
+    gets of what is still queued. Any failure fails the test."""
+    from services.runtime.reader import queued, read
 
     info = await bus.js.stream_info(stream)
-    if str(getattr(info.config.retention, "value", info.config.retention)) != "workqueue":
-        return [(s.subject, s.data, s.headers) async for s in read(bus, stream, subject=subject)]
-    out: list[tuple[str, bytes, dict[str, str]]] = []
-    for seq in range(info.state.first_seq, info.state.last_seq + 1) if info.state.messages else []:
-        try:
-            raw = await bus.js.get_msg(stream, seq)
-        except nats.js.errors.NotFoundError:
-            continue  # consumed (acked) from the work queue
-        if raw.subject and subject_matches(subject, raw.subject):
-            out.append((raw.subject, raw.data or b"", dict(raw.headers or {})))
-    return out
+    work_queue = str(getattr(info.config.retention, "value", info.config.retention))
+    reading = queued if work_queue == "workqueue" else read
+    return [(s.subject, s.data, s.headers) async for s in reading(bus, stream, subject=subject)]
 
 
 @asynccontextmanager

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -40,7 +40,7 @@ from contracts.streams import (
 )
 from projections.audit import Auditor, Report
 from services.runtime.bus import Bus
-from services.runtime.reader import read
+from services.runtime.reader import queued, read
 
 _decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
 
@@ -125,41 +125,15 @@ async def _core_ack_floor(bus: Bus) -> int:
 
 
 async def _queued_jobs(bus: Bus, subject: str, auditor: Auditor) -> None:
-    """Jobs still in the OUTBOUND work queue, by direct gets (no consumer may be added)."""
-    seq = 1
-    while True:
+    """Jobs still in the OUTBOUND work queue."""
+    decoder = _decoder(SendMessage)
+    async for stored in queued(bus, OUTBOUND.name, subject=subject):
         try:
-            raw = await bus.js.get_msg(OUTBOUND.name, seq, subject=subject, next=True)
-        except nats.js.errors.NotFoundError:
-            return
-        if raw.seq is None:
-            return
-        seq = raw.seq + 1
-        at = raw.time or datetime.min.replace(tzinfo=UTC)
-        try:
-            job = _decoder(SendMessage).decode(raw.data or b"")
+            job = decoder.decode(stored.data)
         except msgspec.DecodeError:
             auditor.skipped(OUTBOUND.name)
             continue
-        auditor.pending(raw.seq, at, job)
-
-
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_when(text: str, now: datetime | None = None) -> datetime:
-    """RFC 3339 (a naive time is UTC) or an age like `90s`, `15m`, `2h`, `7d` (that long
-    ago); ValueError with what was expected otherwise."""
-    text = text.strip()
-    if text and text[-1] in _UNITS and text[:-1].replace(".", "", 1).isdigit():
-        return (now or datetime.now(UTC)) - timedelta(seconds=float(text[:-1]) * _UNITS[text[-1]])
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is not a time: use RFC 3339 (2026-11-26T10:00:00Z) or an age (15m, 2h, 7d)"
-        ) from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+        auditor.pending(stored.seq, stored.time or datetime.min.replace(tzinfo=UTC), job)
 
 
 def to_builtins(report: Report, elapsed: float, scope: Scope) -> dict[str, Any]:

@@ -1,10 +1,14 @@
 """The plugin projection: PLUGINS replayed into SQLite (rows and checkpoint in one
 transaction), caught up on start, live-tailed, readable by the core on every turn.
 
-Events are applied in batches (up to 1,000 per transaction during a rebuild, one at a time
-when tailing); each batch writes its rows and the checkpoint together, so a crash at any
-point resumes exactly after the last committed event. Several processes may share one
-file: a batch skips what the stored checkpoint says is already applied.
+Events are applied in batches (up to `batch` per transaction, 1,000 by default); each
+batch writes its rows and the checkpoint together, so a crash at any point resumes exactly
+after the last committed event. Several processes may share one file: a batch skips what
+the stored checkpoint says is already applied.
+
+SQLite runs on one worker thread per projection, and each batch (or read) is a single job
+on it: the event loop pays one thread hop per batch, and while a batch is being written
+the loop already reads and decodes the next one.
 """
 
 from __future__ import annotations
@@ -13,15 +17,20 @@ import asyncio
 import contextlib
 import json
 import logging
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
-import aiosqlite
+import msgspec
 import nats.errors
 
 from contracts.codec import decode_any
 from contracts.errors import ContractError
+from contracts.events import AnyMessage
 from contracts.plugins import PluginManifest
 from contracts.streams import PLUGINS
 from projections import plugins as view
@@ -31,10 +40,32 @@ from services.runtime.reader import read
 log = logging.getLogger(__name__)
 
 BATCH = 1000
+FRESH_CACHE_KIB = 128 * 1024
+T = TypeVar("T")
+Batch = list[tuple[int, list[view.Statement] | None]]
+Policies = dict[str, tuple[list[str], list[str]]]
+
+# The typed decoder of `contracts.codec`, called directly: a rebuild decodes every event of
+# the stream and the generic wrapper's lookup doubles the cost. Errors are worded by the
+# wrapper (only on the rare bad event).
+_decode = msgspec.json.Decoder(AnyMessage).decode
+
+
+def _decode_error(data: bytes) -> ContractError | None:
+    """The contracts layer's wording of why `data` does not decode."""
+    try:
+        decode_any(data)
+    except ContractError as exc:
+        return exc
+    return None
 
 
 class PluginProjection:
-    """`async with PluginProjection(bus, path, manifests) as p: await p.catch_up()`."""
+    """`async with PluginProjection(bus, path, manifests) as p: await p.catch_up()`.
+
+    `fresh=True` is for a file nobody else has open that is thrown away if the build
+    fails (a rebuild, `svc replay projection`): no journal and no fsync.
+    """
 
     def __init__(
         self,
@@ -42,15 +73,21 @@ class PluginProjection:
         path: Path | str,
         manifests: dict[str, PluginManifest],
         name: str = "plugins",
+        *,
+        fresh: bool = False,
+        batch: int = BATCH,
     ) -> None:
         self.bus = bus
         self.path = str(path)
         self.manifests = manifests
         self.name = name
+        self.fresh = fresh
+        self.batch = batch
         self.position = 0
         self.skipped = 0
         self.changed = asyncio.Event()  # set after every committed batch
-        self._db: aiosqlite.Connection | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._worker: ThreadPoolExecutor | None = None
         self._checked = False
         # Our writes and our reads share one connection: a read must not land inside a
         # batch's open transaction (it would see rows the checkpoint does not cover yet).
@@ -59,85 +96,201 @@ class PluginProjection:
     async def __aenter__(self) -> PluginProjection:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self.path, isolation_level=None, timeout=30)
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.execute("PRAGMA synchronous=NORMAL")
-        for ddl in view.SCHEMA:
-            await self._db.execute(ddl)
-        await self._db.execute(
-            "INSERT OR IGNORE INTO checkpoint VALUES (?, 0, 0, '')", (self.name,)
-        )
-        self.position, self.skipped = await self._checkpoint()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="projection")
+        try:
+            self.position, self.skipped = await self._call(self._open)
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return
+        # After whatever is still queued (a write of a cancelled catch-up), on the worker.
+        await asyncio.wrap_future(worker.submit(self._close))
+        worker.shutdown(wait=False)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the projection's SQLite thread."""
+        assert self._worker is not None, "use `async with PluginProjection(...)`"
+        return await asyncio.get_running_loop().run_in_executor(self._worker, partial(fn, *args))
 
     @property
-    def db(self) -> aiosqlite.Connection:
-        """The open connection."""
-        assert self._db is not None, "use `async with PluginProjection(...)`"
-        return self._db
+    def db(self) -> sqlite3.Connection:
+        """The open connection (only for use on the projection's thread, via `_call`)."""
+        assert self._conn is not None, "use `async with PluginProjection(...)`"
+        return self._conn
 
-    async def _checkpoint(self) -> tuple[int, int]:
-        async with self.db.execute(
+    # --- on the SQLite thread -----------------------------------------------------------
+
+    def _open(self) -> tuple[int, int]:
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=False)
+        self._conn = conn
+        if self.fresh:
+            conn.execute("PRAGMA journal_mode=OFF")
+            conn.execute("PRAGMA synchronous=OFF")
+            # Nobody else reads it while it is built: no lock round trips per batch, and a
+            # page cache big enough for the indexes of a million rows.
+            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+            conn.execute(f"PRAGMA cache_size=-{FRESH_CACHE_KIB}")
+        else:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+        for ddl in view.SCHEMA:
+            conn.execute(ddl)
+        conn.execute("INSERT OR IGNORE INTO checkpoint VALUES (?, 0, 0, '')", (self.name,))
+        return self._checkpoint()
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _checkpoint(self) -> tuple[int, int]:
+        row = self.db.execute(
             "SELECT seq, skipped FROM checkpoint WHERE name = ?", (self.name,)
-        ) as cur:
-            row = await cur.fetchone()
+        ).fetchone()
         return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    def _restart_if_other_stream(self, identity: str) -> bool:
+        db = self.db
+        row = db.execute("SELECT stream FROM checkpoint WHERE name = ?", (self.name,)).fetchone()
+        if row and row[0] == identity:
+            return False
+        if row and row[0]:
+            log.warning(
+                "PLUGINS was recreated: rebuilding the projection", extra={"path": self.path}
+            )
+        db.execute("BEGIN IMMEDIATE")
+        for table in view.TABLES:
+            db.execute(f"DELETE FROM {table}")  # noqa: S608 -- our own table names
+        db.execute(
+            "UPDATE checkpoint SET seq = 0, skipped = 0, stream = ? WHERE name = ?",
+            (identity, self.name),
+        )
+        db.execute("COMMIT")
+        return True
+
+    def _write(self, batch: Batch) -> tuple[int, int, int]:
+        """One transaction: the batch's rows (minus what is already applied) and the
+        checkpoint. Returns (applied, position, skipped)."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            stored, skipped = self._checkpoint()
+            todo = [(seq, st) for seq, st in batch if seq > stored]
+            # Consecutive statements with the same SQL run as one executemany; the order
+            # of effects is kept.
+            run_sql, run_params = "", list[tuple[Any, ...]]()
+            for _, statements in todo:
+                for sql, params in statements or []:
+                    if sql != run_sql and run_params:
+                        db.executemany(run_sql, run_params)
+                        run_params = []
+                    run_sql = sql
+                    run_params.append(params)
+            if run_params:
+                db.executemany(run_sql, run_params)
+            skipped += sum(1 for _, st in todo if st is None)
+            last = max([stored, *(seq for seq, _ in todo)])
+            db.execute(
+                "UPDATE checkpoint SET seq = ?, skipped = ? WHERE name = ?",
+                (last, skipped, self.name),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            # Without a journal (fresh) a rollback is undefined; that file is discarded.
+            if not self.fresh and db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return len(todo), last, skipped
+
+    def _snapshot(self) -> tuple[int, list[view.InstalledRow], Policies]:
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            row = db.execute("SELECT seq FROM checkpoint WHERE name = ?", (self.name,)).fetchone()
+            installed = [
+                view.InstalledRow(r[0], r[1], r[2], r[3], json.loads(r[4]))
+                for r in db.execute("SELECT scope, name, state, version, config FROM installed")
+            ]
+            policies = {
+                r[0]: (json.loads(r[1]), json.loads(r[2]))
+                for r in db.execute("SELECT scope, allow, deny FROM policy")
+            }
+        finally:
+            db.execute("COMMIT")
+        return (int(row[0]) if row else 0), installed, policies
+
+    def _facts(self, key: str) -> dict[str, str]:
+        rows = self.db.execute("SELECT key, value FROM facts WHERE chat = ?", (key,))
+        return {str(k): str(v) for k, v in rows}
+
+    def _dump(self) -> dict[str, list[tuple[Any, ...]]]:
+        return {
+            table: [
+                tuple(r)
+                for r in self.db.execute(f"SELECT * FROM {table} ORDER BY 1, 2")  # noqa: S608
+            ]
+            for table in view.TABLES
+        }
+
+    # --- on the event loop --------------------------------------------------------------
 
     async def _same_stream(self) -> None:
         """Start over if PLUGINS was recreated since this file was built (its checkpoint
         would point into a different history)."""
         info = await self.bus.js.stream_info(PLUGINS.name)
-        identity = str(info.created)
-        async with self.db.execute(
-            "SELECT stream FROM checkpoint WHERE name = ?", (self.name,)
-        ) as cur:
-            row = await cur.fetchone()
-        if row and row[0] == identity:
-            return
-        if row and row[0]:
-            log.warning(
-                "PLUGINS was recreated: rebuilding the projection", extra={"path": self.path}
-            )
-        await self.db.execute("BEGIN IMMEDIATE")
-        for table in view.TABLES:
-            await self.db.execute(f"DELETE FROM {table}")  # noqa: S608 -- our own table names
-        await self.db.execute(
-            "UPDATE checkpoint SET seq = 0, skipped = 0, stream = ? WHERE name = ?",
-            (identity, self.name),
-        )
-        await self.db.execute("COMMIT")
-        self.position, self.skipped = 0, 0
+        async with self._lock:
+            if await self._call(self._restart_if_other_stream, str(info.created)):
+                self.position, self.skipped = 0, 0
 
     async def catch_up(self, *, upto: int | None = None) -> int:
         """Apply every event after the checkpoint (up to `upto`); return how many."""
         if not self._checked:
             await self._same_stream()
             self._checked = True
+        if upto is not None and upto <= self.position:
+            return 0  # (the reader takes a stop of 0 as "no stop")
         applied = 0
-        batch: list[tuple[int, list[view.Statement] | None]] = []
-        async for stored in read(
-            self.bus, PLUGINS.name, start_seq=self.position + 1, stop_seq=upto
-        ):
-            batch.append((stored.seq, self._statements(stored.seq, stored.data)))
-            if len(batch) >= BATCH:
+        batch: Batch = []
+        writing: asyncio.Future[int] | None = None  # the previous batch, being committed
+        try:
+            async for stored in read(
+                self.bus,
+                PLUGINS.name,
+                start_seq=self.position + 1,
+                stop_seq=upto,
+                batch=max(self.batch, BATCH),
+            ):
+                batch.append((stored.seq, self._statements(stored.seq, stored.data)))
+                if len(batch) >= self.batch:
+                    if writing is not None:
+                        applied += await writing
+                    writing = asyncio.ensure_future(self._commit(batch))
+                    batch = []
+            if writing is not None:
+                applied += await writing
+            writing = None
+            if batch:
                 applied += await self._commit(batch)
-                batch = []
-        if batch:
-            applied += await self._commit(batch)
+        finally:
+            if writing is not None:  # the read failed: let the pending write land first
+                await asyncio.wait([writing])
+                if not writing.cancelled():
+                    writing.exception()  # the read's error is the one to report
         return applied
 
     def _statements(self, seq: int, data: bytes) -> list[view.Statement] | None:
         try:
-            event = decode_any(data)
-        except ContractError as exc:
-            log.warning("skipped malformed event", extra={"seq": seq, "error": str(exc)})
+            event = _decode(data)
+        except (msgspec.DecodeError, RecursionError) as exc:  # ValidationError is one
+            error = str(_decode_error(data) or exc)
+            log.warning("skipped malformed event", extra={"seq": seq, "error": error})
             return None
         if not isinstance(event, view.HANDLED_TYPES):
             log.warning(
@@ -146,42 +299,12 @@ class PluginProjection:
             return None
         return view.apply(event)
 
-    async def _commit(self, batch: list[tuple[int, list[view.Statement] | None]]) -> int:
+    async def _commit(self, batch: Batch) -> int:
         async with self._lock:
-            return await self._commit_locked(batch)
-
-    async def _commit_locked(self, batch: list[tuple[int, list[view.Statement] | None]]) -> int:
-        db = self.db
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            stored, skipped = await self._checkpoint()
-            todo = [(seq, st) for seq, st in batch if seq > stored]
-            # Consecutive statements with the same SQL run as one executemany: the order
-            # of effects is kept, and a rebuild does not pay a thread hop per row.
-            run_sql, run_params = "", list[tuple[Any, ...]]()
-            for _, statements in todo:
-                for sql, params in statements or []:
-                    if sql != run_sql and run_params:
-                        await db.executemany(run_sql, run_params)
-                        run_params = []
-                    run_sql = sql
-                    run_params.append(params)
-            if run_params:
-                await db.executemany(run_sql, run_params)
-            skipped += sum(1 for _, st in todo if st is None)
-            last = max([stored, *(seq for seq, _ in todo)])
-            await db.execute(
-                "UPDATE checkpoint SET seq = ?, skipped = ? WHERE name = ?",
-                (last, skipped, self.name),
-            )
-            await db.execute("COMMIT")
-        except BaseException:
-            await db.execute("ROLLBACK")
-            raise
-        self.position, self.skipped = last, skipped
+            applied, self.position, self.skipped = await self._call(self._write, batch)
         self.changed.set()
         self.changed = asyncio.Event()
-        return len(todo)
+        return applied
 
     async def run(self, stop: asyncio.Event) -> None:
         """Tail PLUGINS: a plain subscription wakes the catch-up; a timer covers gaps."""
@@ -206,35 +329,13 @@ class PluginProjection:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
 
-    async def snapshot(
-        self,
-    ) -> tuple[int, list[view.InstalledRow], dict[str, tuple[list[str], list[str]]]]:
+    async def snapshot(self) -> tuple[int, list[view.InstalledRow], Policies]:
         """The checkpoint with the installed rows and policies it covers (one read
         transaction, so the position is exact even when another process shares the file)."""
         async with self._lock:
-            db = self.db
-            await db.execute("BEGIN")
-            try:
-                async with db.execute(
-                    "SELECT seq FROM checkpoint WHERE name = ?", (self.name,)
-                ) as cur:
-                    row = await cur.fetchone()
-                async with db.execute(
-                    "SELECT scope, name, state, version, config FROM installed"
-                ) as cur:
-                    installed = [
-                        view.InstalledRow(r[0], r[1], r[2], r[3], json.loads(r[4]))
-                        for r in await cur.fetchall()
-                    ]
-                async with db.execute("SELECT scope, allow, deny FROM policy") as cur:
-                    policies = {
-                        r[0]: (json.loads(r[1]), json.loads(r[2])) for r in await cur.fetchall()
-                    }
-            finally:
-                await db.execute("COMMIT")
-        return (int(row[0]) if row else 0), installed, policies
+            return await self._call(self._snapshot)
 
-    async def rows(self) -> tuple[list[view.InstalledRow], dict[str, tuple[list[str], list[str]]]]:
+    async def rows(self) -> tuple[list[view.InstalledRow], Policies]:
         """Installed rows and policies, as resolution needs them."""
         _, installed, policies = await self.snapshot()
         return installed, policies
@@ -251,14 +352,8 @@ class PluginProjection:
 
     async def facts(self, channel: str, account: str, chat: str) -> dict[str, str]:
         """The memory plugin's facts for a chat."""
-        key = view.fact_chat(channel, account, chat)
-        async with self.db.execute("SELECT key, value FROM facts WHERE chat = ?", (key,)) as cur:
-            return {str(k): str(v) for k, v in await cur.fetchall()}
+        return await self._call(self._facts, view.fact_chat(channel, account, chat))
 
     async def dump(self) -> dict[str, list[tuple[Any, ...]]]:
         """Every row of every view table, sorted (for determinism checks)."""
-        out = {}
-        for table in view.TABLES:
-            async with self.db.execute(f"SELECT * FROM {table} ORDER BY 1, 2") as cur:  # noqa: S608
-                out[table] = [tuple(r) for r in await cur.fetchall()]
-        return out
+        return await self._call(self._dump)

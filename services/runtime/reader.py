@@ -121,3 +121,18 @@ async def read(
             await sub.unsubscribe()
         with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
             await bus.js.delete_consumer(stream, consumer.name)
+
+
+async def queued(bus: Bus, stream: str, *, subject: str = ">") -> AsyncIterator[Stored]:
+    """Every message still in a work-queue stream on `subject`, in order, by direct gets:
+    a work queue admits no second consumer, and a get moves nothing."""
+    seq = 1
+    while True:
+        try:
+            raw = await bus.js.get_msg(stream, seq, subject=subject, next=True)
+        except nats.js.errors.NotFoundError:
+            return
+        if raw.seq is None:
+            return
+        seq = raw.seq + 1
+        yield Stored(raw.seq, raw.subject or "", raw.data or b"", dict(raw.headers or {}), raw.time)

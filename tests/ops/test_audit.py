@@ -28,7 +28,8 @@ from contracts.events import (
     derived_id,
 )
 from contracts.payloads import SimOutbound
-from services.ops.audit import Scope, audit, parse_when, render, to_builtins
+from projections.replay import parse_when
+from services.ops.audit import Scope, audit, render, to_builtins
 from services.runtime.bus import Bus
 from services.runtime.nats_server import EmbeddedNats
 from tests.conftest import arun_svc
