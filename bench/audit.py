@@ -209,9 +209,11 @@ async def main() -> None:
             del report
             if not args.no_replay:
                 sys.path.insert(0, str(Path(__file__).parent))
-                from replay import measure_replay  # bench/replay.py
+                from replay import fill, measure_replay, report  # bench/replay.py
 
-                await measure_replay(url, args.replay_events or args.events)
+                events = args.replay_events or args.events
+                await fill(url, events)
+                print(report(await measure_replay(url, events)))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import json
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import nats.errors
 import nats.js.errors
@@ -38,6 +38,16 @@ class Stored:
     data: bytes
     headers: dict[str, str]
     time: datetime | None
+
+
+def _position(reply: str) -> tuple[int, int, int]:
+    """(stream seq, timestamp ns, pending) from a JetStream reply subject: what nats-py's
+    `msg.metadata` parses, without building its objects (a tenth of a read's time).
+    `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`, or with
+    `<domain>.<account hash>` after `$JS.ACK` (12 tokens or more)."""
+    tokens = reply.split(".")
+    at = 5 if len(tokens) == 9 else 7
+    return int(tokens[at]), int(tokens[at + 2]), int(tokens[at + 3])
 
 
 async def read(
@@ -106,12 +116,12 @@ async def read(
                 outstanding = 0
             else:
                 outstanding -= 1
-                meta = msg.metadata
-                seq = meta.sequence.stream
+                seq, stamp, pending = _position(msg.reply)
                 if seq > last:
                     return
-                yield Stored(seq, msg.subject, msg.data, dict(msg.headers or {}), meta.timestamp)
-                if seq == last or meta.num_pending == 0:
+                when = datetime.fromtimestamp(stamp / 1e9, UTC)
+                yield Stored(seq, msg.subject, msg.data, msg.headers or {}, when)
+                if seq == last or pending == 0:
                     return
             if outstanding <= batch // 2:
                 await bus.nc.publish(next_subject, request, reply=inbox)

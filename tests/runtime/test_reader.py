@@ -60,3 +60,16 @@ async def test_a_subject_with_no_messages_ends_at_once_instead_of_waiting(bus: B
 
 async def _all(reading: object) -> list[object]:
     return [s async for s in reading]  # type: ignore[attr-defined]
+
+
+def test_the_position_is_parsed_from_both_reply_subject_forms_like_nats_py_does() -> None:
+    from nats.aio.msg import Msg
+
+    from services.runtime.reader import _position
+
+    v1 = "$JS.ACK.PLUGINS.c1.1.42.7.1764151200123456789.5"
+    v2 = "$JS.ACK._.ACCHASH.PLUGINS.c1.1.42.7.1764151200123456789.5.rnd"
+    for reply in (v1, v2):
+        meta = Msg.Metadata._from_reply(reply)
+        expected = (meta.sequence.stream, 1764151200123456789, meta.num_pending)
+        assert _position(reply) == expected == (42, 1764151200123456789, 5)
