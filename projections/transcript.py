@@ -502,7 +502,7 @@ def chain_lines(chain: Chain, indent: str = "") -> list[str]:
         basis = (
             f"as of PLUGINS seq {pol.plugins_seq} (replayed up to the turn's position)"
             if pol.basis == "projection"
-            else "plugin defaults (the turn had no projection: plugins_seq 0)"
+            else "plugin defaults (no plugin event before the turn: plugins_seq 0)"
         )
         lines.append(
             f"{pad}{'policy':<9} {'PLUGINS <= ' + str(pol.plugins_seq):<14} {'':<12}  {basis}"
