@@ -541,29 +541,29 @@ class Auditor:
             return
         if send.at >= last.at:
             if position < chat.last_position and self._in_window(send.at):
-                self._flag(
-                    "order",
-                    job.account,
-                    f"in chat {job.chat}, job {send.job_id} (enqueued at"
-                    f" {fmt(position, send)}) was sent after job {last.job_id} (enqueued"
-                    f" later, at {fmt(chat.last_position, last)})",
-                    [last.event_id, send.event_id],
-                    [ref(last), ref(send)],
-                    job.chat,
-                )
+                self._reordered(job, (last, chat.last_position), (send, position))
             else:
                 chat.last, chat.last_position = send, position
         elif position > chat.last_position and self._in_window(send.at):
-            self._flag(
-                "order",
-                job.account,
-                f"in chat {job.chat}, job {send.job_id} (enqueued at {fmt(position, send)})"
-                f" was sent before job {last.job_id} (enqueued earlier, at"
-                f" {fmt(chat.last_position, last)})",
-                [send.event_id, last.event_id],
-                [ref(send), ref(last)],
-                job.chat,
-            )
+            self._reordered(job, (send, position), (last, chat.last_position))
+
+    def _reordered(
+        self,
+        job: _Job,
+        first: tuple[_Send, tuple[int, int]],
+        then: tuple[_Send, tuple[int, int]],
+    ) -> None:
+        """`then` was sent after `first`, though enqueued before it."""
+        (early, early_at), (late, late_at) = first, then
+        self._flag(
+            "order",
+            job.account,
+            f"in chat {job.chat}, job {late.job_id} (enqueued at {fmt(late_at, late)}) was"
+            f" sent after job {early.job_id} (enqueued later, at {fmt(early_at, early)})",
+            [early.event_id, late.event_id],
+            [ref(early), ref(late)],
+            job.chat,
+        )
 
     # --- judging -------------------------------------------------------------------------
 

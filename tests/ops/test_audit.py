@@ -458,3 +458,29 @@ async def test_svc_audit_exits_0_on_a_clean_log_and_2_on_bad_input(
     assert "RFC 3339" in bad.stderr.decode()
     bad_account = await arun_svc("audit", "--account", "no/slashes", env=env)
     assert bad_account.returncode == 2
+
+
+async def test_a_send_recorded_late_is_judged_by_when_it_began(bus: Bus) -> None:
+    # Given the old holder sent j1 in time but was paused before recording it: its record
+    # lands after the new holder's sends (and after the new lease)
+    log = Log(bus)
+    await log.lease("h1", 1, 0)
+    await log.lease("h2", 5, 10)
+    await log.sent("j2", "h2", 5, 11, job_seq=2)
+    await log.sent("j3", "h2", 5, 12, job_seq=3)
+    await log.sent("j1", "h1", 1, 9, job_seq=1)  # began at 9 s, before the hand-over
+    # Then neither fencing nor order is violated
+    data = await run(bus)
+    assert data["ok"] is True, data["rules"]
+
+
+@pytest.mark.audit_violations
+async def test_a_late_record_of_a_job_enqueued_after_the_next_one_is_out_of_order(
+    bus: Bus,
+) -> None:
+    log = Log(bus)
+    await log.lease("h1", 1, 0)
+    later = await log.sent("j2", "h1", 1, 5, job_seq=2)
+    earlier = await log.sent("j3", "h1", 1, 4, job_seq=3)  # began before j2, enqueued after
+    found = violations(await run(bus), "order")
+    assert [v["event_ids"] for v in found] == [[earlier.id, later.id]]
