@@ -656,11 +656,16 @@ def audit(
         raise _fail(f"--since/--until: {exc}", 2) from None
     settings = _settings(quiet=True)
 
+    def progress(stream: str, n: int) -> None:  # only on a terminal: one updating line
+        typer.echo(f"\raudit: reading {stream:<10} {n:>12,} events\x1b[K", err=True, nl=False)
+
     async def main() -> tuple[Any, float]:
         async with _connect(settings, "svc-audit") as bus:
-            return await run_audit(bus, scope)
+            return await run_audit(bus, scope, progress=progress if sys.stderr.isatty() else None)
 
     report, elapsed = _run(main)
+    if sys.stderr.isatty():
+        typer.echo("\r\x1b[K", err=True, nl=False)
     if as_json:
         typer.echo(msgspec.json.encode(to_builtins(report, elapsed, scope)).decode())
     else:
