@@ -203,7 +203,7 @@ def render(report: Report, elapsed: float, scope: Scope) -> str:
     lines.append("")
     by_rule = report.by_rule()
     for rule, found in by_rule.items():
-        checked = ", ".join(f"{n:,} {what}" for what, n in report.checked.get(rule, {}).items())
+        checked = ", ".join(f"{what} {n:,}" for what, n in report.checked.get(rule, {}).items())
         verdict = "ok" if not found else f"VIOLATED ({len(found)})"
         lines.append(f"{rule:<12} {verdict:<16} {checked}")
     for rule, found in by_rule.items():
