@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from services.ops.simclient import SimUser
+from services.ops.simclient import SimUser, first_reply_job_id
 from services.runtime.bus import Bus
 from tests.conftest import Processes, arun_svc, wait_until
 from tests.e2e.conftest import SimNetwork, holder_of, pid_of
@@ -71,8 +71,9 @@ async def test_after_a_kill_9_of_the_owner_mid_traffic_the_audit_finds_no_violat
     processes.start("run", "core", NATS_URL=url)
     await wait_until(lambda: holder_of(bus, "default"), what="an owner")
     async with SimNetwork(bus, "default") as net, SimUser(bus, "default") as user:
+        asked = []
         for i in range(60):
-            await user.send(f"k{i % 6}@s.whatsapp.net", f"before and after {i}")
+            asked.append(await user.send(f"k{i % 6}@s.whatsapp.net", f"before and after {i}"))
             if i == 20:
                 owner = await holder_of(bus, "default")
                 assert owner is not None
@@ -85,3 +86,26 @@ async def test_after_a_kill_9_of_the_owner_mid_traffic_the_audit_finds_no_violat
     assert report["rules"]["split-brain"]["checked"]["sends"] >= 120  # DELIVERY + SIM_OUT
     timeline = report["summary"]["leases"]["default"]
     assert [e["event"] for e in timeline].count("acquired") >= 2  # the takeover is there
+
+    # And a reply sent after the takeover explains end to end, from its inbound message to
+    # the new owner's send and the lease grant behind its token
+    last = asked[-1]
+    job_id = first_reply_job_id("default", last.message_id)
+    explained = await arun_svc("audit", "explain", job_id, "--json", env=env)
+    assert explained.returncode == 0, explained.stderr.decode()
+    chain = json.loads(explained.stdout)
+    assert chain["outcome"] == "sent"
+    assert chain["inbound"]["event"]["text"] == "before and after 59"
+    assert job_id in chain["turn"]["event"]["reply_ids"]
+    (sent,) = chain["sent"]
+    grant = chain["lease"]["event"]
+    assert (grant["holder"], grant["token"]) == (
+        sent["event"]["holder"],
+        sent["event"]["lease_token"],
+    )
+    assert grant["token"] == max(e["token"] for e in timeline if e["event"] == "acquired")
+    human = await arun_svc("audit", "explain", job_id, env=env)
+    assert [line.split()[0] for line in human.stdout.decode().splitlines()[1:]][:2] == [
+        "inbound",
+        "turn",
+    ]
