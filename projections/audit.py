@@ -92,6 +92,7 @@ class Report:
     dead_letters: dict[str, int] = field(default_factory=dict)
     uncertain: list[dict[str, Any]] = field(default_factory=list)
     leases: dict[str, list[LeaseEntry]] = field(default_factory=dict)
+    horizons: dict[str, datetime] = field(default_factory=dict)  # streams missing their start
     pending_jobs: int = 0
     waiting_inbound: int = 0
     oldest_pending: datetime | None = None
@@ -251,6 +252,11 @@ class Auditor:
     def core_progress(self, ack_floor: int) -> None:
         """Every INBOUND message up to `ack_floor` was acked by the core."""
         self._inbound_seq_done = ack_floor
+
+    def history_starts(self, stream: str, first: datetime) -> None:
+        """`stream` no longer holds its beginning (limits, purge): its oldest message is
+        from `first`. What only older events could vouch for is not judged."""
+        self.report.horizons[stream] = first
 
     def turn(self, seq: int, at: datetime, event: AgentEvent) -> None:
         """AGENT: a turn settles its inbound and enqueues its reply jobs, in order."""
@@ -479,6 +485,10 @@ class Auditor:
         if not self._granted:
             return  # no lease history to check against (e.g. ACCOUNTS was purged)
         grant = self._granted.get((account, s.token))
+        if grant is None and "ACCOUNTS" in self.report.horizons:
+            oldest = min((t for t, *_ in self._grants[account]), default=None)
+            if oldest is None or s.token < oldest:
+                return  # granted before the oldest lease event ACCOUNTS still holds
         if grant is None or grant[0] != s.holder:
             who = f"to {grant[0]}" if grant else "to anyone"
             self._flag(
@@ -596,8 +606,14 @@ class Auditor:
     def _lost(self, now: datetime) -> None:
         cutoff = now - self.grace
         floor = self._inbound_seq_done
+        # A turn older than what AGENT still holds, an outcome older than what DELIVERY
+        # holds, cannot be seen: what only they could vouch for is not judged.
+        turns_from = self.report.horizons.get("AGENT")
+        outcomes_from = self.report.horizons.get("DELIVERY")
         for inbound_id, m in self._inbound.items():
             if not self._in_window(m.at) or m.turn or m.seq in self._dead_inbound:
+                continue
+            if turns_from is not None and m.at < turns_from:
                 continue
             acked = m.seq <= floor
             if not acked and floor:
@@ -621,6 +637,8 @@ class Auditor:
             )
         for (_, job_id), job in self._jobs.items():
             if job.outcome or job.pending or not self._in_window(job.at) or job.at > cutoff:
+                continue
+            if outcomes_from is not None and job.at < outcomes_from:
                 continue
             self._flag(
                 "lost",

@@ -70,6 +70,9 @@ async def audit(
         since=scope.since, until=scope.until, grace=scope.grace, account=scope.account
     )
     acct = scope.account or "*"
+    for stream in (ACCOUNTS.name, AGENT.name, DELIVERY.name):
+        if (first := await _first_if_truncated(bus, stream)) is not None:
+            auditor.history_starts(stream, first)
     tick = progress or (lambda _stream, _n: None)
 
     async def each(stream: str, subject: str, kind: Any, feed: Callable[..., None]) -> None:
@@ -113,6 +116,19 @@ async def audit(
         )
     report = auditor.finish(datetime.now(UTC))
     return report, time.perf_counter() - started
+
+
+async def _first_if_truncated(bus: Bus, stream: str) -> datetime | None:
+    """When `stream` no longer starts at sequence 1 (aged out, purged): its oldest
+    message's time."""
+    try:
+        info = await bus.js.stream_info(stream)
+        if info.state.first_seq <= 1 or not info.state.messages:
+            return None
+        first = await bus.js.get_msg(stream, info.state.first_seq, next=True)
+    except nats.js.errors.NotFoundError:
+        return None
+    return first.time
 
 
 async def _core_ack_floor(bus: Bus) -> int:
@@ -162,6 +178,7 @@ def to_builtins(report: Report, elapsed: float, scope: Scope) -> dict[str, Any]:
             for rule, found in by_rule.items()
         },
         "summary": {
+            "history_starts": {k: v.isoformat() for k, v in report.horizons.items()},
             "dead_letters": report.dead_letters,
             "uncertain": report.uncertain,
             "pending_jobs": report.pending_jobs,
@@ -215,6 +232,11 @@ def render(report: Report, elapsed: float, scope: Scope) -> str:
                 lines.append(f"    stored at: {', '.join(v.refs)}")
     lines.append("")
     lines.append("summary")
+    for stream, first in sorted(report.horizons.items()):
+        lines.append(
+            f"  {stream} no longer holds its beginning (oldest {first.isoformat()}):"
+            " what only older events could vouch for was not judged"
+        )
     dead = ", ".join(f"{k} {n}" for k, n in sorted(report.dead_letters.items())) or "none"
     lines.append(f"  dead letters: {dead}")
     resolutions: dict[str, int] = {}

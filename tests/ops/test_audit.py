@@ -484,3 +484,36 @@ async def test_a_late_record_of_a_job_enqueued_after_the_next_one_is_out_of_orde
     earlier = await log.sent("j3", "h1", 1, 4, job_seq=3)  # began before j2, enqueued after
     found = violations(await run(bus), "order")
     assert [v["event_ids"] for v in found] == [[earlier.id, later.id]]
+
+
+async def test_history_a_stream_no_longer_holds_is_not_judged_and_is_said(bus: Bus) -> None:
+    # Given the lease to h1 and the outcome of job j1 were aged out of their streams
+    log = Log(bus)
+    await log.lease("h1", 1, 0)
+    await log.lease("h2", 2, 5)
+    inbound = await log.inbound("hello")
+    await log.turn(inbound, "j1", "j2", "j3")
+    await log.sent("j1", "h1", 1, 1, job_seq=1)
+    await log.sent("j2", "h1", 1, 2, job_seq=2)  # kept: a send under the aged-out lease
+    await log.sent("j3", "h2", 2, 6, job_seq=3)
+    await bus.js.purge_stream("ACCOUNTS", keep=1)
+    await bus.js.purge_stream("DELIVERY", keep=2)
+    # When audited, nothing is called lost or unfenced for want of the missing history
+    data = await run(bus, grace=0)
+    assert data["ok"] is True, data["rules"]
+    # and the report says which streams lost their beginning
+    assert set(data["summary"]["history_starts"]) == {"ACCOUNTS", "DELIVERY"}  # type: ignore[call-overload]
+
+
+@pytest.mark.audit_violations
+async def test_with_its_history_whole_the_same_gap_is_a_violation(bus: Bus) -> None:
+    # The control: the same story with j1's outcome and h1's lease never recorded
+    log = Log(bus)
+    await log.lease("h2", 2, 5)
+    inbound = await log.inbound("hello")
+    await log.turn(inbound, "j1", "j2")
+    stale = await log.sent("j0", "h1", 1, 1, job_seq=1)
+    await log.sent("j2", "h2", 2, 6, job_seq=2)
+    data = await run(bus, grace=0)
+    assert [v["event_ids"] for v in violations(data, "lost")] == [["j1"]]
+    assert [v["event_ids"] for v in violations(data, "split-brain")] == [[stale.id]]
