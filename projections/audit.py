@@ -19,6 +19,7 @@ Rules (each violation names the offending event ids):
   network) without a recorded `DeliveryUncertain`; two turns for one inbound message.
 - order: per chat, sends whose enqueue positions go backwards; turns whose inbound
   messages go backwards.
+- replay (when asked): the plugin projection rebuilt twice up to the same sequence differs.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from contracts.events import (
 )
 from contracts.subjects import parse_chat_subject
 
-RULES = ("split-brain", "lost", "duplicates", "order")
+RULES = ("split-brain", "lost", "duplicates", "order", "replay")
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,20 @@ class Auditor:
     def core_progress(self, ack_floor: int) -> None:
         """Every INBOUND message up to `ack_floor` was acked by the core."""
         self._inbound_seq_done = ack_floor
+
+    def replayed(self, stream: str, upto: int, rows: dict[str, int], differ: list[str]) -> None:
+        """A projection of `stream` rebuilt twice up to `upto`: `differ` lists the tables
+        whose rows were not the same both times (invariant 5)."""
+        self.report.checked["replay"] = {f"{stream} events": upto, **rows}
+        if differ:
+            self._flag(
+                "replay",
+                "",
+                f"rebuilding the {stream} projection twice up to sequence {upto} gave"
+                f" different rows in: {', '.join(differ)}",
+                [],
+                [at_ref(stream, upto)],
+            )
 
     def history_starts(self, stream: str, first: datetime) -> None:
         """`stream` no longer holds its beginning (limits, purge): its oldest message is

@@ -634,6 +634,14 @@ def audit(
         float,
         typer.Option(min=0, help="Seconds before a message or job without an outcome is lost."),
     ] = 60.0,
+    replay: Annotated[
+        bool | None,
+        typer.Option(
+            "--replay/--no-replay",
+            help="Rebuild the plugin projection twice and compare (default: if PLUGINS is"
+            " at most 100,000 events).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Check every invariant of DESIGN.md against the streams; exit 1 on a violation."""
@@ -651,6 +659,7 @@ def audit(
             since=parse_when(since) if since else None,
             until=parse_when(until) if until else None,
             grace=grace,
+            replay=replay,
         )
     except ValueError as exc:
         raise _fail(f"--since/--until: {exc}", 2) from None

@@ -517,3 +517,55 @@ async def test_with_its_history_whole_the_same_gap_is_a_violation(bus: Bus) -> N
     data = await run(bus, grace=0)
     assert [v["event_ids"] for v in violations(data, "lost")] == [["j1"]]
     assert [v["event_ids"] for v in violations(data, "split-brain")] == [[stale.id]]
+
+
+# --- replay (invariant 5) -----------------------------------------------------------------
+
+
+async def test_the_plugin_projection_is_rebuilt_twice_and_compared(bus: Bus) -> None:
+    from contracts.events import FactRemembered
+
+    for n in range(5):
+        fact = FactRemembered(account=ACCOUNT, chat=CHAT, key=f"k{n}", value="v")
+        await bus.publish(subjects.memory("whatsapp", ACCOUNT), fact)
+    data = await run(bus)
+    replay = data["rules"]["replay"]  # type: ignore[index]
+    assert replay["ran"] is True
+    assert replay["checked"] == {
+        "PLUGINS events": 5,
+        "installed rows": 0,
+        "policy rows": 0,
+        "facts rows": 5,
+    }
+    assert (await run(bus, replay=False))["rules"]["replay"]["ran"] is False  # type: ignore[index]
+
+
+@pytest.mark.audit_violations
+async def test_a_projection_that_does_not_replay_the_same_is_caught(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an apply that is not deterministic (a bug this rule exists to catch)
+    import itertools
+
+    from contracts.events import FactRemembered
+    from projections import plugins as view
+
+    counter = itertools.count()
+    real = view.apply
+
+    def drifting(event: object) -> list[tuple[str, tuple[object, ...]]]:
+        statements = real(event)  # type: ignore[arg-type]
+        if isinstance(event, FactRemembered):
+            return [
+                (sql, (*params[:-1], f"{params[-1]}-{next(counter)}")) for sql, params in statements
+            ]
+        return statements
+
+    monkeypatch.setattr(view, "apply", drifting)
+    await bus.publish(
+        subjects.memory("whatsapp", ACCOUNT),
+        FactRemembered(account=ACCOUNT, chat=CHAT, key="k", value="v"),
+    )
+    found = violations(await run(bus), "replay")
+    assert [v["refs"] for v in found] == [["PLUGINS:1"]]
+    assert "facts" in str(found[0]["message"])
