@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -132,7 +133,10 @@ class _Job:
     order: tuple[int, int] | None = None  # (turn's AGENT seq, index in reply_ids)
     outcome: str = ""  # sent | dead-lettered | skipped
     pending: bool = False
-    first_send: tuple[str, int, str, str, int] | None = None  # holder, token, transport, id, seq
+    # The first send: DELIVERY seq, and a hash of (holder, token, transport message id) to
+    # tell a second, different send from the same fact recorded twice.
+    first_seq: int = 0
+    first_sig: int = 0
     refs: list[str] | None = None
 
 
@@ -189,7 +193,7 @@ class Auditor:
         self._inbound: dict[str, _Inbound] = {}
         self._dead_inbound: set[int] = set()
         self._inbound_seq_done = 0  # the core consumer's ack floor (0: no core consumer)
-        self._jobs: dict[tuple[str, str], _Job] = {}  # (account, job id): ids are per account
+        self._jobs: dict[str, dict[str, _Job]] = defaultdict(dict)  # account -> job id -> job
         self._letters: dict[int, tuple[str, str]] = {}  # OUTBOUND dead letter -> account, chat
         self._uncertain: set[str] = set()
         self._twice: list[tuple[str, _Send, _Send]] = []  # (job, first, second) sends
@@ -199,7 +203,8 @@ class Auditor:
         self._tokens: dict[str, dict[int, _Token]] = defaultdict(dict)  # DELIVERY, per account
         self._network: dict[str, _Send] = {}  # SIM_OUT: the highest-token send per account
         self._network_owner: dict[tuple[str, int], _Send] = {}
-        self._network_jobs: dict[tuple[str, str], _Send] = {}  # (account, job) -> first send
+        # SIM_OUT: account -> job id -> the network's first acceptance (seq, holder, token)
+        self._network_jobs: dict[str, dict[str, tuple[int, str, int]]] = defaultdict(dict)
         self._chats: dict[tuple[str, str], _Chat] = {}
         self._sends = 0
 
@@ -401,13 +406,12 @@ class Auditor:
             job.chat,
         )
         self._sends += 1
-        signature = (send.holder, send.token, event.transport_message_id, send.event_id, seq)
-        if job.first_send is None:
-            job.first_send = signature
+        signature = hash((send.holder, send.token, event.transport_message_id))
+        if not job.first_seq:
+            job.first_seq, job.first_sig = seq, signature
             self._order(job, send)
-        elif job.first_send[:3] != signature[:3]:
-            holder, token, _, event_id, first_seq = job.first_send
-            first = _Send(first_seq, send.at, event_id, holder, token, send.job_id, 0, job.chat)
+        elif job.first_sig != signature:
+            first = _Send(job.first_seq, send.at, "", "", 0, send.job_id, 0, job.chat)
             self._twice.append((job.account, first, send))
         if not self._in_window(send.at):
             self._track_token(job.account, send)
@@ -421,12 +425,15 @@ class Auditor:
         """SIM_OUT: what the simulated network accepted, in the order it accepted it."""
         self._count("SIM_OUT")
         self._sends += 1
+        holder = self._name(holder)
         send = _Send(seq, at, f"SIM_OUT:{seq}", holder, token, job_id, 0, chat, "SIM_OUT")
-        first = self._network_jobs.get((account, job_id))
+        first = self._network_jobs[account].get(job_id)
         if first is None:
-            self._network_jobs[(account, job_id)] = send
+            self._network_jobs[account][job_id] = (seq, holder, token)
         else:
-            self._twice.append((account, first, send))
+            was = _Send(first[0], at, f"SIM_OUT:{first[0]}", first[1], first[2], job_id, 0, chat)
+            was.stream = "SIM_OUT"
+            self._twice.append((account, was, send))
         highest = self._network.get(account)
         owner = self._network_owner.setdefault((account, token), send)
         if self._in_window(at):
@@ -438,11 +445,15 @@ class Auditor:
             self._network[account] = send
 
     def _job(self, job_id: str, account: str, chat: str, at: datetime) -> _Job:
-        key = (account, job_id)
-        job = self._jobs.get(key)
+        jobs = self._jobs[account]
+        job = jobs.get(job_id)
         if job is None:
-            job = self._jobs[key] = _Job(self._name(account), self._name(chat), at)
+            job = jobs[job_id] = _Job(self._name(account), self._name(chat), at)
         return job
+
+    def _all_jobs(self) -> Iterator[tuple[str, _Job]]:
+        for jobs in self._jobs.values():
+            yield from jobs.items()
 
     # --- split-brain ---------------------------------------------------------------------
 
@@ -650,7 +661,7 @@ class Auditor:
                 [f"INBOUND:{m.seq}"],
                 m.chat,
             )
-        for (_, job_id), job in self._jobs.items():
+        for job_id, job in self._all_jobs():
             if job.outcome or job.pending or not self._in_window(job.at) or job.at > cutoff:
                 continue
             if outcomes_from is not None and job.at < outcomes_from:
@@ -666,7 +677,7 @@ class Auditor:
             )
         self.report.checked["lost"] = {
             "inbound messages": sum(1 for m in self._inbound.values() if self._in_window(m.at)),
-            "jobs": sum(1 for j in self._jobs.values() if self._in_window(j.at)),
+            "jobs": sum(1 for _, j in self._all_jobs() if self._in_window(j.at)),
             "pending jobs": self.report.pending_jobs,
         }
 
@@ -678,18 +689,18 @@ class Auditor:
             if again.job_id in self._uncertain:
                 allowed += 1
                 continue
+            before = f"first by {first.holder}, token {first.token}" if first.holder else ""
             self._flag(
                 "duplicates",
                 account,
                 f"job {again.job_id} was sent again (by {again.holder}, token {again.token};"
-                f" first by {first.holder}, token {first.token}) with no DeliveryUncertain"
-                " recorded",
-                [first.event_id, again.event_id],
+                f" {before or 'first at ' + ref(first)}) with no DeliveryUncertain recorded",
+                [i for i in (first.event_id, again.event_id) if i],
                 [ref(first), ref(again)],
                 again.chat,
             )
         self.report.checked["duplicates"] = {
-            "jobs": len(self._jobs),
+            "jobs": sum(len(jobs) for jobs in self._jobs.values()),
             "uncertain resends allowed": allowed,
         }
 

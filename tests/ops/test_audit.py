@@ -294,7 +294,10 @@ async def test_a_job_sent_twice_without_an_uncertain_record_is_a_duplicate(bus: 
     again = await log.sent("j1", "h2", 2, 6, job_seq=1, transport_id="wa-2", event_id="sent-2")
     data = await run(bus)
     found = violations(data, "duplicates")
-    assert [v["event_ids"] for v in found] == [[first.id, again.id]]
+    assert [(v["event_ids"], v["refs"]) for v in found] == [
+        ([again.id], ["DELIVERY:1", "DELIVERY:2"])
+    ]
+    assert first.id != again.id
     assert data["rules"]["order"]["ok"] is True  # type: ignore[index]
 
 
