@@ -595,8 +595,7 @@ def audit_explain(
     job_id: Annotated[str, typer.Argument(help="The outbound job id (SendMessage.job_id).")],
     as_json: JsonOpt = False,
 ) -> None:
-    """The causal chain of one job: inbound, turn and its tool policy, job, attempts, the
-    send with its lease, receipts, or the dead letter."""
+    """Why a job was sent: inbound, turn (tools, policy then), attempts, send, receipts."""
     from contracts.errors import ContractError
     from contracts.subjects import send_key
     from projections.transcript import chain_lines
