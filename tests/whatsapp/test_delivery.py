@@ -75,6 +75,29 @@ async def test_a_permanently_failing_chat_is_dead_lettered_at_once_and_others_fl
     assert all(f.permanent and f.chat == "c0@s.whatsapp.net" for f in failed)
 
 
+async def test_outcomes_record_the_jobs_queue_position_start_time_and_text(bus: Bus) -> None:
+    # What the audit's order and fencing rules and the transcript rely on, once the work
+    # queue has forgotten the job.
+    env = {"SIM_FAILING_CHATS": "c0@s.whatsapp.net", "DELIVERY_BACKOFF": FAST_BACKOFF}
+    async with SimNetwork(bus, "default") as net, role(bus, "whatsapp", **env):
+        jobs = await enqueue(bus, "default", count=12, chats=3)  # OUTBOUND seqs 1..12
+        others = {j.job_id for j in jobs if j.chat != "c0@s.whatsapp.net"}
+        await net.wait(lambda: net.job_ids() >= others, 30, "other chats")
+        await wait_until(lambda: _count(bus, DeliveryDeadLettered, 4), what="4 dead letters")
+    seq_of = {j.job_id: n + 1 for n, j in enumerate(jobs)}
+    text_of = {j.job_id: j.text for j in jobs}
+    sent = await delivery_events(bus, MessageSent)
+    assert sorted((s.job_id, s.job_seq) for s in sent) == sorted(
+        (job_id, seq_of[job_id]) for job_id in others
+    )
+    assert all(s.text == text_of[s.job_id] for s in sent)
+    assert all(s.sent_at is not None and s.sent_at <= s.at for s in sent)
+    dead = await delivery_events(bus, DeliveryDeadLettered)
+    assert sorted(d.job_seq for d in dead) == sorted(
+        seq_of[j.job_id] for j in jobs if j.job_id not in others
+    )
+
+
 async def _count(bus: Bus, kind: type, n: int) -> bool:
     return len(await delivery_events(bus, kind)) >= n
 
