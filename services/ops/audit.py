@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import msgspec
 import nats.js.errors
 
+from contracts.codec import decode, decoder
 from contracts.errors import ContractError
 from contracts.events import (
     AccountEvent,
@@ -43,13 +43,8 @@ from projections.audit import Auditor, Report
 from services.runtime.bus import Bus
 from services.runtime.reader import queued, read
 
-_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
-
-
-def _decoder(kind: Any) -> msgspec.json.Decoder[Any]:
-    if kind not in _decoders:
-        _decoders[kind] = msgspec.json.Decoder(kind)
-    return _decoders[kind]
+# A stored message without a time (not from JetStream) sorts first.
+_NO_TIME = datetime.min.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -82,18 +77,18 @@ async def audit(
     tick = progress or (lambda _stream, _n: None)
 
     async def each(stream: str, subject: str, kind: Any, feed: Callable[..., None]) -> None:
-        decoder = _decoder(kind)
+        decoding = decoder(kind)
         n = 0
         async for stored in read(bus, stream, subject=subject):
             n += 1
             if n % 50_000 == 0:
                 tick(stream, n)
             try:
-                event = decoder.decode(stored.data)
-            except (msgspec.DecodeError, ContractError):
+                event = decoding(stored.data)
+            except ContractError:
                 auditor.skipped(stream)
                 continue
-            feed(stored.seq, stored.time or datetime.min.replace(tzinfo=UTC), event)
+            feed(stored.seq, stored.time or _NO_TIME, event)
         tick(stream, n)
 
     await each(ACCOUNTS.name, f"accounts.*.{acct}", AccountEvent, auditor.account_event)
@@ -106,14 +101,14 @@ async def audit(
 
     async for stored in read(bus, SIM_OUT.name, subject=f"sim.whatsapp.{acct}.out"):
         try:
-            sent = _decoder(SimOutbound).decode(stored.data)
-        except msgspec.DecodeError:
+            sent = decode(stored.data, SimOutbound)
+        except ContractError:
             auditor.skipped(SIM_OUT.name)
             continue
         account = stored.subject.split(".")[2]
         auditor.network_send(
             stored.seq,
-            stored.time or datetime.min.replace(tzinfo=UTC),
+            stored.time or _NO_TIME,
             account,
             sent.chat,
             sent.job_id,
@@ -171,14 +166,13 @@ async def _core_ack_floor(bus: Bus) -> int:
 
 async def _queued_jobs(bus: Bus, subject: str, auditor: Auditor) -> None:
     """Jobs still in the OUTBOUND work queue."""
-    decoder = _decoder(SendMessage)
     async for stored in queued(bus, OUTBOUND.name, subject=subject):
         try:
-            job = decoder.decode(stored.data)
-        except msgspec.DecodeError:
+            job = decode(stored.data, SendMessage)
+        except ContractError:
             auditor.skipped(OUTBOUND.name)
             continue
-        auditor.pending(stored.seq, stored.time or datetime.min.replace(tzinfo=UTC), job)
+        auditor.pending(stored.seq, stored.time or _NO_TIME, job)
 
 
 def to_builtins(report: Report, elapsed: float, scope: Scope) -> dict[str, Any]:

@@ -7,8 +7,9 @@ after the last committed event. Several processes may share one file: a batch sk
 the stored checkpoint says is already applied.
 
 SQLite runs on one worker thread per projection, and each batch (or read) is a single job
-on it: the event loop pays one thread hop per batch, and while a batch is being written
-the loop already reads and decodes the next one.
+on it: the event loop pays one thread hop per batch, while a batch is being written the
+loop already reads and decodes the next one, and a read never lands inside a batch's
+open transaction.
 """
 
 from __future__ import annotations
@@ -25,12 +26,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-import msgspec
 import nats.errors
 
 from contracts.codec import decode_any
 from contracts.errors import ContractError
-from contracts.events import AnyMessage
 from contracts.plugins import PluginManifest
 from contracts.streams import PLUGINS
 from projections import plugins as view
@@ -44,20 +43,6 @@ FRESH_CACHE_KIB = 128 * 1024
 T = TypeVar("T")
 Batch = list[tuple[int, list[view.Statement] | None]]
 Policies = dict[str, tuple[list[str], list[str]]]
-
-# The typed decoder of `contracts.codec`, called directly: a rebuild decodes every event of
-# the stream and the generic wrapper's lookup doubles the cost. Errors are worded by the
-# wrapper (only on the rare bad event).
-_decode = msgspec.json.Decoder(AnyMessage).decode
-
-
-def _decode_error(data: bytes) -> ContractError | None:
-    """The contracts layer's wording of why `data` does not decode."""
-    try:
-        decode_any(data)
-    except ContractError as exc:
-        return exc
-    return None
 
 
 class PluginProjection:
@@ -89,9 +74,6 @@ class PluginProjection:
         self._conn: sqlite3.Connection | None = None
         self._worker: ThreadPoolExecutor | None = None
         self._checked = False
-        # Our writes and our reads share one connection: a read must not land inside a
-        # batch's open transaction (it would see rows the checkpoint does not cover yet).
-        self._lock = asyncio.Lock()
 
     async def __aenter__(self) -> PluginProjection:
         if self.path != ":memory:":
@@ -245,17 +227,14 @@ class PluginProjection:
         """Start over if PLUGINS was recreated since this file was built (its checkpoint
         would point into a different history)."""
         info = await self.bus.js.stream_info(PLUGINS.name)
-        async with self._lock:
-            if await self._call(self._restart_if_other_stream, str(info.created)):
-                self.position, self.skipped = 0, 0
+        if await self._call(self._restart_if_other_stream, str(info.created)):
+            self.position, self.skipped = 0, 0
 
     async def catch_up(self, *, upto: int | None = None) -> int:
         """Apply every event after the checkpoint (up to `upto`); return how many."""
         if not self._checked:
             await self._same_stream()
             self._checked = True
-        if upto is not None and upto <= self.position:
-            return 0  # (the reader takes a stop of 0 as "no stop")
         applied = 0
         batch: Batch = []
         writing: asyncio.Future[int] | None = None  # the previous batch, being committed
@@ -287,10 +266,9 @@ class PluginProjection:
 
     def _statements(self, seq: int, data: bytes) -> list[view.Statement] | None:
         try:
-            event = _decode(data)
-        except (msgspec.DecodeError, RecursionError) as exc:  # ValidationError is one
-            error = str(_decode_error(data) or exc)
-            log.warning("skipped malformed event", extra={"seq": seq, "error": error})
+            event = decode_any(data)
+        except ContractError as exc:
+            log.warning("skipped malformed event", extra={"seq": seq, "error": str(exc)})
             return None
         if not isinstance(event, view.HANDLED_TYPES):
             log.warning(
@@ -300,8 +278,7 @@ class PluginProjection:
         return view.apply(event)
 
     async def _commit(self, batch: Batch) -> int:
-        async with self._lock:
-            applied, self.position, self.skipped = await self._call(self._write, batch)
+        applied, self.position, self.skipped = await self._call(self._write, batch)
         self.changed.set()
         self.changed = asyncio.Event()
         return applied
@@ -332,8 +309,7 @@ class PluginProjection:
     async def snapshot(self) -> tuple[int, list[view.InstalledRow], Policies]:
         """The checkpoint with the installed rows and policies it covers (one read
         transaction, so the position is exact even when another process shares the file)."""
-        async with self._lock:
-            return await self._call(self._snapshot)
+        return await self._call(self._snapshot)
 
     async def rows(self) -> tuple[list[view.InstalledRow], Policies]:
         """Installed rows and policies, as resolution needs them."""
