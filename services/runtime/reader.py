@@ -65,7 +65,7 @@ async def read(
         info = await bus.js.stream_info(stream)
     except nats.js.errors.NotFoundError:
         return
-    last = min(info.state.last_seq, stop_seq) if stop_seq else info.state.last_seq
+    last = info.state.last_seq if stop_seq is None else min(info.state.last_seq, stop_seq)
     if info.state.messages == 0 or last < max(start_seq, info.state.first_seq):
         return
     config = ConsumerConfig(
