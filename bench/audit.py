@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import resource
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
+from peak import peak_rss_mib
 
 from contracts import subjects
 from contracts.codec import encode
@@ -40,10 +40,6 @@ from services.runtime.provisioning import ensure_streams
 ACCOUNTS = 50
 CHATS = 200  # per account
 STREAMS = ("ACCOUNTS", "INBOUND", "AGENT", "DELIVERY")
-
-
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 async def generate(bus: Bus, events: int) -> int:
@@ -190,9 +186,9 @@ async def main() -> None:
             published = await generate(bus, args.events)
             made = time.perf_counter() - started
             raw_rate = await raw_read(bus)
-            rss_before = rss_mib()
+            rss_before = peak_rss_mib()
             report, elapsed = await audit(bus, Scope(grace=0))
-            rss_after = rss_mib()
+            rss_after = peak_rss_mib()
             rate = sum(report.counts.values()) / elapsed
             print(f"audit: {published:,} events generated in {made:.1f} s")
             print(f"  raw nats-py ordered-consumer read : {raw_rate:9,.0f} events/s")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import resource
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy, PubAck
+from peak import peak_rss_mib
 
 from contracts import subjects
 from contracts.codec import encode
@@ -125,7 +125,7 @@ async def main() -> None:
             made = time.perf_counter() - started
             last = (await bus.js.stream_info("PLUGINS")).state.last_seq
             raw_rate = await raw_read(bus, last)
-            rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            rss_before = peak_rss_mib()
             async with PluginProjection(
                 bus, Path(tmp) / "plugins.sqlite", manifests(discover())
             ) as p:
@@ -133,7 +133,7 @@ async def main() -> None:
                 applied = await p.catch_up()
                 our_rate = applied / (time.perf_counter() - started)
                 rows = await p.dump()
-            rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            rss_after = peak_rss_mib()
     print(f"projection: {applied} PLUGINS events ({args.events} generated in {made:.1f} s)")
     print(f"  raw nats-py ordered-consumer read : {raw_rate:9.0f} events/s")
     print(
@@ -141,7 +141,7 @@ async def main() -> None:
         f"  -> {len(rows['facts'])} facts, {len(rows['installed'])} installs"
     )
     print(f"  ratio rebuild/raw                 : {our_rate / raw_rate:9.2f}")
-    print(f"  peak RSS {rss_after / 1024:.0f} MiB (before the rebuild {rss_before / 1024:.0f} MiB)")
+    print(f"  peak RSS {rss_after:.0f} MiB (before the rebuild {rss_before:.0f} MiB)")
 
 
 if __name__ == "__main__":

@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from peak import peak_rss_mib
 
 from bench.projection import generate, raw_read
 from services.ops.replay import Reporter, Request, replay
@@ -29,10 +30,6 @@ from services.runtime.bus import connect
 from services.runtime.nats_server import EmbeddedNats
 from services.runtime.provisioning import ensure_streams
 from services.runtime.settings import load_settings
-
-
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 async def fill(url: str, events: int) -> float:
@@ -55,11 +52,11 @@ async def measure_replay(url: str, events: int) -> dict[str, Any]:
         raw_rates = [await raw_read(bus, last)]
         with tempfile.TemporaryDirectory(prefix="bench-replay-") as tmp:
             settings = load_settings({"SVC_DATA_DIR": tmp, "NATS_URL": url})
-            rss_before = _rss_mib()
+            rss_before = peak_rss_mib()
             summary = await replay(
                 bus, settings, Request("plugins", out=Path(tmp) / "plugins.sqlite"), Reporter()
             )
-            rss_after = _rss_mib()
+            rss_after = peak_rss_mib()
         raw_rates.append(await raw_read(bus, last))
     raw = max(raw_rates)
     return {
