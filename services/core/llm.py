@@ -4,8 +4,15 @@
 from __future__ import annotations
 
 import json
+import math
+import time
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Any, Literal, Protocol
+
+# The longest wait a server's Retry-After can ask of one retry (seconds); a longer ask is
+# capped, so a confused server cannot park a chat's turn for hours.
+MAX_RETRY_AFTER = 60.0
 
 
 @dataclass(frozen=True)
@@ -48,11 +55,40 @@ class Completion:
 
 
 class LLMError(Exception):
-    """A provider failure; `transient` says whether retrying may help. Never holds secrets."""
+    """A provider failure; `transient` says whether retrying may help; `retry_after` is
+    the wait the server asked for (seconds, capped at MAX_RETRY_AFTER), if it asked.
+    Never holds secrets."""
 
-    def __init__(self, message: str, *, transient: bool) -> None:
+    def __init__(self, message: str, *, transient: bool, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.transient = transient
+        self.retry_after = retry_after
+
+
+def retry_after(headers: Any, now: float | None = None) -> float | None:
+    """The wait a response asks for: `retry-after-ms`, or `Retry-After` in seconds or as
+    an HTTP date; None when absent or unreadable; capped at MAX_RETRY_AFTER."""
+    if headers is None:
+        return None
+    seconds: float | None = None
+    try:
+        raw_ms = headers.get("retry-after-ms")
+        if raw_ms is not None:
+            seconds = float(raw_ms) / 1000
+        else:
+            raw = headers.get("retry-after")
+            if raw is None:
+                return None
+            try:
+                seconds = float(raw)
+            except ValueError:
+                when = parsedate_to_datetime(str(raw)).timestamp()
+                seconds = when - (time.time() if now is None else now)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if seconds is None or not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 class LLM(Protocol):
@@ -131,7 +167,9 @@ class OpenAILLM:
             response = await self.client.chat.completions.create(**request)
         except (openai.RateLimitError, openai.InternalServerError) as exc:
             raise LLMError(
-                f"{type(exc).__name__} (HTTP {exc.status_code})", transient=True
+                f"{type(exc).__name__} (HTTP {exc.status_code})",
+                transient=True,
+                retry_after=retry_after(getattr(exc.response, "headers", None)),
             ) from None
         except (openai.APIConnectionError, openai.APITimeoutError) as exc:
             raise LLMError(
@@ -141,18 +179,37 @@ class OpenAILLM:
             raise LLMError(
                 f"{type(exc).__name__} (HTTP {exc.status_code})", transient=False
             ) from None
-        choice = response.choices[0].message
-        calls = tuple(
-            ToolCall(c.id, _from_openai_name(c.function.name), _arguments(c.function.arguments))
-            for c in (choice.tool_calls or [])
-        )
+        except (openai.APIResponseValidationError, ValueError) as exc:  # a 200 not JSON
+            raise _malformed(f"{type(exc).__name__}") from None
+        # A 200 whose body is not a completion (HTML from a proxy, a bare string, no
+        # choices) is the server's fault, like a 5xx: retried, then the fallback reply.
+        choices = getattr(response, "choices", None)
+        if not isinstance(response, openai.types.chat.ChatCompletion) or not choices:
+            raise _malformed(
+                "no choices"
+                if isinstance(response, openai.types.chat.ChatCompletion)
+                else f"a {type(response).__name__} body"
+            )
+        choice = choices[0].message
+        try:
+            calls = tuple(
+                ToolCall(c.id, _from_openai_name(c.function.name), _arguments(c.function.arguments))
+                for c in (choice.tool_calls or [])
+            )
+            text = choice.content or ""
+        except (AttributeError, TypeError):  # a choice without a message or a function
+            raise _malformed("an incomplete choice") from None
         usage = response.usage
         return Completion(
-            text=choice.content or "",
+            text=text,
             tool_calls=calls,
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
         )
+
+
+def _malformed(what: str) -> LLMError:
+    return LLMError(f"malformed answer from the model server ({what})", transient=True)
 
 
 # OpenAI function names allow [a-zA-Z0-9_-]; ours are `plugin.tool`.

@@ -156,7 +156,10 @@ class CoreWorker:
             )
         except LLMError as exc:
             if exc.transient and d.attempt < settings.turn_attempts:
-                raise TransientError(f"llm: {exc}") from None  # retried in place, in order
+                # Retried in place, in order: after this attempt's declared backoff, or
+                # later if the server asked for it (Retry-After, capped in llm.py).
+                delay = max(core_consumer_spec(settings).delay(d.attempt), exc.retry_after or 0)
+                raise TransientError(f"llm: {exc}", delay=delay) from None
             log.error("turn failed", extra={"inbound_id": inbound.id, "error": str(exc)})
             failed = turn.failed(
                 inbound, f"llm: {exc}", model, settings.fallback_reply, tools.plugins_seq
