@@ -12,6 +12,7 @@ from services.core.llm import LLM, EchoLLM, LLMError, OpenAILLM
 from services.core.worker import CoreWorker
 from services.plugins.projection import PluginProjection
 from services.plugins.registry import discover, manifests
+from services.plugins.runner import ToolRunner
 from services.plugins.tools import ProjectedTools
 from services.runtime.bus import Bus, connect
 from services.runtime.errors import ConfigError
@@ -106,7 +107,11 @@ async def run_role(bus: Bus, settings: Settings, role: Role, stop: asyncio.Event
             )
             await projection.catch_up()  # the first turn already sees installed plugins
             tasks.append(asyncio.create_task(projection.run(stop), name="plugin-projection"))
-            tools = ProjectedTools(bus, plugins, projection, timeout=settings.core.tool_timeout)
+            # Worker processes for CPU-bound tools, warm before the first turn (ADR 0014).
+            runner = await stack.enter_async_context(ToolRunner())
+            tools = ProjectedTools(
+                bus, plugins, projection, timeout=settings.core.tool_timeout, runner=runner
+            )
             worker = CoreWorker(bus, make_llm(settings), settings.core, tools=tools)
             tasks.append(asyncio.create_task(worker.loop.run(stop), name="core"))
         if role in ("all", "whatsapp", "whatsapp-egress"):

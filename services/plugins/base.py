@@ -9,17 +9,26 @@ Structs. Register it under the entry-point group `switchboard.plugins`.
     @greet.tool("hello", "Greet someone by name.", Params)
     async def hello(params: Params, config: msgspec.Struct, ctx: ToolContext) -> str:
         return f"hello, {params.name}"
+
+Where a tool runs (so that SVC_TOOL_TIMEOUT can stop it; see docs/plugins.md, ADR 0014):
+`async def` on the event loop (it must not block); a plain `def` in a worker process that
+is killed at the timeout (`run="process"`, the default for `def`: CPU-bound work), or in a
+daemon thread (`run="thread"`: blocking I/O, or a tool that cannot be pickled).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 
 import msgspec
 
 from contracts.plugins import PluginManifest, ToolManifest, parameters_schema
+
+if TYPE_CHECKING:
+    from services.plugins.runner import ToolRunner
 
 
 class ToolError(Exception):
@@ -49,7 +58,9 @@ class NoConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 P = TypeVar("P", bound=msgspec.Struct)
-ToolFn = Callable[[Any, Any, ToolContext], Awaitable[str]]
+ToolFn = Callable[[Any, Any, ToolContext], Awaitable[str] | str]
+F = TypeVar("F", bound=ToolFn)
+RunIn = Literal["loop", "thread", "process"]
 
 
 @dataclass
@@ -57,6 +68,7 @@ class _Tool:
     manifest: ToolManifest
     params: type[msgspec.Struct]
     fn: ToolFn
+    run: RunIn = "loop"
 
 
 @dataclass
@@ -73,15 +85,23 @@ class Plugin(Generic[P]):
     _manifest: PluginManifest | None = field(default=None, repr=False)
 
     def tool(
-        self, name: str, description: str, params: type[msgspec.Struct]
-    ) -> Callable[[ToolFn], ToolFn]:
-        """Register `fn(params, config, ctx) -> str` as tool `name`."""
+        self,
+        name: str,
+        description: str,
+        params: type[msgspec.Struct],
+        *,
+        run: Literal["thread", "process"] | None = None,
+    ) -> Callable[[F], F]:
+        """Register `fn(params, config, ctx) -> str` as tool `name`: an `async def` runs on
+        the event loop; a `def` in a worker process (`run="process"`, the default) or a
+        daemon thread (`run="thread"`)."""
 
-        def register(fn: ToolFn) -> ToolFn:
+        def register(fn: F) -> F:
             manifest = ToolManifest(
                 name=name, description=description, parameters=parameters_schema(params)
             )
-            self._tools[name] = _Tool(manifest, params, fn)
+            where: RunIn = run or ("loop" if inspect.iscoroutinefunction(fn) else "process")
+            self._tools[name] = _Tool(manifest, params, fn, where)
             self._manifest = None  # rebuilt on next access
             return fn
 
@@ -111,9 +131,16 @@ class Plugin(Generic[P]):
             raise ToolError(f"config of {self.name}: {exc}") from None
 
     async def call(
-        self, tool: str, arguments: dict[str, Any], config: dict[str, Any], ctx: ToolContext
+        self,
+        tool: str,
+        arguments: dict[str, Any],
+        config: dict[str, Any],
+        ctx: ToolContext,
+        *,
+        runner: ToolRunner | None = None,
     ) -> str:
-        """Run `tool` with the model's arguments (validated against its parameter Struct)."""
+        """Run `tool` with the model's arguments (validated against its parameter Struct),
+        where the tool was declared to run (`runner`: the role's worker processes)."""
         entry = self._tools.get(tool)
         if entry is None:
             raise ToolError(f"{self.name} has no tool {tool!r}")
@@ -121,4 +148,30 @@ class Plugin(Generic[P]):
             params = msgspec.convert(arguments, entry.params, strict=False)
         except msgspec.ValidationError as exc:
             raise ToolError(f"bad arguments for {self.name}.{tool}: {exc}") from None
-        return await entry.fn(params, self.config(config), ctx)
+        settings = self.config(config)
+        what = f"{self.name}.{tool}"
+        from services.plugins import runner as runners  # runner imports ToolError from here
+
+        result: object
+        match entry.run:
+            case "loop":
+                result = entry.fn(params, settings, ctx)
+                if inspect.isawaitable(result):
+                    result = await result
+            case "thread":
+                result = await runners.in_thread(entry.fn, params, settings, ctx)
+            case "process":
+                # A worker process gets the chat, not the platform's services (`facts`).
+                portable = replace(ctx, facts=None)
+                if runner is not None:
+                    result = await runner.in_process(
+                        entry.fn, params, settings, portable, what=what
+                    )
+                else:  # no pool (a one-off call): a worker for this call only
+                    async with runners.ToolRunner(processes=1, warm=0) as own:
+                        result = await own.in_process(
+                            entry.fn, params, settings, portable, what=what
+                        )
+        if not isinstance(result, str):
+            raise ToolError(f"{what} returned {type(result).__name__}, not text")
+        return result

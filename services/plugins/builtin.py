@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import ipaddress
+import math
 import operator
 import socket
 import urllib.request
@@ -46,6 +47,12 @@ async def now(params: NowParams, config: msgspec.Struct, ctx: ToolContext) -> st
 
 calculator: Plugin[Any] = Plugin("calculator", "1.0.0", "Arithmetic, safely.", preinstalled=True)
 
+# The largest integer the calculator computes, in bits (about 1,233 decimal digits): every
+# result's size is estimated *before* it is computed and refused past this, so no
+# expression under 200 characters costs more than microseconds (`(((9**99)**99)**99)**99`
+# would be a 300-million-bit number: minutes of CPU and ~40 MB).
+MAX_BITS = 4096
+
 _OPS: dict[type, Callable[..., Any]] = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
@@ -58,15 +65,51 @@ _OPS: dict[type, Callable[..., Any]] = {
     ast.UAdd: operator.pos,
 }
 
+_TOO_LARGE = f"result too large (integers up to {MAX_BITS} bits, floats up to about 1.8e308)"
+
+
+def _bits(value: float | int) -> int:
+    """The size of an integer operand (a float counts as small: float ops are O(1))."""
+    return abs(value).bit_length() if isinstance(value, int) else 0
+
+
+def _estimated_bits(op: ast.operator, a: float | int, b: float | int) -> int:
+    """An upper bound of the result's size in bits, computed without computing it."""
+    if not (isinstance(a, int) and isinstance(b, int)):
+        return 0  # a float result: overflow shows as an error or inf, checked after
+    match op:
+        case ast.Add() | ast.Sub():
+            return max(_bits(a), _bits(b)) + 1
+        case ast.Mult():
+            return _bits(a) + _bits(b)
+        case ast.FloorDiv() | ast.Mod() | ast.Div():
+            return max(_bits(a), _bits(b))
+        case ast.Pow():
+            if b < 0 or a in (0, 1, -1):
+                return 1  # a float (a**-n) or 0/1/-1
+            return _bits(a) * b
+        case _:
+            return 0
+
 
 def calculate(expression: str) -> float | int:
-    """Evaluate arithmetic by walking its syntax tree: numbers and + - * / // % ** only."""
+    """Evaluate arithmetic by walking its syntax tree: numbers and + - * / // % ** only,
+    integers up to MAX_BITS bits and finite floats (a ToolError says what was refused)."""
     if len(expression) > 200:
         raise ToolError("expression too long (200 characters at most)")
     try:
         tree = ast.parse(expression, mode="eval")
-    except SyntaxError:
+    except (SyntaxError, ValueError):  # ValueError: a literal past Python's digit limit
         raise ToolError(f"not an arithmetic expression: {expression!r}") from None
+
+    def checked(value: Any) -> float | int:
+        if isinstance(value, complex):
+            raise ToolError("no real result (e.g. a fractional power of a negative number)")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ToolError(_TOO_LARGE)
+        if isinstance(value, int) and value.bit_length() > MAX_BITS:
+            raise ToolError(_TOO_LARGE)
+        return value  # type: ignore[no-any-return]
 
     def walk(node: ast.AST) -> float | int:
         match node:
@@ -75,17 +118,19 @@ def calculate(expression: str) -> float | int:
             case ast.Constant(value=value) if isinstance(value, int | float) and not isinstance(
                 value, bool
             ):
-                return value
+                return checked(value)
             case ast.BinOp(left=left, op=op, right=right) if type(op) in _OPS:
                 a, b = walk(left), walk(right)
-                if isinstance(op, ast.Pow) and abs(b) > 100:
-                    raise ToolError("exponent too large")
+                if _estimated_bits(op, a, b) > MAX_BITS:
+                    raise ToolError(_TOO_LARGE)
                 try:
-                    return _OPS[type(op)](a, b)  # type: ignore[no-any-return]
+                    return checked(_OPS[type(op)](a, b))
                 except ZeroDivisionError:
                     raise ToolError("division by zero") from None
+                except OverflowError:
+                    raise ToolError(_TOO_LARGE) from None
             case ast.UnaryOp(op=op, operand=operand) if type(op) in _OPS:
-                return _OPS[type(op)](walk(operand))  # type: ignore[no-any-return]
+                return checked(_OPS[type(op)](walk(operand)))
             case _:
                 raise ToolError(f"only numbers and + - * / // % ** are allowed in {expression!r}")
 
@@ -98,8 +143,15 @@ class ExpressionParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     expression: str
 
 
-@calculator.tool("evaluate", "Evaluate an arithmetic expression, e.g. (2+3)*4/5.", ExpressionParams)
-async def evaluate(params: ExpressionParams, config: msgspec.Struct, ctx: ToolContext) -> str:
+# A plain `def` declared CPU-bound: it runs in a worker process the core kills at the tool
+# timeout (defence in depth: the size bounds above already keep it to microseconds).
+@calculator.tool(
+    "evaluate",
+    "Evaluate an arithmetic expression, e.g. (2+3)*4/5.",
+    ExpressionParams,
+    run="process",
+)
+def evaluate(params: ExpressionParams, config: msgspec.Struct, ctx: ToolContext) -> str:
     """The expression's value."""
     return str(calculate(params.expression))
 

@@ -11,6 +11,7 @@ from services.core.llm import ToolSpec
 from services.core.tools import BoundTool, ToolBox
 from services.plugins.base import Plugin, ToolContext
 from services.plugins.projection import PluginProjection
+from services.plugins.runner import ToolRunner
 from services.runtime.bus import Bus
 
 
@@ -62,11 +63,13 @@ class ProjectedTools:
         projection: PluginProjection | None,
         *,
         timeout: float,
+        runner: ToolRunner | None = None,
     ) -> None:
         self.bus = bus
         self.plugins = plugins
         self.projection = projection
         self.timeout = timeout
+        self.runner = runner  # the role's worker processes (None: one per call)
         # Resolution only changes when the projection moves: remember it per position.
         self._resolved: dict[tuple[str, str], tuple[int, int, list[view.Decision]]] = {}
 
@@ -105,12 +108,19 @@ class ProjectedTools:
                 continue
             manifest = next(t for t in plugin.manifest.tools if t.name == tool_name)
             spec = ToolSpec(decision.tool, manifest.description, manifest.parameters)
-            bound.append(BoundTool(spec, _caller(plugin, tool_name, decision.config, ctx)))
+            caller = _caller(plugin, tool_name, decision.config, ctx, self.runner)
+            bound.append(BoundTool(spec, caller))
         return ToolBox(bound, timeout=self.timeout, plugins_seq=seq)
 
 
-def _caller(plugin: Plugin[Any], tool: str, config: dict[str, Any], ctx: ToolContext) -> Any:
+def _caller(
+    plugin: Plugin[Any],
+    tool: str,
+    config: dict[str, Any],
+    ctx: ToolContext,
+    runner: ToolRunner | None,
+) -> Any:
     async def call(arguments: dict[str, Any]) -> str:
-        return await plugin.call(tool, arguments, config, ctx)
+        return await plugin.call(tool, arguments, config, ctx, runner=runner)
 
     return call
