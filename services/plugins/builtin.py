@@ -74,22 +74,20 @@ def _bits(value: float | int) -> int:
 
 
 def _estimated_bits(op: ast.operator, a: float | int, b: float | int) -> int:
-    """An upper bound of the result's size in bits, computed without computing it."""
+    """At least how many bits the result of an integer `a op b` has, known without
+    computing it. Operands are at most MAX_BITS, so whatever passes this check costs
+    microseconds to compute and is then checked exactly."""
     if not (isinstance(a, int) and isinstance(b, int)):
         return 0  # a float result: overflow shows as an error or inf, checked after
     match op:
-        case ast.Add() | ast.Sub():
-            return max(_bits(a), _bits(b)) + 1
-        case ast.Mult():
-            return _bits(a) + _bits(b)
-        case ast.FloorDiv() | ast.Mod() | ast.Div():
-            return max(_bits(a), _bits(b))
-        case ast.Pow():
-            if b < 0 or a in (0, 1, -1):
-                return 1  # a float (a**-n) or 0/1/-1
-            return _bits(a) * b
+        case ast.Mult() if a and b:
+            return _bits(a) + _bits(b) - 1
+        case ast.Pow() if b > 0 and a not in (0, 1, -1):
+            if b > MAX_BITS:  # |a| >= 2: at least b bits (and b may not fit a float)
+                return b
+            return math.floor(b * math.log2(abs(a)))
         case _:
-            return 0
+            return 0  # + - / // % of operands within the bound stay within ~1 bit of it
 
 
 def calculate(expression: str) -> float | int:

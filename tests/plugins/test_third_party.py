@@ -4,12 +4,9 @@ it, and an uninstall mid-conversation removes it from the next turn."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import subprocess
 import sys
 import time
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from contracts.events import PluginUninstalled
 from services.ops.simclient import SimUser
 from services.runtime.bus import Bus
 from tests.conftest import role
+from tests.plugins.wheels import installed
 
 MODULE = """
 import msgspec
@@ -36,39 +34,10 @@ async def hello(params, config, ctx):
 """
 
 
-def build_wheel(where: Path) -> Path:
-    """greeter-0.1.0-py3-none-any.whl: one module and an entry point, nothing else."""
-    dist = "greeter_plugin-0.1.0.dist-info"
-    files = {
-        "greeter_plugin.py": MODULE.encode(),
-        f"{dist}/METADATA": b"Metadata-Version: 2.1\nName: greeter-plugin\nVersion: 0.1.0\n",
-        f"{dist}/WHEEL": (
-            b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-        ),
-        f"{dist}/entry_points.txt": b"[switchboard.plugins]\ngreeter = greeter_plugin:plugin\n",
-    }
-    record = []
-    for name, data in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        record.append(f"{name},sha256={digest},{len(data)}")
-    record.append(f"{dist}/RECORD,,")
-    files[f"{dist}/RECORD"] = ("\n".join(record) + "\n").encode()
-    path = where / "greeter_plugin-0.1.0-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w") as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return path
-
-
 @pytest.fixture
 def greeter_installed(tmp_path: Path) -> Iterator[None]:
-    wheel = build_wheel(tmp_path)
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "install", "--no-deps", "--no-index", str(wheel)], check=True)
-    try:
+    with installed(tmp_path, "greeter", MODULE):
         yield
-    finally:
-        subprocess.run([*pip, "uninstall", "-y", "greeter-plugin"], check=True)
 
 
 def test_a_third_party_plugin_is_discovered_through_its_entry_point_and_callable(
