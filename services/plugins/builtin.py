@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import ast
-import asyncio
+import http.client
 import ipaddress
 import math
 import operator
 import socket
-import urllib.request
+import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
@@ -236,41 +237,193 @@ class UrlParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     url: str
 
 
-def check_url(url: str, config: HttpConfig) -> str:
-    """The host of `url` if fetching it is allowed, else ToolError saying why."""
-    parts = urlsplit(url)
+# Where a URL may lead (docs/plugins.md has the table). The host must match the allowlist
+# and *every* address it resolves to must pass `refusal`; the connection then goes to the
+# checked address (no second lookup, so DNS rebinding cannot swap it), and a redirect is
+# followed only after the same checks on its target, MAX_REDIRECTS hops at most.
+MAX_REDIRECTS = 3
+
+Resolver = Callable[[str, int], list[str]]
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Refused whatever the config says: cloud metadata services (AWS/GCP/Azure/OpenStack,
+# ECS task metadata, Alibaba, AWS over IPv6, Azure's wire server), and ranges that are
+# never a web server.
+_METADATA = frozenset(
+    ipaddress.ip_address(a)
+    for a in (
+        "169.254.169.254",
+        "169.254.170.2",
+        "169.254.169.253",
+        "100.100.100.200",
+        "168.63.129.16",
+        "fd00:ec2::254",
+    )
+)
+_NEVER = (
+    ("unspecified", ipaddress.ip_network("0.0.0.0/8")),
+    ("IETF protocol assignments", ipaddress.ip_network("192.0.0.0/24")),
+    ("multicast", ipaddress.ip_network("224.0.0.0/4")),
+    ("reserved", ipaddress.ip_network("240.0.0.0/4")),
+    ("multicast", ipaddress.ip_network("ff00::/8")),
+    ("site-local", ipaddress.ip_network("fec0::/10")),
+    ("Teredo", ipaddress.ip_network("2001::/32")),
+)
+# Refused unless allow_private (an intranet deployment): every non-global address.
+_CARRIER_NAT = ipaddress.ip_network("100.64.0.0/10")
+
+
+def _embedded_ipv4(ip: Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for (mapped, NAT64, 6to4), if any."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in ipaddress.ip_network("64:ff9b::/96") or ip in ipaddress.ip_network("64:ff9b:1::/48"):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def refusal(ip: Address, *, allow_private: bool = False) -> str | None:
+    """Why http_get must not connect to `ip` (None: it may)."""
+    inner = _embedded_ipv4(ip)
+    if inner is not None:
+        why = refusal(inner, allow_private=allow_private)
+        return f"{why} ({inner}, inside an IPv6 address)" if why else None
+    if ip in _METADATA:
+        return "a cloud metadata address"
+    if ip.is_unspecified:
+        return "an unspecified address"
+    if ip.is_multicast:
+        return "a multicast address"
+    for kind, network in _NEVER:
+        if ip.version == network.version and ip in network:
+            return f"an address in {network} ({kind})"
+    if allow_private:
+        return None
+    if ip.version == 4 and ip in _CARRIER_NAT:
+        return "a carrier-grade NAT address (100.64.0.0/10)"
+    if ip.is_private or ip.is_loopback or ip.is_link_local or not ip.is_global:
+        return "a private or loopback address"
+    return None
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    """The host's addresses, from the system resolver."""
+    return [str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A checked URL: where to connect (`address`) and what to ask for."""
+
+    scheme: str
+    host: str
+    port: int
+    address: str
+    path: str
+
+
+def check_url(url: str, config: HttpConfig, resolve: Resolver = system_resolver) -> Target:
+    """Where fetching `url` would connect, if it is allowed; else ToolError saying why."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ToolError(f"not a valid URL: {url!r}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ToolError(f"only http(s) URLs with a host can be fetched, not {url!r}")
     host = parts.hostname.lower()
-    try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, parts.port or 443)}
-    except OSError:
-        raise ToolError(f"cannot resolve {host!r}") from None
-    for address in addresses:
-        ip = ipaddress.ip_address(str(address).split("%", 1)[0])
-        if (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved) and not (
-            config.allow_private
-        ):
-            raise ToolError(f"refused: {host} is a private or loopback address ({ip})")
     if not any(fnmatchcase(host, pattern.lower()) for pattern in config.allowlist):
         raise ToolError(f"refused: {host} is not in the http_get allowlist")
-    return host
+    port = port or (443 if parts.scheme == "https" else 80)
+    try:
+        addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in resolve(host, port)]
+    except (OSError, UnicodeError, ValueError):
+        raise ToolError(f"cannot resolve {host!r}") from None
+    if not addresses:
+        raise ToolError(f"cannot resolve {host!r}")
+    for ip in addresses:  # one bad address refuses the host: no racing between them
+        why = refusal(ip, allow_private=config.allow_private)
+        if why is not None:
+            raise ToolError(f"refused: {host} resolves to {ip}, {why}")
+    path = parts.path or "/"
+    return Target(
+        parts.scheme,
+        host,
+        port,
+        str(addresses[0]),
+        path + (f"?{parts.query}" if parts.query else ""),
+    )
 
 
-@http_get.tool("fetch", "Fetch a URL and return the start of its text.", UrlParams)
-async def fetch(params: UrlParams, config: msgspec.Struct, ctx: ToolContext) -> str:
-    """GET the URL (timeout and size cap from the config)."""
-    assert isinstance(config, HttpConfig)
-    check_url(params.url, config)
+class _PinnedHTTP(http.client.HTTPConnection):
+    """HTTP to the checked address; Host names the host."""
 
-    def get() -> str:
-        request = urllib.request.Request(params.url, headers={"User-Agent": "switchboard"})  # noqa: S310
-        with urllib.request.urlopen(request, timeout=config.timeout_s) as response:  # noqa: S310
+    def __init__(self, target: Target, timeout: float) -> None:
+        super().__init__(target.host, target.port, timeout=timeout)
+        self.address = target.address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self.address, self.port), self.timeout)
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    """HTTPS to the checked address; SNI and the certificate check use the host name."""
+
+    def __init__(self, target: Target, timeout: float) -> None:
+        self.tls = ssl.create_default_context()
+        super().__init__(target.host, target.port, timeout=timeout, context=self.tls)
+        self.address = target.address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.address, self.port), self.timeout)
+        self.sock = self.tls.wrap_socket(sock, server_hostname=self.host)
+
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+def fetch_url(url: str, config: HttpConfig, resolve: Resolver = system_resolver) -> str:
+    """GET `url` (blocking): every hop checked, connected to the address that was checked;
+    the start of the body as text. ToolError for anything refused or failed."""
+    for _ in range(MAX_REDIRECTS + 1):
+        target = check_url(url, config, resolve)
+        pinned = _PinnedHTTPS if target.scheme == "https" else _PinnedHTTP
+        conn = pinned(target, config.timeout_s)
+        response: http.client.HTTPResponse | None = None
+        try:
+            conn.request(
+                "GET",
+                target.path,
+                headers={"User-Agent": "switchboard", "Accept-Encoding": "identity"},
+            )
+            response = conn.getresponse()
+            if response.status in _REDIRECTS:
+                location = response.getheader("Location")
+                if not location:
+                    raise ToolError(f"fetch failed: HTTP {response.status} without a Location")
+                url = urljoin(url, location)
+                continue
+            if response.status >= 400:
+                raise ToolError(f"fetch failed: HTTP {response.status} {response.reason}")
             body: bytes = response.read(config.max_bytes + 1)
+        except (OSError, http.client.HTTPException) as exc:
+            raise ToolError(f"fetch failed: {type(exc).__name__}: {exc}") from None
+        finally:
+            if response is not None:
+                response.close()
+            conn.close()
         text = body[: config.max_bytes].decode("utf-8", "replace")
         return text + (" [truncated]" if len(body) > config.max_bytes else "")
+    raise ToolError(f"refused: more than {MAX_REDIRECTS} redirects")
 
-    try:
-        return await asyncio.to_thread(get)
-    except OSError as exc:
-        raise ToolError(f"fetch failed: {exc}") from None
+
+# Blocking I/O: a daemon thread; every socket operation is bounded by timeout_s.
+@http_get.tool("fetch", "Fetch a URL and return the start of its text.", UrlParams, run="thread")
+def fetch(params: UrlParams, config: msgspec.Struct, ctx: ToolContext) -> str:
+    """GET the URL (allowlist, address rules, timeout and size cap from the config)."""
+    assert isinstance(config, HttpConfig)
+    return fetch_url(params.url, config)
