@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from typing import Any
 from contracts.events import ToolCallRecord
 from services.core.llm import ToolCall, ToolSpec
 from services.plugins.base import ToolError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,9 @@ class ToolBox:
         except ToolError as exc:
             error = str(exc)
         except TimeoutError:
+            # A worker process running it was killed; a thread is left to finish (ADR 0014).
             error = f"{call.name} timed out after {self.timeout:g}s"
+            log.warning("tool timed out", extra={"tool": call.name, "timeout_s": self.timeout})
         except Exception as exc:  # a tool bug must not end the turn
             error = f"{call.name} failed: {type(exc).__name__}: {exc}"
         text = f"error: {error}" if error is not None else result
