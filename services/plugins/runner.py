@@ -165,7 +165,11 @@ class ToolRunner:
     async def __aenter__(self) -> ToolRunner:
         # Start-up (an interpreter and its imports) is paid here, not in a turn.
         for _ in range(self.warm):
-            self._idle.append(self._start())
+            try:
+                self._idle.append(self._start())
+            except OSError as exc:  # the core still serves; a tool call will try again
+                log.warning("cannot start a tool worker process", extra={"error": repr(exc)})
+                break
         return self
 
     async def __aexit__(
