@@ -32,7 +32,7 @@ def spin(params, config, ctx):
 """
 
 TOOL_TIMEOUT = 8
-# Measured on the shared 2-core box: 40-250 ms for the other chats' replies while the
+# Measured on the shared 2-core box (4 runs): 8-161 ms for the other chats' replies while the
 # spinner runs. Bound: well under the tool timeout, so they cannot have waited for it.
 OTHER_CHATS_BOUND_S = 5.0
 
