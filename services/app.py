@@ -17,7 +17,7 @@ from services.runtime.bus import Bus, connect
 from services.runtime.errors import ConfigError
 from services.runtime.lease import check_send_cover, new_holder_id
 from services.runtime.nats_server import EmbeddedNats
-from services.runtime.provisioning import ensure_streams, raise_on_conflict
+from services.runtime.provisioning import ensure_streams, raise_on_conflict, warn_on_differences
 from services.runtime.settings import Role, Settings
 from services.runtime.telemetry import setup_tracing
 from services.whatsapp.fleet import Fleet, LeaseBoard
@@ -77,7 +77,9 @@ async def nats_url(
 
 async def provision(bus: Bus, settings: Settings) -> None:
     """Ensure every stream and bucket exists; refuse to run on a conflicting one."""
-    raise_on_conflict(await ensure_streams(bus.js, replicas=settings.stream_replicas))
+    results = await ensure_streams(bus.js, replicas=settings.stream_replicas)
+    raise_on_conflict(results)
+    warn_on_differences(results)
 
 
 def check_role(settings: Settings, role: Role) -> None:
