@@ -25,6 +25,7 @@ from typing import NoReturn, assert_never
 
 import nats.errors
 from nats.aio.msg import Msg
+from nats.js.kv import KeyValue
 
 from contracts import subjects
 from contracts.codec import decode, encode
@@ -75,6 +76,7 @@ class SimSession:
         self.reports_receipts = faults.auto_receipts
         self.send_timeout = sim_send_timeout(faults)
         self.lease_key = subjects.lease_key(CHANNEL_WHATSAPP, account)
+        self._leases: KeyValue | None = None
 
     async def send(self, chat: str, text: str, *, job_id: str, fence: Fence) -> str:
         """Publish the message on the sim network (unless its fence is stale); its stream
@@ -118,8 +120,9 @@ class SimSession:
         """The network's side of fencing: refuse a token that is no longer the account's
         current lease (taken over, released or parked) -- what WhatsApp does to a socket
         whose session another client replaced."""
-        kv = await self.bus.js.key_value(LEASES.name)
-        found = await read_lease(kv, self.lease_key)
+        if self._leases is None:
+            self._leases = await self.bus.js.key_value(LEASES.name)
+        found = await read_lease(self._leases, self.lease_key)
         current = found[0] if found else None
         if current is None or current.parked or current.token != fence.token:
             now = "nobody" if current is None else f"token {current.token}"
