@@ -162,13 +162,17 @@ async def test_replicas_that_differ_are_reported_and_applied_by_ensure_update(
             for x in updated.stdout.decode().splitlines()
         )
         for name in names:
-            info = await b.js.stream_info(name)
-            assert info.config.num_replicas == 3, name
-            assert info.cluster is not None
-            assert len(info.cluster.replicas or []) == 2, name  # two followers
+            assert (await b.js.stream_info(name)).config.num_replicas == 3, name
+            # The two followers join the stream's Raft group right after the update
+            await wait_until(lambda n=name: _followers(b, n, 2), timeout=20, what=f"{name} R3")
         # And nothing differs any more
         again = run_svc("streams", "ensure", env=env)
         assert {x.split()[2] for x in again.stdout.decode().splitlines()} == {"unchanged"}
+
+
+async def _followers(b: Bus, name: str, n: int) -> bool:
+    cluster = (await b.js.stream_info(name)).cluster
+    return cluster is not None and len(cluster.replicas or []) == n
 
 
 class _Limited(StreamSpec, frozen=True, kw_only=True):
