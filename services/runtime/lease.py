@@ -186,17 +186,24 @@ class Lease:
         it covers `cover`. False means: do not send."""
         if not self.valid():
             return False
-        stale = time.monotonic() - self.state.renewed > self.fresh_for
-        if stale or not self.covers(cover + WRITE_HEADROOM):
+        if self._needs_renewal(cover):
             try:
-                if not await self.renew():
-                    return False
+                async with self._lock:
+                    # Judged again under the lock: of many concurrent provers, one renews.
+                    if self._needs_renewal(cover) and not await self._write(
+                        self._value(self.state.token, self.state.acquired_at)
+                    ):
+                        return False
             except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
                 # Unreachable NATS does not void the lease by itself: the deadline decides.
                 log.warning(
                     "lease proof renew failed", extra={"account": self.account, "error": repr(exc)}
                 )
         return self.covers(cover)
+
+    def _needs_renewal(self, cover: float) -> bool:
+        stale = time.monotonic() - self.state.renewed > self.fresh_for
+        return stale or not self.covers(cover + WRITE_HEADROOM)
 
     async def _write(self, value: bytes, *, ttl: bool = True) -> bool:
         if self.state.token == 0:

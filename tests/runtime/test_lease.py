@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from services.runtime.bus import Bus
@@ -118,3 +119,14 @@ async def test_prove_renews_when_the_proof_left_would_not_cover_the_send(bus: Bu
     # A send longer than any proof can cover is refused
     assert not await a.prove(cover=9.0)
     assert a.valid()  # refused to send, not lost
+
+
+async def test_concurrent_proofs_renew_once(bus: Bus) -> None:
+    a = Lease(bus, "whatsapp", "acct", "a", 10, fresh_for=60.0)
+    assert await a.try_acquire()
+    a.state.deadline = time.monotonic() + 0.5  # every prover sees a proof too short
+    kv = await bus.js.key_value("leases")
+    before = (await kv.get("whatsapp.acct")).revision or 0
+    assert all(await asyncio.gather(*(a.prove(cover=1.0) for _ in range(10))))
+    after = (await kv.get("whatsapp.acct")).revision or 0
+    assert after - before == 1  # one renewal served all ten
