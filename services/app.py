@@ -16,15 +16,15 @@ from services.plugins.runner import ToolRunner
 from services.plugins.tools import ProjectedTools
 from services.runtime.bus import Bus, connect
 from services.runtime.errors import ConfigError
-from services.runtime.lease import new_holder_id
+from services.runtime.lease import check_send_cover, new_holder_id
 from services.runtime.nats_server import EmbeddedNats
-from services.runtime.provisioning import ensure_streams, raise_on_conflict
+from services.runtime.provisioning import ensure_streams, raise_on_conflict, warn_on_differences
 from services.runtime.settings import Role, Settings
 from services.runtime.telemetry import setup_tracing
 from services.whatsapp.fleet import Fleet, LeaseBoard
 from services.whatsapp.ingress import Ingress
 from services.whatsapp.owner import AccountOwner
-from services.whatsapp.sim import SimTransport
+from services.whatsapp.sim import SimTransport, sim_send_timeout
 from services.whatsapp.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,9 @@ async def nats_url(
 
 async def provision(bus: Bus, settings: Settings) -> None:
     """Ensure every stream and bucket exists; refuse to run on a conflicting one."""
-    raise_on_conflict(await ensure_streams(bus.js, replicas=settings.stream_replicas))
+    results = await ensure_streams(bus.js, replicas=settings.stream_replicas)
+    raise_on_conflict(results)
+    warn_on_differences(results)
 
 
 def check_role(settings: Settings, role: Role) -> None:
@@ -91,6 +93,8 @@ def check_role(settings: Settings, role: Role) -> None:
         )
     if role in ("all", "core"):
         make_llm(settings)
+    if role in ("all", "whatsapp", "whatsapp-egress") and settings.transport == "sim":
+        check_send_cover(settings.lease_ttl, sim_send_timeout(settings.sim), "sim")
 
 
 async def run_role(bus: Bus, settings: Settings, role: Role, stop: asyncio.Event) -> None:

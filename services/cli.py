@@ -199,8 +199,18 @@ def nats_serve(
 
 
 @streams_app.command("ensure")
-def streams_ensure(as_json: JsonOpt = False) -> None:
-    """Create missing streams and buckets; report (exit 1) any with a conflicting config."""
+def streams_ensure(
+    update: Annotated[
+        bool,
+        typer.Option(
+            "--update",
+            help="Apply tunables that differ (replicas from SVC_STREAM_REPLICAS, limits).",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create missing streams and buckets; report tunables that differ (--update applies
+    them) and (exit 1) any stream whose semantics conflict (never changed)."""
     from dataclasses import asdict
 
     import msgspec
@@ -214,7 +224,7 @@ def streams_ensure(as_json: JsonOpt = False) -> None:
         async with connect(
             settings.effective_nats_url, name="svc-streams", timeout=settings.connect_timeout
         ) as bus:
-            return await ensure_streams(bus.js, replicas=settings.stream_replicas)
+            return await ensure_streams(bus.js, replicas=settings.stream_replicas, update=update)
 
     results = _run(main)
     if as_json:
@@ -225,6 +235,8 @@ def streams_ensure(as_json: JsonOpt = False) -> None:
             typer.echo(f"{r.kind:<7} {r.name:<12} {r.action}{detail}")
     if any(r.action == "conflict" for r in results):
         raise _fail("some streams conflict with the expected config (left unchanged)", 1)
+    if any(r.action == "failed" for r in results):
+        raise _fail("the server refused some updates (see above)", 1)
 
 
 @accounts_app.command("handover")
@@ -363,9 +375,20 @@ AccountOpt = Annotated[str | None, typer.Option("--account", help="Scope: one ac
 ConfigOpt = Annotated[list[str] | None, typer.Option("--config", help="KEY=VALUE (repeatable).")]
 
 
-def _plugins(settings: Settings, work: Callable[[Bus], Coroutine[Any, Any, T]]) -> T:
+def _plugins(
+    settings: Settings, work: Callable[[Bus], Coroutine[Any, Any, T]], *, write: bool = False
+) -> T:
+    """Run a plugin command: a write provisions the streams first (a fresh server works on
+    first use); a read on a server without PLUGINS says so in one line and shows defaults."""
+    from services.ops.plugins import missing_note
+    from services.runtime.provisioning import ensure_streams, raise_on_conflict
+
     async def main() -> T:
         async with _connect(settings, "svc-plugins") as bus:
+            if write:
+                raise_on_conflict(await ensure_streams(bus.js, replicas=settings.stream_replicas))
+            elif note := await missing_note(bus):
+                typer.echo(f"svc: {note}", err=True)
             return await work(bus)
 
     return _run(main)
@@ -497,7 +520,7 @@ def _write(
         scope = scope_of(channel, account)
     except ValueError as exc:
         raise _fail(str(exc), 2) from None
-    event, seq = _plugins(settings, lambda bus: work(bus, scope))
+    event, seq = _plugins(settings, lambda bus: work(bus, scope), write=True)
     _recorded(event, seq, as_json)
 
 

@@ -41,6 +41,7 @@ from contracts.streams import (
 )
 from projections.audit import Auditor, Report
 from services.runtime.bus import Bus
+from services.runtime.provisioning import require_streams
 from services.runtime.reader import queued, read
 
 # A stored message without a time (not from JetStream) sorts first.
@@ -59,6 +60,10 @@ class Scope:
     replay: bool | None = None
 
 
+# Every stream the audit reads.
+AUDITED = tuple(
+    s.name for s in (ACCOUNTS, INBOUND, AGENT, DEADLETTER, OUTBOUND, DELIVERY, SIM_OUT, PLUGINS)
+)
 REPLAY_BY_DEFAULT_UPTO = 100_000  # PLUGINS events; above that only with --replay
 
 
@@ -67,6 +72,9 @@ async def audit(
 ) -> tuple[Report, float]:
     """Run every rule over the log; return the report and the seconds it took."""
     started = time.perf_counter()
+    # A stream that does not exist reads as empty: judging that would say "ok" about
+    # nothing. Refuse, naming what is missing (a fresh server where no role has started).
+    await require_streams(bus.js, AUDITED, "nothing to audit, so no verdict")
     auditor = Auditor(
         since=scope.since, until=scope.until, grace=scope.grace, account=scope.account
     )

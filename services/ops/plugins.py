@@ -1,5 +1,6 @@
 """`svc plugins`: every write is validated against the discovered plugins first, then
-recorded as an event on PLUGINS; every read replays PLUGINS into a fresh projection."""
+recorded as an event on PLUGINS; every read replays PLUGINS into a fresh projection (on a
+fresh server without PLUGINS: the defaults, and a note saying the stream is missing)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ from contracts.events import (
     ToolPolicySet,
 )
 from contracts.plugins import scope_key
+from contracts.streams import PLUGINS
 from services.plugins.base import Plugin
 from services.plugins.projection import PluginProjection
 from services.plugins.registry import discover, manifests, parse_config, require
 from services.runtime.bus import Bus
 from services.runtime.errors import ConfigError
+from services.runtime.provisioning import missing_message, missing_streams
 
 
 def scope_of(channel: str | None, account: str | None) -> Scope:
@@ -41,8 +44,16 @@ async def replayed(bus: Bus) -> AsyncIterator[tuple[dict[str, Plugin[Any]], Plug
     """The discovered plugins and PLUGINS replayed into an in-memory projection."""
     plugins = discover()
     async with PluginProjection(bus, ":memory:", manifests(plugins), name="cli") as projection:
-        await projection.catch_up()
+        if not await missing_streams(bus.js, [PLUGINS.name]):
+            await projection.catch_up()
         yield plugins, projection
+
+
+async def missing_note(bus: Bus) -> str | None:
+    """One line when PLUGINS does not exist yet (nothing was ever installed), else None."""
+    if missing := await missing_streams(bus.js, [PLUGINS.name]):
+        return missing_message(missing, "nothing is installed yet, showing the defaults")
+    return None
 
 
 async def listing(bus: Bus) -> dict[str, Any]:

@@ -21,6 +21,11 @@ class ProvisioningError(ServiceError):
     """A stream or bucket exists with a config that conflicts with ours."""
 
 
+class StreamsMissingError(ServiceError):
+    """A reading command found streams missing (a fresh server), so its answer would be
+    wrong; the message names them and how to create them."""
+
+
 class EmbeddedServerError(ServiceError):
     """The embedded nats-server could not start."""
 

@@ -5,9 +5,12 @@ keeps the TTL (`kv.update` would drop it), release by a revision-checked delete.
 revision at acquisition is the fencing token. `valid()` is the local proof: a monotonic
 deadline computed from the time each successful write was *sent*, minus a safety margin,
 so the holder stops trusting its lease before the server could expire the key. `prove()`
-adds a revision-checked renew when the last one is older than `fresh_for`, so a lease
-whose revision moved under us (deleted by hand, say) is noticed before the next send.
-See docs/adr/0007-fenced-leases.md for the argument and its remaining window.
+adds a revision-checked renew when the last one is older than `fresh_for` -- so a lease
+whose revision moved under us (deleted by hand, say) is noticed before the next send --
+or when what is left of the proof would not cover a send (`cover`, the transport's send
+timeout) plus the `sending` write before it. `covers()` is the synchronous last check
+right before the transport call. See docs/adr/0007-fenced-leases.md for the argument and
+its remaining window.
 """
 
 from __future__ import annotations
@@ -30,10 +33,39 @@ from contracts import subjects
 from contracts.events import utcnow
 from contracts.streams import LEASES
 from services.runtime.bus import Bus
+from services.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 _WRONG_LAST_SEQUENCE = 10071
+# Time allowed between a proof and the transport call: the `sending` record is written
+# in between, so a proof must leave this much on top of the send's own cover.
+WRITE_HEADROOM = 0.25
+
+
+def lease_margin(ttl: float) -> float:
+    """How long before the server could expire the key the holder stops trusting it: room
+    for the time a write takes to reach the server and for clock-rate drift."""
+    return max(0.5, ttl * 0.2)
+
+
+def longest_proof(ttl: float) -> float:
+    """The most a fresh renewal can prove: TTL minus the margin."""
+    return ttl - lease_margin(ttl)
+
+
+def check_send_cover(ttl: int, send_timeout: float, transport: str) -> None:
+    """Refuse a TTL whose fresh proof cannot cover two of the transport's sends: a send
+    only starts while the proof covers its whole timeout, so it could hardly ever start."""
+    if send_timeout * 2 > longest_proof(ttl):
+        need = 2
+        while send_timeout * 2 > longest_proof(need):
+            need += 1
+        raise ConfigError(
+            f"WHATSAPP_LEASE_TTL={ttl} proves the lease for at most {longest_proof(ttl):.2f} s,"
+            f" less than twice the {transport} transport's send timeout of {send_timeout:.2f} s:"
+            f" set WHATSAPP_LEASE_TTL to at least {need}"
+        )
 
 
 def new_holder_id(role: str = "svc") -> str:
@@ -77,7 +109,7 @@ class Lease:
         self.key = subjects.lease_key(channel, account)
         # Stop trusting the lease well before the server could expire it: a margin for
         # the time a write takes to reach the server and for clock-rate drift.
-        self.margin = max(0.5, ttl * 0.2)
+        self.margin = lease_margin(ttl)
         self.state = LeaseState()
         self._kv: KeyValue | None = None
         self._lock = asyncio.Lock()  # one write at a time: each needs the last revision
@@ -94,6 +126,16 @@ class Lease:
     def remaining(self) -> float:
         """Seconds of proof left (negative when expired)."""
         return self.state.deadline - time.monotonic()
+
+    def covers(self, seconds: float) -> bool:
+        """True while the proof still holds `seconds` from now: no I/O, so nothing can
+        run between this check and the caller's next statement."""
+        return self.state.token > 0 and time.monotonic() + seconds < self.state.deadline
+
+    @property
+    def deadline(self) -> float:
+        """The monotonic time after which the holder no longer trusts the lease."""
+        return self.state.deadline
 
     async def bucket(self) -> KeyValue:
         """The `leases` bucket."""
@@ -138,21 +180,30 @@ class Lease:
         async with self._lock:
             return await self._write(self._value(self.state.token, self.state.acquired_at))
 
-    async def prove(self) -> bool:
-        """Right before a send: renew if the last write is older than `fresh_for`, then
-        check the local deadline. False means: do not send."""
+    async def prove(self, cover: float = 0.0) -> bool:
+        """Before a send: renew if the last write is older than `fresh_for` or the proof
+        left would not cover `cover` seconds (plus the write before the send); then check
+        it covers `cover`. False means: do not send."""
         if not self.valid():
             return False
-        if time.monotonic() - self.state.renewed > self.fresh_for:
+        if self._needs_renewal(cover):
             try:
-                if not await self.renew():
-                    return False
+                async with self._lock:
+                    # Judged again under the lock: of many concurrent provers, one renews.
+                    if self._needs_renewal(cover) and not await self._write(
+                        self._value(self.state.token, self.state.acquired_at)
+                    ):
+                        return False
             except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
                 # Unreachable NATS does not void the lease by itself: the deadline decides.
                 log.warning(
                     "lease proof renew failed", extra={"account": self.account, "error": repr(exc)}
                 )
-        return self.valid()
+        return self.covers(cover)
+
+    def _needs_renewal(self, cover: float) -> bool:
+        stale = time.monotonic() - self.state.renewed > self.fresh_for
+        return stale or not self.covers(cover + WRITE_HEADROOM)
 
     async def _write(self, value: bytes, *, ttl: bool = True) -> bool:
         if self.state.token == 0:

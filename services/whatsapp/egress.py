@@ -4,9 +4,12 @@ Per job: look at its SendRecord when it may have been attempted before (a redeli
 the first jobs after a takeover): `sent` -> ack without sending; `sending` -> the outcome
 of that attempt is unknown: record `DeliveryUncertain` and resend or skip (policy
 DELIVERY_UNCERTAIN); `failed` -> continue counting attempts. Then, per attempt: spend
-the account's send budget, prove the lease, write `sending`, call the transport, and
-record `MessageSent` + `sent` -- or `DeliveryFailed`, wait the backoff in place, retry;
-a permanent error or the last attempt dead-letters the job with every attempt's error.
+the account's send budget, prove the lease for the transport's whole send timeout, write
+`sending`, check the proof again (no I/O) and call the transport with the proof's
+deadline in the fence; record `MessageSent` + `sent` -- or `DeliveryFailed`, wait the
+backoff in place, retry; a permanent error or the last attempt dead-letters the job with
+every attempt's error. A send refused for a stale fence was never sent: its `sending`
+record is taken back (revision-checked) and the job waits for the next owner.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from services.runtime.lease import Lease
 from services.runtime.settings import Delivery as DeliverySettings
 from services.whatsapp.ledger import SendLedger
 from services.whatsapp.ratelimit import TokenBucket, Unlimited
-from services.whatsapp.transport import Fence, Session, TransportError
+from services.whatsapp.transport import Fence, Session, StaleFenceError, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -122,28 +125,50 @@ class Egress:
                         return
                 case "failed":
                     pass
+        current = record  # the job's record as it stands before each attempt
+        reproofs = 0
         while True:
             attempt += 1
             if attempt > self.settings.max_attempts:
                 raise PermanentError(f"gave up after {attempt - 1} attempts", errors=errors)
             await self.limiter.acquire()
-            # Fencing: send only while we can prove nobody else can hold the lease.
-            if not await self.lease.prove():
+            # Fencing: send only while the proof covers the whole send (its timeout), so it
+            # reaches the network before the lease could have passed to someone else.
+            cover = self.session.send_timeout
+            if not await self.lease.prove(cover):
                 self.lost.set()
                 raise AbandonError("lease not proven; the job waits for the next owner")
             fence = Fence(holder=self.lease.holder, token=self.lease.token)
-            await self.ledger.put(self._record(job, "sending", attempt, fence, errors))
+            sending = self._record(job, "sending", attempt, fence, errors)
+            revision = await self.ledger.put(sending)
+            # The proof again, after the write and with nothing awaited before the call.
+            if not self.lease.covers(cover):
+                await self.ledger.undo(job.job_id, revision, current)
+                reproofs += 1
+                if reproofs > 3:
+                    self.lost.set()
+                    raise AbandonError("the lease proof keeps running out before the send")
+                attempt -= 1  # never started: prove (renew) again
+                continue
+            fence = Fence(fence.holder, fence.token, deadline=self.lease.deadline)
             sent_at = utcnow()  # proven and recorded as `sending`: the send starts now
             try:
                 transport_id = await self.session.send(
                     job.chat, job.text, job_id=job.job_id, fence=fence
                 )
+            except StaleFenceError as exc:
+                # Refused before reaching the network: nothing was sent, and the lease is
+                # gone (paused past the deadline, or taken over). No `sending` left behind.
+                await self.ledger.undo(job.job_id, revision, current)
+                self.lost.set()
+                raise AbandonError(f"send refused with a stale fence: {exc}") from exc
             except TransportError as exc:
                 errors.append(AttemptError(attempt=attempt, error=str(exc)))
                 await self._failed(job, attempt, str(exc), exc.permanent)
                 if exc.permanent:
                     raise PermanentError(str(exc), errors=errors) from exc
-                await self.ledger.put(self._record(job, "failed", attempt, fence, errors))
+                current = self._record(job, "failed", attempt, fence, errors)
+                await self.ledger.put(current)
                 if attempt < self.settings.max_attempts:
                     await self._backoff(d, attempt)
                 continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import msgspec
+import nats.errors
 import nats.js.errors
 from nats.js.kv import KeyValue
 
@@ -42,11 +43,26 @@ class SendLedger:
         except msgspec.DecodeError:
             return None
 
-    async def put(self, record: SendRecord) -> None:
-        """Write the job's record (last write wins: one owner per account writes)."""
-        await (await self._bucket()).put(
+    async def put(self, record: SendRecord) -> int:
+        """Write the job's record (last write wins: one owner per account writes); return
+        the entry's revision."""
+        return await (await self._bucket()).put(
             subjects.send_key(self.account, record.job_id), encode(record)
         )
+
+    async def undo(self, job_id: str, revision: int, previous: SendRecord | None) -> bool:
+        """Put back what the record was before the write at `revision` (a `sending` whose
+        send never started), unless someone wrote since: then theirs stands. True if undone."""
+        kv = await self._bucket()
+        key = subjects.send_key(self.account, job_id)
+        try:
+            if previous is None:
+                await kv.delete(key, last=revision)
+            else:
+                await kv.update(key, encode(previous), last=revision)
+        except (nats.js.errors.Error, nats.errors.Error):
+            return False
+        return True
 
     async def raise_boundary(self, delivered_upto: int) -> int:
         """Record that jobs up to stream seq `delivered_upto` were handed to an owner, and

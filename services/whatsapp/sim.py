@@ -5,6 +5,11 @@ Users publish `{chat, sender, text, message_id}` on `sim.whatsapp.<account>.in`;
 while no owner is attached is lost. Every accepted send is stored on
 `sim.whatsapp.<account>.out` (stream `SIM_OUT`) with holder and lease token; its stream
 sequence is the transport message id. Faults come from settings (SIM_* variables).
+
+Like a network that knows the current session, the sim refuses a send whose fence is
+stale: after the latency it reads the account's lease and refuses a token that is no
+longer the current one, then refuses a send past the fence's deadline -- the last step
+before the publish, with nothing awaited in between (ADR 0007, "the remaining window").
 """
 
 from __future__ import annotations
@@ -13,20 +18,24 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import NoReturn, assert_never
 
 import nats.errors
 from nats.aio.msg import Msg
+from nats.js.kv import KeyValue
 
 from contracts import subjects
 from contracts.codec import decode, encode
 from contracts.errors import DecodeError
+from contracts.events import CHANNEL_WHATSAPP
 from contracts.payloads import SimControl, SimFailure, SimInbound, SimOutbound
-from contracts.streams import SIM, sim_consumer
+from contracts.streams import LEASES, SIM, sim_consumer
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerLoop, ConsumerSpec, Delivery
+from services.runtime.lease import read_lease
 from services.runtime.settings import SimFaults
 from services.whatsapp.transport import (
     EventCallback,
@@ -34,6 +43,7 @@ from services.whatsapp.transport import (
     Incoming,
     LoggedOut,
     Receipt,
+    StaleFenceError,
     StreamReplaced,
     TemporaryBan,
     TransportError,
@@ -43,6 +53,14 @@ from services.whatsapp.transport import (
 log = logging.getLogger(__name__)
 
 SIM_TEXT_LIMIT = 65_536
+# What a sim send takes besides its injected latency: one lease read, then the publish
+# leaves. Declared as part of the send timeout the lease proof must cover.
+SIM_NETWORK_SLACK = 0.25
+
+
+def sim_send_timeout(faults: SimFaults) -> float:
+    """The longest a sim send may take before it reaches the network."""
+    return faults.latency_ms / 1000 + SIM_NETWORK_SLACK
 
 
 class SimSession:
@@ -56,9 +74,13 @@ class SimSession:
         self.subject = subjects.sim_out(account)
         # The sim network reports receipts only when told to (SIM_AUTO_RECEIPTS).
         self.reports_receipts = faults.auto_receipts
+        self.send_timeout = sim_send_timeout(faults)
+        self.lease_key = subjects.lease_key(CHANNEL_WHATSAPP, account)
+        self._leases: KeyValue | None = None
 
     async def send(self, chat: str, text: str, *, job_id: str, fence: Fence) -> str:
-        """Publish the message on the sim network; its stream sequence is its id."""
+        """Publish the message on the sim network (unless its fence is stale); its stream
+        sequence is its id."""
         if self.faults.latency_ms:
             await asyncio.sleep(self.faults.latency_ms / 1000)
         if chat in self.faults.failing_chats:
@@ -75,6 +97,16 @@ class SimSession:
         out = SimOutbound(
             chat=chat, text=text, job_id=job_id, holder=fence.holder, lease_token=fence.token
         )
+        await self._check_token(job_id, chat, fence)
+        # The last check: nothing is awaited between it and the publish leaving.
+        if time.monotonic() >= fence.deadline:
+            late = time.monotonic() - fence.deadline
+            await self._refuse(
+                job_id,
+                chat,
+                f"sim: send refused, {late:.3f} s past its lease deadline (token {fence.token})",
+                stale=True,
+            )
         ack = await self.bus.publish_bytes(
             self.subject, encode(out), msg_id=f"sim-out:{job_id}:{fence.token}"
         )
@@ -84,9 +116,30 @@ class SimSession:
             await self.bus.nc.publish(subjects.sim_control(self.account), encode(receipt))
         return transport_id
 
-    async def _refuse(self, job_id: str, chat: str, error: str, *, permanent: bool) -> NoReturn:
+    async def _check_token(self, job_id: str, chat: str, fence: Fence) -> None:
+        """The network's side of fencing: refuse a token that is no longer the account's
+        current lease (taken over, released or parked) -- what WhatsApp does to a socket
+        whose session another client replaced."""
+        if self._leases is None:
+            self._leases = await self.bus.js.key_value(LEASES.name)
+        found = await read_lease(self._leases, self.lease_key)
+        current = found[0] if found else None
+        if current is None or current.parked or current.token != fence.token:
+            now = "nobody" if current is None else f"token {current.token}"
+            await self._refuse(
+                job_id,
+                chat,
+                f"sim: send refused, lease token {fence.token} is not current ({now} holds it)",
+                stale=True,
+            )
+
+    async def _refuse(
+        self, job_id: str, chat: str, error: str, *, permanent: bool = False, stale: bool = False
+    ) -> NoReturn:
         failure = SimFailure(job_id=job_id, chat=chat, error=error, permanent=permanent)
         await self.bus.nc.publish(subjects.sim_failures(self.account), encode(failure))
+        if stale:
+            raise StaleFenceError(error)
         raise TransportError(error, permanent=permanent)
 
 
@@ -99,6 +152,7 @@ class SimTransport:
     def __init__(self, bus: Bus, faults: SimFaults, *, seed: int | None = None) -> None:
         self.bus = bus
         self.faults = faults
+        self.send_timeout = sim_send_timeout(faults)
         self.rng = random.Random(seed)
 
     @asynccontextmanager

@@ -7,6 +7,7 @@ owner's callback (message, receipt, connected, stream replaced, logged out, bann
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -18,10 +19,13 @@ from services.runtime.errors import ServiceError
 
 @dataclass(frozen=True)
 class Fence:
-    """Who sends, under which lease token: carried by every send."""
+    """Who sends, under which lease token, and until when (`deadline`, time.monotonic()):
+    carried by every send. A transport must not let a send reach the network after the
+    deadline -- past it another holder may own the account."""
 
     holder: str
     token: int
+    deadline: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -83,13 +87,21 @@ class TransportError(ServiceError):
         self.permanent = permanent
 
 
+class StaleFenceError(TransportError):
+    """The send was refused before reaching the network: its fence is past its deadline,
+    or the network knows a newer lease token. Nothing was sent; the sender lost the lease."""
+
+
 class Session(Protocol):
     """An attached account session (one per account, owned by the lease holder)."""
 
     reports_receipts: bool  # receipts will refer to the ids send() returns
+    # The longest a send() may take (seconds): it returns or raises by then. The egress
+    # starts a send only while its lease proof covers this long.
+    send_timeout: float
 
     async def send(self, chat: str, text: str, *, job_id: str, fence: Fence) -> str:
-        """Send `text` to `chat`; return the transport's message id."""
+        """Send `text` to `chat` unless past `fence.deadline`; return the message id."""
         ...
 
 
@@ -98,6 +110,7 @@ class Transport(Protocol):
 
     name: str
     separate_inbound: bool
+    send_timeout: float  # what its sessions declare; checked against the lease TTL at start
 
     def session(
         self, account: str, on_event: EventCallback, *, receive: bool

@@ -11,12 +11,14 @@ import asyncio
 import math
 import os
 import signal
+import time
 from collections import Counter
 
 import pytest
+from nats.aio.msg import Msg
 
 from contracts import subjects
-from contracts.codec import encode
+from contracts.codec import decode, encode
 from contracts.events import (
     DeliveryUncertain,
     LeaseAcquired,
@@ -24,7 +26,7 @@ from contracts.events import (
     LeaseReleased,
     SessionLoggedOut,
 )
-from contracts.payloads import SimControl
+from contracts.payloads import SimControl, SimFailure
 from services.runtime.bus import Bus
 from tests.conftest import Processes, read_stream, run_svc, wait_until
 from tests.e2e.conftest import (
@@ -279,3 +281,55 @@ async def test_kill_9_in_the_middle_of_500_jobs_only_uncertain_jobs_may_repeat(
     }
     assert repeated <= uncertain
     assert len(uncertain) <= 20  # at most one job in flight per chat
+
+
+async def test_a_slow_send_paused_past_the_ttl_is_refused_and_never_interleaves(
+    processes: Processes, served: tuple[str, Bus]
+) -> None:
+    """Issue 11 item 9: TTL 2, a 400 ms transport, the owner paused (SIGSTOP) while its
+    sends sit in the transport's latency, until the standby has taken over and sent.
+    Resumed, those sends must not reach the network: they are refused as stale."""
+    url, bus = served
+    for _ in range(2):
+        processes.start(
+            "run", "whatsapp", NATS_URL=url, WHATSAPP_LEASE_TTL="2", SIM_SEND_LATENCY_MS="400"
+        )
+    paused = await the_owner(bus)
+    refused: list[SimFailure] = []
+
+    async def on_failure(msg: Msg) -> None:
+        refused.append(decode(msg.data, SimFailure))
+
+    failures = await bus.nc.subscribe(subjects.sim_failures("default"), cb=on_failure)
+    async with SimNetwork(bus, "default") as net:
+        # 8 chats: 8 sends inside the transport's 400 ms at any moment
+        traffic = asyncio.create_task(enqueue(bus, "default", count=160, chats=8, every=0.01))
+        await net.wait(lambda: len(net.seen) >= 16, 60, "16 sends")
+        os.kill(pid_of(paused), signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            # The standby's first send implies the pause outlasted the TTL (2 s).
+            await net.wait(lambda: any(s.holder != paused for s in net.seen), 30, "a takeover")
+        finally:
+            os.kill(pid_of(paused), signal.SIGCONT)
+        pause = time.monotonic() - stopped
+        await wait_until(lambda: _lost_by(bus, paused), timeout=20, what="LeaseLost")
+        jobs = await traffic
+        await net.wait(lambda: net.job_ids() >= {j.job_id for j in jobs}, 60, "every job")
+    await failures.unsubscribe()
+    sends = await net.recorded()
+    assert pause > 2.0
+    # No interleaving: every send of the paused owner precedes the new owner's.
+    assert_single_writer(sends)
+    takeover = next(i for i, s in enumerate(sends) if s.holder != paused)
+    assert all(s.holder != paused for s in sends[takeover:])
+    assert_per_chat_order(sends, jobs)
+    # What was in the transport when it was paused was refused as stale (or cancelled when
+    # the owner noticed the loss first): nothing of it landed, as checked above.
+    assert all(f.error.startswith("sim: send refused") for f in refused)
+    # Only a send already on the network but not yet recorded may repeat, as uncertain.
+    repeated = {job for job, n in Counter(s.job_id for s in sends).items() if n > 1}
+    uncertain = {
+        e.job_id for _, e in await read_stream(bus, "DELIVERY") if isinstance(e, DeliveryUncertain)
+    }
+    assert repeated <= uncertain

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from services.runtime.bus import Bus
@@ -101,3 +102,31 @@ async def test_a_parked_lease_blocks_acquisition_and_never_expires(bus: Bus) -> 
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:
         assert not await b.try_acquire()
+
+
+async def test_prove_renews_when_the_proof_left_would_not_cover_the_send(bus: Bus) -> None:
+    a = Lease(bus, "whatsapp", "acct", "a", 10, fresh_for=60.0)
+    assert await a.try_acquire()
+    revision = a.state.revision
+    # A fresh proof (8 s) covers a 1 s send without a renewal
+    assert await a.prove(cover=1.0)
+    assert a.state.revision == revision
+    # A send longer than what is left forces a renewal first
+    a.state.deadline = time.monotonic() + 0.5
+    assert await a.prove(cover=1.0)
+    assert a.state.revision > revision
+    assert a.covers(1.0)
+    # A send longer than any proof can cover is refused
+    assert not await a.prove(cover=9.0)
+    assert a.valid()  # refused to send, not lost
+
+
+async def test_concurrent_proofs_renew_once(bus: Bus) -> None:
+    a = Lease(bus, "whatsapp", "acct", "a", 10, fresh_for=60.0)
+    assert await a.try_acquire()
+    a.state.deadline = time.monotonic() + 0.5  # every prover sees a proof too short
+    kv = await bus.js.key_value("leases")
+    before = (await kv.get("whatsapp.acct")).revision or 0
+    assert all(await asyncio.gather(*(a.prove(cover=1.0) for _ in range(10))))
+    after = (await kv.get("whatsapp.acct")).revision or 0
+    assert after - before == 1  # one renewal served all ten

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 
+from contracts.codec import decode
 from contracts.events import (
     DeadLettered,
     DeliveryDeadLettered,
@@ -14,11 +16,15 @@ from contracts.events import (
     LeaseReleased,
     MessageSent,
 )
+from contracts.payloads import SimOutbound
 from services.app import check_role
 from services.ops.simclient import SimUser
 from services.runtime.bus import Bus
 from services.runtime.errors import ConfigError
+from services.runtime.lease import Lease
 from services.runtime.settings import SimFaults, load_settings
+from services.whatsapp.sim import SimTransport
+from services.whatsapp.transport import Fence, StaleFenceError
 from tests.conftest import read_stream, role, stream_raw, wait_until
 
 
@@ -124,3 +130,53 @@ async def test_one_trace_follows_a_message_from_the_user_to_the_recorded_send(bu
         for _, _, headers in stored:
             trace_ids.add(headers["traceparent"].split("-")[1])
     assert len(trace_ids) == 1
+
+
+def test_a_lease_ttl_that_cannot_cover_the_sims_send_is_refused_at_start() -> None:
+    settings = load_settings({"WHATSAPP_LEASE_TTL": "2", "SIM_SEND_LATENCY_MS": "1000"})
+    with pytest.raises(ConfigError) as refused:
+        check_role(settings, "whatsapp")
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "WHATSAPP_LEASE_TTL=2 proves the lease for at most 1.50 s" in message
+    assert "send timeout of 1.25 s" in message
+    assert "set WHATSAPP_LEASE_TTL to at least 4" in message
+    # A TTL that covers it is accepted
+    check_role(dataclasses.replace(settings, lease_ttl=4), "whatsapp")
+
+
+async def _sim_out_count(bus: Bus) -> int:
+    return len(await stream_raw(bus, "SIM_OUT"))
+
+
+async def test_the_sim_network_refuses_a_stale_token_and_a_send_past_its_deadline(
+    bus: Bus,
+) -> None:
+    """The network side of fencing: what a paused or superseded holder sends never lands."""
+    transport = SimTransport(bus, SimFaults())
+    first = Lease(bus, "whatsapp", "default", "first", 2)
+    second = Lease(bus, "whatsapp", "default", "second", 30)
+
+    async def ignore(_event: object) -> None:
+        return None
+
+    async with transport.session("default", ignore, receive=False) as session:
+        assert await first.try_acquire()
+        fresh = Fence("first", first.token, deadline=first.deadline)
+        assert (await session.send("a@s.whatsapp.net", "ok", job_id="j1", fence=fresh)).startswith(
+            "sim-"
+        )
+        # A fence whose deadline has passed is refused before the publish
+        late = Fence("first", first.token, deadline=time.monotonic() - 0.001)
+        with pytest.raises(StaleFenceError, match="past its lease deadline"):
+            await session.send("a@s.whatsapp.net", "late", job_id="j2", fence=late)
+        # Once another holder took the lease over, the old token is refused
+        await wait_until(second.try_acquire, timeout=6, what="takeover after expiry")
+        stale = Fence("first", first.token)
+        with pytest.raises(StaleFenceError, match=f"lease token {first.token} is not current"):
+            await session.send("a@s.whatsapp.net", "stale", job_id="j3", fence=stale)
+        current = Fence("second", second.token, deadline=second.deadline)
+        await session.send("a@s.whatsapp.net", "new owner", job_id="j4", fence=current)
+    sent = [decode(data, SimOutbound).job_id for _, data, _ in await stream_raw(bus, "SIM_OUT")]
+    assert sent == ["j1", "j4"]
+    await second.release()
