@@ -12,7 +12,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import NoReturn
 
@@ -43,6 +43,13 @@ class Bus:
         self.js = js
         self.lost = lost or asyncio.Event()  # set once the connection is closed for good
         self.lost_reason = ""
+        # Called with "disconnected", "reconnected" or "lost": an interactive command shows
+        # these as one human line instead of log records.
+        self.on_state: list[Callable[[str], None]] = []
+
+    def _state(self, state: str) -> None:
+        for listener in self.on_state:
+            listener(state)
 
     async def until_lost(self) -> NoReturn:
         """Wait until the connection is closed for good, then raise NatsConnectionLostError."""
@@ -194,9 +201,13 @@ class _ErrorReporter:
         if self.closing:
             return
         log.warning("nats disconnected", extra={"client": self.name})
+        if self.bus is not None:
+            self.bus._state("disconnected")
 
     async def reconnected(self) -> None:
         log.info("nats reconnected", extra={"client": self.name})
+        if self.bus is not None:
+            self.bus._state("reconnected")
 
     async def closed(self) -> None:
         if self.closing or not self.connected:
@@ -212,6 +223,7 @@ class _ErrorReporter:
         )
         if self.bus is not None:
             self.bus.lost_reason = self.lost_reason
+            self.bus._state("lost")
         self.lost.set()
 
 
