@@ -69,7 +69,10 @@ async def run_chat(bus: Bus, account: str, chat: str, *, wait: float) -> int:
                     typer.echo("you> ", nl=False)
                     sys.stdout.flush()
                     prompt_shown = True
-                line = await loop.run_in_executor(None, sys.stdin.readline)
+                try:
+                    line = await loop.run_in_executor(None, sys.stdin.readline)
+                except OSError:  # the terminal hung up: like Ctrl-D
+                    line = ""
                 prompt_shown = False
                 if not line:
                     break
