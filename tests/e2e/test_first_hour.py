@@ -15,7 +15,7 @@ import pytest
 from services.runtime.bus import Bus
 from services.runtime.nats_server import EmbeddedNats
 from services.runtime.provisioning import ensure_streams
-from tests.conftest import Processes, arun_svc, role, run_svc, svc_argv, wait_until
+from tests.conftest import Processes, arun_svc, role, run_svc, svc_argv
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +25,10 @@ def test_an_unknown_role_names_the_argument_and_the_valid_roles(processes: Proce
     assert result.returncode == 2
     (line,) = result.stderr.decode().strip().splitlines()
     assert "SVC_ROLE" not in line  # the user never set it
-    assert "'nosuch'" in line and "ROLE" in line
-    assert "core" in line and "whatsapp-ingress" in line
+    assert "'nosuch'" in line
+    assert "ROLE" in line
+    assert "core" in line
+    assert "whatsapp-ingress" in line
 
 
 async def test_a_taken_embedded_port_names_the_option_svc_run_has(
@@ -37,8 +39,10 @@ async def test_a_taken_embedded_port_names_the_option_svc_run_has(
         result = await arun_svc("run", "all", "--nats-port", port, env=processes.env())
     assert result.returncode == 1
     line = result.stderr.decode().strip().splitlines()[-1]
-    assert f"port {port}" in line and "already in use" in line
-    assert "--nats-port" in line and "(--port)" not in line
+    assert f"port {port}" in line
+    assert "already in use" in line
+    assert "--nats-port" in line
+    assert "(--port)" not in line
 
 
 def _start_on_a_terminal(
@@ -210,7 +214,8 @@ async def test_chat_shows_a_lost_connection_as_one_human_line_not_json_logs(
         await server.stop()
     await chat.until("(lost the connection to NATS; reconnecting...)", stream="err")
     chat.quit()
-    assert "{" not in chat.err and "{" not in chat.out, chat.err
+    assert "{" not in chat.err, chat.err
+    assert "{" not in chat.out, chat.out
 
 
 def _provisioned(url: str) -> object:

@@ -104,7 +104,8 @@ async def test_svc_nats_serve_exits_4_when_its_server_is_killed(processes: Proce
     os.kill(child, signal.SIGKILL)
     assert await exited(serve, processes) == EXIT_EMBEDDED_SERVER_DIED
     line = last_line(processes, serve)
-    assert "embedded nats-server" in line and "SIGKILL" in line, line
+    assert "embedded nats-server" in line, line
+    assert "SIGKILL" in line, line
 
 
 async def test_svc_run_all_exits_4_when_its_embedded_server_is_killed(
@@ -160,7 +161,8 @@ async def test_a_refused_login_fails_at_once_naming_authorization_and_the_right_
         role = await arun_svc("run", "core", env=env)
     lines = refused.stderr.decode().strip().splitlines()
     assert refused.returncode == 2, lines
-    assert len(lines) == 1 and "authorization" in lines[0], lines
+    assert len(lines) == 1, lines
+    assert "authorization" in lines[0], lines
     assert "Timeout" not in lines[0]
     assert elapsed < REFUSAL_BOUND, f"took {elapsed:.1f}s: waited for the timeout"
     for secret in [*wrong.values(), *right.values()]:
@@ -204,7 +206,8 @@ async def test_a_tls_failure_fails_at_once_naming_tls_and_the_right_ca_works(
         ok = await arun_svc("streams", "ensure", env={**env, "NATS_TLS_CA": str(ca)})
     lines = refused.stderr.decode().strip().splitlines()
     assert refused.returncode == 2, lines
-    assert len(lines) == 1 and "TLS" in lines[0], lines
+    assert len(lines) == 1, lines
+    assert "TLS" in lines[0], lines
     assert elapsed < REFUSAL_BOUND, f"took {elapsed:.1f}s: waited for the timeout"
     assert ok.returncode == 0, ok.stderr.decode()
 
@@ -215,4 +218,5 @@ async def test_a_missing_tls_file_is_a_config_error_naming_the_variable(
     result = await arun_svc("status", env=processes.env(NATS_TLS_CA="/nonexistent/ca.pem"))
     assert result.returncode == 2
     (line,) = result.stderr.decode().strip().splitlines()
-    assert "NATS_TLS_CA" in line and "no such file" in line
+    assert "NATS_TLS_CA" in line
+    assert "no such file" in line

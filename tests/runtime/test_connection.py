@@ -64,7 +64,8 @@ async def test_a_non_utf8_subject_reaches_the_subscriber_and_the_connection_keep
         await wait_until(lambda: len(seen) == 2, 10, "both messages")
         assert seen[0].encode("utf-8", "surrogateescape") == BAD_SUBJECT
         assert seen[1] == "inbound.whatsapp.default.ok"
-        assert bus.nc.is_connected and not bus.lost.is_set()
+        assert bus.nc.is_connected
+        assert not bus.lost.is_set()
 
 
 async def test_a_read_loop_that_dies_anyway_is_reported_as_a_lost_connection(
@@ -72,9 +73,10 @@ async def test_a_read_loop_that_dies_anyway_is_reported_as_a_lost_connection(
 ) -> None:
     # The stock nats-py decoding (strict UTF-8) kills the read loop on such a subject while
     # the client still says it is connected. The watchdog turns that into a lost connection.
-    async with connect(
-        nats_server.url, name="t", client_class=WatchedClient
-    ) as bus, listening(bus, "inbound.>"):
+    async with (
+        connect(nats_server.url, name="t", client_class=WatchedClient) as bus,
+        listening(bus, "inbound.>"),
+    ):
         await raw_publish(nats_server.url, BAD_SUBJECT)
         await asyncio.wait_for(bus.lost.wait(), 10)
         assert "read loop died" in bus.lost_reason
