@@ -111,6 +111,21 @@ async def run_role(
 ) -> None:
     """Run `role`'s workers on `bus` until `stop` is set (then drain). The role ends with
     an error when its connection is closed for good or a `watch` awaitable raises."""
+    try:
+        await _run_role(bus, settings, role, stop, watch)
+    except Exception:
+        if bus.lost.is_set():  # whatever failed, the cause is the dead connection
+            raise bus.lost_error() from None
+        raise
+
+
+async def _run_role(
+    bus: Bus,
+    settings: Settings,
+    role: Role,
+    stop: asyncio.Event,
+    watch: Sequence[Callable[[], Awaitable[None]]],
+) -> None:
     # Idempotent; makes sure every message published below carries a traceparent even
     # when the caller (a test, an embedding program) did not set tracing up.
     setup_tracing(f"switchboard-{role}")

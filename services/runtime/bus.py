@@ -54,7 +54,11 @@ class Bus:
     async def until_lost(self) -> NoReturn:
         """Wait until the connection is closed for good, then raise NatsConnectionLostError."""
         await self.lost.wait()
-        raise NatsConnectionLostError(
+        raise self.lost_error()
+
+    def lost_error(self) -> NatsConnectionLostError:
+        """The error that ends a process whose connection is closed for good."""
+        return NatsConnectionLostError(
             f"NATS connection closed for good ({self.lost_reason or 'closed'}):"
             " exiting so a supervisor restarts this process"
         )

@@ -16,9 +16,12 @@ from pathlib import Path
 import pytest
 
 from services.app import EXIT_CONNECTION_LOST, EXIT_EMBEDDED_SERVER_DIED
+from services.ops.simclient import SimUser
+from services.runtime.bus import Bus
 from services.runtime.nats_server import EmbeddedNats
 from tests.conftest import Processes, arun_svc, wait_until
 from tests.e2e.conftest import read_url
+from tests.runtime.test_connection import BAD_SUBJECT, raw_publish
 
 pytestmark = pytest.mark.slow
 
@@ -220,3 +223,22 @@ async def test_a_missing_tls_file_is_a_config_error_naming_the_variable(
     (line,) = result.stderr.decode().strip().splitlines()
     assert "NATS_TLS_CA" in line
     assert "no such file" in line
+
+
+async def test_real_roles_keep_serving_after_a_non_utf8_inbound_subject_and_audit_finishes(
+    processes: Processes, served: tuple[str, Bus]
+) -> None:
+    url, bus = served
+    core = processes.start("run", "core", NATS_URL=url)
+    processes.start("run", "whatsapp", NATS_URL=url)
+    await wait_until(lambda: '"consuming"' in processes.log(core), 60, "core consuming")
+    # Given a raw client stores a subject that is not UTF-8 on INBOUND
+    await raw_publish(url, BAD_SUBJECT)
+    # When a valid message follows, then it is answered, and no process lost its connection
+    async with SimUser(bus, "default") as user:
+        await user.send("alice@s.whatsapp.net", "still there?")
+        assert await user.wait_replies(30), processes.log(core)
+    assert all(p.poll() is None for p in processes.procs)
+    # And `svc audit` reads the stream to the end instead of hanging on it
+    audited = await arun_svc("audit", env=processes.env(NATS_URL=url), timeout=120)
+    assert audited.returncode == 0, audited.stdout.decode() + audited.stderr.decode()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +100,33 @@ async def test_the_core_still_answers_after_a_non_utf8_inbound_subject(bus: Bus)
     subjects = [s.subject async for s in read(bus, "INBOUND", skipped=skipped)]
     assert skipped.count == 1
     assert all(s.startswith("inbound.whatsapp.default.") for s in subjects)
+
+
+async def test_a_server_err_that_closes_the_client_for_good_is_reported_with_its_cause(
+    nats_server: EmbeddedNats,
+) -> None:
+    # The case: a subject longer than the server's control line. The server
+    # answers -ERR and nats-py closes the client for good, reconnects or not.
+    async with connect(nats_server.url, name="t") as bus:
+        await bus.nc.publish("too.long." + "x" * 5000, b"")
+        await asyncio.wait_for(bus.lost.wait(), 10)
+        assert "maximum control line exceeded" in bus.lost_reason
+        with pytest.raises(NatsConnectionLostError, match="maximum control line exceeded"):
+            await bus.until_lost()
+
+
+async def test_a_role_on_a_connection_closed_for_good_ends_with_the_cause(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    from services.app import run_role
+    from services.runtime.provisioning import ensure_streams
+    from services.runtime.settings import load_settings
+
+    async with connect(nats_server.url, name="t") as bus:
+        await ensure_streams(bus.js)
+        settings = load_settings({"SVC_DATA_DIR": str(tmp_path)})
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_role(bus, settings, "core", stop))
+        await bus.nc.publish("too.long." + "x" * 5000, b"")
+        with pytest.raises(NatsConnectionLostError, match="closed for good"):
+            await asyncio.wait_for(task, 30)
