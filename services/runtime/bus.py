@@ -336,7 +336,11 @@ async def connect(
         yield bus
     finally:
         reporter.closing = True
-        if not nc.is_closed:
+        if not nc.is_closed and not nc.is_connected:
+            # Disconnected (the server is gone): a drain would wait for a reconnect.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), 2)
+        elif not nc.is_closed:
             try:
                 await asyncio.wait_for(nc.drain(), 5)
             except Exception:  # a drain that cannot finish must not hide the body's error
