@@ -119,8 +119,9 @@ def run(
 ) -> None:
     """Run a role until SIGTERM/SIGINT (then drain in-flight work and exit 0).
 
-    Exit codes: 0 stopped, 1 failed, 2 bad configuration or refused credentials/TLS,
-    3 NATS connection closed for good, 4 the embedded nats-server died (restart on 1, 3, 4)."""
+    Exit codes: 0 stopped; 1 failed; 2 bad configuration or a refused login/TLS;
+    3 the NATS connection closed for good; 4 the embedded nats-server died.
+    A supervisor should restart on 1, 3 and 4."""
     from services.app import system
     from services.runtime.lifecycle import install_stop_signals
 

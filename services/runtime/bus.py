@@ -93,12 +93,7 @@ class Bus:
             return ack
 
 
-_AUTH_WORDS = (
-    "authorization",
-    "authentication",
-    "permission denied for connect",
-    "user authentication",
-)
+_AUTH_WORDS = ("authorization", "authentication")
 
 
 def refusal(exc: BaseException) -> str | None:

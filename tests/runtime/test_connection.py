@@ -130,3 +130,26 @@ async def test_a_role_on_a_connection_closed_for_good_ends_with_the_cause(
         await bus.nc.publish("too.long." + "x" * 5000, b"")
         with pytest.raises(NatsConnectionLostError, match="closed for good"):
             await asyncio.wait_for(task, 30)
+
+
+async def test_a_login_refused_on_reconnect_closes_the_connection_for_good(
+    tmp_path: Path,
+) -> None:
+    # Given a client connected to a server without auth
+    conf = tmp_path / "server.conf"
+    conf.write_text("# no auth\n")
+    first = EmbeddedNats(tmp_path / "nats", port=0, extra_args=("-c", str(conf)))
+    await first.start()
+    port = int(first.url.rsplit(":", 1)[1])
+    try:
+        async with connect(first.url, name="t") as bus:
+            # When the server comes back on the same port requiring a login it does not have
+            await first.stop()
+            conf.write_text("authorization { token: other }\n")
+            second = EmbeddedNats(tmp_path / "nats", port=port, extra_args=("-c", str(conf)))
+            async with second:
+                # Then it stops retrying and reports the refusal as a lost connection
+                await asyncio.wait_for(bus.lost.wait(), 20)
+            assert "authorization refused on reconnect" in bus.lost_reason
+    finally:
+        await first.stop()
