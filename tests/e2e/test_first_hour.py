@@ -196,7 +196,7 @@ async def test_chat_says_when_no_reply_came_and_prints_the_late_one_on_its_own_l
         await chat.until("you> ", timeout=10)
         assert chat.out.rindex("you> ") > late
         chat.type("again")
-        await chat.until("bot> echo: again")
+        await chat.until("echo: again")  # on time or late, on a loaded box
         assert chat.quit() == 0, chat.err
 
 
