@@ -12,9 +12,9 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import nats
 from nats.aio.client import Client
@@ -111,6 +111,16 @@ def refusal(exc: BaseException) -> str | None:
     return None
 
 
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def _background(work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` on its own task, keeping a reference until it is done."""
+    task = asyncio.get_running_loop().create_task(work)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
 class WatchedClient(Client):
     """nats-py's client, plus a watchdog on its read loop: the stock loop logs and ends on
     an unexpected exception while the client still reports itself connected, so nothing
@@ -126,7 +136,7 @@ class WatchedClient(Client):
             return
         # The stock loop swallowed an exception (logged by nats-py) and stopped reading.
         self.dead_read_loop = "the NATS read loop died on data it could not parse"
-        asyncio.get_running_loop().create_task(self._close(Client.CLOSED, True))
+        _background(self._close(Client.CLOSED, True))
 
 
 class TolerantClient(WatchedClient):
@@ -190,7 +200,7 @@ class _ErrorReporter:
             # Refused on reconnect (credentials revoked or changed): retrying forever
             # would leave a process that looks alive and does nothing.
             self.lost_reason = f"{kind} refused on reconnect: {text}"
-            asyncio.get_running_loop().create_task(self.nc.close())
+            _background(self.nc.close())  # not awaited here: close() cancels our caller
         now = time.monotonic()
         if text != self._last[0] or now - self._last[1] > 30:
             log.warning("nats connection error", extra={"client": self.name, "error": text})
