@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
@@ -30,6 +30,9 @@ from services.whatsapp.transport import Transport
 log = logging.getLogger(__name__)
 
 EMBEDDED_PORT = 4222
+# How a role's process ends when it cannot go on (see docs/runbook.md, "Exit codes").
+EXIT_CONNECTION_LOST = 3  # the NATS connection is closed for good: restart the process
+EXIT_EMBEDDED_SERVER_DIED = 4  # the embedded nats-server child died: restart the process
 
 
 def make_llm(settings: Settings) -> LLM:
@@ -66,14 +69,20 @@ def make_transport(settings: Settings, bus: Bus) -> Transport:
 @asynccontextmanager
 async def nats_url(
     settings: Settings, role: Role, *, embedded_port: int = EMBEDDED_PORT
-) -> AsyncIterator[str]:
+) -> AsyncIterator[tuple[str, EmbeddedNats | None]]:
     """NATS_URL when set; else role `all` embeds a server (under SVC_DATA_DIR) and the
-    other roles connect to the default local server."""
+    other roles connect to the default local server. Yields (url, embedded server)."""
     if settings.nats_url or role != "all":
-        yield settings.effective_nats_url
+        yield settings.effective_nats_url, None
         return
-    async with EmbeddedNats(settings.data_dir / "nats", port=embedded_port) as server:
-        yield server.url
+    hint = (
+        "pick another with 'svc run all --nats-port N' (0 picks a free one),"
+        " or point NATS_URL at the running server"
+    )
+    async with EmbeddedNats(
+        settings.data_dir / "nats", port=embedded_port, port_hint=hint
+    ) as server:
+        yield server.url, server
 
 
 async def provision(bus: Bus, settings: Settings) -> None:
@@ -97,8 +106,31 @@ def check_role(settings: Settings, role: Role) -> None:
         check_send_cover(settings.lease_ttl, sim_send_timeout(settings.sim), "sim")
 
 
-async def run_role(bus: Bus, settings: Settings, role: Role, stop: asyncio.Event) -> None:
-    """Run `role`'s workers on `bus` until `stop` is set (then drain)."""
+async def run_role(
+    bus: Bus,
+    settings: Settings,
+    role: Role,
+    stop: asyncio.Event,
+    *,
+    watch: Sequence[Callable[[], Awaitable[None]]] = (),
+) -> None:
+    """Run `role`'s workers on `bus` until `stop` is set (then drain). The role ends with
+    an error when its connection is closed for good or a `watch` awaitable raises."""
+    try:
+        await _run_role(bus, settings, role, stop, watch)
+    except Exception:
+        if bus.lost.is_set():  # whatever failed, the cause is the dead connection
+            raise bus.lost_error() from None
+        raise
+
+
+async def _run_role(
+    bus: Bus,
+    settings: Settings,
+    role: Role,
+    stop: asyncio.Event,
+    watch: Sequence[Callable[[], Awaitable[None]]],
+) -> None:
     # Idempotent; makes sure every message published below carries a traceparent even
     # when the caller (a test, an embedding program) did not set tracing up.
     setup_tracing(f"switchboard-{role}")
@@ -146,21 +178,35 @@ async def run_role(bus: Bus, settings: Settings, role: Role, stop: asyncio.Event
             for account in settings.accounts:
                 await stack.enter_async_context(transport.receiver(account, Ingress(bus, account)))
         log.info("running", extra={"role": role})
-        await _supervise(tasks, stop)
+        await _supervise(tasks, stop, watchers=[bus.until_lost, *watch])
 
 
-async def _supervise(tasks: list[asyncio.Task[None]], stop: asyncio.Event) -> None:
-    """Wait for stop; a worker that dies takes the process down (the supervisor restarts it)."""
+async def _supervise(
+    tasks: list[asyncio.Task[None]],
+    stop: asyncio.Event,
+    *,
+    watchers: Sequence[Callable[[], Awaitable[None]]] = (),
+) -> None:
+    """Wait for stop; a worker that dies, or a watcher that raises (the connection is
+    closed for good, the embedded server died), takes the process down: the supervisor
+    restarts it. A zombie that looks alive and does nothing is never an outcome."""
     stopper = asyncio.create_task(stop.wait())
+    watching = [asyncio.ensure_future(watcher()) for watcher in watchers]
     try:
-        done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
+        done, _ = await asyncio.wait(
+            [stopper, *watching, *tasks], return_when=asyncio.FIRST_COMPLETED
+        )
+        # A watcher's cause first: a worker that failed because the connection died
+        # would otherwise hide why.
+        for task in sorted(done, key=lambda t: t not in watching):
             if task is not stopper and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
     finally:
         stop.set()
         stopper.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for watcher_task in watching:
+            watcher_task.cancel()
+        await asyncio.gather(*tasks, *watching, return_exceptions=True)
 
 
 @asynccontextmanager
@@ -169,13 +215,23 @@ async def system(
 ) -> AsyncIterator[tuple[Bus, asyncio.Event, asyncio.Task[None]]]:
     """Start `role` (with an embedded server if NATS_URL is unset); yield (bus, stop, task)."""
     check_role(settings, role)
+    # A relative SVC_DATA_DIR resolves against the working directory: say which one.
+    log.info("starting", extra={"role": role, "data_dir": str(settings.data_dir.resolve())})
     async with (
-        nats_url(settings, role, embedded_port=embedded_port) as url,
-        connect(url, name=f"{client_name}-{role}", timeout=settings.connect_timeout) as bus,
+        nats_url(settings, role, embedded_port=embedded_port) as (url, server),
+        connect(
+            url,
+            name=f"{client_name}-{role}",
+            timeout=settings.connect_timeout,
+            security=settings.nats_security,
+        ) as bus,
     ):
         await provision(bus, settings)
         stop = asyncio.Event()
-        task = asyncio.create_task(run_role(bus, settings, role, stop), name=f"role-{role}")
+        watch = [server.until_exited] if server is not None else []
+        task = asyncio.create_task(
+            run_role(bus, settings, role, stop, watch=watch), name=f"role-{role}"
+        )
         try:
             yield bus, stop, task
         finally:

@@ -14,7 +14,12 @@ import nats.errors
 import typer
 
 from services.runtime.bus import Bus
-from services.runtime.errors import ConfigError, ServiceError
+from services.runtime.errors import (
+    ConfigError,
+    EmbeddedServerExitedError,
+    NatsConnectionLostError,
+    ServiceError,
+)
 from services.runtime.logs import setup_logging
 from services.runtime.settings import ROLES, Settings, load_settings
 from services.runtime.telemetry import setup_tracing, shutdown_tracing
@@ -58,23 +63,35 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _settings(role: str | None = None, *, quiet: bool = False) -> Settings:
-    """Load and validate settings (exit 2 with one line on a bad value); set up logs."""
+def _settings(
+    role: str | None = None, *, quiet: bool = False, interactive: bool = False
+) -> Settings:
+    """Load and validate settings (exit 2 with one line on a bad value); set up logs.
+    `interactive`: a conversation owns the terminal, so only errors, as text."""
     try:
         settings = load_settings(role=role)
         setup_tracing(f"switchboard-{settings.role}")
     except ConfigError as exc:
         raise _fail(str(exc), 2) from None
-    setup_logging("WARNING" if quiet else settings.log_level, settings.log_format)
+    if interactive:
+        setup_logging("ERROR", "text")
+    else:
+        setup_logging("WARNING" if quiet else settings.log_level, settings.log_format)
     return settings
 
 
 def _run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine; turn service errors into one line and an exit code."""
+    from services.app import EXIT_CONNECTION_LOST, EXIT_EMBEDDED_SERVER_DIED
+
     try:
         return asyncio.run(main())
-    except ConfigError as exc:
+    except ConfigError as exc:  # includes a refused login or TLS handshake
         raise _fail(str(exc), 2) from None
+    except NatsConnectionLostError as exc:
+        raise _fail(str(exc), EXIT_CONNECTION_LOST) from None
+    except EmbeddedServerExitedError as exc:
+        raise _fail(str(exc), EXIT_EMBEDDED_SERVER_DIED) from None
     except ServiceError as exc:
         raise _fail(str(exc), 1) from None
     except nats.errors.Error as exc:  # the server answered something we did not expect
@@ -91,15 +108,27 @@ def run(
         str | None,
         typer.Argument(help=f"One of: {', '.join(ROLES)} (default: $SVC_ROLE, else all)."),
     ] = None,
+    nats_port: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Role all without NATS_URL: the embedded server's port (0: a free one).",
+        ),
+    ] = 4222,
 ) -> None:
-    """Run a role until SIGTERM/SIGINT (then drain in-flight work and exit 0)."""
+    """Run a role until SIGTERM/SIGINT (then drain in-flight work and exit 0).
+
+    Exit codes: 0 stopped; 1 failed; 2 bad configuration or a refused login/TLS;
+    3 the NATS connection closed for good; 4 the embedded nats-server died.
+    A supervisor should restart on 1, 3 and 4."""
     from services.app import system
     from services.runtime.lifecycle import install_stop_signals
 
     settings = _settings(role)
 
     async def main() -> None:
-        async with system(settings, settings.role) as (_, stop, task):
+        async with system(settings, settings.role, embedded_port=nats_port) as (_, stop, task):
             install_stop_signals(stop)
             await asyncio.wait([task])
             if task.exception() is not None:
@@ -134,9 +163,8 @@ def chat(
     """Talk to the running system through the sim transport (reads lines from stdin)."""
     from contracts.subjects import check_account
     from services.ops.chat import run_chat
-    from services.runtime.bus import connect
 
-    settings = _settings(quiet=True)
+    settings = _settings(interactive=True)
     target = account or settings.accounts[0]
     try:
         check_account(target)
@@ -144,9 +172,7 @@ def chat(
         raise _fail(f"--account: {exc}", 2) from None
 
     async def main() -> int:
-        async with connect(
-            settings.effective_nats_url, name="svc-chat", timeout=settings.connect_timeout
-        ) as bus:
+        async with _connect(settings, "svc-chat") as bus:
             return await run_chat(bus, target, chat_jid, wait=wait)
 
     if _run(main):
@@ -157,18 +183,18 @@ def chat(
 def status(as_json: JsonOpt = False) -> None:
     """Streams, consumers (pending / ack pending / redelivered), leases, dead letters."""
     from services.ops.status import collect_status, render_status, to_json
-    from services.runtime.bus import connect
 
     settings = _settings(quiet=True)
 
     async def main() -> str:
-        async with connect(
-            settings.effective_nats_url, name="svc-status", timeout=settings.connect_timeout
-        ) as bus:
+        async with _connect(settings, "svc-status") as bus:
             result = await collect_status(bus)
         return to_json(result) if as_json else render_status(result)
 
     typer.echo(_run(main))
+    if not as_json:
+        # A relative SVC_DATA_DIR resolves against where svc runs: say which store that is.
+        typer.echo(f"local data dir: {settings.data_dir.resolve()}")
 
 
 @nats_app.command("serve")
@@ -193,7 +219,15 @@ def nats_serve(
             install_stop_signals(stop)
             typer.echo(f"nats-server ready at {server.url} (store {server.store_dir})")
             sys.stdout.flush()
-            await stop.wait()
+            # The server is our child: if it dies (kill -9, a crash) we exit with it
+            # rather than stand in front of nothing (exit 4; ADR 0012).
+            stopped = asyncio.ensure_future(stop.wait())
+            exited = asyncio.ensure_future(server.until_exited())
+            await asyncio.wait([stopped, exited], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            exited.cancel()
+            if exited.done() and not exited.cancelled() and exited.exception() is not None:
+                raise exited.exception()  # type: ignore[misc]
 
     _run(main)
 
@@ -215,15 +249,12 @@ def streams_ensure(
 
     import msgspec
 
-    from services.runtime.bus import connect
     from services.runtime.provisioning import Provisioned, ensure_streams
 
     settings = _settings(quiet=True)
 
     async def main() -> list[Provisioned]:
-        async with connect(
-            settings.effective_nats_url, name="svc-streams", timeout=settings.connect_timeout
-        ) as bus:
+        async with _connect(settings, "svc-streams") as bus:
             return await ensure_streams(bus.js, replicas=settings.stream_replicas, update=update)
 
     results = _run(main)
@@ -717,7 +748,12 @@ def _check_account(account: str) -> None:
 def _connect(settings: Settings, name: str) -> AbstractAsyncContextManager[Bus]:
     from services.runtime.bus import connect
 
-    return connect(settings.effective_nats_url, name=name, timeout=settings.connect_timeout)
+    return connect(
+        settings.effective_nats_url,
+        name=name,
+        timeout=settings.connect_timeout,
+        security=settings.nats_security,
+    )
 
 
 def main() -> None:

@@ -83,14 +83,19 @@ class SimUser:
         )
         return exchange
 
+    async def changed(self) -> None:
+        """Wait for the next reply (or other send) to arrive."""
+        self._changed.clear()
+        await self._changed.wait()
+
     def pending(self) -> list[Exchange]:
         """Messages still waiting for their reply."""
         return [e for e in self.exchanges.values() if e.reply is None]
 
-    async def wait_replies(self, timeout: float) -> bool:
-        """Wait until every sent message has its reply; False on timeout."""
+    async def wait_replies(self, timeout: float, *, exchange: Exchange | None = None) -> bool:
+        """Wait until every sent message (or just `exchange`) has its reply; False on timeout."""
         deadline = time.monotonic() + timeout
-        while self.pending():
+        while (exchange.reply is None) if exchange is not None else self.pending():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
@@ -98,5 +103,5 @@ class SimUser:
             try:
                 await asyncio.wait_for(self._changed.wait(), remaining)
             except TimeoutError:
-                return not self.pending()
+                return exchange.reply is not None if exchange is not None else not self.pending()
         return True

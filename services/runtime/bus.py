@@ -1,22 +1,35 @@
-"""The NATS connection: JetStream context, traced publishing of contract messages."""
+"""The NATS connection: JetStream context, traced publishing of contract messages.
+
+A connection that is gone for good -- nats-py closed it (a server `-ERR`, a refused
+login on reconnect) or its read loop died -- is reported through `Bus.lost`; a role
+exits on it (ADR 0012) instead of living on with nobody listening.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
+from typing import Any, NoReturn
 
 import nats
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
 from contracts.codec import encode
 from contracts.events import Message
-from services.runtime.errors import NatsUnavailableError
+from services.runtime.errors import (
+    NatsConnectionLostError,
+    NatsRefusedError,
+    NatsUnavailableError,
+)
+from services.runtime.settings import NatsSecurity
 from services.runtime.telemetry import publish_span
 
 log = logging.getLogger(__name__)
@@ -25,9 +38,30 @@ log = logging.getLogger(__name__)
 class Bus:
     """A connected client: `nc` for core NATS, `js` for JetStream, and traced publishing."""
 
-    def __init__(self, nc: Client, js: JetStreamContext) -> None:
+    def __init__(self, nc: Client, js: JetStreamContext, lost: asyncio.Event | None = None) -> None:
         self.nc = nc
         self.js = js
+        self.lost = lost or asyncio.Event()  # set once the connection is closed for good
+        self.lost_reason = ""
+        # Called with "disconnected", "reconnected" or "lost": an interactive command shows
+        # these as one human line instead of log records.
+        self.on_state: list[Callable[[str], None]] = []
+
+    def _state(self, state: str) -> None:
+        for listener in self.on_state:
+            listener(state)
+
+    async def until_lost(self) -> NoReturn:
+        """Wait until the connection is closed for good, then raise NatsConnectionLostError."""
+        await self.lost.wait()
+        raise self.lost_error()
+
+    def lost_error(self) -> NatsConnectionLostError:
+        """The error that ends a process whose connection is closed for good."""
+        return NatsConnectionLostError(
+            f"NATS connection closed for good ({self.lost_reason or 'closed'}):"
+            " exiting so a supervisor restarts this process"
+        )
 
     async def publish(
         self,
@@ -59,19 +93,114 @@ class Bus:
             return ack
 
 
-class _ErrorReporter:
-    """Log connection trouble once per change of state, not once per retry."""
+_AUTH_WORDS = ("authorization", "authentication")
 
-    def __init__(self, name: str) -> None:
+
+def refusal(exc: BaseException) -> str | None:
+    """What kind of refusal `exc` is ("authorization" or "TLS"), or None for other trouble
+    (an unreachable server is worth retrying; a refused login or handshake is not)."""
+    if isinstance(exc, nats.errors.AuthorizationError):
+        return "authorization"
+    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        return "TLS"
+    text = str(exc).lower()
+    if any(word in text for word in _AUTH_WORDS):
+        return "authorization"
+    if "tls" in text or "ssl" in text or "certificate" in text:
+        return "TLS"
+    return None
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def _background(work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` on its own task, keeping a reference until it is done."""
+    task = asyncio.get_running_loop().create_task(work)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
+class WatchedClient(Client):
+    """nats-py's client, plus a watchdog on its read loop: the stock loop logs and ends on
+    an unexpected exception while the client still reports itself connected, so nothing
+    is ever read again. Here such an end closes the client, which reports it lost."""
+
+    dead_read_loop: str = ""
+
+    async def _read_loop(self) -> None:
+        await super()._read_loop()
+        task = asyncio.current_task()
+        ended_by_us = self.is_closed or self.is_reconnecting or not self.is_connected
+        if ended_by_us or (task is not None and task.cancelling()):
+            return
+        # The stock loop swallowed an exception (logged by nats-py) and stopped reading.
+        self.dead_read_loop = "the NATS read loop died on data it could not parse"
+        _background(self._close(Client.CLOSED, True))
+
+
+class TolerantClient(WatchedClient):
+    """Decodes a subject or reply that is not UTF-8 (a raw publisher can store one) with
+    `surrogateescape` instead of dying: the message reaches its handler, whose subject
+    check dead-letters it, and `subject.encode("utf-8", "surrogateescape")` gives back
+    the exact bytes."""
+
+    def _build_message(
+        self,
+        sid: int,
+        subject: bytes,
+        reply: bytes,
+        data: bytes,
+        headers: dict[str, str] | None,
+    ) -> Msg:
+        return self.msg_class(
+            subject=subject.decode("utf-8", "surrogateescape"),
+            reply=reply.decode("utf-8", "surrogateescape"),
+            data=data,
+            headers=headers,
+            _client=self,
+            _sid=sid,
+        )
+
+
+def undecodable(subject: str) -> bool:
+    """True when `subject` carries bytes that were not UTF-8 (see TolerantClient)."""
+    try:
+        subject.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+class _ErrorReporter:
+    """Log connection trouble once per change of state, not once per retry; notice a
+    refusal at the first connect and a connection that is closed for good later."""
+
+    def __init__(self, name: str, nc: WatchedClient, lost: asyncio.Event) -> None:
         self.name = name
+        self.nc = nc
+        self.lost = lost
+        self.lost_reason = ""
         self.closing = False
         self.connected = False  # before the first connect, the caller reports failure once
+        self.refused: tuple[str, BaseException] | None = None
+        self.refused_event = asyncio.Event()
+        self.bus: Bus | None = None
         self._last: tuple[str, float] = ("", 0.0)
 
     async def error(self, exc: Exception) -> None:
+        kind = refusal(exc)
         if not self.connected:
+            if kind is not None and self.refused is None:
+                self.refused = (kind, exc)
+                self.refused_event.set()
             return
         text = f"{type(exc).__name__}: {exc}".strip()
+        if kind == "authorization" and not self.closing:
+            # Refused on reconnect (credentials revoked or changed): retrying forever
+            # would leave a process that looks alive and does nothing.
+            self.lost_reason = f"{kind} refused on reconnect: {text}"
+            _background(self.nc.close())  # not awaited here: close() cancels our caller
         now = time.monotonic()
         if text != self._last[0] or now - self._last[1] > 30:
             log.warning("nats connection error", extra={"client": self.name, "error": text})
@@ -81,45 +210,142 @@ class _ErrorReporter:
         if self.closing:
             return
         log.warning("nats disconnected", extra={"client": self.name})
+        if self.bus is not None:
+            self.bus._state("disconnected")
 
     async def reconnected(self) -> None:
         log.info("nats reconnected", extra={"client": self.name})
+        if self.bus is not None:
+            self.bus._state("reconnected")
+
+    async def closed(self) -> None:
+        if self.closing or not self.connected:
+            return
+        if not self.lost_reason:
+            last = self.nc.last_error
+            self.lost_reason = self.nc.dead_read_loop or (
+                f"{type(last).__name__}: {last}" if last is not None else "closed by the client"
+            )
+        log.error(
+            "nats connection closed for good",
+            extra={"client": self.name, "reason": self.lost_reason},
+        )
+        if self.bus is not None:
+            self.bus.lost_reason = self.lost_reason
+            self.bus._state("lost")
+        self.lost.set()
+
+
+def _tls_context(security: NatsSecurity) -> ssl.SSLContext | None:
+    if not (security.tls_ca or security.tls_cert):
+        return None
+    context = ssl.create_default_context(cafile=str(security.tls_ca) if security.tls_ca else None)
+    if security.tls_cert and security.tls_key:
+        context.load_cert_chain(str(security.tls_cert), str(security.tls_key))
+    return context
+
+
+def _auth_options(security: NatsSecurity) -> dict[str, object]:
+    options: dict[str, object] = {}
+    if security.creds:
+        options["user_credentials"] = str(security.creds)
+    if security.nkey_seed:
+        options["nkeys_seed"] = str(security.nkey_seed)
+    if security.token:
+        options["token"] = security.token.value
+    if security.user:
+        options["user"] = security.user
+        options["password"] = security.password.value
+    tls = _tls_context(security)
+    if tls is not None:
+        options["tls"] = tls
+    return options
+
+
+def _shown(url: str) -> str:
+    return url if "@" not in url else "<NATS_URL with credentials>"
 
 
 @asynccontextmanager
-async def connect(url: str, *, name: str, timeout: float = 5.0) -> AsyncIterator[Bus]:
-    """Connect with endless reconnects; give up on the *first* connect after `timeout` s."""
-    reporter = _ErrorReporter(name)
-    nc = Client()
+async def connect(
+    url: str,
+    *,
+    name: str,
+    timeout: float = 5.0,
+    security: NatsSecurity | None = None,
+    client_class: type[WatchedClient] = TolerantClient,
+) -> AsyncIterator[Bus]:
+    """Connect with endless reconnects; give up on the *first* connect after `timeout` s,
+    at once when the server refuses the login or the TLS handshake."""
+    nc = client_class()
+    lost = asyncio.Event()
+    reporter = _ErrorReporter(name, nc, lost)
     try:
-        await asyncio.wait_for(
-            nc.connect(
-                servers=url.split(","),
-                name=name,
-                error_cb=reporter.error,
-                disconnected_cb=reporter.disconnected,
-                reconnected_cb=reporter.reconnected,
-                connect_timeout=max(1, int(timeout)),
-                reconnect_time_wait=0.5,  # type: ignore[arg-type]  # annotated int, sleeps float
-                max_reconnect_attempts=-1,
-            ),
-            timeout,
+        options = _auth_options(security or NatsSecurity())
+    except (OSError, ssl.SSLError) as exc:  # unreadable or mismatched cert/key files
+        raise NatsRefusedError(
+            f"NATS TLS settings are unusable: {type(exc).__name__}: {exc}"
+        ) from None
+    connecting = asyncio.create_task(
+        nc.connect(
+            servers=url.split(","),
+            name=name,
+            error_cb=reporter.error,
+            disconnected_cb=reporter.disconnected,
+            reconnected_cb=reporter.reconnected,
+            closed_cb=reporter.closed,
+            connect_timeout=max(1, int(timeout)),
+            reconnect_time_wait=0.5,  # type: ignore[arg-type]  # annotated int, sleeps float
+            max_reconnect_attempts=-1,
+            **options,  # type: ignore[arg-type]
+        ),
+        name=f"nats-connect-{name}",
+    )
+    refused = asyncio.create_task(reporter.refused_event.wait())
+    try:
+        await asyncio.wait(
+            [connecting, refused], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
         )
-    except (TimeoutError, OSError, nats.errors.Error) as exc:
+    finally:
+        refused.cancel()
+    failure: BaseException | None = None
+    if not connecting.done():
+        connecting.cancel()
+        with contextlib.suppress(BaseException):
+            await connecting
+        failure = reporter.refused[1] if reporter.refused else TimeoutError()
+    elif connecting.exception() is not None:
+        failure = connecting.exception()
+    if failure is not None:
         reporter.closing = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.close(), 2)
-        shown = url if "@" not in url else "<NATS_URL with credentials>"
+        kind = reporter.refused[0] if reporter.refused else refusal(failure)
+        if kind is not None:
+            detail = str(failure).strip() or type(failure).__name__
+            fix = (
+                "check NATS_USER/NATS_PASSWORD, NATS_TOKEN, NATS_CREDS or NATS_NKEY_SEED"
+                if kind == "authorization"
+                else "check NATS_TLS_CA/NATS_TLS_CERT/NATS_TLS_KEY and the URL scheme"
+            )
+            raise NatsRefusedError(
+                f"NATS at {_shown(url)} refused the connection: {kind} failed ({detail}): {fix}"
+            ) from None
         raise NatsUnavailableError(
-            f"cannot reach NATS at {shown} within {timeout:g}s ({type(exc).__name__}): "
+            f"cannot reach NATS at {_shown(url)} within {timeout:g}s ({type(failure).__name__}): "
             "start one with 'svc nats serve' or set NATS_URL"
         ) from None
     reporter.connected = True
+    bus = reporter.bus = Bus(nc, nc.jetstream(), lost)
     try:
-        yield Bus(nc, nc.jetstream())
+        yield bus
     finally:
         reporter.closing = True
-        if not nc.is_closed:
+        if not nc.is_closed and not nc.is_connected:
+            # Disconnected (the server is gone): a drain would wait for a reconnect.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), 2)
+        elif not nc.is_closed:
             try:
                 await asyncio.wait_for(nc.drain(), 5)
             except Exception:  # a drain that cannot finish must not hide the body's error

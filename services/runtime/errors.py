@@ -54,3 +54,17 @@ class AbandonError(ServiceError):
     def __init__(self, message: str, *, delay: float = 0.0) -> None:
         super().__init__(message)
         self.delay = delay
+
+
+class NatsRefusedError(ConfigError):
+    """The server refused us: credentials (authorization) or TLS. Retrying cannot help
+    until the configuration changes."""
+
+
+class NatsConnectionLostError(ServiceError):
+    """The NATS connection is closed for good (the client will not reconnect): the process
+    must exit so its supervisor restarts it."""
+
+
+class EmbeddedServerExitedError(EmbeddedServerError):
+    """The embedded nats-server child exited while we depended on it."""

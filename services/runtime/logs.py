@@ -1,4 +1,5 @@
-"""Structured logging: one JSON object per line (or plain text), trace ids included."""
+"""Structured logging: one JSON object per line or plain text (the default picks text on a
+terminal, JSON otherwise), trace ids included."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 from opentelemetry import trace
 
@@ -52,10 +53,20 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     }
 
 
-def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
+def resolve_format(fmt: str, stream: TextIO) -> str:
+    """`auto` is text for a person at a terminal, JSON for a log collector."""
+    if fmt != "auto":
+        return fmt
+    isatty = getattr(stream, "isatty", None)
+    return "text" if isatty is not None and isatty() else "json"
+
+
+def setup_logging(level: str = "INFO", fmt: str = "auto", stream: TextIO | None = None) -> None:
     """Send structured logs to stderr; stdout stays for command output."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    target = sys.stderr if stream is None else stream
+    handler = logging.StreamHandler(target)
+    chosen = resolve_format(fmt, target)
+    handler.setFormatter(JsonFormatter() if chosen == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -14,8 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 from types import TracebackType
+from typing import NoReturn
 
-from services.runtime.errors import EmbeddedServerError
+from services.runtime.errors import EmbeddedServerError, EmbeddedServerExitedError
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,11 @@ class EmbeddedNats:
         name: str = "svc-embedded",
         extra_args: tuple[str, ...] = (),
         start_timeout: float = 10.0,
+        port_hint: str = "pick another port (--port), or point NATS_URL at the running server",
     ) -> None:
-        self.store_dir = store_dir
+        self.store_dir = store_dir.resolve()  # a relative path would depend on the cwd
+        self.port_hint = port_hint
+        self._stopping = False
         self.host = host
         self.port = port
         self.name = name
@@ -75,6 +79,23 @@ class EmbeddedNats:
         """The server's process id while it runs."""
         return self._proc.pid if self._proc else None
 
+    async def until_exited(self) -> NoReturn:
+        """Wait while the server runs; raise EmbeddedServerExitedError when it exits on
+        its own (a kill -9, a crash). Our own stop() is not an exit worth reporting."""
+        proc = self._proc
+        if proc is None:
+            raise EmbeddedServerExitedError("the embedded nats-server is not running")
+        code = await proc.wait()
+        if self._stopping:
+            await asyncio.Event().wait()  # stopping on purpose: the caller cancels us
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        cause = self._failure_reason()
+        raise EmbeddedServerExitedError(
+            f"the embedded nats-server (pid {proc.pid}) died ({how})"
+            + (f": {cause}" if cause else "")
+            + f"; exiting so a supervisor restarts it (the store {self.store_dir} is kept)"
+        )
+
     async def __aenter__(self) -> EmbeddedNats:
         await self.start()
         return self
@@ -86,6 +107,7 @@ class EmbeddedNats:
 
     async def start(self) -> str:
         """Start the server and wait until it accepts clients; return its URL."""
+        self._stopping = False
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self._ports_dir = tempfile.TemporaryDirectory(prefix="svc-nats-ports-")
         self._log_path = Path(self._ports_dir.name) / "server.log"
@@ -148,7 +170,7 @@ class EmbeddedNats:
         if "address already in use" in text:
             return (
                 f"port {self.port} on {self.host} is already in use: stop what holds it, "
-                f"pick another port (--port), or point NATS_URL at the running server"
+                f"or {self.port_hint}"
             )
         errors = [ln for ln in text.splitlines() if "[FTL]" in ln or "[ERR]" in ln]
         if errors:
@@ -157,6 +179,7 @@ class EmbeddedNats:
 
     async def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 5 s) and remove temp files."""
+        self._stopping = True
         proc, self._proc = self._proc, None
         if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):

@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import nats.errors
@@ -23,10 +24,26 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from services.runtime.bus import Bus
+from services.runtime.bus import Bus, undecodable
+
+log = logging.getLogger(__name__)
 
 BATCH = 1000
 _EXPIRES_NS = 2_000_000_000
+
+
+@dataclass
+class Skipped:
+    """What a read left out: messages whose subject is not UTF-8 (only a raw publisher
+    can store one; no event of ours has such a subject)."""
+
+    count: int = 0
+    seqs: list[int] = field(default_factory=list)  # the first few, to look them up
+
+    def add(self, seq: int) -> None:
+        self.count += 1
+        if len(self.seqs) < 20:
+            self.seqs.append(seq)
 
 
 @dataclass(frozen=True)
@@ -58,9 +75,33 @@ async def read(
     start_seq: int = 1,
     stop_seq: int | None = None,
     batch: int = BATCH,
+    skipped: Skipped | None = None,
 ) -> AsyncIterator[Stored]:
     """Every message of `stream` on `subject` from `start_seq` up to what was stored when
-    the read began (or `stop_seq`); ephemeral, so it never disturbs a live system."""
+    the read began (or `stop_seq`); ephemeral, so it never disturbs a live system. A
+    message whose subject is not UTF-8 is skipped, counted in `skipped` and logged."""
+    skipped = Skipped() if skipped is None else skipped
+    before = skipped.count
+    try:
+        async for stored in _read(bus, stream, subject, start_seq, stop_seq, batch, skipped):
+            yield stored
+    finally:
+        if skipped.count > before:
+            log.warning(
+                "skipped messages whose subject is not UTF-8",
+                extra={"stream": stream, "count": skipped.count - before, "seqs": skipped.seqs},
+            )
+
+
+async def _read(
+    bus: Bus,
+    stream: str,
+    subject: str,
+    start_seq: int,
+    stop_seq: int | None,
+    batch: int,
+    skipped: Skipped,
+) -> AsyncIterator[Stored]:
     try:
         info = await bus.js.stream_info(stream)
     except nats.js.errors.NotFoundError:
@@ -119,8 +160,11 @@ async def read(
                 seq, stamp, pending = _position(msg.reply)
                 if seq > last:
                     return
-                when = datetime.fromtimestamp(stamp / 1e9, UTC)
-                yield Stored(seq, msg.subject, msg.data, msg.headers or {}, when)
+                if undecodable(msg.subject):
+                    skipped.add(seq)
+                else:
+                    when = datetime.fromtimestamp(stamp / 1e9, UTC)
+                    yield Stored(seq, msg.subject, msg.data, msg.headers or {}, when)
                 if seq == last or pending == 0:
                     return
             if outstanding <= batch // 2:
@@ -145,4 +189,6 @@ async def queued(bus: Bus, stream: str, *, subject: str = ">") -> AsyncIterator[
         if raw.seq is None:
             return
         seq = raw.seq + 1
+        if undecodable(raw.subject or ""):
+            continue
         yield Stored(raw.seq, raw.subject or "", raw.data or b"", dict(raw.headers or {}), raw.time)

@@ -6,6 +6,7 @@ is allowed. Secrets are kept out of repr() so they never reach logs or errors.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ Role = Literal["all", "core", "whatsapp", "whatsapp-egress", "whatsapp-ingress"]
 ROLES: tuple[Role, ...] = ("all", "core", "whatsapp", "whatsapp-egress", "whatsapp-ingress")
 TransportName = Literal["sim", "neonize"]
 LLMName = Literal["echo", "openai"]
-LogFormat = Literal["json", "text"]
+LogFormat = Literal["auto", "json", "text"]
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_ACCOUNT = "default"
@@ -41,6 +42,20 @@ class Secret:
 
     def __bool__(self) -> bool:
         return bool(self.value)
+
+
+@dataclass(frozen=True)
+class NatsSecurity:
+    """How to authenticate to NATS and secure the connection (besides NATS_URL)."""
+
+    creds: Path | None = None  # NATS_CREDS: a .creds file (JWT + nkey seed)
+    nkey_seed: Path | None = None  # NATS_NKEY_SEED: a seed file
+    token: Secret = Secret("")
+    user: str = ""
+    password: Secret = Secret("")
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -119,7 +134,8 @@ class Settings:
     stream_replicas: int = 1
     connect_timeout: float = 5.0
     log_level: str = "INFO"
-    log_format: LogFormat = "json"
+    log_format: LogFormat = "auto"
+    nats_security: NatsSecurity = NatsSecurity()
     sim: SimFaults = SimFaults()
     delivery: Delivery = Delivery()
     core: CoreSettings = CoreSettings()
@@ -135,6 +151,10 @@ def load_settings(env: Mapping[str, str] | None = None, *, role: str | None = No
     env = os.environ if env is None else env
     get = _Reader(env)
     role_value = role if role is not None else get.get_str("SVC_ROLE", "all")
+    if role is not None and role not in ROLES:
+        raise ConfigError(
+            f"unknown role {role!r} (the ROLE argument): expected one of {', '.join(ROLES)}"
+        )
     llm = get.get_choice("SVC_LLM", "echo", ("echo", "openai"))
     settings = Settings(
         nats_url=get.get_url("NATS_URL"),
@@ -152,7 +172,10 @@ def load_settings(env: Mapping[str, str] | None = None, *, role: str | None = No
         stream_replicas=get.get_int("SVC_STREAM_REPLICAS", 1, minimum=1, maximum=5),
         connect_timeout=get.get_float("NATS_CONNECT_TIMEOUT", 5.0, minimum=0.1, maximum=300),
         log_level=get.get_choice("SVC_LOG_LEVEL", "INFO", _LOG_LEVELS, upper=True),
-        log_format=cast(LogFormat, get.get_choice("SVC_LOG_FORMAT", "json", ("json", "text"))),
+        log_format=cast(
+            LogFormat, get.get_choice("SVC_LOG_FORMAT", "auto", ("auto", "json", "text"))
+        ),
+        nats_security=get.get_security(),
         sim=SimFaults(
             latency_ms=get.get_float("SIM_SEND_LATENCY_MS", 0.0, minimum=0, maximum=60_000),
             failure_rate=get.get_float("SIM_FAILURE_RATE", 0.0, minimum=0, maximum=1),
@@ -315,6 +338,49 @@ class _Reader:
                     " (comma-separate several servers)"
                 )
         return raw
+
+    def get_file(self, name: str) -> Path | None:
+        raw = self._raw(name)
+        if raw is None:
+            return None
+        path = Path(raw).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{name}={raw!r} is invalid: no such file (give the path of a file)")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"{name}={raw!r} is invalid: the file is not readable by this user")
+        return path
+
+    def get_security(self) -> NatsSecurity:
+        security = NatsSecurity(
+            creds=self.get_file("NATS_CREDS"),
+            nkey_seed=self.get_file("NATS_NKEY_SEED"),
+            token=Secret(self._raw("NATS_TOKEN") or ""),
+            user=self.get_str("NATS_USER", ""),
+            password=Secret(self._raw("NATS_PASSWORD") or ""),
+            tls_ca=self.get_file("NATS_TLS_CA"),
+            tls_cert=self.get_file("NATS_TLS_CERT"),
+            tls_key=self.get_file("NATS_TLS_KEY"),
+        )
+        if bool(security.user) != bool(security.password):
+            raise ConfigError("NATS_USER and NATS_PASSWORD go together: set both or neither")
+        if bool(security.tls_cert) != bool(security.tls_key):
+            raise ConfigError("NATS_TLS_CERT and NATS_TLS_KEY go together: set both or neither")
+        if security.creds and security.nkey_seed:
+            raise ConfigError("NATS_CREDS and NATS_NKEY_SEED exclude each other: set one")
+        ways = [
+            bool(security.creds or security.nkey_seed),
+            bool(security.token),
+            bool(security.user),
+        ]
+        if sum(ways) > 1:
+            raise ConfigError(
+                "set one way to log in to NATS: NATS_CREDS or NATS_NKEY_SEED,"
+                " NATS_TOKEN, or NATS_USER + NATS_PASSWORD"
+            )
+        if (security.creds or security.nkey_seed) and importlib.util.find_spec("nkeys") is None:
+            name = "NATS_CREDS" if security.creds else "NATS_NKEY_SEED"
+            raise ConfigError(f"{name} needs the 'nkeys' package: pip install nkeys")
+        return security
 
     def get_accounts(self) -> tuple[str, ...]:
         names = self.get_list("WHATSAPP_ACCOUNTS")

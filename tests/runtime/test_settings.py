@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,70 @@ def test_a_role_the_transport_cannot_support_is_refused_clearly(processes: Proce
     result = run_svc("run", "whatsapp-ingress", env=env, timeout=30)
     assert result.returncode == 2
     assert "whatsapp-ingress cannot run with WHATSAPP_TRANSPORT=neonize" in result.stderr.decode()
+
+
+def test_logs_default_to_auto_text_on_a_terminal_json_otherwise() -> None:
+    import io
+
+    from services.runtime.logs import resolve_format
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert load_settings({}).log_format == "auto"
+    assert resolve_format("auto", Terminal()) == "text"
+    assert resolve_format("auto", io.StringIO()) == "json"
+    assert resolve_format("json", Terminal()) == "json"
+    assert load_settings({"SVC_LOG_FORMAT": "text"}).log_format == "text"
+
+
+def test_nats_security_settings_are_read_and_secrets_stay_hidden(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked here")
+    s = load_settings(
+        {"NATS_USER": "alice", "NATS_PASSWORD": "hunter2-pass", "NATS_TLS_CA": str(ca)}
+    )
+    assert s.nats_security.user == "alice"
+    assert s.nats_security.password.value == "hunter2-pass"
+    assert s.nats_security.tls_ca == ca
+    assert "hunter2-pass" not in repr(s)
+    token = load_settings({"NATS_TOKEN": "tok-secret"})
+    assert token.nats_security.token.value == "tok-secret"
+    assert "tok-secret" not in repr(token)
+
+
+@pytest.mark.parametrize(
+    ("env", "needles"),
+    [
+        ({"NATS_CREDS": "/nonexistent/user.creds"}, ["NATS_CREDS", "no such file"]),
+        ({"NATS_TLS_CA": "/nonexistent/ca.pem"}, ["NATS_TLS_CA", "no such file"]),
+        ({"NATS_USER": "alice"}, ["NATS_USER and NATS_PASSWORD"]),
+        ({"NATS_PASSWORD": "pw-only-secret"}, ["NATS_USER and NATS_PASSWORD"]),
+        ({"NATS_TOKEN": "t", "NATS_USER": "a", "NATS_PASSWORD": "p"}, ["one way to log in"]),
+    ],
+)
+def test_bad_nats_security_settings_are_one_clear_line(
+    env: dict[str, str], needles: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "pw-only-secret" not in message
+    for needle in needles:
+        assert needle in message
+
+
+def test_a_cert_without_its_key_is_refused(tmp_path: Path) -> None:
+    cert = tmp_path / "c.pem"
+    cert.write_text("x")
+    with pytest.raises(ConfigError, match="NATS_TLS_CERT and NATS_TLS_KEY"):
+        load_settings({"NATS_TLS_CERT": str(cert)})
+
+
+def test_an_unknown_role_argument_is_named_as_the_argument_not_svc_role() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({}, role="nosuch")
+    assert "SVC_ROLE" not in str(caught.value)
+    assert "ROLE argument" in str(caught.value)

@@ -1,0 +1,155 @@
+"""The NATS connection: it survives bytes it cannot decode, and a connection that is gone
+for good (or a read loop that died) is reported, never left as a silent zombie."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from services.ops.simclient import SimUser
+from services.runtime.bus import Bus, WatchedClient, connect
+from services.runtime.errors import NatsConnectionLostError
+from services.runtime.nats_server import EmbeddedNats
+from services.runtime.reader import Skipped, read
+from tests.conftest import role, wait_until
+
+BAD_SUBJECT = b"inbound.whatsapp.default.\xff\xfe"
+
+
+async def raw_publish(url: str, subject: bytes, payload: bytes = b"hi") -> None:
+    """What any client on the network can send: a plain PUB, no client library."""
+    host, port = url.removeprefix("nats://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        await reader.readline()  # INFO
+        writer.write(b'CONNECT {"verbose":false,"pedantic":false,"headers":true}\r\n')
+        writer.write(b"PUB " + subject + b" %d\r\n" % len(payload) + payload + b"\r\n")
+        writer.write(b"PING\r\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 5)
+        assert line == b"PONG\r\n", line
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def listening(bus: Bus, subject: str) -> AsyncIterator[list[str]]:
+    seen: list[str] = []
+
+    async def on_msg(msg: object) -> None:
+        seen.append(msg.subject)  # type: ignore[attr-defined]
+
+    sub = await bus.nc.subscribe(subject, cb=on_msg)
+    await bus.nc.flush()
+    try:
+        yield seen
+    finally:
+        if not bus.nc.is_closed:
+            await sub.unsubscribe()
+
+
+async def test_a_non_utf8_subject_reaches_the_subscriber_and_the_connection_keeps_reading(
+    nats_server: EmbeddedNats,
+) -> None:
+    # Given a subscriber on inbound.>, when a raw client publishes a subject that is not
+    # UTF-8 and then a valid one, then both arrive (the bad one with its bytes kept).
+    async with connect(nats_server.url, name="t") as bus, listening(bus, "inbound.>") as seen:
+        await raw_publish(nats_server.url, BAD_SUBJECT)
+        await raw_publish(nats_server.url, b"inbound.whatsapp.default.ok")
+        await wait_until(lambda: len(seen) == 2, 10, "both messages")
+        assert seen[0].encode("utf-8", "surrogateescape") == BAD_SUBJECT
+        assert seen[1] == "inbound.whatsapp.default.ok"
+        assert bus.nc.is_connected
+        assert not bus.lost.is_set()
+
+
+async def test_a_read_loop_that_dies_anyway_is_reported_as_a_lost_connection(
+    nats_server: EmbeddedNats,
+) -> None:
+    # The stock nats-py decoding (strict UTF-8) kills the read loop on such a subject while
+    # the client still says it is connected. The watchdog turns that into a lost connection.
+    async with (
+        connect(nats_server.url, name="t", client_class=WatchedClient) as bus,
+        listening(bus, "inbound.>"),
+    ):
+        await raw_publish(nats_server.url, BAD_SUBJECT)
+        await asyncio.wait_for(bus.lost.wait(), 10)
+        assert "read loop died" in bus.lost_reason
+        with pytest.raises(NatsConnectionLostError, match="closed for good"):
+            await bus.until_lost()
+
+
+async def test_the_core_still_answers_after_a_non_utf8_inbound_subject(bus: Bus) -> None:
+    # Given a core (in this process), when a raw client stores a non-UTF-8 subject on
+    # INBOUND, then a valid message sent after it is still answered, and readers of the
+    # stream (the audit at teardown, projections) skip the bad one instead of hanging.
+    url = bus.nc.connected_url
+    assert url is not None
+    await raw_publish(f"nats://{url.netloc}", BAD_SUBJECT)
+    async with role(bus, "all"), SimUser(bus, "default") as user:
+        await user.send("alice@s.whatsapp.net", "still there?")
+        assert await user.wait_replies(30), "no reply after a non-UTF-8 inbound subject"
+    assert not bus.lost.is_set()
+    skipped = Skipped()
+    subjects = [s.subject async for s in read(bus, "INBOUND", skipped=skipped)]
+    assert skipped.count == 1
+    assert all(s.startswith("inbound.whatsapp.default.") for s in subjects)
+
+
+async def test_a_server_err_that_closes_the_client_for_good_is_reported_with_its_cause(
+    nats_server: EmbeddedNats,
+) -> None:
+    # The issue's case: a subject longer than the server's control line. The server
+    # answers -ERR and nats-py closes the client for good, reconnects or not.
+    async with connect(nats_server.url, name="t") as bus:
+        await bus.nc.publish("too.long." + "x" * 5000, b"")
+        await asyncio.wait_for(bus.lost.wait(), 10)
+        assert "maximum control line exceeded" in bus.lost_reason
+        with pytest.raises(NatsConnectionLostError, match="maximum control line exceeded"):
+            await bus.until_lost()
+
+
+async def test_a_role_on_a_connection_closed_for_good_ends_with_the_cause(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    from services.app import run_role
+    from services.runtime.provisioning import ensure_streams
+    from services.runtime.settings import load_settings
+
+    async with connect(nats_server.url, name="t") as bus:
+        await ensure_streams(bus.js)
+        settings = load_settings({"SVC_DATA_DIR": str(tmp_path)})
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_role(bus, settings, "core", stop))
+        await bus.nc.publish("too.long." + "x" * 5000, b"")
+        with pytest.raises(NatsConnectionLostError, match="closed for good"):
+            await asyncio.wait_for(task, 30)
+
+
+async def test_a_login_refused_on_reconnect_closes_the_connection_for_good(
+    tmp_path: Path,
+) -> None:
+    # Given a client connected to a server without auth
+    conf = tmp_path / "server.conf"
+    conf.write_text("# no auth\n")
+    first = EmbeddedNats(tmp_path / "nats", port=0, extra_args=("-c", str(conf)))
+    await first.start()
+    port = int(first.url.rsplit(":", 1)[1])
+    try:
+        async with connect(first.url, name="t") as bus:
+            # When the server comes back on the same port requiring a login it does not have
+            await first.stop()
+            conf.write_text("authorization { token: other }\n")
+            second = EmbeddedNats(tmp_path / "nats", port=port, extra_args=("-c", str(conf)))
+            async with second:
+                # Then it stops retrying and reports the refusal as a lost connection
+                await asyncio.wait_for(bus.lost.wait(), 20)
+            assert "authorization refused on reconnect" in bus.lost_reason
+    finally:
+        await first.stop()
