@@ -33,7 +33,8 @@ phone_jids = st.builds(
     st.sampled_from(["", ":1", ":42"]),
     st.sampled_from(["s.whatsapp.net", "g.us", "lid", "broadcast"]),
 )
-chats = st.text(min_size=1) | jid_like | phone_jids
+# Valid chats: printable, within the length bound (ADR 0013); the rest is refused below.
+chats = (st.text(min_size=1, max_size=80) | jid_like | phone_jids).filter(str.isprintable)
 accounts = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
 
 
