@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import nats.js.errors
+import pytest
 from opentelemetry import trace
 
 from contracts.codec import decode
+from contracts.errors import InvalidSubjectError
 from contracts.events import DeadLettered, MessageReceived
 from contracts.streams import OUTBOUND
 from services.runtime.bus import Bus
-from services.runtime.consumer import ConsumerLoop, ConsumerSpec, Delivery
-from services.runtime.errors import PermanentError, TransientError
+from services.runtime.consumer import (
+    LETTER_PAYLOAD_LIMIT,
+    ConsumerLoop,
+    ConsumerSpec,
+    Delivery,
+)
+from services.runtime.errors import AbandonError, PermanentError, TransientError
 from services.runtime.telemetry import setup_tracing
 from tests.conftest import read_stream, wait_until
 
@@ -247,3 +257,131 @@ async def test_ordered_by_subject_dead_letters_after_the_last_attempt_with_every
     ((_, letter),) = await read_stream(bus, "DEADLETTER")
     assert isinstance(letter, DeadLettered)
     assert [e.error for e in letter.errors] == ["down #1", "down #2", "down #3"]
+
+
+# --- bad input never stops a consumer (issue 11 items 1, 7, 8, 12, 18) ---------------------
+
+
+async def test_a_dead_letter_hook_that_raises_still_ends_the_message_and_its_chat_flows(
+    bus: Bus,
+) -> None:
+    # Given a hook that cannot record the job (a job whose chat forms no subject)
+    async def hook(d: Delivery, reason: str) -> None:
+        raise InvalidSubjectError("chat JID is empty: pass e.g. 123@s.whatsapp.net")
+
+    seen: list[str] = []
+
+    async def handler(d: Delivery) -> None:
+        text = decode(d.data, MessageReceived).text
+        if text == "poison":
+            raise PermanentError("cannot send")
+        seen.append(text)
+
+    loop = ConsumerLoop(bus, spec(ordered_by_subject=True), handler, on_dead_letter=hook)
+    stop = asyncio.Event()
+    task = asyncio.create_task(loop.run(stop))
+    try:
+        await bus.publish(SUBJECT, event("poison"))
+        await bus.publish(SUBJECT, event("behind"))
+        # Then the poison job is dead-lettered and the job behind it (same chat) handled
+        await wait_until(lambda: seen == ["behind"], what="the job behind the poison one")
+    finally:
+        stop.set()
+        await task
+    ((_, letter),) = await read_stream(bus, "DEADLETTER")
+    assert isinstance(letter, DeadLettered)
+    assert letter.hook_error.startswith("InvalidSubjectError: chat JID is empty")
+    assert await pending(bus) == 0  # nothing held, nothing left in the work queue
+
+
+async def test_a_payload_over_the_letter_limit_is_kept_cut_with_its_size_and_digest(
+    bus: Bus,
+) -> None:
+    garbage = bytes(range(256)) * 2000  # 512,000 bytes, not JSON
+
+    async def handler(d: Delivery) -> None:
+        decode(d.data, MessageReceived)
+
+    async with running(bus, handler) as loop:
+        await bus.publish_bytes(SUBJECT, garbage, msg_id="garbage-1")
+        await wait_until(lambda: loop.dead_lettered == 1, what="dead letter")
+    ((_, letter),) = await read_stream(bus, "DEADLETTER")
+    assert isinstance(letter, DeadLettered)
+    assert letter.payload == garbage[:LETTER_PAYLOAD_LIMIT]
+    assert letter.payload_truncated is True
+    assert letter.payload_size == len(garbage)
+    assert letter.payload_sha256 == hashlib.sha256(garbage).hexdigest()
+    # The letter is stored at about the limit, not 1.33 x the input (base64 of 64 KiB)
+    info = await bus.js.stream_info("DEADLETTER")
+    assert info.state.bytes < 2 * LETTER_PAYLOAD_LIMIT
+
+
+async def test_a_subject_too_long_to_carry_is_dead_lettered_under_invalid_and_the_loop_lives(
+    bus: Bus,
+) -> None:
+    # Given a message whose subject is so long that `deadletter.<subject>` would pass the
+    # server's 4,096-byte control line (which closes the publisher's connection)
+    long_subject = "outbound.whatsapp.acct." + "x" * (4030 - len("outbound.whatsapp.acct."))
+    seen: list[str] = []
+
+    async def handler(d: Delivery) -> None:
+        if d.subject == long_subject:
+            raise InvalidSubjectError("chat token is not an encoded chat JID")
+        seen.append(decode(d.data, MessageReceived).text)
+
+    async with running(bus, handler) as loop:
+        await bus.nc.publish(long_subject, b"{}")  # no reply inbox: fits the control line
+        await bus.publish(SUBJECT, event("after"))
+        await wait_until(lambda: seen == ["after"], what="the message after it")
+        await wait_until(lambda: loop.dead_lettered == 1, what="dead letter")
+    assert bus.nc.is_connected
+    ((subject, letter),) = await read_stream(bus, "DEADLETTER")
+    assert subject == "deadletter._invalid.OUTBOUND"
+    assert isinstance(letter, DeadLettered)
+    assert letter.source_subject.startswith("outbound.whatsapp.acct.xxx")
+    assert len(letter.source_subject) < 300
+    assert letter.source_subject_sha256 == hashlib.sha256(long_subject.encode()).hexdigest()
+
+
+async def test_an_expected_nats_error_logs_one_line_with_the_delay_and_no_traceback(
+    bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = 0
+
+    async def handler(d: Delivery) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # as during a stream leader election
+            raise nats.js.errors.ServiceUnavailableError(code=503, description="no leader")
+
+    caplog.set_level(logging.INFO, logger="services.runtime.consumer")
+    async with running(bus, handler, ordered_by_subject=True) as loop:
+        await bus.publish(SUBJECT, event("x"))
+        await wait_until(lambda: loop.handled == 1, what="handled after the retry")
+    records = [r for r in caplog.records if r.name == "services.runtime.consumer"]
+    assert not [r for r in records if r.exc_info], "a traceback for an expected error"
+    (retry,) = [r for r in records if r.getMessage() == "retrying"]
+    assert retry.delay_s == 0.05  # type: ignore[attr-defined]
+    assert "ServiceUnavailableError" in retry.error  # type: ignore[attr-defined]
+
+
+async def test_ordered_mode_dead_letters_a_message_the_server_delivered_past_the_limit(
+    bus: Bus,
+) -> None:
+    # Given a message that never gets settled: every delivery ends without an outcome
+    # (here handed back; through real processes, test_crash_loop kills the process)
+    deliveries: list[int] = []
+
+    async def handler(d: Delivery) -> None:
+        deliveries.append(d.num_delivered)
+        raise AbandonError("handing it back")
+
+    async with running(bus, handler, ordered_by_subject=True, max_deliveries=3) as loop:
+        await bus.publish(SUBJECT, event("x"))
+        await wait_until(lambda: loop.dead_lettered == 1, what="dead letter", timeout=20)
+    # Then it is dead-lettered on the delivery past the limit, without another attempt
+    assert deliveries == [1, 2, 3]
+    ((_, letter),) = await read_stream(bus, "DEADLETTER")
+    assert isinstance(letter, DeadLettered)
+    assert letter.reason.startswith("delivered 4 times without being settled (limit 3)")
+    assert await pending(bus) == 0
