@@ -139,7 +139,14 @@ SENDS = BucketSpec(
 CHATS = BucketSpec(
     name="chats", description="per-chat turn position and history", max_value_size=262144
 )
-BUCKETS: tuple[BucketSpec, ...] = (LEASES, PRESENCE, SENDS, CHATS)
+# Ordered consumers mark each attempt of a *redelivered* message here before it starts
+# and clear the mark when it ends (key `<stream>.<durable>.<seq>`, value: how many such
+# attempts never ended). A message whose handling kills its process is thus counted and
+# dead-lettered, while messages that only rode along with it (held, handed back) are not.
+ATTEMPTS = BucketSpec(
+    name="attempts", description="unfinished attempts of redelivered messages", max_age_s=DAY
+)
+BUCKETS: tuple[BucketSpec, ...] = (LEASES, PRESENCE, SENDS, CHATS, ATTEMPTS)
 
 # Durable consumer names.
 CORE_CONSUMER = "core"

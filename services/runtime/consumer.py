@@ -31,11 +31,12 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.kv import KeyValue
 
 from contracts import subjects
 from contracts.errors import ContractError
 from contracts.events import AttemptError, DeadLettered
-from contracts.streams import OUTBOUND
+from contracts.streams import ATTEMPTS, OUTBOUND
 from services.runtime.bus import Bus
 from services.runtime.errors import AbandonError, PermanentError, TransientError
 from services.runtime.telemetry import consume_span
@@ -61,11 +62,11 @@ class ConsumerSpec:
     durable: str
     filter_subject: str
     max_deliver: int = 5  # attempts before dead-lettering; -1: unlimited on the server
-    # Ordered mode: server deliveries (num_delivered) before a message is dead-lettered
-    # without another attempt, so one that kills its process each time is not redelivered
-    # forever. Hand-backs (abandon, shutdown) count too, hence a margin over max_deliver.
-    # 0: 4 x max_deliver (at least 4); -1: unlimited.
-    max_deliveries: int = 0
+    # Ordered mode: attempts of a redelivered message that began and never ended (its
+    # process stopped mid-attempt) before it is dead-lettered without another one, so a
+    # message that kills its process is not redelivered forever (the server's
+    # max_deliver is unlimited there). Hand-backs and held waits do not count. -1: off.
+    max_unsettled: int = 3
     ack_wait: float = 30.0
     max_ack_pending: int = 1000
     batch: int = 100
@@ -97,12 +98,11 @@ class ConsumerSpec:
 
     @property
     def delivery_limit(self) -> int:
-        """Server deliveries a message may have before it is dead-lettered; 0: no limit."""
-        if not self.ordered_by_subject:
-            return self.max_deliver if self.max_deliver > 0 else 0
-        if self.max_deliveries:
-            return max(self.max_deliveries, 0)
-        return max(4 * self.max_deliver, 4) if self.max_deliver > 0 else 0
+        """Sequential mode: server deliveries a message may have before it is
+        dead-lettered without another attempt; 0: no limit."""
+        if self.ordered_by_subject:
+            return 0
+        return self.max_deliver if self.max_deliver > 0 else 0
 
     def delay(self, attempt: int) -> float:
         """The wait before retry number `attempt` (1-based)."""
@@ -171,6 +171,10 @@ class ConsumerLoop:
         self.on_dead_letter = on_dead_letter
         self.handled = 0
         self.dead_lettered = 0
+        # Ordered mode: a redelivered message whose earlier attempt never ended runs
+        # alone among such suspects, so innocent ones are not killed with a poison one.
+        self.suspects = asyncio.Lock()
+        self._attempts_kv: KeyValue | None = None
 
     async def ensure(self) -> None:
         """Create or update the durable consumer."""
@@ -296,6 +300,39 @@ class ConsumerLoop:
             f"delivered {d.num_delivered} times without being settled (limit {limit}):"
             " the process handling it stopped or handed it back each time"
         )
+
+    def _mark_key(self, d: Delivery) -> str:
+        return f"{self.spec.stream}.{self.spec.durable}.{d.stream_seq}"
+
+    async def unsettled(self, d: Delivery) -> int:
+        """How many attempts of this redelivered message began and never ended (0 for a
+        first delivery, or when the marks cannot be read: never a reason to stall)."""
+        if d.num_delivered <= 1 or self.spec.max_unsettled < 0:
+            return 0
+        try:
+            if self._attempts_kv is None:
+                self._attempts_kv = await self.bus.js.key_value(ATTEMPTS.name)
+            entry = await self._attempts_kv.get(self._mark_key(d))
+            return int(entry.value or b"0")
+        except (nats.js.errors.KeyNotFoundError, ValueError):
+            return 0
+        except _NATS_TRANSIENT as exc:
+            log.warning("attempt marks unreadable", extra={"error": repr(exc)})
+            return 0
+
+    async def mark(self, d: Delivery, unsettled: int) -> None:
+        """Record, before an attempt of a redelivered message, that one more has begun."""
+        if d.num_delivered <= 1 or self._attempts_kv is None:
+            return
+        with contextlib.suppress(*_NATS_TRANSIENT):
+            await self._attempts_kv.put(self._mark_key(d), str(unsettled + 1).encode())
+
+    async def unmark(self, d: Delivery) -> None:
+        """The attempt ended (settled or handed back): it no longer counts."""
+        if d.num_delivered <= 1 or self._attempts_kv is None:
+            return
+        with contextlib.suppress(*_NATS_TRANSIENT):
+            await self._attempts_kv.purge(self._mark_key(d))
 
     def log_retry(self, d: Delivery, error: str, delay: float) -> None:
         log.warning(
@@ -583,9 +620,30 @@ class _KeyedRun:
             await self.loop.settle(current.nak(delay=self.spec.delay(d.attempt)))
 
     async def _attempts(self, d: Delivery, msg: Msg) -> None:
-        if reason := self.loop.crash_looped(d):
-            await self.loop.dead_letter(d, reason)
+        unsettled = await self.loop.unsettled(d)
+        if not unsettled:
+            await self._attempt_until_settled(d, msg, 0)
             return
+        # A suspect: an earlier attempt stopped its process. Suspects run one at a time.
+        async with self.loop.suspects:
+            await self._attempt_until_settled(d, msg, unsettled)
+
+    async def _attempt_until_settled(self, d: Delivery, msg: Msg, unsettled: int) -> None:
+        limit = self.spec.max_unsettled
+        if limit >= 0 and unsettled >= limit:
+            d.msg = self.held.get(d.stream_seq, msg)
+            await self.loop.dead_letter(
+                d,
+                f"delivered {d.num_delivered} times; {unsettled} attempts never ended"
+                f" (limit {limit}): handling it stops the process",
+            )
+            await self.loop.unmark(d)
+            return
+        await self.loop.mark(d, unsettled)
+        await self._attempt_loop(d, msg)
+        await self.loop.unmark(d)
+
+    async def _attempt_loop(self, d: Delivery, msg: Msg) -> None:
         while True:
             outcome = await self.loop.attempt(d)
             current = self.held.get(d.stream_seq, msg)

@@ -4,7 +4,12 @@ traffic sent afterwards is answered."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -15,6 +20,7 @@ from contracts.payloads import SimInbound
 from services.ops.simclient import SimUser
 from services.runtime.bus import Bus
 from tests.conftest import Processes, read_stream, wait_until
+from tests.core.test_openai import completion
 from tests.e2e.conftest import SimNetwork, holder_of
 
 pytestmark = pytest.mark.slow
@@ -163,3 +169,101 @@ async def test_an_inbound_message_naming_another_chat_is_dead_lettered_by_both_c
         "deadletter._invalid.INBOUND",
     }
     assert _all_alive(cores)
+
+
+class CrashingModel:
+    """A stand-in OpenAI endpoint: answers every prompt, except that a prompt holding
+    CRASH makes it SIGKILL the core process that asked (the message is then in hand)."""
+
+    def __init__(self) -> None:
+        self.core_pid = 0
+        self.crashes = 0
+        model = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                text = str(body["messages"][-1]["content"])
+                if "CRASH" in text:
+                    model.crashes += 1
+                    os.kill(model.core_pid, signal.SIGKILL)
+                    return
+                data = json.dumps(completion(f"ok: {text}")).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> CrashingModel:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+async def test_a_message_that_kills_the_core_each_time_is_dead_lettered_across_restarts(
+    processes: Processes, served: tuple[str, Bus]
+) -> None:
+    url, bus = served
+    processes.start("run", "whatsapp", NATS_URL=url)
+    with CrashingModel() as model:
+        env = {
+            "NATS_URL": url,
+            "SVC_LLM": "openai",
+            "OPENAI_BASE_URL": model.url,
+            "OPENAI_API_KEY": "test-key",
+            "NO_PROXY": "127.0.0.1,localhost",
+            "HTTP_PROXY": "",
+            "http_proxy": "",
+        }
+        core = processes.start("run", "core", **env)
+        model.core_pid = core.pid
+        await wait_until(
+            lambda: _ready(bus, ("SIM", "sim-in-default"), ("INBOUND", "core")),
+            timeout=60,
+            what="an owner and the core",
+        )
+        async with SimUser(bus, ACCOUNT) as user:
+            # Given a message that kills the core process each time it is in hand, and
+            # messages behind it on its chat and on another chat
+            await user.send(VICTIM, "CRASH please")
+            await user.send(VICTIM, "behind it")
+            await user.send(ATTACKER, "another chat")
+            # When a supervisor restarts the core after every crash
+            restarts = 0
+            while not await _letters(bus):
+                if core.poll() is not None:
+                    assert restarts < 8, "the crashing message was redelivered forever"
+                    processes.stop(core)
+                    core = processes.start("run", "core", **env)
+                    model.core_pid = core.pid
+                    restarts += 1
+                await wait_until(
+                    lambda proc=core: proc.poll() is not None or _letters(bus),
+                    timeout=60,
+                    what="a crash or a dead letter",
+                )
+            # Then it is dead-lettered after the delivery limit, and the rest answered
+            await wait_until(
+                lambda: len([e for e in user.exchanges.values() if e.reply]) == 2,
+                timeout=60,
+                what="the messages behind the crashing one answered",
+            )
+    ((_, letter),) = await _letters(bus)
+    assert letter.source_stream == "INBOUND"
+    # The first crash is not counted (no mark is written for a first delivery): 4 crashes
+    assert letter.reason.startswith("delivered 5 times; 3 attempts never ended (limit 3)")
+    assert model.crashes == 4
+    replies = {e.text: e.reply.text for e in user.exchanges.values() if e.reply}
+    assert replies == {"behind it": "ok: behind it", "another chat": "ok: another chat"}
