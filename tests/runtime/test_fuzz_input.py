@@ -9,7 +9,7 @@ import itertools
 from collections.abc import AsyncIterator
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from contracts import subjects
@@ -52,9 +52,13 @@ subject = st.one_of(
     st.just(subjects.sim_control(ACCOUNT)),
 ).filter(lambda s: len(s.encode()) <= 4000)  # our own PUB line must fit the server's 4,096
 long_jid = "1" * 4000 + "@s.whatsapp.net"
+LONG_JID_MESSAGE = encode(
+    SimInbound(chat=long_jid, sender="s@s.whatsapp.net", text="x", message_id="m")
+)
+NO_CHAT_JOB = encode(SendMessage(id="j", job_id="j", account="acct2", chat="", text="x"))
 crafted = st.sampled_from(
     [
-        encode(SimInbound(chat=long_jid, sender="s@s.whatsapp.net", text="x", message_id="m")),
+        LONG_JID_MESSAGE,
         encode(SimInbound(chat="c@s.whatsapp.net", sender="s\x00", text="x", message_id="m")),
         encode(SimInbound(chat="", sender="", text="", message_id="")),
         encode(
@@ -62,7 +66,7 @@ crafted = st.sampled_from(
                 account="other", chat="a@s.whatsapp.net", sender="a", message_id="m", text="x"
             )
         ),
-        encode(SendMessage(id="j", job_id="j", account="acct2", chat="", text="x")),
+        NO_CHAT_JOB,
         encode(SendMessage(id="j.k", job_id="j.k", account=ACCOUNT, chat="x", text="x")),
         b'{"type":"MessageReceived"}',
         b"",
@@ -115,6 +119,10 @@ _chats = itertools.count()
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(batch=batch)
+# The cases issue 11 found, always run: a 4,000-character chat id through the sim, and a
+# job with no chat and another account on this account's queue.
+@example(batch=[(subjects.sim_in(ACCOUNT), LONG_JID_MESSAGE, {})])
+@example(batch=[("outbound.whatsapp.default.x", NO_CHAT_JOB, {"X-A": "1"})])
 async def test_garbage_on_every_consumed_subject_never_stops_the_system(
     system: Bus, batch: list[tuple[str, bytes, dict[str, str]]]
 ) -> None:
