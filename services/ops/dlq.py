@@ -103,8 +103,9 @@ def resolve(found: dict[int, Letter], ref: str | int) -> int:
     if len(matches) == 1:
         return matches[0]
     if not matches:
+        where = f"at sequence {text} and none" if text.isdigit() else "and none at a sequence"
         raise ServiceError(
-            f"no dead letter at sequence or with a job id starting {text!r}: see 'svc dlq ls --all'"
+            f"no dead letter {where} with a job id starting {text!r}: see 'svc dlq ls --all'"
         )
     shown = ", ".join(map(str, matches[:5])) + (", ..." if len(matches) > 5 else "")
     raise ServiceError(

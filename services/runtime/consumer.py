@@ -607,17 +607,27 @@ class _KeyedRun:
         d = _delivery(msg)
         d.attempt = 1  # in-place attempts; server deliveries are limited by crash_looped
         d.overtaken = lambda: len(queue) > 1 and queue[1] < d.stream_seq
-        try:
-            await self._attempts(d, msg)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception(
-                "message handling failed; handing it back",
-                extra={"consumer": self.spec.durable, "seq": d.stream_seq},
-            )
-            current = self.held.get(d.stream_seq, msg)
-            await self.loop.settle(current.nak(delay=self.spec.delay(d.attempt)))
+        failures = 0
+        while True:
+            try:
+                await self._attempts(d, msg)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # In place, like a retry, so nothing of its subject overtakes it.
+                failures += 1
+                log.exception(
+                    "message handling failed",
+                    extra={"consumer": self.spec.durable, "seq": d.stream_seq},
+                )
+                d.msg = self.held.get(d.stream_seq, msg)
+                if failures >= max(self.spec.max_deliver, 1) or await _wait(
+                    self.stop, self.spec.delay(failures)
+                ):
+                    error = f"{type(exc).__name__}: {exc}"
+                    await self.loop.dead_letter(d, f"internal error: {error}", gave_up=failures)
+                    return
 
     async def _attempts(self, d: Delivery, msg: Msg) -> None:
         unsettled = await self.loop.unsettled(d)

@@ -8,6 +8,7 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import nats.js.errors
 import pytest
@@ -394,3 +395,35 @@ async def _keys(kv: KeyValue) -> AsyncIterator[str]:
     with contextlib.suppress(nats.js.errors.NoKeysError):
         for key in await kv.keys():
             yield key
+
+
+async def test_an_exception_escaping_an_ordered_worker_hands_its_message_back(bus: Bus) -> None:
+    # Given a loop whose own machinery fails once outside the handler (a bug)
+    class Buggy(ConsumerLoop):
+        failures = 1
+
+        async def attempt(self, d: Delivery) -> Any:
+            if self.failures:
+                self.failures -= 1
+                raise RuntimeError("bug in the loop")
+            return await super().attempt(d)
+
+    seen: list[str] = []
+
+    async def handler(d: Delivery) -> None:
+        seen.append(decode(d.data, MessageReceived).text)
+
+    loop = Buggy(bus, spec(ordered_by_subject=True), handler)
+    stop = asyncio.Event()
+    task = asyncio.create_task(loop.run(stop))
+    try:
+        await bus.publish(SUBJECT, event("first"))
+        # Then the message is not left held (kept alive by the heartbeat) forever: it is
+        # tried again in place and handled, and its subject keeps flowing in order
+        await wait_until(lambda: seen == ["first"], what="the message handled")
+        await bus.publish(SUBJECT, event("second"))
+        await wait_until(lambda: seen == ["first", "second"], what="both handled")
+    finally:
+        stop.set()
+        await task
+    assert await pending(bus) == 0
