@@ -229,6 +229,13 @@ class DeadLettered(Event, frozen=True, kw_only=True):
     headers: dict[str, str] = msgspec.field(default_factory=dict)
     job_id: str | None = None
     source_msg_id: str = ""
+    # Bounds (ADR 0013): a payload over the letter's limit is kept cut, with the original's
+    # size and sha256; a subject that cannot be carried is kept cut, with its sha256.
+    payload_truncated: bool = False
+    payload_size: int = 0  # the original payload's size in bytes (0: not recorded)
+    payload_sha256: str = ""
+    source_subject_sha256: str = ""  # set when `source_subject` is not the whole subject
+    hook_error: str = ""  # the dead-letter hook's own failure, recorded instead of raised
 
 
 class DeadLetterRequeued(Event, frozen=True, kw_only=True):

@@ -9,6 +9,7 @@ import msgspec
 from contracts.subjects import check_account, check_channel, subject_matches
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 DAY = 86_400.0
 
 
@@ -32,6 +33,9 @@ class StreamSpec(msgspec.Struct, frozen=True, kw_only=True):
     # default 1 MiB max_payload. WhatsApp text tops out at 65,536 characters.
     max_msg_size: int = 512 * 1024
     duplicate_window_s: float = 120.0
+    # Storage bounds (0: unlimited). Over them the server discards the oldest messages.
+    max_bytes: int = 0
+    max_msgs_per_subject: int = 0
 
 
 class BucketSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,6 +74,11 @@ DEADLETTER = StreamSpec(
     subjects=("deadletter.>",),
     description="Messages that could not be processed, with every attempt's error",
     max_msg_size=1 * MiB,
+    # Bounded (ADR 0013): a letter keeps at most 64 KiB of its payload, and the stream
+    # keeps 30 days / 1 GiB of letters, dropping the oldest beyond that. `svc dlq ls` and
+    # `svc status` say when letters were dropped (the first sequence is then above 1).
+    max_age_s=30 * DAY,
+    max_bytes=1 * GiB,
 )
 PLUGINS = StreamSpec(
     name="PLUGINS",
@@ -88,6 +97,12 @@ SIM = StreamSpec(
     subjects=("sim.whatsapp.*.in",),
     retention=Retention.WORKQUEUE,
     description="sim transport: user messages waiting for the account's owner",
+    # Bounded (ADR 0013): what waits for an account no worker owns (or whose token no
+    # worker can ever own) is kept 7 days and at most 10,000 messages per account, the
+    # oldest dropped first -- like WhatsApp's own offline queue, which also expires.
+    max_age_s=7 * DAY,
+    max_msgs_per_subject=10_000,
+    max_bytes=1 * GiB,
 )
 SIM_OUT = StreamSpec(
     name="SIM_OUT",
@@ -124,7 +139,14 @@ SENDS = BucketSpec(
 CHATS = BucketSpec(
     name="chats", description="per-chat turn position and history", max_value_size=262144
 )
-BUCKETS: tuple[BucketSpec, ...] = (LEASES, PRESENCE, SENDS, CHATS)
+# Ordered consumers mark each attempt of a *redelivered* message here before it starts
+# and clear the mark when it ends (key `<stream>.<durable>.<seq>`, value: how many such
+# attempts never ended). A message whose handling kills its process is thus counted and
+# dead-lettered, while messages that only rode along with it (held, handed back) are not.
+ATTEMPTS = BucketSpec(
+    name="attempts", description="unfinished attempts of redelivered messages", max_age_s=DAY
+)
+BUCKETS: tuple[BucketSpec, ...] = (LEASES, PRESENCE, SENDS, CHATS, ATTEMPTS)
 
 # Durable consumer names.
 CORE_CONSUMER = "core"

@@ -24,24 +24,81 @@ _TOKEN_RE = re.compile(r"(?:[A-Za-z0-9@\-_:+=!]|~[0-9A-F]{2})+")
 
 Kind = Literal["inbound", "agent", "outbound", "delivery"]
 
+# Input bounds (ADR 0013). nats-server closes a connection whose control line (`PUB
+# <subject> <reply> <size>`) passes 4,096 bytes, so every id that ends up in a subject is
+# bounded where it enters. Real JIDs are short (`123@s.whatsapp.net`, `1203-4567@g.us`,
+# `123456789012345@lid`, `1203@newsletter`): 256 characters leaves a wide margin.
+MAX_JID_CHARS = 256
+# The encoded chat token (a non-ASCII character costs up to 12 bytes, `~XX` per byte).
+MAX_CHAT_TOKEN_BYTES = 1024
+# Sender JIDs and transport message ids are not in subjects but are stored and logged.
+MAX_ID_CHARS = 256
+# The longest subject a dead letter may carry as `deadletter.<subject>`: every derived
+# chat subject is under 1,200 bytes (`deadletter.delivery.whatsapp.<64>.<1024>`).
+MAX_SUBJECT_BYTES = 1536
+# What a message shows of a bad id: enough to recognise it, never a 4,000-char line.
+_SHOWN = 40
+
+
+def shown(value: str, limit: int = _SHOWN) -> str:
+    """`value` for an error line: repr, cut to `limit` characters with its length."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} chars)"
+
+
+def _check_text_id(what: str, value: str, limit: int, example: str) -> str:
+    """Refuse an empty, too long, non-printable or not-encodable id (one line)."""
+    if not value:
+        raise InvalidSubjectError(f"{what} is empty: pass e.g. {example}")
+    if len(value) > limit:
+        raise InvalidSubjectError(
+            f"{what} {shown(value)} is too long: at most {limit} characters, e.g. {example}"
+        )
+    if not value.isprintable():  # control, format, separator or unassigned characters
+        raise InvalidSubjectError(
+            f"{what} {shown(value)} holds control characters: pass e.g. {example}"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidSubjectError(f"{what} {shown(value)} is not valid UTF-8") from None
+    return value
+
+
+def check_jid(jid: str, what: str = "chat JID") -> str:
+    """Return `jid` if it can be a WhatsApp JID within the bounds, else raise."""
+    return _check_text_id(what, jid, MAX_JID_CHARS, "123@s.whatsapp.net")
+
+
+def check_message_id(message_id: str) -> str:
+    """Return a transport message id if it is within the bounds, else raise."""
+    return _check_text_id("message id", message_id, MAX_ID_CHARS, "3EB0C431C2A1")
+
 
 def encode_chat(jid: str) -> str:
-    """Encode a chat JID as one subject token (reversible, deterministic)."""
-    if not jid:
-        raise InvalidSubjectError("chat JID is empty: pass the chat's JID, e.g. 123@s.whatsapp.net")
+    """Encode a chat JID as one subject token (reversible, deterministic); raise
+    InvalidSubjectError for a JID outside the bounds (length, characters, encoding)."""
+    check_jid(jid)
     out: list[str] = []
     for ch in jid:
         if ch in _SAFE:
             out.append(ch)
         else:
-            out.extend(f"{_ESCAPE}{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
-    return "".join(out)
+            out.extend(f"{_ESCAPE}{b:02X}" for b in ch.encode("utf-8"))
+    token = "".join(out)
+    if len(token) > MAX_CHAT_TOKEN_BYTES:
+        raise InvalidSubjectError(
+            f"chat JID {shown(jid)} encodes to {len(token)} bytes, over {MAX_CHAT_TOKEN_BYTES}:"
+            " use a real JID, e.g. 123@s.whatsapp.net"
+        )
+    return token
 
 
 def decode_chat(token: str) -> str:
     """Invert `encode_chat`; raise InvalidSubjectError for a token it could not produce."""
-    if not _TOKEN_RE.fullmatch(token):
-        raise InvalidSubjectError(f"chat token {token!r} is not an encoded chat JID")
+    if len(token) > MAX_CHAT_TOKEN_BYTES or not _TOKEN_RE.fullmatch(token):
+        raise InvalidSubjectError(f"chat token {shown(token)} is not an encoded chat JID")
     raw = bytearray()
     i = 0
     while i < len(token):
@@ -52,18 +109,20 @@ def decode_chat(token: str) -> str:
             raw.extend(token[i].encode())
             i += 1
     try:
-        jid = raw.decode("utf-8", "surrogatepass")
+        jid = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise InvalidSubjectError(f"chat token {token!r} is not valid UTF-8") from None
+        raise InvalidSubjectError(f"chat token {shown(token)} is not valid UTF-8") from None
     if encode_chat(jid) != token:  # only the canonical form is accepted (e.g. no escaped 'a')
-        raise InvalidSubjectError(f"chat token {token!r} is not in canonical form")
+        raise InvalidSubjectError(f"chat token {shown(token)} is not in canonical form")
     return jid
 
 
 def check_account(account: str) -> str:
     """Return `account` if it matches the account grammar, else raise."""
     if not _ACCOUNT_RE.fullmatch(account):
-        raise InvalidSubjectError(f"account {account!r} is invalid: use 1-64 of A-Z a-z 0-9 _ -")
+        raise InvalidSubjectError(
+            f"account {shown(account)} is invalid: use 1-64 of A-Z a-z 0-9 _ -"
+        )
     return account
 
 
@@ -71,7 +130,7 @@ def check_channel(channel: str) -> str:
     """Return `channel` if it is a known channel, else raise."""
     if channel not in CHANNELS:
         raise InvalidSubjectError(
-            f"channel {channel!r} is unknown: expected one of {', '.join(sorted(CHANNELS))}"
+            f"channel {shown(channel)} is unknown: expected one of {', '.join(sorted(CHANNELS))}"
         )
     return channel
 
@@ -110,9 +169,24 @@ def accounts(channel: str, account: str) -> str:
     return f"accounts.{check_channel(channel)}.{check_account(account)}"
 
 
-def deadletter(source_subject: str) -> str:
-    """`deadletter.<original subject>`: dead letters keep where they came from."""
-    return f"deadletter.{source_subject}"
+_SAFE_SUBJECT_RE = re.compile(r"[A-Za-z0-9@\-_:+=!~$]+(?:\.[A-Za-z0-9@\-_:+=!~$]+)*")
+DEADLETTER_INVALID = "deadletter._invalid"
+
+
+def carriable(subject: str) -> bool:
+    """True if `subject` can be carried inside another subject: printable ASCII tokens of
+    the subject grammar, no wildcards, within MAX_SUBJECT_BYTES."""
+    return len(subject) <= MAX_SUBJECT_BYTES and _SAFE_SUBJECT_RE.fullmatch(subject) is not None
+
+
+def deadletter(source_subject: str, source_stream: str = "") -> str:
+    """`deadletter.<original subject>`: dead letters keep where they came from. A subject
+    that cannot be carried (too long, not UTF-8, outside the grammar) is filed under
+    `deadletter._invalid.<stream>`; the letter keeps it (cut, with its digest)."""
+    if carriable(source_subject):
+        return f"deadletter.{source_subject}"
+    stream = source_stream if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", source_stream) else "_"
+    return f"{DEADLETTER_INVALID}.{stream}"
 
 
 _PLUGIN_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -157,11 +231,18 @@ def lease_handover(channel: str, account: str) -> str:
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
+def check_job_id(job_id: str) -> str:
+    """Return `job_id` if it matches the job id grammar, else raise."""
+    if not _JOB_ID_RE.fullmatch(job_id):
+        raise InvalidSubjectError(
+            f"job id {shown(job_id)} is invalid: use 1-128 of A-Z a-z 0-9 _ -"
+        )
+    return job_id
+
+
 def send_key(account: str, job_id: str) -> str:
     """Key of a job's SendRecord in the `sends` bucket."""
-    if not _JOB_ID_RE.fullmatch(job_id):
-        raise InvalidSubjectError(f"job id {job_id!r} is invalid: use 1-128 of A-Z a-z 0-9 _ -")
-    return f"{check_account(account)}.{job_id}"
+    return f"{check_account(account)}.{check_job_id(job_id)}"
 
 
 def chat_key(channel: str, account: str, chat: str) -> str:
@@ -222,8 +303,23 @@ def parse_chat_subject(subject: str) -> ChatSubject:
     parts = subject.split(".")
     if len(parts) != 4 or parts[0] not in ("inbound", "agent", "outbound", "delivery"):
         raise InvalidSubjectError(
-            f"subject {subject!r} is not"
+            f"subject {shown(subject, 80)} is not"
             " <inbound|agent|outbound|delivery>.<channel>.<account>.<chat>"
         )
     kind, channel, account, token = parts
     return ChatSubject(kind, check_channel(channel), check_account(account), decode_chat(token))
+
+
+def check_agrees(subject: str, kind: str, channel: str, account: str, chat: str) -> ChatSubject:
+    """The one subject/payload cross-check (ADR 0013): the chat subject a message came on
+    must name the channel, account and chat its payload names; raise otherwise."""
+    where = parse_chat_subject(subject)
+    if where.kind != kind:
+        raise InvalidSubjectError(f"subject {shown(subject, 80)} is not an {kind} subject")
+    said = (channel, account, chat)
+    if (where.channel, where.account, where.chat) != said:
+        raise InvalidSubjectError(
+            f"subject and payload disagree: the subject names {where.channel}/{where.account}/"
+            f"{shown(where.chat)}, the payload {shown(channel)}/{shown(account)}/{shown(chat)}"
+        )
+    return where

@@ -320,19 +320,22 @@ def dlq_ls(
     as_json: JsonOpt = False,
 ) -> None:
     """List dead letters (open ones unless --all): sequence, age, source, job, reason."""
-    from services.ops.dlq import letters
+    from services.ops.dlq import dropped, letters
 
     settings = _settings(quiet=True)
 
-    async def main() -> list[dict[str, Any]]:
+    async def main() -> tuple[list[dict[str, Any]], int]:
         async with _connect(settings, "svc-dlq") as bus:
             found = await letters(bus)
-        return [x.summary() for x in found.values() if show_all or x.state == "open"]
+            gone = await dropped(bus)
+        return [x.summary() for x in found.values() if show_all or x.state == "open"], gone
 
-    rows = _run(main)
+    rows, gone = _run(main)
     if as_json:
         typer.echo(msgspec.json.encode(rows).decode())
         return
+    if gone:  # the stream's limits (max age / bytes) discarded the oldest letters
+        typer.echo(f"{gone} older dead letters were dropped by the DEADLETTER limits")
     if not rows:
         typer.echo("no dead letters" if show_all else "no open dead letters")
         return
@@ -345,8 +348,11 @@ def dlq_ls(
         typer.echo(f"{'':>6}  {job}{r['reason']}")
 
 
+_LETTER_HELP = "The dead letter's sequence, or a unique prefix of its job id."
+
+
 @dlq_app.command("show")
-def dlq_show(seq: Annotated[int, typer.Argument(help="The dead letter's sequence.")]) -> None:
+def dlq_show(seq: Annotated[str, typer.Argument(help=_LETTER_HELP)]) -> None:
     """Print one dead letter: payload, every attempt's error, actions taken (JSON)."""
     from services.ops.dlq import details, one
 
@@ -361,7 +367,7 @@ def dlq_show(seq: Annotated[int, typer.Argument(help="The dead letter's sequence
 
 @dlq_app.command("requeue")
 def dlq_requeue(
-    seq: Annotated[int, typer.Argument(help="The dead letter's sequence.")],
+    seq: Annotated[str, typer.Argument(help=_LETTER_HELP)],
     reason: Annotated[str, typer.Option(help="Why (recorded).")] = "",
     force: Annotated[bool, typer.Option(help="Requeue even if already handled.")] = False,
 ) -> None:
@@ -381,7 +387,7 @@ def dlq_requeue(
 
 @dlq_app.command("drop")
 def dlq_drop(
-    seq: Annotated[int, typer.Argument(help="The dead letter's sequence.")],
+    seq: Annotated[str, typer.Argument(help=_LETTER_HELP)],
     reason: Annotated[str, typer.Option(help="Why (required, recorded with who).")],
 ) -> None:
     """Discard a dead letter, recording who and why."""
@@ -391,12 +397,11 @@ def dlq_drop(
 
     settings = _settings(quiet=True)
 
-    async def main() -> None:
+    async def main() -> int:
         async with _connect(settings, "svc-dlq") as bus:
-            await drop(bus, seq, actor=getpass.getuser(), reason=reason)
+            return await drop(bus, seq, actor=getpass.getuser(), reason=reason)
 
-    _run(main)
-    typer.echo(f"dropped dead letter {seq}")
+    typer.echo(f"dropped dead letter {_run(main)}")
 
 
 ChannelOpt = Annotated[

@@ -61,6 +61,14 @@ def core_consumer_spec(settings: CoreSettings) -> ConsumerSpec:
     )
 
 
+def check_inbound(subject: str, inbound: MessageReceived) -> None:
+    """Refuse an inbound message whose payload names another channel, account or chat
+    than its subject (its history would go to that chat), or whose ids are out of bounds."""
+    subjects.check_agrees(subject, "inbound", inbound.channel, inbound.account, inbound.chat)
+    subjects.check_jid(inbound.sender, "sender JID")
+    subjects.check_message_id(inbound.message_id)
+
+
 class CoreWorker:
     """Turns MessageReceived into TurnCompleted/TurnFailed plus SendMessage jobs."""
 
@@ -98,7 +106,10 @@ class CoreWorker:
             log.info("already settled", extra={"seq": d.stream_seq, "subject": d.subject})
             return
         state, revision = mine
-        inbound = decode(d.data, MessageReceived)  # malformed: dead letter (the hook settles it)
+        # Checked in its turn (a dead letter gives the chat's turn to the next message):
+        # malformed, ids out of bounds, or a payload naming another chat than the subject.
+        inbound = decode(d.data, MessageReceived)
+        check_inbound(d.subject, inbound)
         output, entries = await self._turn(inbound, state, d)
         for job in output.jobs:
             await self.bus.publish(subjects.outbound(job.channel, job.account, job.chat), job)

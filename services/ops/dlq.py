@@ -39,8 +39,15 @@ class Letter:
             return "open"
         return "requeued" if isinstance(self.actions[-1], DeadLetterRequeued) else "dropped"
 
+    @property
+    def cause(self) -> str:
+        """What went wrong: the last attempt's error (a letter's reason may only say that
+        it gave up), else the reason."""
+        errors = self.letter.errors
+        return errors[-1].error if errors and errors[-1].error else self.letter.reason
+
     def summary(self) -> dict[str, Any]:
-        """The row `svc dlq ls` prints."""
+        """The row `svc dlq ls` prints: the cause, with the attempt count beside it."""
         return {
             "seq": self.seq,
             "at": self.letter.at.isoformat(timespec="seconds"),
@@ -48,7 +55,9 @@ class Letter:
             "source": self.letter.source_subject,
             "job_id": self.letter.job_id,
             "attempts": len(self.letter.errors),
-            "reason": self.letter.reason,
+            "reason": self.cause,
+            "letter_reason": self.letter.reason,
+            "payload_truncated": self.letter.payload_truncated,
         }
 
 
@@ -69,12 +78,46 @@ async def letters(bus: Bus) -> dict[int, Letter]:
     return found
 
 
-async def one(bus: Bus, seq: int) -> Letter:
-    """The dead letter at `seq`, or a clear error."""
-    found = (await letters(bus)).get(seq)
-    if found is None:
-        raise ServiceError(f"no dead letter at sequence {seq}: see 'svc dlq ls --all'")
-    return found
+async def dropped(bus: Bus) -> int:
+    """How many DEADLETTER messages the stream's limits (max age / bytes) discarded: the
+    stream starts at sequence 1, so a first sequence above 1 means the oldest are gone."""
+    state = (await bus.js.stream_info(DEADLETTER.name)).state
+    if state.messages == 0:
+        return max(int(state.last_seq or 0), 0)
+    return max(int(state.first_seq or 1) - 1, 0)
+
+
+def resolve(found: dict[int, Letter], ref: str | int) -> int:
+    """The sequence of the letter `ref` names: its sequence number, or a unique prefix of
+    its job id (or of its letter id). ServiceError, in one line, when none or several do."""
+    text = str(ref).strip()
+    if text.isdigit() and int(text) in found:
+        return int(text)
+    if not text:
+        raise ServiceError("name a dead letter: its sequence or a prefix of its job id")
+    matches = sorted(
+        seq
+        for seq, letter in found.items()
+        if (letter.letter.job_id or "").startswith(text) or letter.letter.id.startswith(text)
+    )
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        where = f"at sequence {text} and none" if text.isdigit() else "and none at a sequence"
+        raise ServiceError(
+            f"no dead letter {where} with a job id starting {text!r}: see 'svc dlq ls --all'"
+        )
+    shown = ", ".join(map(str, matches[:5])) + (", ..." if len(matches) > 5 else "")
+    raise ServiceError(
+        f"{text!r} matches {len(matches)} dead letters (sequences {shown}):"
+        " give more of the job id, or the sequence"
+    )
+
+
+async def one(bus: Bus, ref: str | int) -> Letter:
+    """The dead letter `ref` names (sequence or job id prefix), or a clear error."""
+    found = await letters(bus)
+    return found[resolve(found, ref)]
 
 
 def details(letter: Letter) -> dict[str, Any]:
@@ -90,9 +133,20 @@ def details(letter: Letter) -> dict[str, Any]:
     return doc
 
 
-async def requeue(bus: Bus, seq: int, *, actor: str, reason: str, force: bool = False) -> str:
+async def requeue(bus: Bus, ref: str | int, *, actor: str, reason: str, force: bool = False) -> str:
     """Send a dead letter back; an OUTBOUND job gets a new job id linked to the original."""
-    letter = await one(bus, seq)
+    letter = await one(bus, ref)
+    seq = letter.seq
+    if letter.letter.payload_truncated:
+        raise ServiceError(
+            f"dead letter {seq} keeps only part of its payload"
+            f" ({letter.letter.payload_size} bytes, cut): it cannot be sent back; drop it"
+        )
+    if letter.letter.source_subject_sha256:
+        raise ServiceError(
+            f"dead letter {seq} came on a subject that cannot be carried"
+            " (too long or not UTF-8): it cannot be sent back; drop it"
+        )
     if letter.state != "open" and not force:
         raise ServiceError(
             f"dead letter {seq} is already {letter.state}; add --force to requeue again"
@@ -137,12 +191,14 @@ async def requeue(bus: Bus, seq: int, *, actor: str, reason: str, force: bool = 
     return target
 
 
-async def drop(bus: Bus, seq: int, *, actor: str, reason: str) -> None:
-    """Discard a dead letter, recording who and why."""
-    letter = await one(bus, seq)
+async def drop(bus: Bus, ref: str | int, *, actor: str, reason: str) -> int:
+    """Discard a dead letter, recording who and why; its sequence."""
+    letter = await one(bus, ref)
+    seq = letter.seq
     if letter.state != "open":
         raise ServiceError(f"dead letter {seq} is already {letter.state}")
     await bus.publish(
         subjects.DEADLETTER_OPS_SUBJECT,
         DeadLetterDropped(letter_seq=seq, letter_id=letter.letter.id, actor=actor, reason=reason),
     )
+    return seq

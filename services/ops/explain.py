@@ -5,6 +5,7 @@ and hand the decoded events to `projections.transcript` to assemble and format."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import msgspec
@@ -202,6 +203,39 @@ def _turn_of(found: list[Found], job_id: str) -> Found | None:
     )
 
 
+async def resolve_job_id(bus: Bus, ref: str) -> str:
+    """`ref` if a stream knows that job id, else the one job id it is a prefix of (job ids
+    are 32 characters; operators abbreviate them). ServiceError, in one line, when the
+    prefix names several jobs; `ref` itself when it names none (explain then says so)."""
+    subjects.check_job_id(ref)
+    delivery, dead, turns = await asyncio.gather(
+        _events(bus, DELIVERY.name, contains=ref),
+        _events(bus, DEADLETTER.name, contains=ref),
+        _events(bus, AGENT.name, contains=ref),
+    )
+    found: set[str] = set()
+    for _, _, event in [*delivery, *dead, *turns]:
+        if isinstance(event, DeliveryEvent | DeadLettered) and event.job_id:
+            found.add(event.job_id)
+        elif isinstance(event, DeadLetterRequeued) and event.new_job_id:
+            found.add(event.new_job_id)
+        elif isinstance(event, TurnCompleted | TurnFailed):
+            found.update(event.reply_ids)
+    async for stored in queued(bus, OUTBOUND.name, subject="outbound.>"):
+        if ref.encode() in stored.data:
+            with contextlib.suppress(ContractError):
+                found.add(decode(stored.data, SendMessage).job_id)
+    matches = sorted(j for j in found if j.startswith(ref))
+    if ref in matches or not matches:
+        return ref
+    if len(matches) == 1:
+        return matches[0]
+    raise ServiceError(
+        f"job id prefix {ref!r} matches {len(matches)} jobs ({', '.join(matches[:3])}"
+        f"{', ...' if len(matches) > 3 else ''}): give more characters"
+    )
+
+
 async def explain(
     bus: Bus,
     job_id: str,
@@ -209,8 +243,11 @@ async def explain(
     plugin_manifests: dict[str, PluginManifest] | None = None,
     _depth: int = 0,
 ) -> tr.Chain:
-    """The causal chain of one outbound job; ServiceError if no stream knows it."""
+    """The causal chain of one outbound job (its id, or a unique prefix of it);
+    ServiceError if no stream knows it."""
     subjects.send_key("x", job_id)  # the job id grammar (InvalidSubjectError otherwise)
+    if _depth == 0:
+        job_id = await resolve_job_id(bus, job_id)
     delivery_found, dead_found = await asyncio.gather(
         _events(bus, DELIVERY.name, contains=job_id), _events(bus, DEADLETTER.name)
     )

@@ -20,20 +20,23 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.kv import KeyValue
 
 from contracts import subjects
 from contracts.errors import ContractError
 from contracts.events import AttemptError, DeadLettered
-from contracts.streams import OUTBOUND
+from contracts.streams import ATTEMPTS, OUTBOUND
 from services.runtime.bus import Bus
 from services.runtime.errors import AbandonError, PermanentError, TransientError
 from services.runtime.telemetry import consume_span
@@ -41,6 +44,14 @@ from services.runtime.telemetry import consume_span
 log = logging.getLogger(__name__)
 
 _NATS_TRANSIENT = (nats.errors.Error, asyncio.TimeoutError, OSError)
+
+# What a dead letter keeps (ADR 0013): the payload up to LETTER_PAYLOAD_LIMIT (beyond it,
+# cut, with the original's size and sha256), headers up to LETTER_HEADERS_LIMIT, each
+# error text up to LETTER_TEXT_LIMIT. A letter thus stays far under max_payload.
+LETTER_PAYLOAD_LIMIT = 64 * 1024
+LETTER_HEADERS_LIMIT = 8 * 1024
+LETTER_TEXT_LIMIT = 2000
+_SUBJECT_SHOWN = 200  # characters of an uncarriable subject kept in its letter
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,11 @@ class ConsumerSpec:
     durable: str
     filter_subject: str
     max_deliver: int = 5  # attempts before dead-lettering; -1: unlimited on the server
+    # Ordered mode: attempts of a redelivered message that began and never ended (its
+    # process stopped mid-attempt) before it is dead-lettered without another one, so a
+    # message that kills its process is not redelivered forever (the server's
+    # max_deliver is unlimited there). Hand-backs and held waits do not count. -1: off.
+    max_unsettled: int = 3
     ack_wait: float = 30.0
     max_ack_pending: int = 1000
     batch: int = 100
@@ -69,12 +85,24 @@ class ConsumerSpec:
             filter_subject=self.filter_subject,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
-            # In-place retries count attempts themselves; the server must not give up.
-            max_deliver=-1 if self.ordered_by_subject else self.max_deliver,
+            # In-place retries count attempts themselves; the server must not give up. In
+            # sequential mode one delivery past the attempts is kept to dead-letter a
+            # message whose every attempt stopped the process (see `crash_looped`).
+            max_deliver=-1
+            if self.ordered_by_subject or self.max_deliver < 1
+            else self.max_deliver + 1,
             ack_wait=self.ack_wait,
             max_ack_pending=self.max_ack_pending,
             backoff=list(self.backoff) or None,
         )
+
+    @property
+    def delivery_limit(self) -> int:
+        """Sequential mode: server deliveries a message may have before it is
+        dead-lettered without another attempt; 0: no limit."""
+        if self.ordered_by_subject:
+            return 0
+        return self.max_deliver if self.max_deliver > 0 else 0
 
     def delay(self, attempt: int) -> float:
         """The wait before retry number `attempt` (1-based)."""
@@ -143,6 +171,10 @@ class ConsumerLoop:
         self.on_dead_letter = on_dead_letter
         self.handled = 0
         self.dead_lettered = 0
+        # Ordered mode: a redelivered message whose earlier attempt never ended runs
+        # alone among such suspects, so innocent ones are not killed with a poison one.
+        self.suspects = asyncio.Lock()
+        self._attempts_kv: KeyValue | None = None
 
     async def ensure(self) -> None:
         """Create or update the durable consumer."""
@@ -202,6 +234,9 @@ class ConsumerLoop:
 
     async def _handle_once(self, d: Delivery) -> None:
         """Sequential mode: one attempt; a retry is a nak(delay) (server-side redelivery)."""
+        if reason := self.crash_looped(d):
+            await self.dead_letter(d, reason)
+            return
         last_try = d.num_delivered >= self.spec.max_deliver
         outcome = await self.attempt(d)
         match outcome:
@@ -212,7 +247,7 @@ class ConsumerLoop:
                 self.log_retry(d, error, delay)
                 await self.settle(d.msg.nak(delay=delay))
             case _Retry(error, _):
-                await self.dead_letter(d, f"gave up after {d.num_delivered} attempts: {error}")
+                await self.dead_letter(d, error, gave_up=d.num_delivered)
             case _DeadLetter(reason):
                 await self.dead_letter(d, reason)
             case _Abandon(delay):
@@ -235,13 +270,18 @@ class ConsumerLoop:
                 span.set_attribute("switchboard.outcome", "abandoned")
                 log.info("abandoned", extra={"consumer": self.spec.durable, "reason": str(exc)})
                 return _Abandon(exc.delay)
+            except _NATS_TRANSIENT as exc:
+                # Expected while NATS reconnects or a stream elects a leader: one line
+                # (log_retry, with the delay), no traceback.
+                span.set_attribute("switchboard.outcome", "retry")
+                return _Retry(f"{type(exc).__name__}: {exc}", self.spec.delay(d.attempt))
             except Exception as exc:
                 span.set_attribute("switchboard.outcome", "retry")
-                log.exception(
+                log.exception(  # an unexpected type: a bug, so the traceback
                     "handler failed",
                     extra={
                         "consumer": self.spec.durable,
-                        "subject": d.subject,
+                        "subject": _cut(d.subject),
                         "seq": d.stream_seq,
                     },
                 )
@@ -249,12 +289,57 @@ class ConsumerLoop:
             span.set_attribute("switchboard.outcome", "ack")
             return None
 
+    def crash_looped(self, d: Delivery) -> str | None:
+        """Why `d` is dead-lettered before another attempt: the server delivered it more
+        often than the limit without it being settled (it stopped its process each time,
+        or kept being handed back). None while it is within the limit."""
+        limit = self.spec.delivery_limit
+        if not limit or d.num_delivered <= limit:
+            return None
+        return (
+            f"delivered {d.num_delivered} times without being settled (limit {limit}):"
+            " the process handling it stopped or handed it back each time"
+        )
+
+    def _mark_key(self, d: Delivery) -> str:
+        return f"{self.spec.stream}.{self.spec.durable}.{d.stream_seq}"
+
+    async def unsettled(self, d: Delivery) -> int:
+        """How many attempts of this redelivered message began and never ended (0 for a
+        first delivery, or when the marks cannot be read: never a reason to stall)."""
+        if d.num_delivered <= 1 or self.spec.max_unsettled < 0:
+            return 0
+        try:
+            if self._attempts_kv is None:
+                self._attempts_kv = await self.bus.js.key_value(ATTEMPTS.name)
+            entry = await self._attempts_kv.get(self._mark_key(d))
+            return int(entry.value or b"0")
+        except (nats.js.errors.KeyNotFoundError, ValueError):
+            return 0
+        except _NATS_TRANSIENT as exc:
+            log.warning("attempt marks unreadable", extra={"error": repr(exc)})
+            return 0
+
+    async def mark(self, d: Delivery, unsettled: int) -> None:
+        """Record, before an attempt of a redelivered message, that one more has begun."""
+        if d.num_delivered <= 1 or self._attempts_kv is None:
+            return
+        with contextlib.suppress(*_NATS_TRANSIENT):
+            await self._attempts_kv.put(self._mark_key(d), str(unsettled + 1).encode())
+
+    async def unmark(self, d: Delivery) -> None:
+        """The attempt ended (settled or handed back): it no longer counts."""
+        if d.num_delivered <= 1 or self._attempts_kv is None:
+            return
+        with contextlib.suppress(*_NATS_TRANSIENT):
+            await self._attempts_kv.purge(self._mark_key(d))
+
     def log_retry(self, d: Delivery, error: str, delay: float) -> None:
         log.warning(
             "retrying",
             extra={
                 "consumer": self.spec.durable,
-                "subject": d.subject,
+                "subject": _cut(d.subject),
                 "seq": d.stream_seq,
                 "attempt": d.attempt,
                 "delay_s": delay,
@@ -262,47 +347,118 @@ class ConsumerLoop:
             },
         )
 
-    async def dead_letter(self, d: Delivery, reason: str) -> None:
-        """Park the message in DEADLETTER with its attempt history, then remove it."""
-        # The handler's own attempt history when it kept one, else this attempt's error.
-        errors = [*d.errors] or [AttemptError(attempt=d.attempt, error=reason)]
-        letter = DeadLettered(
-            source_stream=self.spec.stream,
-            source_subject=d.subject,
-            source_seq=d.stream_seq,
-            reason=reason,
-            errors=errors,
-            payload=d.data,
-            headers={k: v for k, v in d.headers.items() if k != "Nats-Msg-Id"},
-            source_msg_id=d.msg_id,
-            # An OUTBOUND job is published with its job id as Nats-Msg-Id.
-            job_id=(d.msg_id or None) if self.spec.stream == OUTBOUND.name else None,
-        )
-        try:
-            if self.on_dead_letter is not None:
+    async def dead_letter(self, d: Delivery, reason: str, *, gave_up: int = 0) -> None:
+        """Park the message in DEADLETTER with its attempt history, then remove it.
+
+        Never raises and always ends the message: a failing hook is recorded in the letter;
+        a letter that cannot be published whole is published with what can be recorded;
+        only a NATS outage keeps the message in its stream (nak, redelivered later).
+        """
+        if gave_up:  # the cause first, the count beside it (what `svc dlq ls` shows)
+            reason = f"{reason} (gave up after {gave_up} attempts)"
+        hook_error = ""
+        if self.on_dead_letter is not None:
+            try:
                 await self.on_dead_letter(d, reason)
-            # Deterministic id: a crash after this publish and before term() dedupes.
-            await self.bus.publish(
-                subjects.deadletter(d.subject),
-                letter,
-                msg_id=f"dlq:{self.spec.stream}:{d.stream_seq}",
-            )
+            except (*_NATS_TRANSIENT, TransientError) as exc:
+                limit = self.spec.delivery_limit
+                if not limit or d.num_delivered < limit:
+                    log.warning(
+                        "dead-letter hook failed; retrying later",
+                        extra={"error": _clip(repr(exc)), "seq": d.stream_seq},
+                    )
+                    await self.settle(d.msg.nak(delay=self.spec.delay(d.attempt)))
+                    return
+                hook_error = _clip(f"{type(exc).__name__}: {exc}")  # out of deliveries
+            except Exception as exc:
+                # The hook's own failure must not keep the message (e.g. a job whose chat
+                # or account cannot form a subject): record it, park the message anyway.
+                hook_error = _clip(f"{type(exc).__name__}: {exc}")
+                log.warning(
+                    "dead-letter hook failed; recorded in the letter",
+                    extra={"error": hook_error, "seq": d.stream_seq},
+                )
+        letter = self.letter(d, reason, hook_error)
+        subject = subjects.deadletter(d.subject, self.spec.stream)
+        # Deterministic id: a crash after this publish and before term() dedupes.
+        msg_id = f"dlq:{self.spec.stream}:{d.stream_seq}"
+        try:
+            try:
+                await self.bus.publish(subject, letter, msg_id=msg_id)
+            except _NATS_TRANSIENT:
+                raise
+            except Exception as exc:  # e.g. refused by the server: keep what can be kept
+                log.warning(
+                    "dead letter refused; publishing it without payload and headers",
+                    extra={"error": _clip(repr(exc)), "seq": d.stream_seq},
+                )
+                bare = msgspec.structs.replace(
+                    letter,
+                    payload=b"",
+                    headers={},
+                    payload_truncated=True,
+                    hook_error=_clip(f"{hook_error} letter refused: {exc!r}".strip()),
+                )
+                await self.bus.publish(subject, bare, msg_id=msg_id)
         except _NATS_TRANSIENT as exc:
             # Could not park it: keep it in the source stream rather than lose it.
             log.error("dead-letter publish failed", extra={"error": repr(exc), "seq": d.stream_seq})
             await self.settle(d.msg.nak(delay=self.spec.delay(d.attempt)))
             return
+        except Exception:
+            # Not even the bare letter: ending the message is still better than holding it
+            # (and its chat) forever. The log line is the only record left.
+            log.exception(
+                "dead letter could not be stored; ending the message",
+                extra={"subject": _cut(d.subject), "seq": d.stream_seq, "reason": reason},
+            )
         log.error(
             "dead-lettered",
             extra={
                 "consumer": self.spec.durable,
-                "subject": d.subject,
+                "subject": _cut(d.subject),
                 "seq": d.stream_seq,
-                "reason": reason,
+                "reason": _cut(reason, 500),
             },
         )
         await self.settle(d.msg.term())
         self.dead_lettered += 1
+
+    def letter(self, d: Delivery, reason: str, hook_error: str = "") -> DeadLettered:
+        """The dead letter of `d`, within the bounds (ADR 0013)."""
+        # The handler's own attempt history when it kept one, else this attempt's error.
+        errors = [*d.errors] or [AttemptError(attempt=d.attempt, error=reason)]
+        errors = [
+            e
+            if len(e.error) <= LETTER_TEXT_LIMIT
+            else AttemptError(attempt=e.attempt, error=_clip(e.error), at=e.at)
+            for e in errors[-20:]
+        ]
+        payload, truncated = d.data, len(d.data) > LETTER_PAYLOAD_LIMIT
+        if truncated:
+            payload = d.data[:LETTER_PAYLOAD_LIMIT]
+        subject, subject_digest = _safe_text(d.subject), ""
+        if not subjects.carriable(d.subject):
+            subject = _cut(subject, _SUBJECT_SHOWN)
+            subject_digest = _sha256(d.subject.encode("utf-8", "surrogateescape"))
+        msg_id = d.msg_id
+        return DeadLettered(
+            source_stream=self.spec.stream,
+            source_subject=subject,
+            source_seq=d.stream_seq,
+            reason=_clip(reason),
+            errors=errors,
+            payload=payload,
+            headers=_bounded_headers(d.headers),
+            source_msg_id=_clip(_safe_text(msg_id), 256),
+            # An OUTBOUND job is published with its job id as Nats-Msg-Id.
+            job_id=_job_id(msg_id) if self.spec.stream == OUTBOUND.name else None,
+            payload_truncated=truncated,
+            payload_size=len(d.data),
+            payload_sha256=_sha256(d.data),
+            source_subject_sha256=subject_digest,
+            hook_error=hook_error,
+        )
 
     async def settle(self, ack: Awaitable[object]) -> None:
         """Send an ack/nak/term; a lost one only means a redelivery, which handlers tolerate."""
@@ -329,6 +485,49 @@ class _Abandon:
 
 
 _Outcome = _Retry | _DeadLetter | _Abandon
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _safe_text(text: str) -> str:
+    """`text` as valid UTF-8 (an undecodable byte, kept as a surrogate, becomes \\xNN)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _cut(text: str, limit: int = 200) -> str:
+    """At most `limit` characters of `text` for a log line or a letter."""
+    text = _safe_text(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+def _clip(text: str, limit: int = LETTER_TEXT_LIMIT) -> str:
+    return _cut(text, limit)
+
+
+def _job_id(msg_id: str) -> str | None:
+    """The job id an OUTBOUND message's Nats-Msg-Id names, if it is a valid one."""
+    try:
+        return subjects.check_job_id(msg_id) if msg_id else None
+    except ContractError:
+        return None
+
+
+def _bounded_headers(headers: dict[str, str]) -> dict[str, str]:
+    """The headers a letter keeps: all but Nats-Msg-Id, within LETTER_HEADERS_LIMIT."""
+    kept: dict[str, str] = {}
+    size = 0
+    for key, value in headers.items():
+        if key == "Nats-Msg-Id":
+            continue
+        k, v = _safe_text(key)[:256], _safe_text(value)[:LETTER_TEXT_LIMIT]
+        size += len(k) + len(v)
+        if size > LETTER_HEADERS_LIMIT:
+            kept["Switchboard-Headers-Cut"] = f"{len(headers)} headers, over {LETTER_HEADERS_LIMIT}"
+            break
+        kept[k] = v
+    return kept
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> bool:
@@ -403,9 +602,58 @@ class _KeyedRun:
                 del self.queues[subject]
 
     async def _process(self, msg: Msg, queue: list[int]) -> None:
+        """Handle one message to its end. Whatever escapes (a bug) still settles it: a
+        message left held would be kept alive by the heartbeat, and its chat stuck, forever."""
         d = _delivery(msg)
-        d.attempt = 1
+        d.attempt = 1  # in-place attempts; server deliveries are limited by crash_looped
         d.overtaken = lambda: len(queue) > 1 and queue[1] < d.stream_seq
+        failures = 0
+        while True:
+            try:
+                await self._attempts(d, msg)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # In place, like a retry, so nothing of its subject overtakes it.
+                failures += 1
+                log.exception(
+                    "message handling failed",
+                    extra={"consumer": self.spec.durable, "seq": d.stream_seq},
+                )
+                d.msg = self.held.get(d.stream_seq, msg)
+                if failures >= max(self.spec.max_deliver, 1) or await _wait(
+                    self.stop, self.spec.delay(failures)
+                ):
+                    error = f"{type(exc).__name__}: {exc}"
+                    await self.loop.dead_letter(d, f"internal error: {error}", gave_up=failures)
+                    return
+
+    async def _attempts(self, d: Delivery, msg: Msg) -> None:
+        unsettled = await self.loop.unsettled(d)
+        if not unsettled:
+            await self._attempt_until_settled(d, msg, 0)
+            return
+        # A suspect: an earlier attempt stopped its process. Suspects run one at a time.
+        async with self.loop.suspects:
+            await self._attempt_until_settled(d, msg, unsettled)
+
+    async def _attempt_until_settled(self, d: Delivery, msg: Msg, unsettled: int) -> None:
+        limit = self.spec.max_unsettled
+        if limit >= 0 and unsettled >= limit:
+            d.msg = self.held.get(d.stream_seq, msg)
+            await self.loop.dead_letter(
+                d,
+                f"delivered {d.num_delivered} times; {unsettled} attempts never ended"
+                f" (limit {limit}): handling it stops the process",
+            )
+            await self.loop.unmark(d)
+            return
+        await self.loop.mark(d, unsettled)
+        await self._attempt_loop(d, msg)
+        await self.loop.unmark(d)
+
+    async def _attempt_loop(self, d: Delivery, msg: Msg) -> None:
         while True:
             outcome = await self.loop.attempt(d)
             current = self.held.get(d.stream_seq, msg)
@@ -423,12 +671,10 @@ class _KeyedRun:
                     await self.loop.settle(current.nak(delay=delay or None))
                     return
                 case _Retry(error, delay):
-                    d.errors.append(AttemptError(attempt=d.attempt, error=error))
+                    d.errors.append(AttemptError(attempt=d.attempt, error=_clip(error)))
                     if self.spec.max_deliver > 0 and d.attempt >= self.spec.max_deliver:
                         d.msg = current
-                        await self.loop.dead_letter(
-                            d, f"gave up after {d.attempt} attempts: {error}"
-                        )
+                        await self.loop.dead_letter(d, error, gave_up=d.attempt)
                         return
                     self.loop.log_retry(d, error, delay)
                     if await _wait(self.stop, delay):

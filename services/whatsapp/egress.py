@@ -20,6 +20,8 @@ import logging
 from datetime import datetime
 from typing import Any
 
+import msgspec
+
 from contracts import subjects
 from contracts.codec import decode
 from contracts.errors import ContractError
@@ -74,6 +76,14 @@ def egress_consumer_spec(channel: str, account: str) -> ConsumerSpec:
     )
 
 
+def check_job(subject: str, job: SendMessage) -> None:
+    """Refuse a job whose ids are outside the bounds or whose payload names another
+    channel, account or chat than the subject it was queued on (ADR 0013): sending it
+    would use this account's session for someone else's job."""
+    subjects.check_job_id(job.job_id)
+    subjects.check_agrees(subject, "outbound", job.channel, job.account, job.chat)
+
+
 class Egress:
     """Sends jobs through `session` while `lease` is proven."""
 
@@ -106,7 +116,7 @@ class Egress:
         """Deliver one job (with its retries); return when it is settled either way."""
         job = decode(d.data, SendMessage)
         try:
-            subjects.send_key(job.account, job.job_id)
+            check_job(d.subject, job)
         except ContractError as exc:
             raise PermanentError(str(exc)) from None
         record = None
@@ -292,8 +302,15 @@ class Egress:
         """Record on DELIVERY (and in the ledger) that a job will not be sent."""
         try:
             job = decode(d.data, SendMessage)
-        except ContractError:  # a malformed job has no job id to record; DEADLETTER keeps it
+            subjects.check_job_id(job.job_id)
+            where = subjects.parse_chat_subject(d.subject)
+        except ContractError:  # no job id or no chat to record it under; DEADLETTER keeps it
             return
+        # Recorded for the queue it was in (the subject), never for the account or chat a
+        # mismatched payload names: that one never had this job.
+        job = msgspec.structs.replace(
+            job, channel=where.channel, account=where.account, chat=where.chat
+        )
         await self._report(
             job,
             DeliveryDeadLettered,

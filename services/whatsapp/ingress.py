@@ -7,6 +7,7 @@ import logging
 from typing import assert_never
 
 from contracts import subjects
+from contracts.errors import InvalidSubjectError
 from contracts.events import (
     CHANNEL_WHATSAPP,
     DeliveryReceipt,
@@ -30,9 +31,26 @@ from services.whatsapp.transport import (
 log = logging.getLogger(__name__)
 
 
+def check_incoming(account: str, msg: Incoming) -> None:
+    """Refuse ids outside the bounds where they enter (ADR 0013): the account, chat and
+    sender JIDs and the message id; InvalidSubjectError (a ContractError) with one line,
+    which a consumer dead-letters. A chat that would make any derived subject too long
+    for nats-server's control line is refused here, before anything is published."""
+    subjects.check_account(account)
+    subjects.inbound(CHANNEL_WHATSAPP, account, msg.chat)  # length, characters, encoding
+    subjects.check_jid(msg.sender, "sender JID")
+    subjects.check_message_id(msg.message_id)
+    if len(msg.sender_name) > subjects.MAX_JID_CHARS:
+        raise InvalidSubjectError(
+            f"sender name of {len(msg.sender_name)} characters is over {subjects.MAX_JID_CHARS}"
+        )
+
+
 def inbound_event(account: str, msg: Incoming) -> MessageReceived:
     """The event for a received message; its id derives from the transport's message id,
-    so the same message relayed twice (redelivery, two receivers) is stored once."""
+    so the same message relayed twice (redelivery, two receivers) is stored once. Ids
+    outside the bounds raise InvalidSubjectError (see `check_incoming`)."""
+    check_incoming(account, msg)
     return MessageReceived(
         id=derived_id("inbound", CHANNEL_WHATSAPP, account, msg.message_id),
         channel=CHANNEL_WHATSAPP,

@@ -192,6 +192,11 @@ SAMPLES: dict[type[ev.Message], ev.Message] = {
         headers={"Nats-Msg-Id": "00000000000000000000000000000004", "X-Trace": "abc"},
         job_id="00000000000000000000000000000004",
         source_msg_id="00000000000000000000000000000004",
+        payload_truncated=True,
+        payload_size=700_000,
+        payload_sha256="9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+        source_subject_sha256="2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae",
+        hook_error="InvalidSubjectError: chat JID is empty",
     ),
     ev.DeadLetterRequeued: ev.DeadLetterRequeued(
         id="00000000000000000000000000000022",
@@ -759,6 +764,16 @@ def test_bytes_written_before_a_field_was_added_still_decode() -> None:
     event = decode(old, ev.MessageReceived)
     assert event.mentioned is False
     assert event.text == SAMPLES[ev.MessageReceived].text
+
+
+def test_dead_letters_written_before_the_bounds_still_decode() -> None:
+    # Given a DeadLettered stored before payload truncation and hook errors were recorded
+    old = (GOLDEN_DIR / "DeadLettered.v1.before-bounds.json.compat").read_bytes().strip()
+    # When decoded, it reads as a whole payload with no recorded hook failure
+    letter = decode(old, ev.DeadLettered)
+    assert letter.payload == SAMPLES[ev.DeadLettered].payload
+    assert (letter.payload_truncated, letter.payload_size, letter.payload_sha256) == (False, 0, "")
+    assert (letter.source_subject_sha256, letter.hook_error) == ("", "")
 
 
 @pytest.mark.parametrize(

@@ -220,3 +220,13 @@ def test_stream_for_subject_returns_none_when_no_pattern_captures_the_subject(
     subject: str,
 ) -> None:
     assert stream_for_subject(subject) is None
+
+
+def test_dead_letters_and_the_sim_queue_are_bounded() -> None:
+    # DEADLETTER had no limits: 100 x 500 KB of garbage added 68 MB (issue 11 item 12)
+    assert streams.DEADLETTER.max_bytes > 0
+    assert streams.DEADLETTER.max_age_s > 0
+    # SIM kept messages for account tokens no worker can ever own
+    assert streams.SIM.max_msgs_per_subject > 0
+    assert streams.SIM.max_age_s > 0
+    assert streams.SIM.max_bytes > 0

@@ -33,7 +33,8 @@ phone_jids = st.builds(
     st.sampled_from(["", ":1", ":42"]),
     st.sampled_from(["s.whatsapp.net", "g.us", "lid", "broadcast"]),
 )
-chats = st.text(min_size=1) | jid_like | phone_jids
+# Valid chats: printable, within the length bound (ADR 0013); the rest is refused below.
+chats = (st.text(min_size=1, max_size=80) | jid_like | phone_jids).filter(str.isprintable)
 accounts = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
 
 
@@ -297,3 +298,110 @@ def test_account_scoped_builders_reject_invalid_accounts(
 def test_channel_scoped_builders_reject_unknown_channels(build: Callable[[str], str]) -> None:
     with pytest.raises(InvalidSubjectError, match="expected one of whatsapp"):
         build("telegram")
+
+
+# --- input bounds (issue 11 items 1 and 6; ADR 0013) --------------------------------------
+
+NATS_CONTROL_LINE = 4096  # nats-server closes a connection whose control line is longer
+
+
+def test_a_4000_character_chat_jid_is_refused_in_one_line() -> None:
+    # Given the chat id that made the derived subject exceed the server's control line
+    jid = "1" * 4000 + "@s.whatsapp.net"
+    # When any chat subject is built from it, it is refused with one short line
+    for kind in ("inbound", "agent", "outbound", "delivery"):
+        with pytest.raises(InvalidSubjectError, match="too long: at most 256") as err:
+            getattr(subjects, kind)("whatsapp", "acct-1", jid)
+        assert "\n" not in str(err.value)
+        assert len(str(err.value)) < 200  # the JID is shown cut, not whole
+
+
+@pytest.mark.parametrize("jid", ["a\x00b@s.whatsapp.net", "a\nb@g.us", "x\u200b@lid", "\ud800@x"])
+def test_chat_jids_with_control_characters_or_invalid_encoding_are_refused(jid: str) -> None:
+    with pytest.raises(InvalidSubjectError, match="control characters"):
+        encode_chat(jid)
+
+
+def test_the_longest_jid_keeps_every_derived_subject_far_below_the_control_line() -> None:
+    # Given the worst JID within the bounds: non-ASCII characters escape to the most bytes
+    worst = ("🙂" * 200)[: subjects.MAX_CHAT_TOKEN_BYTES // 12]
+    account = "a" * 64
+    for kind in ("inbound", "agent", "outbound", "delivery"):
+        subject = getattr(subjects, kind)("whatsapp", account, worst)
+        dead = subjects.deadletter(subject, "OUTBOUND")
+        # Then the dead letter of any derived subject still carries it, under 1,200 bytes
+        assert dead == f"deadletter.{subject}"
+        assert len(dead.encode()) < 1200 < NATS_CONTROL_LINE
+
+
+def test_a_jid_within_the_characters_but_encoding_too_long_is_refused() -> None:
+    jid = "🙂" * 100  # 100 characters, 1,200 bytes once escaped
+    with pytest.raises(InvalidSubjectError, match="encodes to 1200 bytes"):
+        encode_chat(jid)
+
+
+def test_real_whatsapp_jids_are_accepted() -> None:
+    for jid in (
+        "4915112345678@s.whatsapp.net",
+        "120363025246125486@g.us",
+        "123456789012345@lid",
+        "120363144038483540@newsletter",
+        "4915112345678:12@s.whatsapp.net",
+        "status@broadcast",
+    ):
+        assert decode_chat(encode_chat(jid)) == jid
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "inbound.whatsapp.acct." + "x" * 2000,  # too long to carry
+        "inbound.whatsapp.acct.\udcff\udcfe",  # a non-UTF-8 token as nats-py hands it over
+        "inbound.whatsapp.acct.caf\u00e9",  # outside the subject grammar
+        "inbound..x",
+        "",
+    ],
+)
+def test_a_subject_that_cannot_be_carried_is_dead_lettered_under_invalid(subject: str) -> None:
+    assert not subjects.carriable(subject)
+    assert subjects.deadletter(subject, "INBOUND") == "deadletter._invalid.INBOUND"
+    assert subjects.deadletter(subject, "no such stream!") == "deadletter._invalid._"
+
+
+def test_check_agrees_accepts_a_payload_naming_its_subject() -> None:
+    subject = subjects.inbound("whatsapp", "acct-1", DM)
+    where = subjects.check_agrees(subject, "inbound", "whatsapp", "acct-1", DM)
+    assert (where.account, where.chat) == ("acct-1", DM)
+
+
+@pytest.mark.parametrize(
+    ("kind", "channel", "account", "chat"),
+    [
+        ("inbound", "whatsapp", "acct-1", "666@s.whatsapp.net"),  # another chat
+        ("inbound", "whatsapp", "acct-2", DM),  # another account
+        ("inbound", "whatsapp", "acct-1", ""),  # no chat
+        ("outbound", "whatsapp", "acct-1", DM),  # another kind of subject
+    ],
+)
+def test_check_agrees_refuses_a_payload_naming_another_chat_account_or_kind(
+    kind: str, channel: str, account: str, chat: str
+) -> None:
+    subject = subjects.inbound("whatsapp", "acct-1", DM)
+    with pytest.raises(InvalidSubjectError):
+        subjects.check_agrees(subject, kind, channel, account, chat)
+
+
+@pytest.mark.parametrize(
+    ("check", "value"),
+    [
+        (subjects.check_jid, "s" * 257),
+        (subjects.check_jid, ""),
+        (subjects.check_message_id, "m" * 257),
+        (subjects.check_message_id, "id\r\n"),
+        (subjects.check_job_id, "j" * 129),
+        (subjects.check_job_id, "a.b"),
+    ],
+)
+def test_ids_outside_their_bounds_are_refused(check: Callable[[str], str], value: str) -> None:
+    with pytest.raises(InvalidSubjectError):
+        check(value)

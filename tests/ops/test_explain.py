@@ -143,6 +143,10 @@ async def test_explain_shows_the_whole_chain_of_a_sent_job_with_the_policy_of_it
     assert "DENY  clock.now" in out
     assert "since changed: calculator.evaluate is now DENIED" in out
     assert f"LeaseAcquired by {sent.holder}, token {sent.lease_token}" in out
+    # A unique prefix of the job id names the same job (issue 11 item 18)
+    abbreviated = await arun_svc("audit", "explain", job_id[:8], env=env)
+    assert abbreviated.returncode == 0, abbreviated.stderr
+    assert abbreviated.stdout.decode() == out
     as_json = await arun_svc("audit", "explain", job_id, "--json", env=env)
     assert as_json.returncode == 0, as_json.stderr
     doc = msgspec.json.decode(as_json.stdout)

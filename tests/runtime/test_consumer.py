@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
+import nats.js.errors
+import pytest
+from nats.js.kv import KeyValue
 from opentelemetry import trace
 
 from contracts.codec import decode
+from contracts.errors import InvalidSubjectError
 from contracts.events import DeadLettered, MessageReceived
 from contracts.streams import OUTBOUND
 from services.runtime.bus import Bus
-from services.runtime.consumer import ConsumerLoop, ConsumerSpec, Delivery
-from services.runtime.errors import PermanentError, TransientError
+from services.runtime.consumer import (
+    LETTER_PAYLOAD_LIMIT,
+    ConsumerLoop,
+    ConsumerSpec,
+    Delivery,
+)
+from services.runtime.errors import AbandonError, PermanentError, TransientError
 from services.runtime.telemetry import setup_tracing
 from tests.conftest import read_stream, wait_until
 
@@ -122,7 +135,7 @@ async def test_after_the_last_attempt_the_message_is_dead_lettered_with_every_er
         await wait_until(lambda: loop.dead_lettered == 1, what="dead letter")
     ((_, letter),) = await read_stream(bus, "DEADLETTER")
     assert isinstance(letter, DeadLettered)
-    assert "gave up after 3 attempts: down #3" in letter.reason
+    assert letter.reason.startswith("down #3 (gave up after 3 attempts)")
     # Nothing stays stuck in the work queue after max_deliver.
     assert (await bus.js.stream_info(OUTBOUND.name)).state.messages == 0
 
@@ -247,3 +260,174 @@ async def test_ordered_by_subject_dead_letters_after_the_last_attempt_with_every
     ((_, letter),) = await read_stream(bus, "DEADLETTER")
     assert isinstance(letter, DeadLettered)
     assert [e.error for e in letter.errors] == ["down #1", "down #2", "down #3"]
+
+
+# --- bad input never stops a consumer (issue 11 items 1, 7, 8, 12, 18) ---------------------
+
+
+async def test_a_dead_letter_hook_that_raises_still_ends_the_message_and_its_chat_flows(
+    bus: Bus,
+) -> None:
+    # Given a hook that cannot record the job (a job whose chat forms no subject)
+    async def hook(d: Delivery, reason: str) -> None:
+        raise InvalidSubjectError("chat JID is empty: pass e.g. 123@s.whatsapp.net")
+
+    seen: list[str] = []
+
+    async def handler(d: Delivery) -> None:
+        text = decode(d.data, MessageReceived).text
+        if text == "poison":
+            raise PermanentError("cannot send")
+        seen.append(text)
+
+    loop = ConsumerLoop(bus, spec(ordered_by_subject=True), handler, on_dead_letter=hook)
+    stop = asyncio.Event()
+    task = asyncio.create_task(loop.run(stop))
+    try:
+        await bus.publish(SUBJECT, event("poison"))
+        await bus.publish(SUBJECT, event("behind"))
+        # Then the poison job is dead-lettered and the job behind it (same chat) handled
+        await wait_until(lambda: seen == ["behind"], what="the job behind the poison one")
+    finally:
+        stop.set()
+        await task
+    ((_, letter),) = await read_stream(bus, "DEADLETTER")
+    assert isinstance(letter, DeadLettered)
+    assert letter.hook_error.startswith("InvalidSubjectError: chat JID is empty")
+    assert await pending(bus) == 0  # nothing held, nothing left in the work queue
+
+
+async def test_a_payload_over_the_letter_limit_is_kept_cut_with_its_size_and_digest(
+    bus: Bus,
+) -> None:
+    garbage = bytes(range(256)) * 2000  # 512,000 bytes, not JSON
+
+    async def handler(d: Delivery) -> None:
+        decode(d.data, MessageReceived)
+
+    async with running(bus, handler) as loop:
+        await bus.publish_bytes(SUBJECT, garbage, msg_id="garbage-1")
+        await wait_until(lambda: loop.dead_lettered == 1, what="dead letter")
+    ((_, letter),) = await read_stream(bus, "DEADLETTER")
+    assert isinstance(letter, DeadLettered)
+    assert letter.payload == garbage[:LETTER_PAYLOAD_LIMIT]
+    assert letter.payload_truncated is True
+    assert letter.payload_size == len(garbage)
+    assert letter.payload_sha256 == hashlib.sha256(garbage).hexdigest()
+    # The letter is stored at about the limit, not 1.33 x the input (base64 of 64 KiB)
+    info = await bus.js.stream_info("DEADLETTER")
+    assert info.state.bytes < 2 * LETTER_PAYLOAD_LIMIT
+
+
+async def test_a_subject_too_long_to_carry_is_dead_lettered_under_invalid_and_the_loop_lives(
+    bus: Bus,
+) -> None:
+    # Given a message whose subject is so long that `deadletter.<subject>` would pass the
+    # server's 4,096-byte control line (which closes the publisher's connection)
+    long_subject = "outbound.whatsapp.acct." + "x" * (4030 - len("outbound.whatsapp.acct."))
+    seen: list[str] = []
+
+    async def handler(d: Delivery) -> None:
+        if d.subject == long_subject:
+            raise InvalidSubjectError("chat token is not an encoded chat JID")
+        seen.append(decode(d.data, MessageReceived).text)
+
+    async with running(bus, handler) as loop:
+        await bus.nc.publish(long_subject, b"{}")  # no reply inbox: fits the control line
+        await bus.publish(SUBJECT, event("after"))
+        await wait_until(lambda: seen == ["after"], what="the message after it")
+        await wait_until(lambda: loop.dead_lettered == 1, what="dead letter")
+    assert bus.nc.is_connected
+    ((subject, letter),) = await read_stream(bus, "DEADLETTER")
+    assert subject == "deadletter._invalid.OUTBOUND"
+    assert isinstance(letter, DeadLettered)
+    assert letter.source_subject.startswith("outbound.whatsapp.acct.xxx")
+    assert len(letter.source_subject) < 300
+    assert letter.source_subject_sha256 == hashlib.sha256(long_subject.encode()).hexdigest()
+
+
+async def test_an_expected_nats_error_logs_one_line_with_the_delay_and_no_traceback(
+    bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = 0
+
+    async def handler(d: Delivery) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # as during a stream leader election
+            raise nats.js.errors.ServiceUnavailableError(code=503, description="no leader")
+
+    caplog.set_level(logging.INFO, logger="services.runtime.consumer")
+    async with running(bus, handler, ordered_by_subject=True) as loop:
+        await bus.publish(SUBJECT, event("x"))
+        await wait_until(lambda: loop.handled == 1, what="handled after the retry")
+    records = [r for r in caplog.records if r.name == "services.runtime.consumer"]
+    assert not [r for r in records if r.exc_info], "a traceback for an expected error"
+    (retry,) = [r for r in records if r.getMessage() == "retrying"]
+    assert retry.delay_s == 0.05  # type: ignore[attr-defined]
+    assert "ServiceUnavailableError" in retry.error  # type: ignore[attr-defined]
+
+
+async def test_ordered_mode_hand_backs_do_not_count_as_attempts_that_never_ended(
+    bus: Bus,
+) -> None:
+    # Given a message handed back more often than the limit of unfinished attempts
+    # (a core replica waiting for an earlier message of the chat does this)
+    deliveries: list[int] = []
+
+    async def handler(d: Delivery) -> None:
+        deliveries.append(d.num_delivered)
+        if len(deliveries) <= 5:
+            raise AbandonError("not my turn yet")
+
+    async with running(bus, handler, ordered_by_subject=True, max_unsettled=2) as loop:
+        await bus.publish(SUBJECT, event("x"))
+        await wait_until(lambda: loop.handled == 1, what="handled", timeout=20)
+    # Then it is handled, not dead-lettered: only attempts that stopped the process count
+    # (through real processes: test_a_message_that_kills_the_core_each_time_...)
+    assert deliveries == [1, 2, 3, 4, 5, 6]
+    assert loop.dead_lettered == 0
+    kv = await bus.js.key_value("attempts")
+
+    async def marks_cleared() -> bool:  # the mark is cleared just after the ack
+        return [k async for k in _keys(kv)] == []
+
+    await wait_until(marks_cleared, what="every attempt mark cleared")
+
+
+async def _keys(kv: KeyValue) -> AsyncIterator[str]:
+    with contextlib.suppress(nats.js.errors.NoKeysError):
+        for key in await kv.keys():
+            yield key
+
+
+async def test_an_exception_escaping_an_ordered_worker_hands_its_message_back(bus: Bus) -> None:
+    # Given a loop whose own machinery fails once outside the handler (a bug)
+    class Buggy(ConsumerLoop):
+        failures = 1
+
+        async def attempt(self, d: Delivery) -> Any:
+            if self.failures:
+                self.failures -= 1
+                raise RuntimeError("bug in the loop")
+            return await super().attempt(d)
+
+    seen: list[str] = []
+
+    async def handler(d: Delivery) -> None:
+        seen.append(decode(d.data, MessageReceived).text)
+
+    loop = Buggy(bus, spec(ordered_by_subject=True), handler)
+    stop = asyncio.Event()
+    task = asyncio.create_task(loop.run(stop))
+    try:
+        await bus.publish(SUBJECT, event("first"))
+        # Then the message is not left held (kept alive by the heartbeat) forever: it is
+        # tried again in place and handled, and its subject keeps flowing in order
+        await wait_until(lambda: seen == ["first"], what="the message handled")
+        await bus.publish(SUBJECT, event("second"))
+        await wait_until(lambda: seen == ["first", "second"], what="both handled")
+    finally:
+        stop.set()
+        await task
+    assert await pending(bus) == 0
