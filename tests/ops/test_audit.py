@@ -572,3 +572,26 @@ async def test_a_projection_that_does_not_replay_the_same_is_caught(
     found = violations(await run(bus), "replay")
     assert [v["refs"] for v in found] == [["PLUGINS:1"]]
     assert "facts" in str(found[0]["message"])
+
+
+async def test_svc_audit_counts_each_send_once_though_sender_and_network_both_record_it(
+    bus: Bus, nats_server: EmbeddedNats
+) -> None:
+    # Given two replies, each recorded by the sender (DELIVERY MessageSent) and by the
+    # network (SIM_OUT), as every sim send is
+    log = Log(bus)
+    await log.lease("h1", 1, 0)
+    inbound = await log.inbound("hello")
+    await log.turn(inbound, "j1", "j2")
+    for n, job_id in enumerate(("j1", "j2"), start=1):
+        await log.sent(job_id, "h1", 1, n, job_seq=n)
+        sent = SimOutbound(chat=CHAT, text="x", job_id=job_id, holder="h1", lease_token=1)
+        await bus.publish_bytes(subjects.sim_out(ACCOUNT), encode(sent), msg_id=f"n{n}")
+    # When the operator asks for the numbers
+    env = {"NATS_URL": nats_server.url, "PATH": "/usr/bin:/bin"}
+    done = await arun_svc("audit", "--json", "--grace", "0", env=env)
+    # Then two sends are counted, not four
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["rules"]["split-brain"]["checked"]["sends"] == 2
+    assert data["events"]["DELIVERY"] == data["events"]["SIM_OUT"] == 2
