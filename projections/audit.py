@@ -12,11 +12,12 @@ Rules (each violation names the offending event ids):
   store never granted to that holder (`LeaseAcquired`); a send that began after a newer
   lease had been granted or after its own lease was released. With SIM_OUT (the sim
   network's own record) the network's order is checked the same way.
-- lost: a `MessageReceived` with no turn (nor a dead letter), acked by the core or older
-  than the grace period; a job (from a turn's reply ids, a requeue, or any DELIVERY event)
+- lost: a `MessageReceived` with no turn, refusal (`MessageRefused`) or dead letter,
+  acked by the core or older than the grace period; a job (from a turn's reply ids, a requeue, or any DELIVERY event)
   with no `MessageSent` / `DeliveryDeadLettered` that is no longer queued.
 - duplicates: a job sent twice (two different `MessageSent` records, or two sends on the
-  network) without a recorded `DeliveryUncertain`; two turns for one inbound message.
+  network) without a recorded `DeliveryUncertain`; two outcomes (turns or refusals) for
+  one inbound message.
 - order: per chat, sends whose enqueue positions go backwards; turns whose inbound
   messages go backwards.
 - replay (when asked): the plugin projection rebuilt twice up to the same sequence differs.
@@ -50,6 +51,7 @@ from contracts.events import (
     LeaseLost,
     LeaseReleased,
     MessageReceived,
+    MessageRefused,
     MessageSent,
     SendMessage,
     SessionBanned,
@@ -278,16 +280,19 @@ class Auditor:
         self.report.horizons[stream] = first
 
     def turn(self, seq: int, at: datetime, event: AgentEvent) -> None:
-        """AGENT: a turn settles its inbound and enqueues its reply jobs, in order."""
+        """AGENT: a turn (or a refusal) settles its inbound and enqueues its reply jobs, in
+        order. A message has one outcome: a second one, of either kind, is a duplicate."""
         self._count("AGENT")
+        refused = isinstance(event, MessageRefused)
         found = self._inbound.get(event.inbound_id)
         if found is not None:
             if found.turn:
                 if self._in_window(found.at):
+                    second = "refusal" if refused else "turn"
                     self._flag(
                         "duplicates",
                         found.account,
-                        f"MessageReceived {event.inbound_id} has a second turn",
+                        f"MessageReceived {event.inbound_id} has a second outcome (a {second})",
                         [found.turn, event.id],
                         [at_ref("AGENT", found.turn_seq), at_ref("AGENT", seq)],
                         found.chat,
@@ -295,6 +300,8 @@ class Auditor:
             else:
                 found.turn, found.turn_seq = event.id, seq
                 self._turn_order(found, seq, event.id)
+        if isinstance(event, MessageRefused):
+            return
         for index, job_id in enumerate(event.reply_ids):
             job = self._job(job_id, event.account, event.chat, at)
             if job.order is None:
@@ -664,8 +671,8 @@ class Auditor:
             self._flag(
                 "lost",
                 m.account,
-                f"MessageReceived {inbound_id} (INBOUND:{m.seq}) has no TurnCompleted or"
-                f" TurnFailed; {why}",
+                f"MessageReceived {inbound_id} (INBOUND:{m.seq}) has no TurnCompleted,"
+                f" TurnFailed or MessageRefused; {why}",
                 [inbound_id],
                 [f"INBOUND:{m.seq}"],
                 m.chat,
