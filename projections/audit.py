@@ -13,8 +13,9 @@ Rules (each violation names the offending event ids):
   lease had been granted or after its own lease was released. With SIM_OUT (the sim
   network's own record) the network's order is checked the same way.
 - lost: a `MessageReceived` with no turn, refusal (`MessageRefused`) or dead letter,
-  acked by the core or older than the grace period; a job (from a turn's reply ids, a requeue, or any DELIVERY event)
-  with no `MessageSent` / `DeliveryDeadLettered` that is no longer queued.
+  acked by the core or older than the grace period; a job (from a turn's reply ids, a
+  requeue, or any DELIVERY event) with no `MessageSent` / `DeliveryDeadLettered` that is
+  no longer queued.
 - duplicates: a job sent twice (two different `MessageSent` records, or two sends on the
   network) without a recorded `DeliveryUncertain`; two outcomes (turns or refusals) for
   one inbound message.
