@@ -50,12 +50,12 @@ def core_consumer_spec(settings: CoreSettings) -> ConsumerSpec:
         durable=CORE_CONSUMER,
         filter_subject="inbound.>",
         ordered_by_subject=True,
-        # Fairness (ADR 0015): a chat holds at most 2 messages here (the one running and
-        # the next); more are handed back with a delay. Order still holds: a turn runs only
-        # when its chat record says every earlier message is settled (`_my_turn`). The
-        # server counts handed-back messages as pending, so its window is much larger than
-        # what a replica holds: a flood shorter than 4096 messages cannot crowd out others.
-        max_per_subject=2,
+        # Fairness (ADR 0015): a chat holds at most 4 of a replica's 256 slots; more are
+        # handed back with a delay. Order still holds: a turn runs only when its chat
+        # record says every earlier message is settled (`_my_turn`). The server counts
+        # handed-back messages as pending, so its window is much larger than what a
+        # replica holds: a flood shorter than ~4000 messages cannot crowd out others.
+        max_per_subject=4,
         max_held=256,
         max_ack_pending=4096,
         batch=64,

@@ -360,6 +360,10 @@ async def _wait(stop: asyncio.Event, seconds: float) -> bool:
 # later than this (a pace estimate gone wrong costs at most this much latency).
 DEFER_MIN_S = 0.25
 DEFER_MAX_S = 30.0
+# The pace (seconds per message of a subject) a hand-back delay is sized with is at most
+# this: with several replicas a message can wait for an earlier one held elsewhere, and a
+# pace learned from such waits would park the subject's next message ever longer.
+PACE_MAX_S = 1.0
 
 
 @dataclass
@@ -417,10 +421,14 @@ class _KeyedRun:
         if seq in self.held:  # a redelivery of one we still hold: keep the newest handle
             self.held[seq] = msg
             return
-        if self.spec.max_per_subject and (delay := self._over_cap(msg.subject, seq)):
-            self.deferred += 1
-            await self.loop.settle(msg.nak(delay=delay))
-            return
+        if self.spec.max_per_subject:
+            delay, evicted = self._over_cap(msg.subject, seq)
+            if evicted is not None:
+                await self._hand_back(msg.subject, evicted)
+            if delay:
+                self.deferred += 1
+                await self.loop.settle(msg.nak(delay=delay))
+                return
         self.held[seq] = msg
         # Sorted: a redelivered earlier message goes before later ones (not before the one
         # in progress, which may step aside: see Delivery.overtaken).
@@ -429,37 +437,55 @@ class _KeyedRun:
         if msg.subject not in self.workers:
             self.workers[msg.subject] = asyncio.create_task(self._work(msg.subject))
 
-    def _over_cap(self, subject: str, seq: int) -> float:
-        """0 if the message may be held now, else how long to hand it back for.
+    def _over_cap(self, subject: str, seq: int) -> tuple[float, int | None]:
+        """(0, _) if the message may be held now, else how long to hand it back for; and
+        a held message of the subject to hand back instead, if any.
 
-        A subject holds at most `max_per_subject` messages, and while some of its earlier
-        messages are handed back a later one waits too (it could not run before them).
-        A message earlier than every one held is always taken: it must go first.
+        A subject holds at most `max_per_subject` messages: its earliest. A message earlier
+        than the last one held takes that one's place (it must go first; the one it
+        displaces waits, unless it is already running). Hand-back delays grow with how
+        many of the subject's messages are known to go first, at the subject's pace, so a
+        message comes back about when its turn comes instead of spinning.
         """
         queue = self.queues.get(subject, [])
         backlog = self.backlogs.get(subject)
+        now = time.monotonic()
         earlier = 0
         if backlog is not None:
-            now = time.monotonic()
             backlog.deferred.pop(seq, None)  # it came back
-            # Forget what did not come back in time: another replica took it.
+            # Past due and not back: another replica has it (a position estimate only).
             for gone in [s for s, until in backlog.deferred.items() if until < now]:
                 del backlog.deferred[gone]
             earlier = sum(1 for s in backlog.deferred if s < seq)
-        if queue and seq < queue[-1]:
-            return 0.0
-        ahead = len(queue) + earlier  # messages of the subject that go before this one
-        if ahead < self.spec.max_per_subject and not earlier:
-            if backlog is not None and not backlog.deferred and not queue:
-                del self.backlogs[subject]
-            return 0.0
+        cap = self.spec.max_per_subject
+        if len(queue) < cap:
+            return 0.0, None
+        if seq < queue[-1]:
+            # queue[0] is running: it steps aside by itself (Delivery.overtaken).
+            return 0.0, queue[-1] if len(queue) > 1 else None
+        return self._defer(subject, seq, len(queue) + earlier - cap + 1), None
+
+    def _defer(self, subject: str, seq: int, position: int) -> float:
+        """Record a hand-back of `seq`, `position` messages behind what the subject holds."""
+        backlog = self.backlogs.get(subject)
         if backlog is None:
             backlog = self.backlogs[subject] = _Backlog()
-        pace = backlog.pace or self.turn_time
-        position = ahead - self.spec.max_per_subject + 1
-        delay = min(max(position * pace, DEFER_MIN_S), DEFER_MAX_S)
-        backlog.deferred[seq] = time.monotonic() + delay + max(delay, 5.0)
+        pace = min(backlog.pace or self.turn_time, PACE_MAX_S)
+        # Half the expected wait: a message back early is only handed back again (about
+        # log2(position) times in all); one back late would stall its whole subject.
+        delay = min(max(position * pace / 2, DEFER_MIN_S), DEFER_MAX_S)
+        backlog.deferred[seq] = time.monotonic() + delay + 1.0
         return delay
+
+    async def _hand_back(self, subject: str, seq: int) -> None:
+        """Give a held, not yet running message back to the server (an earlier one of its
+        subject took its place)."""
+        queue = self.queues[subject]
+        msg = self.held.pop(seq, None)
+        queue.remove(seq)
+        if msg is not None:
+            self.deferred += 1
+            await self.loop.settle(msg.nak(delay=self._defer(subject, seq, 1)))
 
     def _settled(self, subject: str, started: float, busy_since: float, progressed: bool) -> None:
         """Learn how long a message takes (overall) and how fast a subject with a backlog
