@@ -33,7 +33,9 @@ async def test_auditing_a_live_system_disturbs_nothing(
     processes: Processes, served: tuple[str, Bus]
 ) -> None:
     url, bus = served
-    processes.start("run", "all", NATS_URL=url)
+    # 20 messages a chat within a second: over the default chat rate, which would hold
+    # them (ADR 0015); this test is about the audit on a busy system, so no rate.
+    processes.start("run", "all", NATS_URL=url, SVC_CHAT_RATE="off")
     await wait_until(lambda: holder_of(bus, "default"), what="an owner")
     async with SimUser(bus, "default") as user:
         await user.send("warmup@s.whatsapp.net", "hi")
