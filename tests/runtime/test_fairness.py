@@ -65,12 +65,14 @@ async def test_a_flooding_subject_cannot_fill_the_window_and_the_flood_is_fully_
     # Then the other subject did not wait for the flood: without the cap it runs only after
     # 32 flood messages (the window holds 8, all of the flood); with it, within a few
     assert flood_done_when_other_ran[0] <= 10, flood_done_when_other_ran
-    # and the flood was handled whole, once each, in order on this one consumer
+    # and the flood was handled whole, once each (in which order is the handler's business:
+    # a handed-back message comes back after later ones were fetched; the core's chat
+    # record keeps turns in order, see tests/e2e/test_fairness.py)
     flood = [n for s, n in handled if s == FLOOD]
-    assert flood == list(range(40))
+    assert sorted(flood) == list(range(40))
     info = await bus.js.consumer_info(OUTBOUND.name, "fair")
     assert info.num_pending == info.num_ack_pending == 0
     # and handing back is no spin: each message fetched a handful of times at most (a
     # spin would fetch the backlog every few milliseconds, thousands of times)
     handed_back = sum(deliveries.values()) - len(deliveries)
-    assert handed_back <= 4 * 40, f"{handed_back} hand-backs for 40 messages"  # measured: 74
+    assert handed_back <= 4 * 40, f"{handed_back} hand-backs for 40 messages"  # measured: 68
