@@ -67,7 +67,7 @@ async def test_a_flooding_subject_cannot_fill_the_window_and_the_flood_is_fully_
     assert flood_done_when_other_ran[0] <= 10, flood_done_when_other_ran
     # and the flood was handled whole, once each (in which order is the handler's business:
     # a handed-back message comes back after later ones were fetched; the core's chat
-    # record keeps turns in order, see tests/e2e/test_fairness.py)
+    # record keeps turns in order, see tests/e2e/test_fair_chats.py)
     flood = [n for s, n in handled if s == FLOOD]
     assert sorted(flood) == list(range(40))
     info = await bus.js.consumer_info(OUTBOUND.name, "fair")
