@@ -85,7 +85,8 @@ async def test_after_a_kill_9_of_the_owner_mid_traffic_the_audit_finds_no_violat
     result = await arun_svc("audit", "--json", "--grace", "0", env=env)
     report = json.loads(result.stdout)
     assert result.returncode == 0, result.stdout.decode()
-    assert report["rules"]["split-brain"]["checked"]["sends"] >= 120  # DELIVERY + SIM_OUT
+    # each sent job once, though both DELIVERY and SIM_OUT record it (item 18)
+    assert report["rules"]["split-brain"]["checked"]["sends"] == 60
     timeline = report["summary"]["leases"]["default"]
     assert [e["event"] for e in timeline].count("acquired") >= 2  # the takeover is there
 
