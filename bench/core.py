@@ -39,7 +39,7 @@ from services.runtime.bus import Bus, connect
 from services.runtime.nats_server import EmbeddedNats
 from services.runtime.provisioning import ensure_streams
 from services.runtime.reader import read
-from services.runtime.settings import load_settings
+from services.runtime.settings import CoreSettings, load_settings
 
 
 async def backlog(bus: Bus, turns: int, chats: int) -> None:
@@ -57,7 +57,8 @@ async def backlog(bus: Bus, turns: int, chats: int) -> None:
 
 
 async def ours(bus: Bus, stop: asyncio.Event) -> None:
-    await CoreWorker(bus, EchoLLM()).loop.run(stop)
+    # A benchmark backlog is a flood by design: no per-chat rate (ADR 0015).
+    await CoreWorker(bus, EchoLLM(), CoreSettings(chat_rate=None)).loop.run(stop)
 
 
 async def raw(bus: Bus, stop: asyncio.Event) -> None:
@@ -114,7 +115,12 @@ async def pipeline_share(messages: int, chats: int) -> tuple[list[float], list[f
     with tempfile.TemporaryDirectory() as tmp:
         async with EmbeddedNats(Path(tmp) / "nats", port=0) as server:
             settings = load_settings(
-                {"NATS_URL": server.url, "SVC_LOG_LEVEL": "ERROR", "SVC_DATA_DIR": tmp}
+                {
+                    "NATS_URL": server.url,
+                    "SVC_LOG_LEVEL": "ERROR",
+                    "SVC_DATA_DIR": tmp,
+                    "SVC_CHAT_RATE": "off",
+                }
             )
             async with system(settings, "all") as (bus, _, _t), SimUser(bus, "default") as user:
                 for n in range(messages):

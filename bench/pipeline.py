@@ -35,7 +35,12 @@ async def ours(messages: int, chats: int) -> tuple[float, list[float]]:
     """The real system (role `all`, sim transport, echo LLM) in this process."""
     with tempfile.TemporaryDirectory() as tmp:
         async with EmbeddedNats(Path(tmp) / "nats", port=0) as server:
-            env = {"NATS_URL": server.url, "SVC_LOG_LEVEL": "ERROR", "SVC_DATA_DIR": tmp}
+            env = {
+                "NATS_URL": server.url,
+                "SVC_LOG_LEVEL": "ERROR",
+                "SVC_DATA_DIR": tmp,
+                "SVC_CHAT_RATE": "off",  # the benchmark floods its chats by design
+            }
             settings = load_settings(env)
             async with system(settings, "all") as (bus, _, _task), SimUser(bus, "default") as user:
                 started = time.perf_counter()

@@ -121,6 +121,20 @@ class TurnFailed(Event, frozen=True, kw_only=True):
     plugins_seq: int = 0
 
 
+class MessageRefused(Event, frozen=True, kw_only=True):
+    """An inbound message a policy refused: it never reached the model, and it ends its
+    `MessageReceived` like a turn does (`rule` names the policy, e.g. `rate:chat`)."""
+
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    chat: str
+    sender: str
+    message_id: str
+    rule: str
+    inbound_id: str = ""  # the refused MessageReceived's event id
+    detail: str = ""
+
+
 # --- OUTBOUND --------------------------------------------------------------------------
 
 
@@ -393,7 +407,7 @@ class AccountResumed(Event, frozen=True, kw_only=True):
 # --- Unions, one per stream ------------------------------------------------------------
 
 InboundEvent = MessageReceived
-AgentEvent = TurnCompleted | TurnFailed
+AgentEvent = TurnCompleted | TurnFailed | MessageRefused
 OutboundCommand = SendMessage
 DeliveryEvent = (
     MessageSent | DeliveryFailed | DeliveryDeadLettered | DeliveryUncertain | DeliveryReceipt
@@ -420,6 +434,7 @@ AnyMessage = (
     MessageReceived
     | TurnCompleted
     | TurnFailed
+    | MessageRefused
     | SendMessage
     | MessageSent
     | DeliveryFailed
@@ -448,6 +463,7 @@ ALL_TYPES: tuple[type[Message], ...] = (
     MessageReceived,
     TurnCompleted,
     TurnFailed,
+    MessageRefused,
     SendMessage,
     MessageSent,
     DeliveryFailed,

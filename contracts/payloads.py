@@ -90,3 +90,6 @@ class ChatState(msgspec.Struct, frozen=True, kw_only=True):
     chat: str
     last_seq: int = 0
     history: list[HistoryEntry] = msgspec.field(default_factory=list)
+    # The chat's inbound rate budget (GCRA): the theoretical arrival time, in epoch
+    # seconds, of its next message within the rate (0: no message counted yet).
+    rate_tat: float = 0.0

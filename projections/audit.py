@@ -12,11 +12,13 @@ Rules (each violation names the offending event ids):
   store never granted to that holder (`LeaseAcquired`); a send that began after a newer
   lease had been granted or after its own lease was released. With SIM_OUT (the sim
   network's own record) the network's order is checked the same way.
-- lost: a `MessageReceived` with no turn (nor a dead letter), acked by the core or older
-  than the grace period; a job (from a turn's reply ids, a requeue, or any DELIVERY event)
-  with no `MessageSent` / `DeliveryDeadLettered` that is no longer queued.
+- lost: a `MessageReceived` with no turn, refusal (`MessageRefused`) or dead letter,
+  acked by the core or older than the grace period; a job (from a turn's reply ids, a
+  requeue, or any DELIVERY event) with no `MessageSent` / `DeliveryDeadLettered` that is
+  no longer queued.
 - duplicates: a job sent twice (two different `MessageSent` records, or two sends on the
-  network) without a recorded `DeliveryUncertain`; two turns for one inbound message.
+  network) without a recorded `DeliveryUncertain`; two outcomes (turns or refusals) for
+  one inbound message.
 - order: per chat, sends whose enqueue positions go backwards; turns whose inbound
   messages go backwards.
 - replay (when asked): the plugin projection rebuilt twice up to the same sequence differs.
@@ -50,6 +52,7 @@ from contracts.events import (
     LeaseLost,
     LeaseReleased,
     MessageReceived,
+    MessageRefused,
     MessageSent,
     SendMessage,
     SessionBanned,
@@ -206,7 +209,6 @@ class Auditor:
         # SIM_OUT: account -> job id -> the network's first acceptance (seq, holder, token)
         self._network_jobs: dict[str, dict[str, tuple[int, str, int]]] = defaultdict(dict)
         self._chats: dict[tuple[str, str], _Chat] = {}
-        self._sends = 0
 
     def _name(self, text: str) -> str:
         return self._names.setdefault(text, text)
@@ -279,16 +281,19 @@ class Auditor:
         self.report.horizons[stream] = first
 
     def turn(self, seq: int, at: datetime, event: AgentEvent) -> None:
-        """AGENT: a turn settles its inbound and enqueues its reply jobs, in order."""
+        """AGENT: a turn (or a refusal) settles its inbound and enqueues its reply jobs, in
+        order. A message has one outcome: a second one, of either kind, is a duplicate."""
         self._count("AGENT")
+        refused = isinstance(event, MessageRefused)
         found = self._inbound.get(event.inbound_id)
         if found is not None:
             if found.turn:
                 if self._in_window(found.at):
+                    second = "refusal" if refused else "turn"
                     self._flag(
                         "duplicates",
                         found.account,
-                        f"MessageReceived {event.inbound_id} has a second turn",
+                        f"MessageReceived {event.inbound_id} has a second outcome (a {second})",
                         [found.turn, event.id],
                         [at_ref("AGENT", found.turn_seq), at_ref("AGENT", seq)],
                         found.chat,
@@ -296,6 +301,8 @@ class Auditor:
             else:
                 found.turn, found.turn_seq = event.id, seq
                 self._turn_order(found, seq, event.id)
+        if isinstance(event, MessageRefused):
+            return
         for index, job_id in enumerate(event.reply_ids):
             job = self._job(job_id, event.account, event.chat, at)
             if job.order is None:
@@ -405,7 +412,6 @@ class Auditor:
             event.job_seq,
             job.chat,
         )
-        self._sends += 1
         signature = hash((send.holder, send.token, event.transport_message_id))
         if not job.first_seq:
             job.first_seq, job.first_sig = seq, signature
@@ -424,7 +430,6 @@ class Auditor:
     ) -> None:
         """SIM_OUT: what the simulated network accepted, in the order it accepted it."""
         self._count("SIM_OUT")
-        self._sends += 1
         holder = self._name(holder)
         send = _Send(seq, at, f"SIM_OUT:{seq}", holder, token, job_id, 0, chat, "SIM_OUT")
         first = self._network_jobs[account].get(job_id)
@@ -610,7 +615,7 @@ class Auditor:
         accounts = self._tokens.keys() | self._network.keys()
         self.report.checked["split-brain"] = {
             "accounts": len(accounts),
-            "sends": self._sends,
+            "sends": self._sent_jobs(),
             "leases granted": len(self._granted),
         }
         self.report.checked["order"] = {"chats": len(self._chats)}
@@ -627,6 +632,18 @@ class Auditor:
     ) -> None:
         self.report.violations.append(
             Violation(rule, account, message, tuple(ids), tuple(refs), chat)
+        )
+
+    def _sent_jobs(self) -> int:
+        """Jobs sent at least once. One send is usually seen twice, as the sender's
+        `MessageSent` and as the network's own record (SIM_OUT): count the job once."""
+        accounts = self._jobs.keys() | self._network_jobs.keys()
+        return sum(
+            len(
+                {j for j, job in self._jobs.get(a, {}).items() if job.first_seq}
+                | self._network_jobs.get(a, {}).keys()
+            )
+            for a in accounts
         )
 
     def _lost(self, now: datetime) -> None:
@@ -655,8 +672,8 @@ class Auditor:
             self._flag(
                 "lost",
                 m.account,
-                f"MessageReceived {inbound_id} (INBOUND:{m.seq}) has no TurnCompleted or"
-                f" TurnFailed; {why}",
+                f"MessageReceived {inbound_id} (INBOUND:{m.seq}) has no TurnCompleted,"
+                f" TurnFailed or MessageRefused; {why}",
                 [inbound_id],
                 [f"INBOUND:{m.seq}"],
                 m.chat,

@@ -38,7 +38,7 @@ EXIT_EMBEDDED_SERVER_DIED = 4  # the embedded nats-server child died: restart th
 def make_llm(settings: Settings) -> LLM:
     """The LLM adapter SVC_LLM selects."""
     if settings.llm == "echo":
-        return EchoLLM()
+        return EchoLLM(latency=settings.core.echo_latency_ms / 1000)
     try:
         return OpenAILLM(
             base_url=settings.openai_base_url,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -110,8 +111,13 @@ class EchoLLM:
 
     model = "echo"
 
+    def __init__(self, *, latency: float = 0.0) -> None:
+        self.latency = latency  # seconds each answer takes (SVC_ECHO_LATENCY_MS), for tests
+
     async def complete(self, messages: list[ChatMessage], tools: list[ToolSpec]) -> Completion:
         """Echo, call the requested tool, or report the history."""
+        if self.latency:
+            await asyncio.sleep(self.latency)  # a model's thinking time, simulated
         last = messages[-1] if messages else ChatMessage("user", "")
         if last.role == "tool":
             return Completion(text=f"echo: {last.name} -> {last.content}")

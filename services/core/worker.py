@@ -17,16 +17,17 @@ import asyncio
 import logging
 import time
 
+import msgspec
 import nats.errors
 import nats.js.errors
 
 from contracts import subjects
 from contracts.codec import decode
 from contracts.errors import ContractError
-from contracts.events import MessageReceived
+from contracts.events import MessageReceived, MessageRefused, derived_id
 from contracts.payloads import ChatState, HistoryEntry
 from contracts.streams import CORE_CONSUMER, INBOUND
-from services.core import turn
+from services.core import flood, turn
 from services.core.agent import run_turn
 from services.core.chats import ChatStore
 from services.core.llm import LLM, Completion, LLMError
@@ -49,7 +50,14 @@ def core_consumer_spec(settings: CoreSettings) -> ConsumerSpec:
         durable=CORE_CONSUMER,
         filter_subject="inbound.>",
         ordered_by_subject=True,
-        max_ack_pending=256,
+        # Fairness (ADR 0015): a chat holds at most 4 of a replica's 256 slots; more are
+        # handed back with a delay. Order still holds: a turn runs only when its chat
+        # record says every earlier message is settled (`_my_turn`). The server counts
+        # handed-back messages as pending, so its window is much larger than what a
+        # replica holds: a flood shorter than ~4000 messages cannot crowd out others.
+        max_per_subject=4,
+        max_held=256,
+        max_ack_pending=4096,
         batch=64,
         max_deliver=settings.turn_attempts,
         ack_wait=5.0,  # kept alive while a turn runs; a dead replica's turn returns in 5 s
@@ -110,12 +118,50 @@ class CoreWorker:
         # malformed, ids out of bounds, or a payload naming another chat than the subject.
         inbound = decode(d.data, MessageReceived)
         check_inbound(d.subject, inbound)
+        rate_tat = await self._within_rate(inbound, state)
+        if rate_tat is None:  # refused: recorded, and the chat's next message may run
+            await self._settle(key, where.chat, d.stream_seq, [], state, revision)
+            return
         output, entries = await self._turn(inbound, state, d)
         for job in output.jobs:
             await self.bus.publish(subjects.outbound(job.channel, job.account, job.chat), job)
         record = output.record
         await self.bus.publish(subjects.agent(record.channel, record.account, record.chat), record)
-        await self._settle(key, where.chat, d.stream_seq, entries, state, revision)
+        await self._settle(key, where.chat, d.stream_seq, entries, state, revision, rate_tat)
+
+    async def _within_rate(self, inbound: MessageReceived, state: ChatState) -> float | None:
+        """The chat's rate budget after this message runs; None if it was refused (and
+        recorded). A message held by the budget is handed back until it may run."""
+        limit = self.settings.chat_rate
+        if limit is None or turn.skip_reason(inbound, self.settings.group_replies):
+            return state.rate_tat  # no budget, or a message the model never sees anyway
+        verdict = flood.gate(state.rate_tat, inbound.at.timestamp(), limit)
+        if verdict.conforming:
+            return verdict.tat_after
+        if self.settings.chat_flood == "refuse":
+            refused = MessageRefused(
+                id=derived_id("refused", inbound.id),
+                channel=inbound.channel,
+                account=inbound.account,
+                chat=inbound.chat,
+                sender=inbound.sender,
+                message_id=inbound.message_id,
+                rule="rate:chat",
+                inbound_id=inbound.id,
+                detail=f"over {limit.per_minute:g}/min (burst {limit.burst})",
+            )
+            subject = subjects.agent(inbound.channel, inbound.account, inbound.chat)
+            await self.bus.publish(subject, refused)
+            log.info("refused", extra={"inbound_id": inbound.id, "rule": refused.rule})
+            return None
+        wait = verdict.allowed_at - time.time()
+        if wait > 0:
+            raise AbandonError(
+                f"chat over its rate ({limit.per_minute:g}/min, burst {limit.burst}):"
+                f" held {wait:.1f}s",
+                delay=wait,
+            )
+        return verdict.tat_after
 
     async def _my_turn(self, d: Delivery, key: str, chat: str) -> tuple[ChatState, int] | None:
         """Wait until every earlier message of the chat is settled; None if this one is."""
@@ -205,8 +251,10 @@ class CoreWorker:
         entries: list[HistoryEntry],
         state: ChatState,
         revision: int,
+        rate_tat: float | None = None,
     ) -> None:
-        """Advance the chat past `seq`, adding `entries` to its history (revision-checked)."""
+        """Advance the chat past `seq`, adding `entries` to its history (revision-checked)
+        and, when given, setting its rate budget."""
         for _ in range(10):
             new = turn.remember(
                 state,
@@ -215,6 +263,8 @@ class CoreWorker:
                 max_messages=self.settings.history_messages,
                 max_chars=self.settings.history_chars,
             )
+            tat = state.rate_tat if rate_tat is None else max(rate_tat, state.rate_tat)
+            new = msgspec.structs.replace(new, rate_tat=tat)
             if await self.chats.save(key, new, revision):
                 return
             state, revision = await self.chats.get(key, chat)

@@ -13,6 +13,15 @@ Two ways to run:
   `max_ack_pending` held). A retry waits in place, keeping the message alive with
   `in_progress()`, because a nak would let the next message of the same subject overtake
   it. This is how per-chat order holds without one chat blocking the others.
+
+  With `max_per_subject` (fairness, ADR 0015) one subject holds at most that many
+  messages here; the rest are handed back with a delay sized to the subject's pace
+  (`nak(delay)`), so a flooding subject cannot fill the local window and every other
+  subject keeps being fetched. A handed-back message is redelivered after the ones behind
+  it were fetched: only a handler that keeps order itself across redeliveries (the core's
+  chat record) may use it. The server still counts handed-back messages as pending, so
+  the server window (`max_ack_pending`) is made larger than what is held here
+  (`max_held`).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import bisect
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -77,6 +87,14 @@ class ConsumerSpec:
     # Wait for the server to confirm each ack (so a graceful handover never hands over an
     # acked message). A handler whose own records make a redelivery harmless can skip it.
     sync_ack: bool = True
+    # Ordered-by-subject only. At most this many messages of one subject are held (0: no
+    # cap); more are handed back with a delay. Only for handlers that keep per-subject
+    # order across redeliveries themselves (see the module docstring).
+    max_per_subject: int = 0
+    # Ordered-by-subject only: messages held (and kept alive) here at once; 0 means
+    # `max_ack_pending`. Smaller than the server window when handed-back messages, which
+    # the server still counts as pending, must not crowd out other subjects.
+    max_held: int = 0
 
     def config(self) -> ConsumerConfig:
         """The nats-py consumer config."""
@@ -537,6 +555,25 @@ async def _wait(stop: asyncio.Event, seconds: float) -> bool:
     return stop.is_set()
 
 
+# Handing back over-cap messages: never sooner than this (no redelivery spin), never
+# later than this (a pace estimate gone wrong costs at most this much latency).
+DEFER_MIN_S = 0.25
+DEFER_MAX_S = 30.0
+# The pace (seconds per message of a subject) a hand-back delay is sized with is at most
+# this: with several replicas a message can wait for an earlier one held elsewhere, and a
+# pace learned from such waits would park the subject's next message ever longer.
+PACE_MAX_S = 1.0
+
+
+@dataclass
+class _Backlog:
+    """A subject over its cap: the messages handed back and when each should be back."""
+
+    deferred: dict[int, float] = field(default_factory=dict)  # stream seq -> forget after
+    pace: float = 0.0  # seconds between two settled messages of the subject (EWMA)
+    last_done: float = 0.0  # when its last message was settled (monotonic)
+
+
 class _KeyedRun:
     """Ordered-by-subject mode: per-subject queues, one worker task per busy subject."""
 
@@ -551,12 +588,16 @@ class _KeyedRun:
         self.queues: dict[str, list[int]] = {}  # per subject, sorted by stream sequence
         self.workers: dict[str, asyncio.Task[None]] = {}
         self.slot_freed = asyncio.Event()
+        self.backlogs: dict[str, _Backlog] = {}  # subjects with messages handed back
+        self.turn_time = 0.1  # seconds one message takes (EWMA over every subject)
+        self.deferred = 0  # messages handed back for being over their subject's cap
 
     async def run(self) -> None:
         heartbeat = asyncio.create_task(self._heartbeat())
+        limit = self.spec.max_held or self.spec.max_ack_pending
         try:
             while not self.stop.is_set():
-                free = self.spec.max_ack_pending - len(self.held)
+                free = limit - len(self.held)
                 if free <= 0:
                     # fetch(batch > free) would block for the whole timeout: wait for a slot.
                     self.slot_freed.clear()
@@ -564,7 +605,7 @@ class _KeyedRun:
                         await asyncio.wait_for(self.slot_freed.wait(), self.spec.fetch_timeout)
                     continue
                 for msg in await self.loop.fetch(self.sub, min(self.spec.batch, free), self.stop):
-                    self._dispatch(msg)
+                    await self._dispatch(msg)
         finally:
             # Stop: each worker finishes the message in hand; the rest are handed back.
             await asyncio.gather(*self.workers.values(), return_exceptions=True)
@@ -574,11 +615,19 @@ class _KeyedRun:
             with contextlib.suppress(*_NATS_TRANSIENT):
                 await self.loop.bus.nc.flush(timeout=5)  # acks sent before we return
 
-    def _dispatch(self, msg: Msg) -> None:
+    async def _dispatch(self, msg: Msg) -> None:
         seq = msg.metadata.sequence.stream
         if seq in self.held:  # a redelivery of one we still hold: keep the newest handle
             self.held[seq] = msg
             return
+        if self.spec.max_per_subject:
+            delay, evicted = self._over_cap(msg.subject, seq)
+            if evicted is not None:
+                await self._hand_back(msg.subject, evicted)
+            if delay:
+                self.deferred += 1
+                await self.loop.settle(msg.nak(delay=delay))
+                return
         self.held[seq] = msg
         # Sorted: a redelivered earlier message goes before later ones (not before the one
         # in progress, which may step aside: see Delivery.overtaken).
@@ -587,12 +636,88 @@ class _KeyedRun:
         if msg.subject not in self.workers:
             self.workers[msg.subject] = asyncio.create_task(self._work(msg.subject))
 
+    def _over_cap(self, subject: str, seq: int) -> tuple[float, int | None]:
+        """(0, _) if the message may be held now, else how long to hand it back for; and
+        a held message of the subject to hand back instead, if any.
+
+        A subject holds at most `max_per_subject` messages: its earliest. A message earlier
+        than the last one held takes that one's place (it must go first; the one it
+        displaces waits, unless it is already running). Hand-back delays grow with how
+        many of the subject's messages are known to go first, at the subject's pace, so a
+        message comes back about when its turn comes instead of spinning.
+        """
+        queue = self.queues.get(subject, [])
+        backlog = self.backlogs.get(subject)
+        now = time.monotonic()
+        earlier = 0
+        if backlog is not None:
+            backlog.deferred.pop(seq, None)  # it came back
+            # Past due and not back: another replica has it (a position estimate only).
+            for gone in [s for s, until in backlog.deferred.items() if until < now]:
+                del backlog.deferred[gone]
+            earlier = sum(1 for s in backlog.deferred if s < seq)
+        cap = self.spec.max_per_subject
+        if len(queue) < cap:
+            return 0.0, None
+        if seq < queue[-1]:
+            # queue[0] is running: it steps aside by itself (Delivery.overtaken).
+            return 0.0, queue[-1] if len(queue) > 1 else None
+        return self._defer(subject, seq, len(queue) + earlier - cap + 1), None
+
+    def _defer(self, subject: str, seq: int, position: int) -> float:
+        """Record a hand-back of `seq`, `position` messages behind what the subject holds."""
+        backlog = self.backlogs.get(subject)
+        if backlog is None:
+            backlog = self.backlogs[subject] = _Backlog()
+        pace = min(backlog.pace or self.turn_time, PACE_MAX_S)
+        # Half the expected wait: a message back early is only handed back again (about
+        # log2(position) times in all); one back late would stall its whole subject.
+        delay = min(max(position * pace / 2, DEFER_MIN_S), DEFER_MAX_S)
+        backlog.deferred[seq] = time.monotonic() + delay + 1.0
+        return delay
+
+    async def _hand_back(self, subject: str, seq: int) -> None:
+        """Give a held, not yet running message back to the server (an earlier one of its
+        subject took its place)."""
+        queue = self.queues[subject]
+        msg = self.held.pop(seq, None)
+        queue.remove(seq)
+        if msg is not None:
+            self.deferred += 1
+            await self.loop.settle(msg.nak(delay=self._defer(subject, seq, 1)))
+
+    def _settled(self, subject: str, started: float, busy_since: float, progressed: bool) -> None:
+        """Learn how long a message takes (overall) and how fast a subject with a backlog
+        moves: the time between two of its settled messages, not counting time it had
+        nothing here (a pace inflated by idling would only idle it more)."""
+        now = time.monotonic()
+        self.turn_time = 0.8 * self.turn_time + 0.2 * (now - started)
+        backlog = self.backlogs.get(subject)
+        if backlog is None or not progressed:
+            return
+        gap = now - max(backlog.last_done, busy_since)
+        backlog.pace = gap if not backlog.pace else 0.7 * backlog.pace + 0.3 * gap
+        backlog.last_done = now
+
+    def _prune(self) -> None:
+        """Forget hand-backs that never came back here (another replica took them)."""
+        now = time.monotonic()
+        for subject, backlog in list(self.backlogs.items()):
+            for gone in [s for s, until in backlog.deferred.items() if until < now]:
+                del backlog.deferred[gone]
+            if not backlog.deferred and subject not in self.queues:
+                del self.backlogs[subject]
+
     async def _work(self, subject: str) -> None:
         queue = self.queues[subject]
+        busy_since = time.monotonic()
         try:
             while queue and not self.stop.is_set():
                 seq = queue[0]
+                started, before = time.monotonic(), self.loop.handled + self.loop.dead_lettered
                 await self._process(self.held[seq], queue)
+                progressed = self.loop.handled + self.loop.dead_lettered != before
+                self._settled(subject, started, busy_since, progressed)
                 queue.remove(seq)
                 self.held.pop(seq, None)
                 self.slot_freed.set()
@@ -686,6 +811,7 @@ class _KeyedRun:
         """Keep every held message alive while it waits behind its subject's queue."""
         while True:
             await asyncio.sleep(self.spec.ack_wait / 3)
+            self._prune()
             for msg in list(self.held.values()):
                 with contextlib.suppress(*_NATS_TRANSIENT):
                     await msg.in_progress()

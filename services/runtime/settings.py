@@ -98,6 +98,8 @@ class Delivery:
 
 # A real WhatsApp number gets banned for bulk sending: stay well below what it tolerates.
 NEONIZE_DEFAULT_LIMIT = RateLimit(per_minute=30, burst=5)
+# A person types a few messages a minute; a burst of 10 covers pasting a list line by line.
+DEFAULT_CHAT_RATE = RateLimit(per_minute=20, burst=10)
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,13 @@ class CoreSettings:
     fallback_reply: str = "Sorry, I could not answer that just now. Please try again later."
     group_replies: Literal["mention", "all", "none"] = "mention"
     reply_limit: int = 4096
+    # Per-chat inbound rate (SVC_CHAT_RATE, None: off) and what happens to a message over
+    # it (SVC_CHAT_FLOOD): `hold` answers it later, in order; `refuse` records
+    # MessageRefused and never calls the model. See ADR 0015.
+    chat_rate: RateLimit | None = DEFAULT_CHAT_RATE
+    chat_flood: Literal["hold", "refuse"] = "hold"
+    # The echo model's simulated thinking time (SVC_ECHO_LATENCY_MS), for load tests.
+    echo_latency_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -214,6 +223,12 @@ def load_settings(env: Mapping[str, str] | None = None, *, role: str | None = No
                 get.get_choice("SVC_GROUP_REPLIES", "mention", ("mention", "all", "none")),
             ),
             reply_limit=get.get_int("SVC_REPLY_LIMIT", 4096, minimum=100, maximum=65_536),
+            chat_rate=get.get_rate("SVC_CHAT_RATE", DEFAULT_CHAT_RATE),
+            chat_flood=cast(
+                Literal["hold", "refuse"],
+                get.get_choice("SVC_CHAT_FLOOD", "hold", ("hold", "refuse")),
+            ),
+            echo_latency_ms=get.get_float("SVC_ECHO_LATENCY_MS", 0.0, minimum=0, maximum=60_000),
         ),
     )
     if settings.llm == "openai" and not settings.openai_api_key:

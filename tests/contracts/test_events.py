@@ -107,6 +107,18 @@ SAMPLES: dict[type[ev.Message], ev.Message] = {
         tools_called=TOOL_CALLS[:1],
         plugins_seq=17,
     ),
+    ev.MessageRefused: ev.MessageRefused(
+        id="00000000000000000000000000000031",
+        at=AT,
+        channel=CHANNEL,
+        account="acct-1",
+        chat="123@s.whatsapp.net",
+        sender="123@s.whatsapp.net",
+        message_id="wamid.HBgLMTIzNDU2Nzg5MBUCABIYFjNFQjBDMEQ1",
+        rule="rate:chat",
+        inbound_id="00000000000000000000000000000001",
+        detail="over 20/min (burst 10)",
+    ),
     ev.SendMessage: ev.SendMessage(
         id="00000000000000000000000000000004",
         at=AT,

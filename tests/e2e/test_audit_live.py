@@ -33,7 +33,9 @@ async def test_auditing_a_live_system_disturbs_nothing(
     processes: Processes, served: tuple[str, Bus]
 ) -> None:
     url, bus = served
-    processes.start("run", "all", NATS_URL=url)
+    # 20 messages a chat within a second: over the default chat rate, which would hold
+    # them (ADR 0015); this test is about the audit on a busy system, so no rate.
+    processes.start("run", "all", NATS_URL=url, SVC_CHAT_RATE="off")
     await wait_until(lambda: holder_of(bus, "default"), what="an owner")
     async with SimUser(bus, "default") as user:
         await user.send("warmup@s.whatsapp.net", "hi")
@@ -83,7 +85,8 @@ async def test_after_a_kill_9_of_the_owner_mid_traffic_the_audit_finds_no_violat
     result = await arun_svc("audit", "--json", "--grace", "0", env=env)
     report = json.loads(result.stdout)
     assert result.returncode == 0, result.stdout.decode()
-    assert report["rules"]["split-brain"]["checked"]["sends"] >= 120  # DELIVERY + SIM_OUT
+    # each sent job once, though both DELIVERY and SIM_OUT record it (item 18)
+    assert report["rules"]["split-brain"]["checked"]["sends"] == 60
     timeline = report["summary"]["leases"]["default"]
     assert [e["event"] for e in timeline].count("acquired") >= 2  # the takeover is there
 

@@ -53,7 +53,15 @@ async def test_two_core_replicas_answer_each_message_once_in_per_chat_order(
     for r in replies:
         by_chat[r.chat].append(r.text)
     assert dict(by_chat) == dict(sent)
-    turns = [e for _, e in await read_stream(bus, "AGENT") if isinstance(e, TurnCompleted)]
+    # A turn's record is published after its reply jobs: the last replies can reach the
+    # network before their turn records are stored. Wait for all 200 of them.
+    turns: list[TurnCompleted] = []
+
+    async def all_turns_recorded() -> bool:
+        turns[:] = [e for _, e in await read_stream(bus, "AGENT") if isinstance(e, TurnCompleted)]
+        return len(turns) >= 200
+
+    await wait_until(all_turns_recorded, timeout=30, what="200 turn records on AGENT")
     assert len({t.inbound_id for t in turns}) == len(turns) == 200
 
 

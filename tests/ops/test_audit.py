@@ -22,6 +22,7 @@ from contracts.events import (
     LeaseAcquired,
     LeaseReleased,
     MessageReceived,
+    MessageRefused,
     MessageSent,
     SendMessage,
     TurnCompleted,
@@ -572,3 +573,65 @@ async def test_a_projection_that_does_not_replay_the_same_is_caught(
     found = violations(await run(bus), "replay")
     assert [v["refs"] for v in found] == [["PLUGINS:1"]]
     assert "facts" in str(found[0]["message"])
+
+
+async def test_svc_audit_counts_each_send_once_though_sender_and_network_both_record_it(
+    bus: Bus, nats_server: EmbeddedNats
+) -> None:
+    # Given two replies, each recorded by the sender (DELIVERY MessageSent) and by the
+    # network (SIM_OUT), as every sim send is
+    log = Log(bus)
+    await log.lease("h1", 1, 0)
+    inbound = await log.inbound("hello")
+    await log.turn(inbound, "j1", "j2")
+    for n, job_id in enumerate(("j1", "j2"), start=1):
+        await log.sent(job_id, "h1", 1, n, job_seq=n)
+        sent = SimOutbound(chat=CHAT, text="x", job_id=job_id, holder="h1", lease_token=1)
+        await bus.publish_bytes(subjects.sim_out(ACCOUNT), encode(sent), msg_id=f"n{n}")
+    # When the operator asks for the numbers
+    env = {"NATS_URL": nats_server.url, "PATH": "/usr/bin:/bin"}
+    done = await arun_svc("audit", "--json", "--grace", "0", env=env)
+    # Then two sends are counted, not four
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["rules"]["split-brain"]["checked"]["sends"] == 2
+    assert data["events"]["DELIVERY"] == data["events"]["SIM_OUT"] == 2
+
+
+def refusal(inbound: MessageReceived, event_id: str = "") -> MessageRefused:
+    return MessageRefused(
+        id=event_id or derived_id("refused", inbound.id),
+        account=inbound.account,
+        chat=inbound.chat,
+        sender=inbound.sender,
+        message_id=inbound.message_id,
+        rule="rate:chat",
+        inbound_id=inbound.id,
+    )
+
+
+async def test_a_refused_message_has_its_outcome_and_is_not_lost(bus: Bus) -> None:
+    # Given a message the core refused (the chat's rate) after one it answered
+    log = Log(bus)
+    answered = await log.inbound("hello")
+    await log.turn(answered)
+    refused = await log.inbound("hello again")
+    await bus.publish(subjects.agent("whatsapp", ACCOUNT, CHAT), refusal(refused))
+    # When audited with no grace
+    data = await run(bus, grace=0)
+    # Then nothing is lost: the refusal ends the message like a turn does
+    assert violations(data, "lost") == []
+    assert violations(data, "duplicates") == []
+    assert data["events"]["AGENT"] == 2  # type: ignore[index]
+
+
+@pytest.mark.audit_violations
+async def test_a_turn_and_a_refusal_for_one_message_are_duplicates(bus: Bus) -> None:
+    log = Log(bus)
+    inbound = await log.inbound("hi")
+    turn = await log.turn(inbound)
+    refused = refusal(inbound)
+    await bus.publish(subjects.agent("whatsapp", ACCOUNT, CHAT), refused)
+    found = violations(await run(bus), "duplicates")
+    assert [v["event_ids"] for v in found] == [[turn.id, refused.id]]
+    assert "second outcome" in str(found[0]["message"])

@@ -1,0 +1,117 @@
+"""Fairness under a flood: one chat sends N messages at once, other chats keep talking.
+
+Real processes on a fresh embedded nats-server: `svc run whatsapp` and two `svc run core`
+replicas, the echo model slowed to a fixed turn time (SVC_ECHO_LATENCY_MS). Once the whole
+flood is in INBOUND, ten other chats send one message each, one after another; prints
+their send->reply latency (p50/max), and how long the flood took to be answered in full.
+
+    python bench/fairness.py --flood 400 --turn-ms 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from services.ops.simclient import SimUser
+from services.runtime.bus import connect
+from services.runtime.nats_server import EmbeddedNats
+
+
+def _svc(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    script = Path(sys.executable).parent / "svc"
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [str(script), *args],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+            start_new_session=True,
+        )
+
+
+async def run(flood: int, turn_ms: int, others: int, rate: str, cores: int = 2) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        async with EmbeddedNats(Path(tmp) / "nats", port=0) as server:
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "SVC_"))} | {
+                "NATS_URL": server.url,
+                "SVC_DATA_DIR": tmp,
+                "SVC_LOG_LEVEL": os.environ.get("SVC_LOG_LEVEL", "WARNING"),
+                "SVC_ECHO_LATENCY_MS": str(turn_ms),
+                "SVC_CHAT_RATE": rate,
+            }
+            logs = Path(os.environ.get("BENCH_LOGS", tmp))
+            logs.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (once, before starting)
+            procs = [_svc("run", "whatsapp", env=env, log=logs / "wa.log")]
+            procs += [_svc("run", "core", env=env, log=logs / f"core{i}.log") for i in range(cores)]
+            try:
+                async with connect(server.url, name="bench") as bus:
+                    await _ready(bus)
+                    async with SimUser(bus, "default") as user:
+                        started = time.perf_counter()
+                        flooded = [
+                            await user.send("flood@s.whatsapp.net", f"flood {n}")
+                            for n in range(flood)
+                        ]
+                        while (await bus.js.stream_info("INBOUND")).state.messages < flood:  # noqa: ASYNC110
+                            await asyncio.sleep(0.05)  # polling the server's count
+                        ingested = time.perf_counter() - started
+                        print(f"flood of {flood} in INBOUND after {ingested:.1f}s")
+                        latencies = []
+                        for n in range(others):
+                            e = await user.send(f"other{n}@s.whatsapp.net", "hi")
+                            while e.reply is None:  # noqa: ASYNC110
+                                await asyncio.sleep(0.01)  # SimUser fills it in
+                            latencies.append(e.latency_ms / 1000)
+                        answered = sum(x.reply is not None for x in flooded)
+                        print(
+                            f"other chats: p50 {statistics.median(latencies):.2f}s"
+                            f" max {max(latencies):.2f}s (flood answered so far: {answered})"
+                        )
+                        await user.wait_replies(3600)
+                        took = time.perf_counter() - started
+                        ordered = [x.text for x in sorted(flooded, key=lambda x: x.replied_at)]
+                        in_order = ordered == [f"flood {n}" for n in range(flood)]
+                        print(
+                            f"flood answered in {took:.1f}s ({flood / took:.1f}/s;"
+                            f" serial floor {flood * turn_ms / 1000:.1f}s), in order: {in_order}"
+                        )
+            finally:
+                for p in procs:
+                    os.killpg(p.pid, signal.SIGTERM)
+                for p in procs:
+                    p.wait(30)
+
+
+async def _ready(bus: object) -> None:
+    for _ in range(600):
+        try:
+            await bus.js.consumer_info("SIM", "sim-in-default")  # type: ignore[attr-defined]
+            await bus.js.consumer_info("INBOUND", "core")  # type: ignore[attr-defined]
+            return
+        except Exception:
+            await asyncio.sleep(0.05)
+    raise SystemExit("roles did not start")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flood", type=int, default=400)
+    parser.add_argument("--turn-ms", type=int, default=100)
+    parser.add_argument("--others", type=int, default=10)
+    parser.add_argument("--rate", default="off", help="SVC_CHAT_RATE for the run")
+    parser.add_argument("--cores", type=int, default=2, help="core replicas")
+    args = parser.parse_args()
+    asyncio.run(run(args.flood, args.turn_ms, args.others, args.rate, args.cores))
+
+
+if __name__ == "__main__":
+    main()
