@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -87,6 +88,33 @@ async def wait_until(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def raw_publish(
+    url: str, subject: bytes, payload: bytes = b"hi", *, headers: bytes = b""
+) -> None:
+    """What any client on the network can send: a plain PUB (HPUB with `headers`, the raw
+    header block after `NATS/1.0`), no client library, so no client-side checks."""
+    host, port = url.removeprefix("nats://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        await reader.readline()  # INFO
+        writer.write(b'CONNECT {"verbose":false,"pedantic":false,"headers":true}\r\n')
+        if headers:
+            block = b"NATS/1.0\r\n" + headers + b"\r\n\r\n"
+            size = len(block) + len(payload)
+            writer.write(b"HPUB %b %d %d\r\n" % (subject, len(block), size))
+            writer.write(block + payload + b"\r\n")
+        else:
+            writer.write(b"PUB " + subject + b" %d\r\n" % len(payload) + payload + b"\r\n")
+        writer.write(b"PING\r\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 5)
+        assert line == b"PONG\r\n", line
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
 
 
 async def read_stream(bus: Bus, stream: str, subject: str = ">") -> list[tuple[str, AnyMessage]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -17,6 +18,7 @@ from contextlib import asynccontextmanager
 from typing import Any, NoReturn
 
 import nats
+import nats.protocol.parser
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -33,6 +35,20 @@ from services.runtime.settings import NatsSecurity
 from services.runtime.telemetry import publish_span
 
 log = logging.getLogger(__name__)
+
+# The wire protocol separates a MSG/HMSG line's arguments by spaces and tabs only (as
+# nats-server's own parser does), so a subject may hold a form feed or vertical tab that a
+# raw publisher put there. nats-py's patterns split on `\s`, which includes both: such a
+# subject read as "malformed MSG" made the client reconnect and the message come back,
+# forever. These are nats-py's patterns with only the separators made exact.
+_ARG = rb"[^ \t\r\n]+"
+nats.protocol.parser.MSG_RE = re.compile(
+    rb"\AMSG[ \t]+(" + _ARG + rb")[ \t]+(" + _ARG + rb")[ \t]+((" + _ARG + rb")[ \t]+)?(\d+)\r\n"
+)
+nats.protocol.parser.HMSG_RE = re.compile(
+    rb"\AHMSG[ \t]+(" + _ARG + rb")[ \t]+(" + _ARG + rb")[ \t]+((" + _ARG + rb")[ \t]+)?"
+    rb"(\d+)[ \t]+(\d+)\r\n"
+)
 
 
 class Bus:

@@ -19,9 +19,9 @@ from services.app import EXIT_CONNECTION_LOST, EXIT_EMBEDDED_SERVER_DIED
 from services.ops.simclient import SimUser
 from services.runtime.bus import Bus
 from services.runtime.nats_server import EmbeddedNats
-from tests.conftest import Processes, arun_svc, wait_until
+from tests.conftest import Processes, arun_svc, raw_publish, wait_until
 from tests.e2e.conftest import read_url
-from tests.runtime.test_connection import BAD_SUBJECT, raw_publish
+from tests.runtime.test_connection import BAD_SUBJECT
 
 pytestmark = pytest.mark.slow
 

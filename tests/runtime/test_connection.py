@@ -15,27 +15,9 @@ from services.runtime.bus import Bus, WatchedClient, connect
 from services.runtime.errors import NatsConnectionLostError
 from services.runtime.nats_server import EmbeddedNats
 from services.runtime.reader import Skipped, read
-from tests.conftest import role, wait_until
+from tests.conftest import raw_publish, role, wait_until
 
 BAD_SUBJECT = b"inbound.whatsapp.default.\xff\xfe"
-
-
-async def raw_publish(url: str, subject: bytes, payload: bytes = b"hi") -> None:
-    """What any client on the network can send: a plain PUB, no client library."""
-    host, port = url.removeprefix("nats://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        await reader.readline()  # INFO
-        writer.write(b'CONNECT {"verbose":false,"pedantic":false,"headers":true}\r\n')
-        writer.write(b"PUB " + subject + b" %d\r\n" % len(payload) + payload + b"\r\n")
-        writer.write(b"PING\r\n")
-        await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), 5)
-        assert line == b"PONG\r\n", line
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
 
 
 @contextlib.asynccontextmanager
@@ -66,6 +48,22 @@ async def test_a_non_utf8_subject_reaches_the_subscriber_and_the_connection_keep
         assert seen[0].encode("utf-8", "surrogateescape") == BAD_SUBJECT
         assert seen[1] == "inbound.whatsapp.default.ok"
         assert bus.nc.is_connected
+        assert not bus.lost.is_set()
+
+
+async def test_a_subject_with_a_form_feed_or_vertical_tab_is_read_without_reconnecting(
+    nats_server: EmbeddedNats,
+) -> None:
+    # The server separates a message line's arguments by spaces and tabs only, so it stores
+    # a subject holding \f or \v; stock nats-py split on them, read "malformed MSG" and
+    # reconnected, and the redelivered message did the same again, forever.
+    odd = b"inbound.whatsapp.default.\x0c\xff\x0b"
+    async with connect(nats_server.url, name="t") as bus, listening(bus, "inbound.>") as seen:
+        await raw_publish(nats_server.url, odd)
+        await raw_publish(nats_server.url, b"inbound.whatsapp.default.ok")
+        await wait_until(lambda: len(seen) == 2, 10, "both messages")
+        assert seen[0].encode("utf-8", "surrogateescape") == odd
+        assert bus.nc.stats["reconnects"] == 0
         assert not bus.lost.is_set()
 
 

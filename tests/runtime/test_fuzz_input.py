@@ -18,7 +18,8 @@ from contracts.events import MessageReceived, SendMessage
 from contracts.payloads import SimInbound
 from services.ops.simclient import SimUser
 from services.runtime.bus import Bus
-from tests.conftest import role, wait_until
+from services.runtime.nats_server import EmbeddedNats
+from tests.conftest import raw_publish, role, wait_until
 
 ACCOUNT = "default"
 # Consumers of the `all` role (durable names) and their streams: nothing may stay there.
@@ -29,9 +30,7 @@ CONSUMERS = (
 )
 
 # One subject token: valid UTF-8 without the separators and wildcards nats-py would split
-# on. TODO(conn): non-UTF-8 subject tokens (raw socket publish, issue 11 item 2) belong
-# here as a strategy of raw bytes tokens once the client's read loop survives them;
-# the consumer already files such a subject under `deadletter._invalid.<stream>`.
+# on (a raw publisher's tokens, not UTF-8 at all, are `raw_token` below).
 token = st.one_of(
     st.text(
         st.characters(
@@ -84,6 +83,26 @@ header_value = st.text(
 headers = st.dictionaries(header_name, header_value, max_size=4)
 batch = st.lists(st.tuples(subject, payload, headers), min_size=1, max_size=6)
 
+# What a raw publisher (no client library) can store: subject tokens of arbitrary bytes,
+# UTF-8 or not (issue 11 item 2), and header lines of arbitrary bytes.
+raw_token = st.binary(min_size=1, max_size=16).filter(
+    lambda b: not any(c in b for c in b" \t\r\n.*>")
+)
+raw_subject = st.one_of(
+    st.builds(b"inbound.whatsapp.default.".__add__, raw_token),
+    st.builds(b"outbound.whatsapp.default.".__add__, raw_token),
+    st.builds(lambda t: b"sim.whatsapp." + t + b".in", raw_token),
+    st.just(subjects.sim_in(ACCOUNT).encode()),
+)
+raw_header_line = st.builds(
+    lambda name, value: name + b": " + value,
+    st.sampled_from([b"Nats-Msg-Id", b"traceparent", b"X-Any"]),
+    st.binary(max_size=32).filter(lambda b: b"\r" not in b and b"\n" not in b),
+)
+raw_headers = st.lists(raw_header_line, max_size=3).map(b"\r\n".join)
+raw_batch = st.lists(st.tuples(raw_subject, payload, raw_headers), max_size=3)
+BAD_UTF8 = b"inbound.whatsapp.default.\xff\xfe"
+
 
 @pytest.fixture
 async def system(bus: Bus) -> AsyncIterator[Bus]:
@@ -118,24 +137,35 @@ _chats = itertools.count()
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(batch=batch)
+@given(batch=batch, raw=raw_batch)
 # The cases issue 11 found, always run: a 4,000-character chat id through the sim, and a
 # job with no chat and another account on this account's queue.
-@example(batch=[(subjects.sim_in(ACCOUNT), LONG_JID_MESSAGE, {})])
-@example(batch=[("outbound.whatsapp.default.x", NO_CHAT_JOB, {"X-A": "1"})])
+@example(batch=[(subjects.sim_in(ACCOUNT), LONG_JID_MESSAGE, {})], raw=[])
+@example(batch=[("outbound.whatsapp.default.x", NO_CHAT_JOB, {"X-A": "1"})], raw=[])
+# ... and a subject that is not UTF-8, stored by a raw publish (it killed nats-py's reader).
+@example(batch=[], raw=[(BAD_UTF8, b"hi", b""), (BAD_UTF8, b"{}", b"X-Any: \xff")])
+# ... and one with a form feed, which stock nats-py split the message line on.
+@example(batch=[], raw=[(b"inbound.whatsapp.default.\x0c\xff", b"\xf3", b"")])
 async def test_garbage_on_every_consumed_subject_never_stops_the_system(
-    system: Bus, batch: list[tuple[str, bytes, dict[str, str]]]
+    system: Bus,
+    nats_server: EmbeddedNats,
+    batch: list[tuple[str, bytes, dict[str, str]]],
+    raw: list[tuple[bytes, bytes, bytes]],
 ) -> None:
     bus = system
-    # Given a batch of arbitrary messages on the subjects the role consumes
+    # Given a batch of arbitrary messages on the subjects the role consumes, from a
+    # client and from a raw publisher
     for subj, data, hdrs in batch:
         await bus.nc.publish(subj, data, headers=hdrs or None)
     await bus.nc.flush()
+    for raw_subj, data, raw_hdrs in raw:
+        await raw_publish(nats_server.url, raw_subj, data, headers=raw_hdrs)
     # When a valid user message follows it
     async with SimUser(bus, ACCOUNT) as user:
         await user.send(f"fuzz{next(_chats)}@s.whatsapp.net", "still there?")
         # Then it is answered, and every bad message was dead-lettered or refused:
         # no consumer holds or leaves anything behind
-        assert await user.wait_replies(30), f"no answer after {[s[:80] for s, _, _ in batch]}"
+        sent = [s[:80] for s, _, _ in batch] + [s[:80] for s, _, _ in raw]
+        assert await user.wait_replies(30), f"no answer after {sent}"
     await wait_until(lambda: _drained(bus), timeout=30, what="every consumer drained")
     assert bus.nc.is_connected

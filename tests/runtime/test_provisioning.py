@@ -186,7 +186,7 @@ class _Limited(StreamSpec, frozen=True, kw_only=True):
 async def test_new_limits_in_a_spec_are_reported_and_applied_to_an_existing_stream(
     nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    old = STREAMS_BY_NAME["DEADLETTER"]
+    old = STREAMS_BY_NAME["AGENT"]  # created without limits
     async with connect(nats_server.url, name="t") as b:
         await ensure_streams(b.js)
         # Given the spec of an existing stream gains limits (a new release)
