@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -42,6 +43,43 @@ async def served(
     async with connect(url, name="e2e-test") as bus:
         yield url, bus
         await assert_audit_clean(bus, request)
+
+
+OWNER_AND_CORE = (("SIM", "sim-in-default"), ("INBOUND", "core"))
+
+
+async def consumers_ready(bus: Bus, *consumers: tuple[str, str]) -> bool:
+    """True once every (stream, durable) consumer exists (default: the sim owner's and
+    the core's, i.e. `svc run whatsapp` and `svc run core` are up)."""
+    try:
+        for stream, durable in consumers or OWNER_AND_CORE:
+            await bus.js.consumer_info(stream, durable)
+    except Exception:
+        return False
+    return True
+
+
+def children(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def cmdline(pid: int) -> str:
+    """The command line of process `pid` ('' once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def pid_of(holder: str) -> int:

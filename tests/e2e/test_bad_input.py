@@ -21,7 +21,7 @@ from services.ops.simclient import SimUser
 from services.runtime.bus import Bus
 from tests.conftest import Processes, read_stream, wait_until
 from tests.core.test_openai import completion
-from tests.e2e.conftest import SimNetwork, holder_of
+from tests.e2e.conftest import SimNetwork, consumers_ready, holder_of
 
 pytestmark = pytest.mark.slow
 
@@ -31,12 +31,7 @@ ATTACKER = "4915100000666@s.whatsapp.net"
 
 
 async def _ready(bus: Bus, *consumers: tuple[str, str]) -> bool:
-    try:
-        for stream, durable in consumers:
-            await bus.js.consumer_info(stream, durable)
-    except Exception:
-        return False
-    return await holder_of(bus, ACCOUNT) is not None
+    return await consumers_ready(bus, *consumers) and await holder_of(bus, ACCOUNT) is not None
 
 
 async def _letters(bus: Bus) -> list[tuple[str, DeadLettered]]:

@@ -13,18 +13,9 @@ from contracts.events import TurnCompleted
 from services.ops.simclient import SimUser
 from services.runtime.bus import Bus
 from tests.conftest import Processes, read_stream, wait_until
-from tests.e2e.conftest import SimNetwork
+from tests.e2e.conftest import SimNetwork, consumers_ready
 
 pytestmark = pytest.mark.slow
-
-
-async def _owner_ready(bus: Bus) -> bool:
-    try:
-        await bus.js.consumer_info("SIM", "sim-in-default")
-        await bus.js.consumer_info("INBOUND", "core")
-    except Exception:
-        return False
-    return True
 
 
 @pytest.mark.parametrize("kill_one", [False, True], ids=["steady", "kill-9-midway"])
@@ -34,7 +25,7 @@ async def test_two_core_replicas_answer_each_message_once_in_per_chat_order(
     url, bus = served
     processes.start("run", "whatsapp", NATS_URL=url)
     cores = [processes.start("run", "core", NATS_URL=url) for _ in range(2)]
-    await wait_until(lambda: _owner_ready(bus), what="owner and core consumers")
+    await wait_until(lambda: consumers_ready(bus), what="owner and core consumers")
     sent: dict[str, list[str]] = defaultdict(list)
     async with SimNetwork(bus, "default") as net, SimUser(bus, "default") as user:
         for i in range(200):
@@ -71,7 +62,7 @@ async def test_a_turn_sees_the_previous_exchange_made_by_another_replica(
     url, bus = served
     processes.start("run", "whatsapp", NATS_URL=url)
     first_core = processes.start("run", "core", NATS_URL=url)
-    await wait_until(lambda: _owner_ready(bus), what="owner and core consumers")
+    await wait_until(lambda: consumers_ready(bus), what="owner and core consumers")
     async with SimUser(bus, "default") as user:
         first = await user.send("ana@s.whatsapp.net", "my name is Ana")
         assert await user.wait_replies(20)
@@ -92,7 +83,7 @@ async def test_the_echo_tool_syntax_drives_a_real_tool_call_end_to_end(
 ) -> None:
     url, bus = served
     processes.start("run", "all", NATS_URL=url)
-    await wait_until(lambda: _owner_ready(bus), what="owner and core consumers")
+    await wait_until(lambda: consumers_ready(bus), what="owner and core consumers")
     async with SimUser(bus, "default") as user:
         asked = await user.send(
             "bo@s.whatsapp.net", '!tool calculator.evaluate {"expression": "6*7"}'

@@ -19,21 +19,13 @@ from contracts.events import MessageRefused, TurnCompleted
 from services.ops.simclient import Exchange, SimUser
 from services.runtime.bus import Bus
 from tests.conftest import Processes, arun_svc, read_stream, wait_until
+from tests.e2e.conftest import consumers_ready
 
 pytestmark = pytest.mark.slow
 
 FLOOD_CHAT = "flood@s.whatsapp.net"
 TURN_MS = 50
 OTHER_CHATS_BOUND_S = 5.0
-
-
-async def _ready(bus: Bus) -> bool:
-    try:
-        await bus.js.consumer_info("SIM", "sim-in-default")
-        await bus.js.consumer_info("INBOUND", "core")
-    except Exception:
-        return False
-    return True
 
 
 async def _inbound_count(bus: Bus) -> int:
@@ -49,7 +41,7 @@ async def test_a_flooding_chat_leaves_other_chats_latency_alone_and_is_answered_
     processes.start("run", "whatsapp", **env)
     for _ in range(2):
         processes.start("run", "core", **env)
-    await wait_until(lambda: _ready(bus), timeout=30, what="owner and core consumers")
+    await wait_until(lambda: consumers_ready(bus), timeout=30, what="owner and core consumers")
     async with SimUser(bus, "default") as user:
         # Given one chat that sent 400 messages, all of them in INBOUND ahead of anyone else
         flood = [await user.send(FLOOD_CHAT, f"flood {n}") for n in range(400)]
@@ -83,7 +75,7 @@ async def test_refuse_records_the_flood_over_the_budget_and_the_audit_counts_it_
     url, bus = served
     env = {"NATS_URL": url, "SVC_CHAT_RATE": "60:5", "SVC_CHAT_FLOOD": "refuse"}
     processes.start("run", "all", **env)
-    await wait_until(lambda: _ready(bus), timeout=30, what="owner and core consumers")
+    await wait_until(lambda: consumers_ready(bus), timeout=30, what="owner and core consumers")
     async with SimUser(bus, "default") as user:
         # Given a chat sending 40 messages at once against a budget of 5 at once, 1/s
         flood = [await user.send(FLOOD_CHAT, f"flood {n}") for n in range(40)]

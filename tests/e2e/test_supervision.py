@@ -20,7 +20,7 @@ from services.ops.simclient import SimUser
 from services.runtime.bus import Bus
 from services.runtime.nats_server import EmbeddedNats
 from tests.conftest import Processes, arun_svc, raw_publish, wait_until
-from tests.e2e.conftest import read_url
+from tests.e2e.conftest import children, cmdline, read_url
 from tests.runtime.test_connection import BAD_SUBJECT
 
 pytestmark = pytest.mark.slow
@@ -28,22 +28,6 @@ pytestmark = pytest.mark.slow
 # Generous bounds for a loaded 2-core box; measured figures are in docs/runbook.md.
 EXIT_BOUND = 30.0
 REFUSAL_BOUND = 10.0  # with NATS_CONNECT_TIMEOUT=60: a refusal must not wait for it
-
-
-def children(pid: int) -> list[int]:
-    """Process ids whose parent is `pid` (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid:
-            found.append(int(entry.name))
-    return found
 
 
 def last_line(processes: Processes, proc: subprocess.Popen[bytes]) -> str:
@@ -116,19 +100,12 @@ async def test_svc_run_all_exits_4_when_its_embedded_server_is_killed(
 ) -> None:
     run_all = processes.start("run", "all", "--nats-port", "0")
     await wait_until(lambda: '"running"' in processes.log(run_all), 60, "role all running")
-    (child,) = [p for p in children(run_all.pid) if "nats-server" in _cmdline(p)]
+    (child,) = [p for p in children(run_all.pid) if "nats-server" in cmdline(p)]
     os.kill(child, signal.SIGKILL)
     assert await exited(run_all, processes) == EXIT_EMBEDDED_SERVER_DIED
     line = last_line(processes, run_all)
     assert line.startswith("svc: the embedded nats-server"), line
     assert "SIGKILL" in line
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return ""
 
 
 @pytest.mark.parametrize(

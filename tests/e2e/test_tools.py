@@ -12,6 +12,7 @@ import pytest
 from services.ops.simclient import SimUser
 from services.runtime.bus import Bus
 from tests.conftest import Processes, wait_until
+from tests.e2e.conftest import children, cmdline, consumers_ready
 from tests.plugins.wheels import installed
 
 pytestmark = pytest.mark.slow
@@ -37,31 +38,6 @@ TOOL_TIMEOUT = 8
 OTHER_CHATS_BOUND_S = 5.0
 
 
-async def _ready(bus: Bus) -> bool:
-    try:
-        await bus.js.consumer_info("SIM", "sim-in-default")
-        await bus.js.consumer_info("INBOUND", "core")
-    except Exception:
-        return False
-    return True
-
-
-def _workers_of(pid: int) -> list[int]:
-    """The tool worker processes whose parent is `pid`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"services.plugins.runner" in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
 def _running(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -77,7 +53,7 @@ async def test_a_spinning_tool_and_the_calculator_bomb_leave_other_chats_answere
     with installed(tmp_path, "spinner", SPINNER):
         processes.start("run", "whatsapp", NATS_URL=url)
         core = processes.start("run", "core", NATS_URL=url, SVC_TOOL_TIMEOUT=str(TOOL_TIMEOUT))
-        await wait_until(lambda: _ready(bus), timeout=30, what="owner and core consumers")
+        await wait_until(lambda: consumers_ready(bus), timeout=30, what="owner and core consumers")
         async with SimUser(bus, "default") as user:
             first = await user.send("warm@s.whatsapp.net", "hello")
             assert await user.wait_replies(30), processes.log(core)
@@ -98,7 +74,7 @@ async def test_a_spinning_tool_and_the_calculator_bomb_leave_other_chats_answere
             )
             # Then they are answered while the spinner still runs
             assert spin.reply is None
-            workers = _workers_of(core.pid)
+            workers = [p for p in children(core.pid) if "services.plugins.runner" in cmdline(p)]
             latencies = [e.latency_ms for e in [bomb, *others]]
             print("other chats' reply latency (ms):", [round(x) for x in latencies])
             assert max(latencies) < OTHER_CHATS_BOUND_S * 1000
