@@ -26,6 +26,7 @@ from contracts.events import (
     LeaseLost,
     LeaseReleased,
     MessageReceived,
+    MessageRefused,
     MessageSent,
     SendMessage,
     ToolCallRecord,
@@ -35,6 +36,7 @@ from contracts.events import (
 
 ConversationEvent = (
     MessageReceived
+    | MessageRefused
     | TurnCompleted
     | TurnFailed
     | MessageSent
@@ -47,6 +49,7 @@ ConversationEvent = (
 )
 CONVERSATION_TYPES = (
     MessageReceived,
+    MessageRefused,
     TurnCompleted,
     TurnFailed,
     MessageSent,
@@ -81,6 +84,8 @@ def kind_of(event: ConversationEvent) -> str:
             return "inbound"
         case TurnCompleted() | TurnFailed():
             return "turn"
+        case MessageRefused():
+            return "refused"
         case MessageSent():
             return "sent"
         case DeliveryFailed():
@@ -207,6 +212,9 @@ def entry_line(e: Entry) -> str:
             return f"user > {one_line(event.text)}   [from {who}]{own}"
         case TurnCompleted() | TurnFailed():
             return turn_summary(event)
+        case MessageRefused():
+            detail = f"; {one_line(event.detail, 120)}" if event.detail else ""
+            return f"REFUSED by policy {event.rule}{detail} (never reached the model)"
         case MessageSent():
             again = f", attempt {event.attempt}" if event.attempt != 1 else ""
             return (

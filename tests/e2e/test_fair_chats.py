@@ -110,3 +110,16 @@ async def test_refuse_records_the_flood_over_the_budget_and_the_audit_counts_it_
     report = json.loads(done.stdout)
     assert report["rules"]["lost"]["ok"] is True
     assert report["events"]["AGENT"] == 41
+    # and the chat's transcript shows each refusal where it happened
+    shown = await arun_svc(
+        "replay",
+        "conversation",
+        "--account",
+        "default",
+        "--chat",
+        FLOOD_CHAT,
+        env=processes.env(NATS_URL=url),
+    )
+    assert shown.returncode == 0, shown.stderr.decode()[-2000:]
+    lines = shown.stdout.decode().splitlines()
+    assert sum("REFUSED by policy rate:chat" in line for line in lines) == len(refused)
