@@ -79,12 +79,17 @@ async def letters(bus: Bus) -> dict[int, Letter]:
 
 
 async def dropped(bus: Bus) -> int:
-    """How many DEADLETTER messages the stream's limits (max age / bytes) discarded: the
-    stream starts at sequence 1, so a first sequence above 1 means the oldest are gone."""
+    """How many DEADLETTER messages the stream's limits (max age / bytes) discarded."""
     state = (await bus.js.stream_info(DEADLETTER.name)).state
-    if state.messages == 0:
-        return max(int(state.last_seq or 0), 0)
-    return max(int(state.first_seq or 1) - 1, 0)
+    return discarded(state.messages, state.first_seq, state.last_seq)
+
+
+def discarded(messages: int | None, first_seq: int | None, last_seq: int | None) -> int:
+    """Messages a limits stream no longer holds from its start: it starts at sequence 1,
+    so a first sequence above 1 (or no message left after some) means the oldest are gone."""
+    if not messages:
+        return max(int(last_seq or 0), 0)
+    return max(int(first_seq or 1) - 1, 0)
 
 
 def resolve(found: dict[int, Letter], ref: str | int) -> int:

@@ -10,6 +10,7 @@ import nats.js.errors
 
 from contracts.streams import BUCKETS, DEADLETTER, LEASES, STREAMS
 from contracts.subjects import DEADLETTER_OPS_SUBJECT
+from services.ops.dlq import discarded
 from services.runtime.bus import Bus
 from services.runtime.lease import read_lease
 from services.runtime.provisioning import retention_name
@@ -75,6 +76,7 @@ async def collect_status(bus: Bus) -> dict[str, Any]:
             )
     dead = next((s for s in streams if s["name"] == DEADLETTER.name), {})
     letters = int(dead.get("messages", 0))
+    gone = discarded(letters, dead.get("first_seq"), dead.get("last_seq"))
     if letters:
         # Each requeue/drop record on deadletter._ops closes one letter.
         ops = await js.stream_info(DEADLETTER.name, subjects_filter=DEADLETTER_OPS_SUBJECT)
@@ -85,6 +87,7 @@ async def collect_status(bus: Bus) -> dict[str, Any]:
         "streams": streams,
         "leases": leases,
         "dead_letters": max(0, letters),
+        "dead_letters_dropped": gone,
     }
 
 
@@ -121,6 +124,11 @@ def render_status(status: dict[str, Any]) -> str:
     else:
         lines.append("LEASES: none held")
     lines.append(f"\nDEAD LETTERS: {status['dead_letters']} open ('svc dlq ls')")
+    if status.get("dead_letters_dropped"):
+        lines.append(
+            f"  {status['dead_letters_dropped']} older dead letters were dropped by the"
+            " DEADLETTER limits (max age / bytes)"
+        )
     return "\n".join(lines)
 
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 from contracts import subjects
 from contracts.events import AttemptError, DeadLettered
 from services.runtime.bus import Bus
@@ -63,7 +65,7 @@ async def test_dlq_show_requeue_and_drop_accept_a_unique_job_id_prefix(
     assert by_seq.returncode == 0, by_seq.stderr
 
 
-async def test_dlq_ls_says_when_the_limits_dropped_older_letters(
+async def test_dlq_ls_and_status_say_when_the_limits_dropped_older_letters(
     bus: Bus, nats_server: EmbeddedNats, processes: Processes
 ) -> None:
     # Given DEADLETTER at its limit (here 2 messages), so the oldest letter is discarded
@@ -77,3 +79,9 @@ async def test_dlq_ls_says_when_the_limits_dropped_older_letters(
     assert shown.stdout.decode().splitlines()[0] == (
         "1 older dead letters were dropped by the DEADLETTER limits"
     )
+    # and `svc status` says it too (text and --json)
+    status = await arun_svc("status", env=processes.env(NATS_URL=nats_server.url))
+    assert status.returncode == 0, status.stderr
+    assert "1 older dead letters were dropped by the DEADLETTER limits" in status.stdout.decode()
+    data = await arun_svc("status", "--json", env=processes.env(NATS_URL=nats_server.url))
+    assert json.loads(data.stdout)["dead_letters_dropped"] == 1
