@@ -235,6 +235,11 @@ class Lease:
             if self.state.token == 0:
                 return False
             revision, self.state = self.state.revision, LeaseState()
+            if not self.bus.nc.is_connected:
+                # Nothing to tell: waiting out a publish timeout would only delay the exit
+                # (e.g. the embedded server died); the key expires after its TTL anyway.
+                log.info("lease left to expire: not connected", extra={"account": self.account})
+                return False
             try:
                 await kv.delete(self.key, last=revision)
             except (nats.js.errors.Error, nats.errors.Error) as exc:

@@ -137,11 +137,14 @@ class Fleet:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), interval)
         finally:
-            # Purge, not a KV delete: a delete marker would still count as a worker.
+            # Purge, not a KV delete: a delete marker would still count as a worker. Not
+            # connected: the entry expires after its TTL; waiting out a timeout would only
+            # delay the exit (e.g. the embedded server died).
             with contextlib.suppress(Exception):
-                await self.bus.js.purge_stream(
-                    f"KV_{PRESENCE.name}", subject=f"{self.prefix}.{self.holder}"
-                )
+                if self.bus.nc.is_connected:
+                    await self.bus.js.purge_stream(
+                        f"KV_{PRESENCE.name}", subject=f"{self.prefix}.{self.holder}"
+                    )
 
     async def _announce(self) -> None:
         await self.bus.js.publish(

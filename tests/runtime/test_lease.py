@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
-from services.runtime.bus import Bus
+from services.runtime.bus import Bus, connect
 from services.runtime.lease import Lease, new_holder_id, read_lease
+from services.runtime.nats_server import EmbeddedNats
+from services.runtime.provisioning import ensure_streams
 from tests.conftest import wait_until
 
 
@@ -130,3 +133,22 @@ async def test_concurrent_proofs_renew_once(bus: Bus) -> None:
     assert all(await asyncio.gather(*(a.prove(cover=1.0) for _ in range(10))))
     after = (await kv.get("whatsapp.acct")).revision or 0
     assert after - before == 1  # one renewal served all ten
+
+
+async def test_a_release_without_a_connection_leaves_the_key_to_expire_at_once(
+    tmp_path: Path,
+) -> None:
+    # Given a held lease whose server then dies (e.g. the embedded server of `svc run all`)
+    async with (
+        EmbeddedNats(tmp_path / "nats", port=0) as server,
+        connect(server.url, name="t", timeout=5) as b,
+    ):
+        await ensure_streams(b.js)
+        held = lease(b, "a")
+        assert await held.try_acquire()
+        await server.stop()
+        await wait_until(lambda: not b.nc.is_connected, 10, "the client to notice")
+        # When the holder releases, then it gives up at once instead of waiting out a
+        # publish timeout (5 s) that only delays the process's exit: the key expires.
+        assert await asyncio.wait_for(held.release(), 2) is False
+        assert held.token == 0
