@@ -5,6 +5,11 @@ replicas, the echo model slowed to a fixed turn time (SVC_ECHO_LATENCY_MS). Once
 flood is in INBOUND, ten other chats send one message each, one after another; prints
 their send->reply latency (p50/max), and how long the flood took to be answered in full.
 
+The baseline, in the same run, is the strongest raw nats-py for the same hops (SIM ->
+INBOUND -> OUTBOUND + AGENT -> SIM_OUT + DELIVERY, durable pull consumers, synchronous
+acks, the same turn time in the core stage) with no flood at all: the latency the other
+chats would see if the flood did not exist. The ratio says what the flood costs them.
+
     python bench/fairness.py --flood 400 --turn-ms 100
 """
 
@@ -21,9 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import nats
+from nats.aio.msg import Msg
+from pipeline import _stage
+
 from services.ops.simclient import SimUser
 from services.runtime.bus import connect
 from services.runtime.nats_server import EmbeddedNats
+from services.runtime.provisioning import ensure_streams
 
 
 def _svc(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -36,6 +46,45 @@ def _svc(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
             stderr=out,
             start_new_session=True,
         )
+
+
+async def raw_floor(turn_ms: int, others: int) -> list[float]:
+    """Send->reply seconds of `others` chats through the raw hops, nothing else queued."""
+    with tempfile.TemporaryDirectory() as tmp:
+        async with EmbeddedNats(Path(tmp) / "nats", port=0) as server:
+            nc = await nats.connect(server.url)
+            js = nc.jetstream()
+            await ensure_streams(js)
+            stop = asyncio.Event()
+            replied: dict[bytes, asyncio.Event] = {}
+
+            async def on_out(msg: Msg) -> None:
+                replied[msg.data].set()
+
+            await nc.subscribe("sim.whatsapp.default.out", cb=on_out)
+            account = "whatsapp.default"
+            stages = [
+                _stage(js, "SIM", "b-sim", "sim.whatsapp.default.in",
+                       [f"inbound.{account}.{{chat}}"], stop),
+                _stage(js, "INBOUND", "b-core", "inbound.>",
+                       [f"outbound.{account}.{{chat}}", f"agent.{account}.{{chat}}"], stop,
+                       work=turn_ms / 1000),
+                _stage(js, "OUTBOUND", "b-egress", f"outbound.{account}.*",
+                       ["sim.whatsapp.default.out", f"delivery.{account}.{{chat}}"], stop),
+            ]  # fmt: skip
+            tasks = [asyncio.create_task(s) for s in stages]
+            latencies = []
+            for n in range(others):
+                body = f"other{n}|hi".encode()
+                replied[body] = asyncio.Event()
+                started = time.perf_counter()
+                await js.publish("sim.whatsapp.default.in", body, headers={"Nats-Msg-Id": str(n)})
+                await asyncio.wait_for(replied[body].wait(), 60)
+                latencies.append(time.perf_counter() - started)
+            stop.set()
+            await asyncio.gather(*tasks)
+            await nc.close()
+            return latencies
 
 
 async def run(flood: int, turn_ms: int, others: int, rate: str, cores: int = 2) -> None:
@@ -72,9 +121,10 @@ async def run(flood: int, turn_ms: int, others: int, rate: str, cores: int = 2) 
                                 await asyncio.sleep(0.01)  # SimUser fills it in
                             latencies.append(e.latency_ms / 1000)
                         answered = sum(x.reply is not None for x in flooded)
+                        p50, top = statistics.median(latencies), max(latencies)
                         print(
-                            f"other chats: p50 {statistics.median(latencies):.2f}s"
-                            f" max {max(latencies):.2f}s (flood answered so far: {answered})"
+                            f"other chats during the flood: p50 {p50:.2f}s max {top:.2f}s"
+                            f" (flood answered so far: {answered})"
                         )
                         await user.wait_replies(3600)
                         took = time.perf_counter() - started
@@ -89,6 +139,14 @@ async def run(flood: int, turn_ms: int, others: int, rate: str, cores: int = 2) 
                     os.killpg(p.pid, signal.SIGTERM)
                 for p in procs:
                     p.wait(30)
+    # The baseline runs alone, after our processes are gone: nothing competes with it.
+    floor = await raw_floor(turn_ms, others)
+    raw_p50, raw_top = statistics.median(floor), max(floor)
+    print(
+        f"raw nats-py, same hops, no flood at all: p50 {raw_p50:.2f}s max {raw_top:.2f}s\n"
+        f"ratio ours (during the flood) / raw (no flood): p50 {p50 / raw_p50:.2f}x,"
+        f" max {top / raw_top:.2f}x"
+    )
 
 
 async def _ready(bus: object) -> None:

@@ -59,8 +59,10 @@ async def _stage(
     subject: str,
     forward: list[str],
     stop: asyncio.Event,
+    work: float = 0.0,
 ) -> None:
-    """Consume one at a time, publish to each next subject, then ack synchronously."""
+    """Consume one at a time, (spend `work` seconds on it,) publish to each next subject,
+    then ack synchronously."""
     config = ConsumerConfig(
         durable_name=durable,
         filter_subject=subject,
@@ -75,6 +77,8 @@ async def _stage(
         except TimeoutError:
             continue
         for msg in msgs:
+            if work:
+                await asyncio.sleep(work)  # the turn's model time
             chat = msg.data.split(b"|", 1)[0].decode()
             for target in forward:
                 await js.publish(target.format(chat=chat), msg.data)
