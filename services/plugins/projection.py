@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -110,7 +111,9 @@ class PluginProjection:
     # --- on the SQLite thread -----------------------------------------------------------
 
     def _open(self) -> tuple[int, int]:
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=False)
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, timeout=BUSY_TIMEOUT_S, check_same_thread=False
+        )
         self._conn = conn
         if self.fresh:
             conn.execute("PRAGMA journal_mode=OFF")
@@ -120,7 +123,7 @@ class PluginProjection:
             conn.execute("PRAGMA locking_mode=EXCLUSIVE")
             conn.execute(f"PRAGMA cache_size=-{FRESH_CACHE_KIB}")
         else:
-            conn.execute("PRAGMA journal_mode=WAL")
+            _wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
         for ddl in view.SCHEMA:
             conn.execute(ddl)
@@ -333,3 +336,22 @@ class PluginProjection:
     async def dump(self) -> dict[str, list[tuple[Any, ...]]]:
         """Every row of every view table, sorted (for determinism checks)."""
         return await self._call(self._dump)
+
+
+BUSY_TIMEOUT_S = 30.0
+
+
+def _wal(conn: sqlite3.Connection) -> None:
+    """Switch `conn`'s database to WAL. Core replicas on one host share the file, and two
+    of them opening a new one at once can get "database is locked" here without SQLite's
+    busy handler being called (the switch needs an exclusive lock): a replica then died at
+    start. Retry for as long as the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)  # on the projection's own SQLite thread, never the event loop

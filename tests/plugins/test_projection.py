@@ -4,6 +4,7 @@ bad events skipped and counted; the core's tool list follows it."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +186,25 @@ async def test_a_projection_built_from_a_recreated_stream_starts_over(
         await again.catch_up()
         assert again.position == 1
         assert (await again.dump())["installed"] == [("*", "memory", "installed", "1.0.0", "{}")]
+
+
+async def test_a_replica_opening_the_file_while_another_writes_it_waits_instead_of_dying(
+    bus: Bus, tmp_path: Path
+) -> None:
+    # Given another core replica on this host in the middle of a write to the shared file
+    # (e.g. creating the schema at start): SQLite refuses the switch to WAL at once, without
+    # calling its busy handler, and a replica starting then died with "database is locked"
+    path = tmp_path / "plugins.sqlite"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE starting (a)")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO starting VALUES (1)")
+    loop = asyncio.get_running_loop()
+    finish = loop.call_later(0.5, other.execute, "COMMIT")
+    try:
+        # When this replica opens the projection, then it waits for the writer and opens
+        async with projection(bus, path) as opened:
+            assert opened.position == 0
+    finally:
+        finish.cancel()
+        other.close()
