@@ -208,8 +208,9 @@ class Processes:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+        for pipe in (proc.stdout, proc.stderr):  # a test that failed never read them
+            if pipe:
+                pipe.close()
         return proc.returncode
 
     def stop_all(self) -> None:
