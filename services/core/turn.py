@@ -7,6 +7,7 @@ from typing import Literal
 
 from contracts.events import (
     MessageReceived,
+    MessageRefused,
     SendMessage,
     TokenUsage,
     ToolCallRecord,
@@ -167,3 +168,18 @@ def failed(
         plugins_seq=plugins_seq,
     )
     return TurnOutput(jobs=jobs, record=record)
+
+
+def refused(inbound: MessageReceived, rule: str, detail: str = "") -> MessageRefused:
+    """A message a policy refused: it ends its inbound like a turn, without a model call."""
+    return MessageRefused(
+        id=derived_id("refused", inbound.id),
+        channel=inbound.channel,
+        account=inbound.account,
+        chat=inbound.chat,
+        sender=inbound.sender,
+        message_id=inbound.message_id,
+        rule=rule,
+        inbound_id=inbound.id,
+        detail=detail,
+    )

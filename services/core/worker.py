@@ -24,7 +24,7 @@ import nats.js.errors
 from contracts import subjects
 from contracts.codec import decode
 from contracts.errors import ContractError
-from contracts.events import MessageReceived, MessageRefused, derived_id
+from contracts.events import MessageReceived
 from contracts.payloads import ChatState, HistoryEntry
 from contracts.streams import CORE_CONSUMER, INBOUND
 from services.core import flood, turn
@@ -139,16 +139,8 @@ class CoreWorker:
         if verdict.conforming:
             return verdict.tat_after
         if self.settings.chat_flood == "refuse":
-            refused = MessageRefused(
-                id=derived_id("refused", inbound.id),
-                channel=inbound.channel,
-                account=inbound.account,
-                chat=inbound.chat,
-                sender=inbound.sender,
-                message_id=inbound.message_id,
-                rule="rate:chat",
-                inbound_id=inbound.id,
-                detail=f"over {limit.per_minute:g}/min (burst {limit.burst})",
+            refused = turn.refused(
+                inbound, "rate:chat", f"over {limit.per_minute:g}/min (burst {limit.burst})"
             )
             subject = subjects.agent(inbound.channel, inbound.account, inbound.chat)
             await self.bus.publish(subject, refused)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 import pytest
 
 from contracts import subjects
@@ -30,6 +31,7 @@ from contracts.events import (
 )
 from contracts.payloads import SimOutbound
 from projections.replay import parse_when
+from services.core import turn
 from services.ops.audit import Scope, audit, render, to_builtins
 from services.runtime.bus import Bus
 from services.runtime.nats_server import EmbeddedNats
@@ -599,15 +601,8 @@ async def test_svc_audit_counts_each_send_once_though_sender_and_network_both_re
 
 
 def refusal(inbound: MessageReceived, event_id: str = "") -> MessageRefused:
-    return MessageRefused(
-        id=event_id or derived_id("refused", inbound.id),
-        account=inbound.account,
-        chat=inbound.chat,
-        sender=inbound.sender,
-        message_id=inbound.message_id,
-        rule="rate:chat",
-        inbound_id=inbound.id,
-    )
+    refused = turn.refused(inbound, "rate:chat")
+    return msgspec.structs.replace(refused, id=event_id) if event_id else refused
 
 
 async def test_a_refused_message_has_its_outcome_and_is_not_lost(bus: Bus) -> None:
