@@ -34,13 +34,13 @@ from contracts import subjects
 from contracts.codec import decode
 from contracts.events import SendMessage, new_id
 from contracts.payloads import SimFailure, SimOutbound
+from services.channel.port import Fence
 from services.runtime.bus import Bus, connect
 from services.runtime.lease import Lease, read_lease
 from services.runtime.nats_server import EmbeddedNats
 from services.runtime.provisioning import ensure_streams
 from services.runtime.settings import SimFaults
 from services.whatsapp.sim import SimTransport
-from services.whatsapp.transport import Fence
 
 SVC = str(Path(sys.executable).parent / "svc")
 

@@ -8,6 +8,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
+from services.channel.fleet import Fleet, LeaseBoard
+from services.channel.ingress import Ingress
+from services.channel.owner import AccountOwner
+from services.channel.port import Transport
 from services.core.llm import LLM, EchoLLM, LLMError, OpenAILLM
 from services.core.worker import CoreWorker
 from services.plugins.projection import PluginProjection
@@ -21,11 +25,7 @@ from services.runtime.nats_server import EmbeddedNats
 from services.runtime.provisioning import ensure_streams, raise_on_conflict, warn_on_differences
 from services.runtime.settings import Role, Settings
 from services.runtime.telemetry import setup_tracing
-from services.whatsapp.fleet import Fleet, LeaseBoard
-from services.whatsapp.ingress import Ingress
-from services.whatsapp.owner import AccountOwner
 from services.whatsapp.sim import SimTransport, sim_send_timeout
-from services.whatsapp.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,9 @@ async def _run_role(
         if role == "whatsapp-ingress":
             transport = make_transport(settings, bus)
             for account in settings.accounts:
-                await stack.enter_async_context(transport.receiver(account, Ingress(bus, account)))
+                await stack.enter_async_context(
+                    transport.receiver(account, Ingress(bus, transport.channel, account))
+                )
         log.info("running", extra={"role": role})
         await _supervise(tasks, stop, watchers=[bus.until_lost, *watch])
 

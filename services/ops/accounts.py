@@ -9,10 +9,10 @@ import nats.js.errors
 from contracts import subjects
 from contracts.events import CHANNEL_WHATSAPP, AccountResumed
 from contracts.streams import LEASES
+from services.channel.owner import HandoverReply
 from services.runtime.bus import Bus
 from services.runtime.errors import ServiceError
 from services.runtime.lease import read_lease
-from services.whatsapp.owner import HandoverReply
 
 
 async def handover(bus: Bus, account: str, *, timeout: float) -> HandoverReply:

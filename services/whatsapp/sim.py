@@ -33,11 +33,7 @@ from contracts.errors import DecodeError
 from contracts.events import CHANNEL_WHATSAPP
 from contracts.payloads import SimControl, SimFailure, SimInbound, SimOutbound
 from contracts.streams import LEASES, SIM, sim_consumer
-from services.runtime.bus import Bus
-from services.runtime.consumer import ConsumerLoop, ConsumerSpec, Delivery
-from services.runtime.lease import read_lease
-from services.runtime.settings import SimFaults
-from services.whatsapp.transport import (
+from services.channel.port import (
     EventCallback,
     Fence,
     Incoming,
@@ -49,6 +45,10 @@ from services.whatsapp.transport import (
     TransportError,
     TransportEvent,
 )
+from services.runtime.bus import Bus
+from services.runtime.consumer import ConsumerLoop, ConsumerSpec, Delivery
+from services.runtime.lease import read_lease
+from services.runtime.settings import SimFaults
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ class SimTransport:
     """Opens sim sessions; its inbound path is separate (a durable consumer on `SIM`)."""
 
     name = "sim"
+    channel = CHANNEL_WHATSAPP
     separate_inbound = True
 
     def __init__(self, bus: Bus, faults: SimFaults, *, seed: int | None = None) -> None:

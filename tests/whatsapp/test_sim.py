@@ -18,13 +18,13 @@ from contracts.events import (
 )
 from contracts.payloads import SimOutbound
 from services.app import check_role
+from services.channel.port import Fence, StaleFenceError
 from services.ops.simclient import SimUser
 from services.runtime.bus import Bus
 from services.runtime.errors import ConfigError
 from services.runtime.lease import Lease
 from services.runtime.settings import SimFaults, load_settings
 from services.whatsapp.sim import SimTransport
-from services.whatsapp.transport import Fence, StaleFenceError
 from tests.conftest import read_stream, role, stream_raw, wait_until
 
 

@@ -24,8 +24,8 @@ from contracts.events import (
     SendMessage,
 )
 from contracts.payloads import SendRecord, SimFailure
+from services.channel.egress import egress_consumer_spec
 from services.runtime.bus import Bus
-from services.whatsapp.egress import egress_consumer_spec
 from tests.conftest import Processes, arun_svc, read_stream, role, run_svc, stream_raw, wait_until
 from tests.e2e.conftest import SimNetwork, assert_per_chat_order, assert_single_writer, enqueue, job
 
@@ -276,8 +276,8 @@ async def _sim_out_times(bus: Bus) -> list:  # type: ignore[type-arg]
 
 
 def test_the_token_bucket_waits_exactly_for_the_next_token() -> None:
+    from services.channel.ratelimit import TokenBucket
     from services.runtime.settings import RateLimit
-    from services.whatsapp.ratelimit import TokenBucket
 
     now = [0.0]
     bucket = TokenBucket(RateLimit(per_minute=60, burst=2), clock=lambda: now[0])

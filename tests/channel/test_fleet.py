@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from services.channel.fleet import Fleet, account_set_id
 from services.runtime.bus import Bus
-from services.whatsapp.fleet import Fleet, account_set_id
 from tests.conftest import wait_until
 
 ACCOUNTS = tuple(f"a{i}" for i in range(9))

@@ -9,16 +9,14 @@ from typing import assert_never
 from contracts import subjects
 from contracts.errors import InvalidSubjectError
 from contracts.events import (
-    CHANNEL_WHATSAPP,
     DeliveryReceipt,
     MessageReceived,
     SessionBanned,
     SessionLoggedOut,
     derived_id,
 )
-from services.runtime.bus import Bus
-from services.whatsapp.ledger import SendLedger
-from services.whatsapp.transport import (
+from services.channel.ledger import SendLedger
+from services.channel.port import (
     Connected,
     Incoming,
     LoggedOut,
@@ -27,17 +25,18 @@ from services.whatsapp.transport import (
     TemporaryBan,
     TransportEvent,
 )
+from services.runtime.bus import Bus
 
 log = logging.getLogger(__name__)
 
 
-def check_incoming(account: str, msg: Incoming) -> None:
+def check_incoming(channel: str, account: str, msg: Incoming) -> None:
     """Refuse ids outside the bounds where they enter (ADR 0013): the account, chat and
     sender JIDs and the message id; InvalidSubjectError (a ContractError) with one line,
     which a consumer dead-letters. A chat that would make any derived subject too long
     for nats-server's control line is refused here, before anything is published."""
     subjects.check_account(account)
-    subjects.inbound(CHANNEL_WHATSAPP, account, msg.chat)  # length, characters, encoding
+    subjects.inbound(channel, account, msg.chat)  # length, characters, encoding
     subjects.check_jid(msg.sender, "sender JID")
     subjects.check_message_id(msg.message_id)
     if len(msg.sender_name) > subjects.MAX_JID_CHARS:
@@ -46,14 +45,14 @@ def check_incoming(account: str, msg: Incoming) -> None:
         )
 
 
-def inbound_event(account: str, msg: Incoming) -> MessageReceived:
+def inbound_event(channel: str, account: str, msg: Incoming) -> MessageReceived:
     """The event for a received message; its id derives from the transport's message id,
     so the same message relayed twice (redelivery, two receivers) is stored once. Ids
     outside the bounds raise InvalidSubjectError (see `check_incoming`)."""
-    check_incoming(account, msg)
+    check_incoming(channel, account, msg)
     return MessageReceived(
-        id=derived_id("inbound", CHANNEL_WHATSAPP, account, msg.message_id),
-        channel=CHANNEL_WHATSAPP,
+        id=derived_id("inbound", channel, account, msg.message_id),
+        channel=channel,
         account=account,
         chat=msg.chat,
         sender=msg.sender,
@@ -69,9 +68,15 @@ class Ingress:
     """Relays one account's transport events; session-ending signals set `session_ended`."""
 
     def __init__(
-        self, bus: Bus, account: str, holder: str = "", ledger: SendLedger | None = None
+        self,
+        bus: Bus,
+        channel: str,
+        account: str,
+        holder: str = "",
+        ledger: SendLedger | None = None,
     ) -> None:
         self.bus = bus
+        self.channel = channel
         self.account = account
         self.holder = holder
         self.ledger = ledger
@@ -80,10 +85,10 @@ class Ingress:
 
     async def __call__(self, event: TransportEvent) -> None:
         """Handle one transport event (raises to get it redelivered)."""
-        account_subject = subjects.accounts(CHANNEL_WHATSAPP, self.account)
+        account_subject = subjects.accounts(self.channel, self.account)
         match event:
             case Incoming():
-                msg = inbound_event(self.account, event)
+                msg = inbound_event(self.channel, self.account, event)
                 await self.bus.publish(subjects.inbound(msg.channel, msg.account, msg.chat), msg)
             case Receipt():
                 await self._receipt(event)
@@ -122,7 +127,7 @@ class Ingress:
                 log.debug("receipt for a message we did not send", extra={"id": tid})
                 continue
             await self.bus.publish(
-                subjects.delivery(CHANNEL_WHATSAPP, self.account, sent.chat),
+                subjects.delivery(self.channel, self.account, sent.chat),
                 DeliveryReceipt(
                     id=derived_id("receipt", self.account, tid, receipt.status),
                     job_id=sent.job_id,

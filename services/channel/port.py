@@ -109,6 +109,7 @@ class Transport(Protocol):
     """Opens account sessions. `separate_inbound`: can receive without owning the session."""
 
     name: str
+    channel: str  # the channel its accounts are on: the <channel> of every subject
     separate_inbound: bool
     send_timeout: float  # what its sessions declare; checked against the lease TTL at start
 

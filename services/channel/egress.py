@@ -38,14 +38,14 @@ from contracts.events import (
 )
 from contracts.payloads import SendRecord
 from contracts.streams import OUTBOUND, egress_consumer
+from services.channel.ledger import SendLedger
+from services.channel.port import Fence, Session, StaleFenceError, TransportError
+from services.channel.ratelimit import TokenBucket, Unlimited
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerSpec, Delivery
 from services.runtime.errors import AbandonError, PermanentError
 from services.runtime.lease import Lease
 from services.runtime.settings import Delivery as DeliverySettings
-from services.whatsapp.ledger import SendLedger
-from services.whatsapp.ratelimit import TokenBucket, Unlimited
-from services.whatsapp.transport import Fence, Session, StaleFenceError, TransportError
 
 log = logging.getLogger(__name__)
 

@@ -23,23 +23,22 @@ from nats.aio.msg import Msg
 
 from contracts import subjects
 from contracts.events import (
-    CHANNEL_WHATSAPP,
     LeaseAcquired,
     LeaseLost,
     LeaseReleased,
     derived_id,
 )
 from contracts.streams import OUTBOUND
+from services.channel.egress import Egress, egress_consumer_spec
+from services.channel.fleet import Fleet, LeaseBoard
+from services.channel.ingress import Ingress
+from services.channel.ledger import SendLedger
+from services.channel.port import Transport
+from services.channel.ratelimit import budget
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerLoop
 from services.runtime.lease import Lease, read_lease
 from services.runtime.settings import Delivery as DeliverySettings
-from services.whatsapp.egress import Egress, egress_consumer_spec
-from services.whatsapp.fleet import Fleet, LeaseBoard
-from services.whatsapp.ingress import Ingress
-from services.whatsapp.ledger import SendLedger
-from services.whatsapp.ratelimit import budget
-from services.whatsapp.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +85,8 @@ class AccountOwner:
         self.receive = receive
         self.board = board
         self.fleet = fleet
-        self.lease = Lease(bus, CHANNEL_WHATSAPP, account, holder, lease_ttl)
+        self.channel = transport.channel
+        self.lease = Lease(bus, self.channel, account, holder, lease_ttl)
         self.delivery = delivery or DeliverySettings()
         self.ledger = SendLedger(bus, account)
         self.limiter = budget(self.delivery.limit_for(account))
@@ -94,7 +94,7 @@ class AccountOwner:
         self.owning = asyncio.Event()
         self._cooldown_until = 0.0
         self._parked_logged = ""
-        self._subject = subjects.accounts(CHANNEL_WHATSAPP, account)
+        self._subject = subjects.accounts(self.channel, account)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Acquire, own, and on loss go back to standby, until `stop`."""
@@ -162,13 +162,13 @@ class AccountOwner:
             handover.set()
 
         sub = await self.bus.nc.subscribe(
-            subjects.lease_handover(CHANNEL_WHATSAPP, self.account), cb=on_handover
+            subjects.lease_handover(self.channel, self.account), cb=on_handover
         )
-        ingress = Ingress(self.bus, self.account, self.holder, self.ledger)
+        ingress = Ingress(self.bus, self.channel, self.account, self.holder, self.ledger)
         lost = asyncio.Event()
         done = asyncio.Event()  # stop sending
         try:
-            spec = egress_consumer_spec(CHANNEL_WHATSAPP, self.account)
+            spec = egress_consumer_spec(self.channel, self.account)
             # A new owner starts from the first unacked job at once, instead of waiting for
             # the ack deadline of a job the previous owner held when it died (work queue:
             # everything still stored is unacked, so nothing is skipped).

@@ -1,0 +1,1 @@
+"""The channel layer: account ownership, egress and ingress, for any transport."""
