@@ -34,7 +34,8 @@ from contracts import subjects
 from contracts.codec import decode
 from contracts.events import SendMessage, new_id
 from contracts.payloads import SimFailure, SimOutbound
-from services.channel.port import Fence
+from services.channel.dispatch import EventDispatch
+from services.channel.port import Fence, Outgoing
 from services.runtime.bus import Bus, connect
 from services.runtime.lease import Lease, read_lease
 from services.runtime.nats_server import EmbeddedNats
@@ -81,13 +82,16 @@ async def check_to_stored(sends: int) -> None:
                 return None
 
             transport = SimTransport(bus, SimFaults())
-            async with transport.session("default", ignore, receive=False) as session:
+            async with (
+                EventDispatch(ignore) as events,
+                transport.session("default", events, receive=False) as session,
+            ):
                 for parallel in (1, 8):
                     spans.clear()
 
                     async def one(n: int, run: int = parallel) -> None:
                         fence = Fence("bench", lease.token, deadline=lease.deadline)
-                        await session.send(f"c{n % 8}", "x", job_id=f"j{run}-{n}", fence=fence)
+                        await session.send(Outgoing(f"c{n % 8}", "x", f"j{run}-{n}", fence))
 
                     for start in range(0, sends, parallel):
                         await asyncio.gather(*(one(n) for n in range(start, start + parallel)))

@@ -66,7 +66,12 @@ class MessageReceived(Event, frozen=True, kw_only=True):
     from_me: bool = False
     is_group: bool = False
     sender_name: str = ""
-    mentioned: bool = False  # in a group: the message mentions the account
+    mentioned: bool = False  # the message mentions the account itself (groups)
+    mentions: list[str] = msgspec.field(default_factory=list)  # every JID it mentions
+    quoted_id: str = ""  # the message it replies to, if any
+    # The sender's other id when the network reports one person under two (WhatsApp's
+    # LID and phone JIDs); `sender` (and a direct chat's `chat`) is the normalised one.
+    sender_alt: str = ""
 
 
 # --- AGENT -----------------------------------------------------------------------------
@@ -146,9 +151,13 @@ class SendMessage(Command, frozen=True, kw_only=True):
     account: str
     chat: str
     text: str
-    reply_to: str | None = None
+    reply_to: str | None = None  # the message id the reply quotes
     cause_id: str = ""
     requeued_from: str | None = None
+    # What a transport needs to show the quote besides its id: who wrote the quoted
+    # message (in a group) and its text (cut to QUOTE_TEXT_LIMIT).
+    reply_to_sender: str = ""
+    reply_to_text: str = ""
 
 
 # --- DELIVERY --------------------------------------------------------------------------
@@ -171,6 +180,10 @@ class MessageSent(Event, frozen=True, kw_only=True):
     job_seq: int = 0
     sent_at: UtcDatetime | None = None
     text: str = ""
+    # The message id the send quoted (None: no quote). UNSET (omitted) in records made
+    # before it was recorded, when a turn's first reply always named the message it
+    # answered.
+    reply_to: str | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class DeliveryFailed(Event, frozen=True, kw_only=True):

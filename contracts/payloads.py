@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 import msgspec
@@ -16,6 +17,13 @@ class SimInbound(msgspec.Struct, frozen=True, kw_only=True):
     sender: str
     text: str
     message_id: str
+    # What real networks have (optional, so older payloads still decode): the JIDs the
+    # message mentions (the account's own is `<account>@s.whatsapp.net`), the message
+    # it quotes, the sender's display name, and the sender's other id (a LID or phone JID).
+    mentions: list[str] = msgspec.field(default_factory=list)
+    quoted_id: str = ""
+    sender_name: str = ""
+    sender_alt: str = ""
 
 
 class SimControl(msgspec.Struct, frozen=True, kw_only=True):
@@ -46,6 +54,7 @@ class SimOutbound(msgspec.Struct, frozen=True, kw_only=True):
     job_id: str
     holder: str
     lease_token: int
+    reply_to: str | None = None  # the user message id the send quotes
 
 
 SendState = Literal["sending", "failed", "sent", "skipped", "dead"]
@@ -93,3 +102,15 @@ class ChatState(msgspec.Struct, frozen=True, kw_only=True):
     # The chat's inbound rate budget (GCRA): the theoretical arrival time, in epoch
     # seconds, of its next message within the rate (0: no message counted yet).
     rate_tat: float = 0.0
+
+
+class DeviceRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """Which device an account's session resumes (bucket `devices`, key
+    `<channel>.<account>`): written when the account is paired, removed when the network
+    unlinks it. The device's keys live in the transport's session store, never here."""
+
+    channel: str
+    account: str
+    device_id: str  # e.g. whatsmeow's device JID `15551234567:7@s.whatsapp.net`
+    paired_at: datetime
+    paired_by: str = ""  # the holder (host) that paired it

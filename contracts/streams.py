@@ -146,7 +146,11 @@ CHATS = BucketSpec(
 ATTEMPTS = BucketSpec(
     name="attempts", description="unfinished attempts of redelivered messages", max_age_s=DAY
 )
-BUCKETS: tuple[BucketSpec, ...] = (LEASES, PRESENCE, SENDS, CHATS, ATTEMPTS)
+# Per-account session state any host needs to resume a session (key `<channel>.<account>`,
+# DeviceRecord): which device of the shared session store is the account's. The device's
+# keys stay in the transport's own store (WHATSAPP_STORE); this says which one to resume.
+DEVICES = BucketSpec(name="devices", description="account -> paired device, to resume sessions")
+BUCKETS: tuple[BucketSpec, ...] = (LEASES, PRESENCE, SENDS, CHATS, ATTEMPTS, DEVICES)
 
 # Durable consumer names.
 CORE_CONSUMER = "core"

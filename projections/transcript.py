@@ -364,8 +364,12 @@ def job_of(
     """Assemble what is known about a job from every place that still shows it."""
     channel, account, chat = where
     part, parts = reply_position(turn, job_id)
-    # A turn's first reply answers the message (see services/core/turn.py `completed`).
-    derived_reply_to = inbound.message_id if inbound is not None and part == 1 else None
+    # What the send quoted, as recorded; before MessageSent recorded it, a turn's first
+    # reply always named the message it answered.
+    if sent is not None and sent.reply_to is not msgspec.UNSET:
+        derived_reply_to = sent.reply_to
+    else:
+        derived_reply_to = inbound.message_id if inbound is not None and part == 1 else None
     seq = (
         (pending[0] if pending else 0)
         or (sent.job_seq if sent else 0)

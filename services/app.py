@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
+from services.channel.dispatch import EventDispatch
 from services.channel.fleet import Fleet, LeaseBoard
 from services.channel.ingress import Ingress
 from services.channel.owner import AccountOwner
@@ -155,7 +156,7 @@ async def _run_role(
             holder = new_holder_id(role)
             # A session transport relays what its socket receives; a separate-inbound one
             # (sim) leaves receiving to whatsapp-ingress unless the role is whatsapp/all.
-            receive = role != "whatsapp-egress" or not transport.separate_inbound
+            receive = role != "whatsapp-egress" or transport.inbound is None
             board = await stack.enter_async_context(LeaseBoard(bus))
             fleet = Fleet(bus, holder, settings.accounts, settings.lease_ttl)
             tasks.append(asyncio.create_task(fleet.run(stop), name="fleet"))
@@ -175,10 +176,15 @@ async def _run_role(
                 tasks.append(asyncio.create_task(owner.run(stop), name=f"owner-{account}"))
         if role == "whatsapp-ingress":
             transport = make_transport(settings, bus)
+            inbox = transport.inbound
+            if inbox is None:  # refused by check_role before connecting; kept for types
+                raise ConfigError(f"transport {transport.name} has no separate inbound path")
             for account in settings.accounts:
-                await stack.enter_async_context(
-                    transport.receiver(account, Ingress(bus, transport.channel, account))
+                ingress = Ingress(bus, transport.channel, account)
+                events = await stack.enter_async_context(
+                    EventDispatch(ingress, name=f"{transport.channel}.{account}")
                 )
+                await stack.enter_async_context(inbox.receiver(account, events))
         log.info("running", extra={"role": role})
         await _supervise(tasks, stop, watchers=[bus.until_lost, *watch])
 

@@ -39,7 +39,14 @@ from contracts.events import (
 from contracts.payloads import SendRecord
 from contracts.streams import OUTBOUND, egress_consumer
 from services.channel.ledger import SendLedger
-from services.channel.port import Fence, Session, StaleFenceError, TransportError
+from services.channel.port import (
+    Fence,
+    Outgoing,
+    Quote,
+    Session,
+    StaleFenceError,
+    TransportError,
+)
 from services.channel.ratelimit import TokenBucket, Unlimited
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerSpec, Delivery
@@ -82,6 +89,14 @@ def check_job(subject: str, job: SendMessage) -> None:
     would use this account's session for someone else's job."""
     subjects.check_job_id(job.job_id)
     subjects.check_agrees(subject, "outbound", job.channel, job.account, job.chat)
+
+
+def outgoing(job: SendMessage, fence: Fence) -> Outgoing:
+    """What the transport sends for `job`: its text, quoting the message it replies to."""
+    quote = None
+    if job.reply_to:
+        quote = Quote(job.reply_to, sender=job.reply_to_sender, text=job.reply_to_text)
+    return Outgoing(chat=job.chat, text=job.text, job_id=job.job_id, fence=fence, reply_to=quote)
 
 
 class Egress:
@@ -163,9 +178,7 @@ class Egress:
             fence = Fence(fence.holder, fence.token, deadline=self.lease.deadline)
             sent_at = utcnow()  # proven and recorded as `sending`: the send starts now
             try:
-                transport_id = await self.session.send(
-                    job.chat, job.text, job_id=job.job_id, fence=fence
-                )
+                transport_id = await self.session.send(outgoing(job, fence))
             except StaleFenceError as exc:
                 # Refused before reaching the network: nothing was sent, and the lease is
                 # gone (paused past the deadline, or taken over). No `sending` left behind.
@@ -260,6 +273,7 @@ class Egress:
                 job_seq=job_seq,
                 sent_at=sent_at,
                 text=job.text,
+                reply_to=job.reply_to,
             ),
             self.ledger.put(record),
         ]

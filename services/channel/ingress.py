@@ -1,8 +1,13 @@
-"""Ingress: what a transport tells us about an account becomes events."""
+"""Ingress: what a transport tells us about an account becomes events.
+
+Session events arrive through the account's `EventDispatch` (in order, one at a time):
+messages become `MessageReceived` on INBOUND, receipts `DeliveryReceipt` linked to the
+job that sent the message, and session signals are recorded on ACCOUNTS. Whether the
+session ended is the session's own report (`Session.ended()`), not inferred here.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import assert_never
 
@@ -18,27 +23,40 @@ from contracts.events import (
 from services.channel.ledger import SendLedger
 from services.channel.port import (
     Connected,
+    Disconnected,
     Incoming,
     LoggedOut,
+    NeedsPairing,
     Receipt,
+    SessionEvent,
     StreamReplaced,
     TemporaryBan,
-    TransportEvent,
+    end_of,
 )
 from services.runtime.bus import Bus
 
 log = logging.getLogger(__name__)
 
+MAX_MENTIONS = 64  # JIDs one message may mention (WhatsApp caps a mention list well below)
+
 
 def check_incoming(channel: str, account: str, msg: Incoming) -> None:
     """Refuse ids outside the bounds where they enter (ADR 0013): the account, chat and
-    sender JIDs and the message id; InvalidSubjectError (a ContractError) with one line,
-    which a consumer dead-letters. A chat that would make any derived subject too long
-    for nats-server's control line is refused here, before anything is published."""
+    sender JIDs, mentions and the message ids; InvalidSubjectError (a ContractError) with
+    one line, which a consumer dead-letters. A chat that would make any derived subject
+    too long for nats-server's control line is refused here, before anything is published."""
     subjects.check_account(account)
     subjects.inbound(channel, account, msg.chat)  # length, characters, encoding
     subjects.check_jid(msg.sender, "sender JID")
     subjects.check_message_id(msg.message_id)
+    if msg.sender_alt:
+        subjects.check_jid(msg.sender_alt, "sender's other JID")
+    if msg.quoted_id:
+        subjects.check_message_id(msg.quoted_id)
+    if len(msg.mentions) > MAX_MENTIONS:
+        raise InvalidSubjectError(f"message mentions {len(msg.mentions)} JIDs, over {MAX_MENTIONS}")
+    for jid in msg.mentions:
+        subjects.check_jid(jid, "mentioned JID")
     if len(msg.sender_name) > subjects.MAX_JID_CHARS:
         raise InvalidSubjectError(
             f"sender name of {len(msg.sender_name)} characters is over {subjects.MAX_JID_CHARS}"
@@ -61,11 +79,15 @@ def inbound_event(channel: str, account: str, msg: Incoming) -> MessageReceived:
         from_me=msg.from_me,
         is_group=msg.is_group,
         sender_name=msg.sender_name,
+        mentioned=msg.mentioned,
+        mentions=list(msg.mentions),
+        quoted_id=msg.quoted_id,
+        sender_alt=msg.sender_alt,
     )
 
 
 class Ingress:
-    """Relays one account's transport events; session-ending signals set `session_ended`."""
+    """Records one account's session events (the handler of its EventDispatch)."""
 
     def __init__(
         self,
@@ -80,12 +102,11 @@ class Ingress:
         self.account = account
         self.holder = holder
         self.ledger = ledger
-        self.session_ended = asyncio.Event()
-        self.end_reason = ""
 
-    async def __call__(self, event: TransportEvent) -> None:
-        """Handle one transport event (raises to get it redelivered)."""
+    async def __call__(self, event: SessionEvent) -> None:
+        """Record one session event (raises to get it delivered again)."""
         account_subject = subjects.accounts(self.channel, self.account)
+        where = {"account": self.account, "channel": self.channel}
         match event:
             case Incoming():
                 msg = inbound_event(self.channel, self.account, event)
@@ -93,29 +114,37 @@ class Ingress:
             case Receipt():
                 await self._receipt(event)
             case Connected():
-                log.info("session connected", extra={"account": self.account})
-            case StreamReplaced() | LoggedOut():
-                reason = "stream replaced" if isinstance(event, StreamReplaced) else event.reason
-                self.end_reason = reason or "logged out"
+                log.info("session connected", extra=where)
+            case Disconnected(reason=reason):
+                log.warning(
+                    "session disconnected; the transport reconnects",
+                    extra={**where, "reason": reason},
+                )
+            case NeedsPairing() | StreamReplaced() | LoggedOut():
+                end = end_of(event)
+                assert end is not None
+                log.warning("session ended", extra={**where, "reason": end.reason})
                 await self.bus.publish(
                     account_subject,
                     SessionLoggedOut(
-                        account=self.account, holder=self.holder, reason=self.end_reason
+                        channel=self.channel,
+                        account=self.account,
+                        holder=self.holder,
+                        reason=end.reason,
                     ),
                 )
-                self.session_ended.set()
             case TemporaryBan():
-                self.end_reason = f"banned: {event.reason}"
+                log.warning("session banned", extra={**where, "reason": event.reason})
                 await self.bus.publish(
                     account_subject,
                     SessionBanned(
+                        channel=self.channel,
                         account=self.account,
                         holder=self.holder,
                         reason=event.reason,
                         until=event.until,
                     ),
                 )
-                self.session_ended.set()
             case _:
                 assert_never(event)
 
@@ -130,6 +159,7 @@ class Ingress:
                 subjects.delivery(self.channel, self.account, sent.chat),
                 DeliveryReceipt(
                     id=derived_id("receipt", self.account, tid, receipt.status),
+                    channel=self.channel,
                     job_id=sent.job_id,
                     account=self.account,
                     chat=sent.chat,

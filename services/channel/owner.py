@@ -4,7 +4,8 @@ One `AccountOwner` per (worker, account). As a standby it retries acquisition on
 jittered timer, wakes at once when the lease board sees the key released, and aims its
 next attempt at the moment a silent owner's key expires. As the owner it renews every
 ttl/3, proves the lease before every send (egress), and stops sending on: shutdown,
-loss of proof, a session signal (logged out / replaced / banned: the lease is parked),
+loss of proof, the session's own end (logged out / replaced / banned / not paired: the
+lease is parked),
 a fair-share rebalance, or an operator's handover request.
 """
 
@@ -29,11 +30,12 @@ from contracts.events import (
     derived_id,
 )
 from contracts.streams import OUTBOUND
+from services.channel.dispatch import EventDispatch
 from services.channel.egress import Egress, egress_consumer_spec
 from services.channel.fleet import Fleet, LeaseBoard
 from services.channel.ingress import Ingress
 from services.channel.ledger import SendLedger
-from services.channel.port import Transport
+from services.channel.port import SessionEnd, Transport
 from services.channel.ratelimit import budget
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerLoop
@@ -167,6 +169,7 @@ class AccountOwner:
         ingress = Ingress(self.bus, self.channel, self.account, self.holder, self.ledger)
         lost = asyncio.Event()
         done = asyncio.Event()  # stop sending
+        end: SessionEnd | None = None
         try:
             spec = egress_consumer_spec(self.channel, self.account)
             # A new owner starts from the first unacked job at once, instead of waiting for
@@ -180,9 +183,10 @@ class AccountOwner:
             in_flight_upto = await self.ledger.raise_boundary(delivered)
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 await self.bus.js.delete_consumer(OUTBOUND.name, spec.durable)
-            async with self.transport.session(
-                self.account, ingress, receive=self.receive
-            ) as session:
+            async with (
+                EventDispatch(ingress, name=f"{self.channel}.{self.account}") as events,
+                self.transport.session(self.account, events, receive=self.receive) as session,
+            ):
                 egress = Egress(
                     self.bus,
                     session,
@@ -202,11 +206,13 @@ class AccountOwner:
                 renewing = asyncio.create_task(
                     self._renew(lost, done), name=f"renew-{self.account}"
                 )
-                ended = asyncio.create_task(
-                    _first(stop, lost, ingress.session_ended, shed, handover)
-                )
-                await asyncio.wait([ended, sending], return_when=asyncio.FIRST_COMPLETED)
+                ending = asyncio.create_task(session.ended(), name=f"session-{self.account}")
+                ended = asyncio.create_task(_first(stop, lost, shed, handover))
+                await asyncio.wait([ended, ending, sending], return_when=asyncio.FIRST_COMPLETED)
                 ended.cancel()
+                if ending.done() and not ending.cancelled() and ending.exception() is None:
+                    end = ending.result()
+                ending.cancel()
                 done.set()  # stop taking jobs; the in-flight send finishes
                 await asyncio.gather(sending, return_exceptions=True)
                 # Not cancelled: a renewal cut off mid-flight could land with a revision we
@@ -218,13 +224,13 @@ class AccountOwner:
                 await sub.unsubscribe()
             if self.fleet is not None:
                 self.fleet.released(self.account)
-        await self._finish(token, lost, ingress, shed, handover, handover_replies)
+        await self._finish(token, lost, end, shed, handover, handover_replies)
 
     async def _finish(
         self,
         token: int,
         lost: asyncio.Event,
-        ingress: Ingress,
+        end: SessionEnd | None,
         shed: asyncio.Event,
         handover: asyncio.Event,
         replies: list[str],
@@ -237,11 +243,16 @@ class AccountOwner:
             )
             await self._record(LeaseLost, token, reason)
             return
-        if ingress.session_ended.is_set():
-            parked = await self.lease.park(ingress.end_reason)
+        if end is not None:
+            parked = await self.lease.park(end.reason)
             log.error(
                 "session ended, account parked",
-                extra={"account": self.account, "reason": ingress.end_reason, "parked": parked},
+                extra={
+                    "account": self.account,
+                    "state": end.state,
+                    "reason": end.reason,
+                    "parked": parked,
+                },
             )
             return
         reason = (

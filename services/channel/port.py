@@ -1,18 +1,26 @@
-"""Ports of the WhatsApp channel: a Transport opens one Session per account.
+"""The transport port, owned by the channel layer that uses it (ADR 0016).
 
-A session carries both directions, like a neonize/whatsmeow socket: `send()` goes
-out, and everything the network tells us arrives as a `TransportEvent` passed to the
-owner's callback (message, receipt, connected, stream replaced, logged out, banned).
+A `Transport` opens one `Session` per account for the account's lease holder. A session
+carries both directions, like a neonize/whatsmeow socket: `send(Outgoing)` goes out, and
+what the network says arrives as session events, handed to `Events` (the channel layer's
+`EventDispatch`: at least once, in order, one at a time). A session reports its own
+end (`await session.ended()`); disconnects and "needs pairing" are events, not errors.
+A transport whose inbound path is separate from its sessions (the sim's durable queue,
+Cloud API webhooks) also offers an `InboundSource`, which any number of receive-only
+workers may run without the lease.
+
+Everything here is channel-agnostic: the channel name comes from `Transport.channel`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Literal, Protocol
 
 from services.runtime.errors import ServiceError
 
@@ -29,8 +37,35 @@ class Fence:
 
 
 @dataclass(frozen=True)
+class Quote:
+    """The message a send replies to, with what a transport needs to quote it: its id,
+    who wrote it (a group participant) and its text (WhatsApp shows the quoted bubble)."""
+
+    message_id: str
+    sender: str = ""
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message to send: a job's text to its chat, fenced by the sender's lease."""
+
+    chat: str
+    text: str
+    job_id: str
+    fence: Fence
+    reply_to: Quote | None = None
+
+
+@dataclass(frozen=True)
 class Incoming:
-    """A user's message arrived."""
+    """A user's message arrived.
+
+    `sender` is normalised by the transport's mapping: one person reported under two ids
+    (WhatsApp's LID and phone JIDs) yields one sender, and a direct chat's `chat` is that
+    sender, so both ids give one chat key; the other id is kept in `sender_alt`.
+    `mentioned` says the account itself is among `mentions`.
+    """
 
     chat: str
     sender: str
@@ -39,11 +74,16 @@ class Incoming:
     from_me: bool = False
     is_group: bool = False
     sender_name: str = ""
+    sender_alt: str = ""
+    mentions: tuple[str, ...] = ()
+    mentioned: bool = False
+    quoted_id: str = ""
 
 
 @dataclass(frozen=True)
 class Receipt:
-    """The network delivered (or the user read) a message we sent."""
+    """The network delivered (or the user read) messages we sent: `transport_message_ids`
+    are the ids `Session.send` returned."""
 
     chat: str
     transport_message_ids: tuple[str, ...]
@@ -52,7 +92,22 @@ class Receipt:
 
 @dataclass(frozen=True)
 class Connected:
-    """The session is up."""
+    """The session is up (again)."""
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    """The connection dropped; the transport reconnects by itself and keeps the session
+    (sends fail transiently meanwhile). Not an end."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class NeedsPairing:
+    """The account has no usable device: it must be paired before it can connect."""
+
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -75,8 +130,46 @@ class TemporaryBan:
     until: datetime | None = None
 
 
-TransportEvent = Incoming | Receipt | Connected | StreamReplaced | LoggedOut | TemporaryBan
-EventCallback = Callable[[TransportEvent], Awaitable[None]]
+SessionEvent = (
+    Incoming
+    | Receipt
+    | Connected
+    | Disconnected
+    | NeedsPairing
+    | StreamReplaced
+    | LoggedOut
+    | TemporaryBan
+)
+EventHandler = Callable[[SessionEvent], Awaitable[None]]
+
+EndState = Literal["needs_pairing", "replaced", "logged_out", "banned"]
+
+
+@dataclass(frozen=True)
+class SessionEnd:
+    """Why a session ended by itself: the account is parked with `reason` until an
+    operator resumes it (`svc accounts resume`)."""
+
+    state: EndState
+    reason: str
+    until: datetime | None = None
+
+
+def end_of(event: SessionEvent) -> SessionEnd | None:
+    """The end a session event means, or None for events a session lives through."""
+    match event:
+        case NeedsPairing(reason=reason):
+            return SessionEnd(
+                "needs_pairing", f"needs pairing: {reason}" if reason else "needs pairing"
+            )
+        case StreamReplaced():
+            return SessionEnd("replaced", "stream replaced")
+        case LoggedOut(reason=reason):
+            return SessionEnd("logged_out", reason or "logged out")
+        case TemporaryBan(reason=reason, until=until):
+            return SessionEnd("banned", f"banned: {reason}", until)
+        case _:
+            return None
 
 
 class TransportError(ServiceError):
@@ -100,25 +193,76 @@ class Session(Protocol):
     # starts a send only while its lease proof covers this long.
     send_timeout: float
 
-    async def send(self, chat: str, text: str, *, job_id: str, fence: Fence) -> str:
-        """Send `text` to `chat` unless past `fence.deadline`; return the message id."""
+    async def send(self, out: Outgoing) -> str:
+        """Send `out` unless past `out.fence.deadline`; return the network's message id."""
+        ...
+
+    async def ended(self) -> SessionEnd:
+        """Return when the session has ended by itself (logged out, replaced, banned, not
+        paired); never for a session closed by its owner."""
+        ...
+
+
+class Events(Protocol):
+    """Where a transport hands a session's events (the channel layer's `EventDispatch`):
+    the handler sees them at least once, in order, one at a time."""
+
+    def post(self, event: SessionEvent) -> None:
+        """Queue `event` (never blocks; for network callbacks). A failing handler is
+        retried, then the event is logged and dropped: later events never stall."""
+        ...
+
+    async def deliver(self, event: SessionEvent) -> None:
+        """Deliver `event` now, in order after what came before; raise what the handler
+        raised (for callers with their own redelivery, like a durable queue)."""
+        ...
+
+
+class InboundSource(Protocol):
+    """Receives an account's inbound messages without a session (receive-only workers)."""
+
+    def receiver(self, account: str, events: Events) -> AbstractAsyncContextManager[None]:
+        """Deliver what arrives for `account` to `events` until the context exits."""
         ...
 
 
 class Transport(Protocol):
-    """Opens account sessions. `separate_inbound`: can receive without owning the session."""
+    """Opens account sessions; `inbound` is its separate inbound path, if it has one."""
 
     name: str
     channel: str  # the channel its accounts are on: the <channel> of every subject
-    separate_inbound: bool
     send_timeout: float  # what its sessions declare; checked against the lease TTL at start
 
-    def session(
-        self, account: str, on_event: EventCallback, *, receive: bool
-    ) -> AbstractAsyncContextManager[Session]:
-        """Attach to `account`; with `receive`, deliver what arrives to `on_event`."""
+    @property
+    def inbound(self) -> InboundSource | None:
+        """Its separate inbound path (receive-only workers), or None: a session transport
+        receives on the account's socket, so only the lease holder receives."""
         ...
 
-    def receiver(self, account: str, on_event: EventCallback) -> AbstractAsyncContextManager[None]:
-        """Receive without a session (only where `separate_inbound` is true)."""
+    def session(
+        self, account: str, events: Events, *, receive: bool
+    ) -> AbstractAsyncContextManager[Session]:
+        """Attach to `account`; deliver its session events to `events`, and with
+        `receive` also what users send it (a transport with a separate inbound path
+        relays it only then)."""
         ...
+
+
+class SessionEnding:
+    """The `ended()` half of a Session, for transports to reuse: `end()` once, first wins."""
+
+    def __init__(self) -> None:
+        self._ended: asyncio.Event = asyncio.Event()
+        self._end: SessionEnd | None = None
+
+    def end(self, end: SessionEnd) -> None:
+        """Record that the session ended (the first end counts)."""
+        if self._end is None:
+            self._end = end
+            self._ended.set()
+
+    async def ended(self) -> SessionEnd:
+        """Return when the session has ended by itself."""
+        await self._ended.wait()
+        assert self._end is not None
+        return self._end

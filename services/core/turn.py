@@ -19,6 +19,9 @@ from contracts.payloads import ChatState, HistoryEntry
 from services.core.llm import ChatMessage, Completion
 
 REPLY_LIMIT = 4096  # characters per WhatsApp message we send; longer replies are split
+QUOTE_TEXT_LIMIT = 1024  # characters of the answered message a quoting job carries
+
+QuotePolicy = Literal["groups", "always", "never"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,12 @@ def skip_reason(
     if inbound.is_group and (groups == "none" or (groups == "mention" and not inbound.mentioned)):
         return "group message without a mention" if groups == "mention" else "group message"
     return None
+
+
+def quotes(inbound: MessageReceived, policy: QuotePolicy = "groups") -> bool:
+    """Whether the reply to `inbound` quotes it (SVC_QUOTE_REPLIES): in a group a quote
+    says whom the agent answers; in a 1:1 chat only `always` quotes."""
+    return policy == "always" or (policy == "groups" and inbound.is_group)
 
 
 def prompt(
@@ -99,8 +108,11 @@ def completed(
     reply_limit: int = REPLY_LIMIT,
     *,
     plugins_seq: int = 0,
+    quote: QuotePolicy = "groups",
 ) -> TurnOutput:
-    """The events of a turn that produced `completion`."""
+    """The events of a turn that produced `completion`; its first reply quotes the
+    message it answers when `quote` says so."""
+    quoted = quotes(inbound, quote)
     jobs = [
         SendMessage(
             id=job_id(inbound, i),
@@ -109,7 +121,9 @@ def completed(
             account=inbound.account,
             chat=inbound.chat,
             text=part,
-            reply_to=inbound.message_id if i == 0 else None,
+            reply_to=inbound.message_id if i == 0 and quoted else None,
+            reply_to_sender=inbound.sender if i == 0 and quoted else "",
+            reply_to_text=inbound.text[:QUOTE_TEXT_LIMIT] if i == 0 and quoted else "",
             cause_id=inbound.id,
         )
         for i, part in enumerate(split_reply(completion.text, reply_limit))
@@ -152,10 +166,20 @@ def skipped(inbound: MessageReceived, reason: str, model: str) -> TurnOutput:
 
 
 def failed(
-    inbound: MessageReceived, error: str, model: str, fallback: str = "", plugins_seq: int = 0
+    inbound: MessageReceived,
+    error: str,
+    model: str,
+    fallback: str = "",
+    plugins_seq: int = 0,
+    *,
+    quote: QuotePolicy = "groups",
 ) -> TurnOutput:
     """A turn that could not complete; `fallback` (if any) is still sent to the user."""
-    jobs = completed(inbound, Completion(text=fallback), model, 0).jobs if fallback else []
+    jobs = (
+        completed(inbound, Completion(text=fallback), model, 0, quote=quote).jobs
+        if fallback
+        else []
+    )
     record = TurnFailed(
         id=turn_id(inbound),
         channel=inbound.channel,

@@ -211,7 +211,12 @@ class CoreWorker:
                 raise TransientError(f"llm: {exc}", delay=delay) from None
             log.error("turn failed", extra={"inbound_id": inbound.id, "error": str(exc)})
             failed = turn.failed(
-                inbound, f"llm: {exc}", model, settings.fallback_reply, tools.plugins_seq
+                inbound,
+                f"llm: {exc}",
+                model,
+                settings.fallback_reply,
+                tools.plugins_seq,
+                quote=settings.quote_replies,
             )
             return failed, [asked]
         elapsed = (time.perf_counter() - started) * 1000
@@ -228,6 +233,7 @@ class CoreWorker:
             result.tools,
             settings.reply_limit,
             plugins_seq=tools.plugins_seq,
+            quote=settings.quote_replies,
         )
         entries = [asked]
         if result.text.strip():

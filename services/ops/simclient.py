@@ -15,6 +15,9 @@ from contracts.errors import DecodeError
 from contracts.events import CHANNEL_WHATSAPP, derived_id, new_id
 from contracts.payloads import SimInbound, SimOutbound
 from services.runtime.bus import Bus
+from services.whatsapp.jids import own_jid
+
+__all__ = ["Exchange", "SimUser", "first_reply_job_id", "own_jid"]
 
 
 def first_reply_job_id(account: str, message_id: str) -> str:
@@ -72,12 +75,33 @@ class SimUser:
             self.others.append(out)
         self._changed.set()
 
-    async def send(self, chat: str, text: str, *, sender: str | None = None) -> Exchange:
-        """Publish a user message (durably: the SIM stream keeps it until an owner reads it)."""
+    async def send(
+        self,
+        chat: str,
+        text: str,
+        *,
+        sender: str | None = None,
+        mentions: list[str] | None = None,
+        quoted_id: str = "",
+        sender_name: str = "",
+        sender_alt: str = "",
+    ) -> Exchange:
+        """Publish a user message (durably: the SIM stream keeps it until an owner reads
+        it). In a group chat (`…@g.us`) pass the `sender`; `mentions` may name the
+        account's own JID (`own_jid`)."""
         message_id = new_id()
         exchange = Exchange(chat, text, message_id, time.perf_counter())
         self.exchanges[first_reply_job_id(self.account, message_id)] = exchange
-        payload = SimInbound(chat=chat, sender=sender or chat, text=text, message_id=message_id)
+        payload = SimInbound(
+            chat=chat,
+            sender=sender or chat,
+            text=text,
+            message_id=message_id,
+            mentions=mentions or [],
+            quoted_id=quoted_id,
+            sender_name=sender_name,
+            sender_alt=sender_alt,
+        )
         await self.bus.publish_bytes(
             subjects.sim_in(self.account), encode(payload), msg_id=f"sim-in:{message_id}"
         )

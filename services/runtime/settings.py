@@ -116,6 +116,10 @@ class CoreSettings:
     turn_attempts: int = 5
     fallback_reply: str = "Sorry, I could not answer that just now. Please try again later."
     group_replies: Literal["mention", "all", "none"] = "mention"
+    # Which replies quote the message they answer (SVC_QUOTE_REPLIES): in a group a quote
+    # says whom the agent answers; in a 1:1 chat it only adds noise, so `groups` is the
+    # default. `always` / `never` as they say.
+    quote_replies: Literal["groups", "always", "never"] = "groups"
     reply_limit: int = 4096
     # Per-chat inbound rate (SVC_CHAT_RATE, None: off) and what happens to a message over
     # it (SVC_CHAT_FLOOD): `hold` answers it later, in order; `refuse` records
@@ -221,6 +225,10 @@ def load_settings(env: Mapping[str, str] | None = None, *, role: str | None = No
             group_replies=cast(
                 Literal["mention", "all", "none"],
                 get.get_choice("SVC_GROUP_REPLIES", "mention", ("mention", "all", "none")),
+            ),
+            quote_replies=cast(
+                Literal["groups", "always", "never"],
+                get.get_choice("SVC_QUOTE_REPLIES", "groups", ("groups", "always", "never")),
             ),
             reply_limit=get.get_int("SVC_REPLY_LIMIT", 4096, minimum=100, maximum=65_536),
             chat_rate=get.get_rate("SVC_CHAT_RATE", DEFAULT_CHAT_RATE),

@@ -34,21 +34,25 @@ from contracts.events import CHANNEL_WHATSAPP
 from contracts.payloads import SimControl, SimFailure, SimInbound, SimOutbound
 from contracts.streams import LEASES, SIM, sim_consumer
 from services.channel.port import (
-    EventCallback,
+    Events,
     Fence,
     Incoming,
     LoggedOut,
+    Outgoing,
     Receipt,
+    SessionEnding,
+    SessionEvent,
     StaleFenceError,
     StreamReplaced,
     TemporaryBan,
     TransportError,
-    TransportEvent,
+    end_of,
 )
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerLoop, ConsumerSpec, Delivery
 from services.runtime.lease import read_lease
 from services.runtime.settings import SimFaults
+from services.whatsapp import jids
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +67,29 @@ def sim_send_timeout(faults: SimFaults) -> float:
     return faults.latency_ms / 1000 + SIM_NETWORK_SLACK
 
 
-class SimSession:
+def incoming(account: str, payload: SimInbound) -> Incoming:
+    """The sim's mapping: a user's message as the channel layer sees it (a `@g.us` chat
+    is a group; the account is mentioned by its own JID; LID/phone senders normalised)."""
+    who = jids.normalise(payload.chat, payload.sender, payload.sender_alt)
+    return Incoming(
+        chat=who.chat,
+        sender=who.sender,
+        sender_alt=who.sender_alt,
+        text=payload.text,
+        message_id=payload.message_id,
+        is_group=jids.is_group(who.chat),
+        sender_name=payload.sender_name,
+        mentions=tuple(payload.mentions),
+        mentioned=jids.mentions_account(payload.mentions, (jids.own_jid(account),)),
+        quoted_id=payload.quoted_id,
+    )
+
+
+class SimSession(SessionEnding):
     """One account attached to the simulated network."""
 
     def __init__(self, bus: Bus, account: str, faults: SimFaults, rng: random.Random) -> None:
+        super().__init__()
         self.bus = bus
         self.account = account
         self.faults = faults
@@ -78,9 +101,10 @@ class SimSession:
         self.lease_key = subjects.lease_key(CHANNEL_WHATSAPP, account)
         self._leases: KeyValue | None = None
 
-    async def send(self, chat: str, text: str, *, job_id: str, fence: Fence) -> str:
+    async def send(self, out: Outgoing) -> str:
         """Publish the message on the sim network (unless its fence is stale); its stream
         sequence is its id."""
+        chat, text, job_id, fence = out.chat, out.text, out.job_id, out.fence
         if self.faults.latency_ms:
             await asyncio.sleep(self.faults.latency_ms / 1000)
         if chat in self.faults.failing_chats:
@@ -94,8 +118,13 @@ class SimSession:
             )
         if self.faults.failure_rate and self.rng.random() < self.faults.failure_rate:
             await self._refuse(job_id, chat, "sim: injected transient failure", permanent=False)
-        out = SimOutbound(
-            chat=chat, text=text, job_id=job_id, holder=fence.holder, lease_token=fence.token
+        sent = SimOutbound(
+            chat=chat,
+            text=text,
+            job_id=job_id,
+            holder=fence.holder,
+            lease_token=fence.token,
+            reply_to=out.reply_to.message_id if out.reply_to else None,
         )
         await self._check_token(job_id, chat, fence)
         # The last check: nothing is awaited between it and the publish leaving.
@@ -108,7 +137,7 @@ class SimSession:
                 stale=True,
             )
         ack = await self.bus.publish_bytes(
-            self.subject, encode(out), msg_id=f"sim-out:{job_id}:{fence.token}"
+            self.subject, encode(sent), msg_id=f"sim-out:{job_id}:{fence.token}"
         )
         transport_id = f"sim-{ack.seq}"
         if self.faults.auto_receipts:
@@ -144,44 +173,54 @@ class SimSession:
 
 
 class SimTransport:
-    """Opens sim sessions; its inbound path is separate (a durable consumer on `SIM`)."""
+    """Opens sim sessions; its inbound path is separate (a durable queue on `SIM`)."""
 
     name = "sim"
     channel = CHANNEL_WHATSAPP
-    separate_inbound = True
 
     def __init__(self, bus: Bus, faults: SimFaults, *, seed: int | None = None) -> None:
         self.bus = bus
         self.faults = faults
         self.send_timeout = sim_send_timeout(faults)
         self.rng = random.Random(seed)
+        self._inbox = SimInbox(bus)
+        self.inbound: SimInbox | None = self._inbox
 
     @asynccontextmanager
     async def session(
-        self, account: str, on_event: EventCallback, *, receive: bool
+        self, account: str, events: Events, *, receive: bool
     ) -> AsyncIterator[SimSession]:
         """Attach to `account`; with `receive`, also relay what users sent it."""
         session = SimSession(self.bus, account, self.faults, self.rng)
         signals = await self.bus.nc.subscribe(
-            subjects.sim_control(account), cb=_control_relay(on_event)
+            subjects.sim_control(account), cb=_control_relay(session, events)
         )
         try:
             if not receive:
                 yield session
                 return
-            async with self.receiver(account, on_event):
+            async with self._inbox.receiver(account, events):
                 yield session
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await signals.unsubscribe()
 
-    def receiver(self, account: str, on_event: EventCallback) -> AbstractAsyncContextManager[None]:
-        """Relay what users sent `account` (shared durable consumer: any number may run)."""
-        return _receive(self.bus, account, on_event)
+
+class SimInbox:
+    """The sim's receive-only inbound path: a shared durable consumer per account on
+    `SIM`, so any number of receivers may run (role whatsapp-ingress) without the lease."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    def receiver(self, account: str, events: Events) -> AbstractAsyncContextManager[None]:
+        """Relay what users sent `account` until the context exits."""
+        return _receive(self.bus, account, events)
 
 
-def _control_relay(on_event: EventCallback) -> Callable[[Msg], Awaitable[None]]:
-    """Turn sim control messages into the session events a real socket would raise."""
+def _control_relay(session: SimSession, events: Events) -> Callable[[Msg], Awaitable[None]]:
+    """Turn sim control messages into the session events a real socket would raise; an
+    ending signal also ends the session (after the event, in order)."""
 
     async def relay(msg: Msg) -> None:
         try:
@@ -189,7 +228,7 @@ def _control_relay(on_event: EventCallback) -> Callable[[Msg], Awaitable[None]]:
         except DecodeError as exc:
             log.warning("bad sim control message", extra={"error": str(exc)})
             return
-        event: TransportEvent
+        event: SessionEvent
         match control.event:
             case "stream_replaced":
                 event = StreamReplaced()
@@ -205,23 +244,18 @@ def _control_relay(on_event: EventCallback) -> Callable[[Msg], Awaitable[None]]:
                 )
             case _:
                 assert_never(control.event)
-        await on_event(event)
+        events.post(event)  # a callback only enqueues (as a network callback must)
+        if end := end_of(event):
+            session.end(end)
 
     return relay
 
 
 @asynccontextmanager
-async def _receive(bus: Bus, account: str, on_event: EventCallback) -> AsyncIterator[None]:
+async def _receive(bus: Bus, account: str, events: Events) -> AsyncIterator[None]:
     async def handle(d: Delivery) -> None:
-        payload = decode(d.data, SimInbound)
-        await on_event(
-            Incoming(
-                chat=payload.chat,
-                sender=payload.sender,
-                text=payload.text,
-                message_id=payload.message_id,
-            )
-        )
+        # Delivered now and acked only after: a failure is redelivered (at least once).
+        await events.deliver(incoming(account, decode(d.data, SimInbound)))
 
     # max_ack_pending=1 keeps arrival order into INBOUND even with several receivers.
     spec = ConsumerSpec(

@@ -78,6 +78,9 @@ SAMPLES: dict[type[ev.Message], ev.Message] = {
         is_group=True,
         sender_name="Zoë",
         mentioned=True,
+        mentions=["acct-1@s.whatsapp.net", "555@s.whatsapp.net"],
+        quoted_id="3EB0C431D5A0",
+        sender_alt="9876543210@lid",
     ),
     ev.TurnCompleted: ev.TurnCompleted(
         id="00000000000000000000000000000002",
@@ -130,6 +133,8 @@ SAMPLES: dict[type[ev.Message], ev.Message] = {
         reply_to="3EB0C431D5A1",
         cause_id="00000000000000000000000000000002",
         requeued_from="00000000000000000000000000000099",
+        reply_to_sender="123:4@s.whatsapp.net",
+        reply_to_text="Como está o tempo amanhã?",
     ),
     ev.MessageSent: ev.MessageSent(
         id="00000000000000000000000000000005",
@@ -145,6 +150,7 @@ SAMPLES: dict[type[ev.Message], ev.Message] = {
         job_seq=42,
         sent_at=datetime(2026, 1, 2, 3, 4, 4, 500000, tzinfo=UTC),
         text="hello from the bot",
+        reply_to="3EB0C431D5A1",
     ),
     ev.DeliveryFailed: ev.DeliveryFailed(
         id="00000000000000000000000000000006",
@@ -776,6 +782,28 @@ def test_bytes_written_before_a_field_was_added_still_decode() -> None:
     event = decode(old, ev.MessageReceived)
     assert event.mentioned is False
     assert event.text == SAMPLES[ev.MessageReceived].text
+
+
+def test_messages_and_jobs_written_before_mentions_and_quotes_still_decode() -> None:
+    # Given a MessageReceived and a SendMessage stored before mentions and quotes existed
+    old_in = (GOLDEN_DIR / "MessageReceived.v1.before-quotes.json.compat").read_bytes().strip()
+    old_job = (GOLDEN_DIR / "SendMessage.v1.before-quotes.json.compat").read_bytes().strip()
+    # When decoded, the new fields take their defaults and everything else is kept
+    received = decode(old_in, ev.MessageReceived)
+    assert (received.mentions, received.quoted_id, received.sender_alt) == ([], "", "")
+    assert received.mentioned is True
+    job = decode(old_job, ev.SendMessage)
+    assert (job.reply_to, job.reply_to_sender, job.reply_to_text) == ("3EB0C431D5A1", "", "")
+    # and a MessageSent from before it recorded the quote says so (UNSET, not "no quote")
+    old_sent = (GOLDEN_DIR / "MessageSent.v1.before-quotes.json.compat").read_bytes().strip()
+    assert decode(old_sent, ev.MessageSent).reply_to is msgspec.UNSET
+    assert decode(encode(ev.MessageSent(**_no_quote())), ev.MessageSent).reply_to is None
+
+
+def _no_quote() -> dict[str, Any]:
+    fields = msgspec.structs.asdict(SAMPLES[ev.MessageSent])
+    fields["reply_to"] = None
+    return fields
 
 
 def test_dead_letters_written_before_the_bounds_still_decode() -> None:

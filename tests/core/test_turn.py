@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -24,8 +25,8 @@ def inbound(**kw: object) -> MessageReceived:
 
 
 def test_a_completed_turn_queues_one_job_per_part_with_ids_derived_from_the_cause() -> None:
-    out = turn.completed(inbound(), Completion(text="echo: hello"), "echo", 1.5)
-    again = turn.completed(inbound(), Completion(text="echo: hello"), "echo", 9.9)
+    out = turn.completed(inbound(), Completion(text="echo: hello"), "echo", 1.5, quote="always")
+    again = turn.completed(inbound(), Completion(text="echo: hello"), "echo", 9.9, quote="always")
     assert [j.text for j in out.jobs] == ["echo: hello"]
     job = out.jobs[0]
     assert job.id == job.job_id == again.jobs[0].job_id
@@ -116,3 +117,39 @@ def test_the_calculator_never_evaluates_code() -> None:
     for hostile in ("__import__('os').system('true')", "open('x')", "2**1000000", "1/0", "a+1"):
         with pytest.raises(ToolError):
             calculate(hostile)
+
+
+@pytest.mark.parametrize(
+    ("policy", "is_group", "quoted"),
+    [
+        ("groups", True, True),
+        ("groups", False, False),
+        ("always", False, True),
+        ("always", True, True),
+        ("never", True, False),
+        ("never", False, False),
+    ],
+)
+def test_the_first_reply_quotes_the_message_it_answers_as_the_quote_policy_says(
+    policy: turn.QuotePolicy, is_group: bool, quoted: bool
+) -> None:
+    # Given a message (in a group or 1:1) and a reply long enough for two parts
+    asked = inbound(
+        chat="1203@g.us" if is_group else "123@s.whatsapp.net",
+        sender="123@s.whatsapp.net",
+        is_group=is_group,
+        text="q" * 2000,
+    )
+    # When the turn completes under the policy
+    jobs = turn.completed(
+        asked, Completion(text="a " * 150), "echo", 0, reply_limit=200, quote=policy
+    ).jobs
+    # Then only the first part quotes it, with what a transport needs to show the quote
+    assert len(jobs) > 1
+    first, rest = jobs[0], jobs[1:]
+    if quoted:
+        assert (first.reply_to, first.reply_to_sender) == ("m1", "123@s.whatsapp.net")
+        assert first.reply_to_text == "q" * turn.QUOTE_TEXT_LIMIT
+    else:
+        assert (first.reply_to, first.reply_to_sender, first.reply_to_text) == (None, "", "")
+    assert all(j.reply_to is None and not j.reply_to_text for j in rest)

@@ -35,7 +35,9 @@ from services.runtime.nats_server import EmbeddedNats
 from tests.conftest import Processes, arun_svc, read_stream, role, run_svc, wait_until
 
 WHATSAPP = Scope(channel="whatsapp")
-RECEIPTS = {"SIM_AUTO_RECEIPTS": "1"}
+# Receipts for every send; replies quote the message they answer (1:1 chats too), so a
+# chain shows the quote it was sent with.
+RECEIPTS = {"SIM_AUTO_RECEIPTS": "1", "SVC_QUOTE_REPLIES": "always"}
 
 
 async def _delivery(bus: Bus, kind: type[Any], job_id: str | None = None) -> list[AnyMessage]:

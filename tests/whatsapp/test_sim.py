@@ -18,7 +18,8 @@ from contracts.events import (
 )
 from contracts.payloads import SimOutbound
 from services.app import check_role
-from services.channel.port import Fence, StaleFenceError
+from services.channel.dispatch import EventDispatch
+from services.channel.port import Fence, Outgoing, StaleFenceError
 from services.ops.simclient import SimUser
 from services.runtime.bus import Bus
 from services.runtime.errors import ConfigError
@@ -160,23 +161,26 @@ async def test_the_sim_network_refuses_a_stale_token_and_a_send_past_its_deadlin
     async def ignore(_event: object) -> None:
         return None
 
-    async with transport.session("default", ignore, receive=False) as session:
+    async with (
+        EventDispatch(ignore) as events,
+        transport.session("default", events, receive=False) as session,
+    ):
         assert await first.try_acquire()
         fresh = Fence("first", first.token, deadline=first.deadline)
-        assert (await session.send("a@s.whatsapp.net", "ok", job_id="j1", fence=fresh)).startswith(
+        assert (await session.send(Outgoing("a@s.whatsapp.net", "ok", "j1", fresh))).startswith(
             "sim-"
         )
         # A fence whose deadline has passed is refused before the publish
         late = Fence("first", first.token, deadline=time.monotonic() - 0.001)
         with pytest.raises(StaleFenceError, match="past its lease deadline"):
-            await session.send("a@s.whatsapp.net", "late", job_id="j2", fence=late)
+            await session.send(Outgoing("a@s.whatsapp.net", "late", "j2", late))
         # Once another holder took the lease over, the old token is refused
         await wait_until(second.try_acquire, timeout=6, what="takeover after expiry")
         stale = Fence("first", first.token)
         with pytest.raises(StaleFenceError, match=f"lease token {first.token} is not current"):
-            await session.send("a@s.whatsapp.net", "stale", job_id="j3", fence=stale)
+            await session.send(Outgoing("a@s.whatsapp.net", "stale", "j3", stale))
         current = Fence("second", second.token, deadline=second.deadline)
-        await session.send("a@s.whatsapp.net", "new owner", job_id="j4", fence=current)
+        await session.send(Outgoing("a@s.whatsapp.net", "new owner", "j4", current))
     sent = [decode(data, SimOutbound).job_id for _, data, _ in await stream_raw(bus, "SIM_OUT")]
     assert sent == ["j1", "j4"]
     await second.release()
