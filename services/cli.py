@@ -26,9 +26,37 @@ from services.runtime.telemetry import setup_tracing, shutdown_tracing
 
 T = TypeVar("T")
 
+# Where each role and command lives, so any behaviour is at most two hops from `svc --help`
+# (this epilog, then docs/architecture.md). Plain text: typer prints it as written, one
+# line each, and it fits an 80-column terminal. tests/test_help.py checks that it names
+# every role and command group, and that every path it names exists.
+EPILOG = """\
+Roles (svc run ROLE; wired in services/app.py):
+  core              services/core/ (turns), services/plugins/ (tools)
+  whatsapp          services/channel/ + a transport from services/whatsapp/
+  whatsapp-egress   services/channel/owner.py, services/channel/egress.py
+  whatsapp-ingress  services/channel/ingress.py, services/whatsapp/ (receiver)
+  all               all roles; no NATS_URL: services/runtime/nats_server.py
+  (every role)      services/runtime/ (bus, consumer loop, lease, settings)
+Commands:
+  run               services/app.py
+  demo              services/ops/demo.py
+  chat              services/ops/chat.py, services/ops/simclient.py
+  status            services/ops/status.py
+  nats              services/runtime/nats_server.py
+  streams           services/runtime/provisioning.py, contracts/streams.py
+  accounts          services/ops/accounts.py
+  plugins           services/ops/plugins.py, services/plugins/
+  dlq               services/ops/dlq.py
+  replay            services/ops/replay.py, services/ops/explain.py
+  audit             services/ops/audit.py, projections/audit.py
+  audit explain     services/ops/explain.py, projections/transcript.py
+Everything else: docs/architecture.md, "Where things live"."""
+
 app = typer.Typer(
     name="svc",
     help="Switchboard: an event-sourced AI-agent runtime for WhatsApp on NATS JetStream.",
+    epilog=EPILOG,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
