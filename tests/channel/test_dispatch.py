@@ -94,3 +94,19 @@ async def test_deliver_raises_the_handlers_error_so_a_durable_queue_redelivers()
         events.post(Disconnected("network"))
     assert events.delivered == 0
     assert events.dropped == 1
+
+
+async def test_a_deliver_still_waiting_when_the_session_closes_is_told_it_was_not_handled() -> None:
+    # Given a handler stuck on an event, and a durable source waiting to deliver another
+    release = asyncio.Event()
+
+    async def stuck(_event: SessionEvent) -> None:
+        await release.wait()
+
+    async with EventDispatch(stuck, drain_timeout=0.05) as events:
+        events.post(Connected())
+        waiting = asyncio.ensure_future(events.deliver(receipt(1)))
+    # When the session closed, the waiting delivery hears it was not handled (its source
+    # redelivers it) instead of hanging
+    with pytest.raises(RuntimeError, match="closed before the event was handled"):
+        await asyncio.wait_for(waiting, 5)
