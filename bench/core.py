@@ -35,6 +35,8 @@ from services.app import system
 from services.core.llm import EchoLLM
 from services.core.worker import CoreWorker
 from services.ops.simclient import SimUser
+from services.plugins.registry import discover
+from services.plugins.tools import ProjectedTools
 from services.runtime.bus import Bus, connect
 from services.runtime.nats_server import EmbeddedNats
 from services.runtime.provisioning import ensure_streams
@@ -58,7 +60,9 @@ async def backlog(bus: Bus, turns: int, chats: int) -> None:
 
 async def ours(bus: Bus, stop: asyncio.Event) -> None:
     # A benchmark backlog is a flood by design: no per-chat rate (ADR 0015).
-    await CoreWorker(bus, EchoLLM(), CoreSettings(chat_rate=None)).loop.run(stop)
+    settings = CoreSettings(chat_rate=None)
+    tools = ProjectedTools(bus, discover(), None, timeout=settings.tool_timeout)
+    await CoreWorker(bus, EchoLLM(), settings, tools=tools).loop.run(stop)
 
 
 async def raw(bus: Bus, stop: asyncio.Event) -> None:

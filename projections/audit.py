@@ -31,7 +31,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Never
 
 from contracts.errors import ContractError
 from contracts.events import (
@@ -226,6 +226,12 @@ class Auditor:
         self._count(stream)
         self.report.skipped[stream] = self.report.skipped.get(stream, 0) + 1
 
+    def _foreign(self, stream: str, event: Never) -> None:
+        """An event of a kind `stream` does not hold, handed in anyway: skipped, like one
+        that did not decode. `event` is typed Never, so a member added to the stream's
+        union without a case of its own is a type error here, not a silent skip."""
+        self.report.skipped[stream] = self.report.skipped.get(stream, 0) + 1
+
     def account_event(self, seq: int, at: datetime, event: AccountEvent) -> None:
         """ACCOUNTS: the lease timeline and the grants sends are checked against."""
         self._count("ACCOUNTS")
@@ -247,6 +253,9 @@ class Auditor:
                 entry = LeaseEntry(event.at, "resumed", event.actor, 0, event.reason)
             case AccountRegistered():
                 entry = LeaseEntry(event.at, "registered", "", 0, event.transport)
+            case _:
+                self._foreign("ACCOUNTS", event)
+                return
         if self._in_window(event.at):
             self.report.leases.setdefault(event.account, []).append(entry)
 
@@ -354,6 +363,8 @@ class Auditor:
                     self._job(event.new_job_id, account, chat, at)
             case DeadLetterDropped():
                 self.report.dead_letters["dropped"] = self.report.dead_letters.get("dropped", 0) + 1
+            case _:
+                self._foreign("DEADLETTER", event)
 
     def pending(self, seq: int, at: datetime, job: SendMessage) -> None:
         """OUTBOUND: a job still queued (not lost: it waits for the account's owner)."""
@@ -400,6 +411,8 @@ class Auditor:
                 job.refs.append(at_ref("DELIVERY", seq))
             case DeliveryReceipt():
                 pass
+            case _:
+                self._foreign("DELIVERY", event)
 
     def _sent(self, seq: int, job: _Job, event: MessageSent) -> None:
         send = _Send(

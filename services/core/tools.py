@@ -1,4 +1,6 @@
-"""A turn's tools: each bound to its chat, run with a timeout; errors go back to the model."""
+"""The core's tool port: what a turn calls (`ToolSource` -> `ToolBox`), each tool bound to
+its chat and run with a timeout; errors go back to the model. The plugins package
+implements the port; the core never imports it (ADR 0018)."""
 
 from __future__ import annotations
 
@@ -8,13 +10,16 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from contracts.events import ToolCallRecord
 from services.core.llm import ToolCall, ToolSpec
-from services.plugins.base import ToolError
 
 log = logging.getLogger(__name__)
+
+
+class ToolError(Exception):
+    """A tool refused its arguments or failed; the message goes back to the model."""
 
 
 @dataclass(frozen=True)
@@ -64,3 +69,11 @@ class ToolBox:
             latency_ms=round((time.perf_counter() - started) * 1000, 3),
         )
         return text, record
+
+
+class ToolSource(Protocol):
+    """Where the core gets each turn's tools (the port the plugins package implements)."""
+
+    async def toolbox(self, channel: str, account: str, chat: str) -> ToolBox:
+        """The tools allowed for this chat's turn."""
+        ...

@@ -31,8 +31,7 @@ from services.core import flood, turn
 from services.core.agent import run_turn
 from services.core.chats import ChatStore
 from services.core.llm import LLM, Completion, LLMError
-from services.plugins.registry import discover
-from services.plugins.tools import ProjectedTools, ToolSource
+from services.core.tools import ToolSource
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerLoop, ConsumerSpec, Delivery
 from services.runtime.errors import AbandonError, PermanentError, TransientError
@@ -86,16 +85,13 @@ class CoreWorker:
         llm: LLM,
         settings: CoreSettings | None = None,
         *,
-        tools: ToolSource | None = None,
+        tools: ToolSource,
         turn_wait: float = 5.0,
     ) -> None:
         self.bus = bus
         self.llm = llm
         self.settings = settings or CoreSettings()
-        # Without a projection: the discovered plugins with their default policies.
-        self.tools = tools or ProjectedTools(
-            bus, discover(), None, timeout=self.settings.tool_timeout
-        )
+        self.tools = tools  # the core's port; the wiring (services.app) picks the adapter
         self.turn_wait = turn_wait
         self.chats = ChatStore(bus)
         self.loop = ConsumerLoop(

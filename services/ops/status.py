@@ -51,29 +51,7 @@ async def collect_status(bus: Bus) -> dict[str, Any]:
                 "consumers": consumers,
             }
         )
-    leases: list[dict[str, Any]] = []
-    prefix = f"$KV.{LEASES.name}."
-    try:
-        kv = await js.key_value(LEASES.name)
-        # The stream's subject list, not kv.keys(): that would leave a consumer behind.
-        info = await js.stream_info(f"KV_{LEASES.name}", subjects_filter=f"{prefix}>")
-        keys = [s.removeprefix(prefix) for s in (info.state.subjects or {})]
-    except nats.js.errors.NotFoundError:
-        keys = []
-    for key in sorted(keys):
-        found = await read_lease(kv, key)
-        if found is not None:
-            value, revision = found
-            leases.append(
-                {
-                    "parked": value.parked,
-                    "key": key,
-                    "holder": value.holder,
-                    "token": value.token,
-                    "revision": revision,
-                    "acquired_at": value.acquired_at,
-                }
-            )
+    leases = await _leases(bus)
     dead = next((s for s in streams if s["name"] == DEADLETTER.name), {})
     letters = int(dead.get("messages", 0))
     gone = discarded(letters, dead.get("first_seq"), dead.get("last_seq"))
@@ -89,6 +67,34 @@ async def collect_status(bus: Bus) -> dict[str, Any]:
         "dead_letters": max(0, letters),
         "dead_letters_dropped": gone,
     }
+
+
+async def _leases(bus: Bus) -> list[dict[str, Any]]:
+    """Every lease in the bucket (none when it does not exist yet: no role has run)."""
+    js = bus.js
+    prefix = f"$KV.{LEASES.name}."
+    try:
+        kv = await js.key_value(LEASES.name)
+        # The stream's subject list, not kv.keys(): that would leave a consumer behind.
+        info = await js.stream_info(f"KV_{LEASES.name}", subjects_filter=f"{prefix}>")
+    except nats.js.errors.NotFoundError:
+        return []
+    leases: list[dict[str, Any]] = []
+    for key in sorted(s.removeprefix(prefix) for s in (info.state.subjects or {})):
+        found = await read_lease(kv, key)
+        if found is not None:
+            value, revision = found
+            leases.append(
+                {
+                    "parked": value.parked,
+                    "key": key,
+                    "holder": value.holder,
+                    "token": value.token,
+                    "revision": revision,
+                    "acquired_at": value.acquired_at,
+                }
+            )
+    return leases
 
 
 def render_status(status: dict[str, Any]) -> str:

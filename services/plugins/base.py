@@ -27,12 +27,12 @@ import msgspec
 
 from contracts.plugins import PluginManifest, ToolManifest, parameters_schema
 
+# The core owns the error a tool raises (its port, ADR 0018); re-exported here, where
+# plugins (third-party ones too) have always imported it.
+from services.core.tools import ToolError as ToolError
+
 if TYPE_CHECKING:
     from services.plugins.runner import ToolRunner
-
-
-class ToolError(Exception):
-    """A tool refused its arguments or failed; the message goes back to the model."""
 
 
 class Facts(Protocol):

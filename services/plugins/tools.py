@@ -1,8 +1,9 @@
-"""The tools a turn may use: resolved from the plugin projection for (channel, account)."""
+"""The tools a turn may use: resolved from the plugin projection for (channel, account).
+`ProjectedTools` implements the core's tool port (`services.core.tools.ToolSource`)."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 from contracts import subjects
 from contracts.events import FactForgotten, FactRemembered
@@ -13,14 +14,6 @@ from services.plugins.base import Plugin, ToolContext
 from services.plugins.projection import PluginProjection
 from services.plugins.runner import ToolRunner
 from services.runtime.bus import Bus
-
-
-class ToolSource(Protocol):
-    """Where the core gets each turn's tools."""
-
-    async def toolbox(self, channel: str, account: str, chat: str) -> ToolBox:
-        """The tools allowed for this chat's turn."""
-        ...
 
 
 class ChatFacts:

@@ -14,11 +14,11 @@ from contracts.events import MessageReceived, MessageRefused, SendMessage, TurnC
 from services.core.chats import ChatStore
 from services.core.flood import gate
 from services.core.llm import EchoLLM
-from services.core.worker import CoreWorker
 from services.runtime.bus import Bus
 from services.runtime.errors import ConfigError
 from services.runtime.settings import CoreSettings, RateLimit, load_settings
 from tests.conftest import read_stream, wait_until
+from tests.core.wiring import core_worker
 
 CHAT = "flood@s.whatsapp.net"
 OTHER = "calm@s.whatsapp.net"
@@ -29,7 +29,7 @@ def inbound(text: str, chat: str = CHAT) -> MessageReceived:
 
 
 async def run_until_handled(bus: Bus, settings: CoreSettings, count: int, timeout: float) -> None:
-    worker = CoreWorker(bus, EchoLLM(), settings)
+    worker = core_worker(bus, EchoLLM(), settings)
     stop = asyncio.Event()
     task = asyncio.create_task(worker.loop.run(stop))
     try:

@@ -16,10 +16,10 @@ import pytest
 from contracts import subjects
 from contracts.events import MessageReceived, SendMessage, TurnCompleted, TurnFailed
 from services.core.llm import OpenAILLM
-from services.core.worker import CoreWorker
 from services.runtime.bus import Bus
 from services.runtime.settings import CoreSettings
 from tests.conftest import read_stream, wait_until
+from tests.core.wiring import core_worker
 
 
 def completion(
@@ -103,7 +103,7 @@ async def one_turn(
         timeout=settings.llm_timeout,
         retries=settings.llm_retries,
     )
-    worker = CoreWorker(bus, llm, settings)
+    worker = core_worker(bus, llm, settings)
     msg = MessageReceived(
         account="acct", chat="c@s.whatsapp.net", sender="c", message_id="m1", text="what is 2+3?"
     )

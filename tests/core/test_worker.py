@@ -7,9 +7,9 @@ import asyncio
 from contracts import subjects
 from contracts.events import MessageReceived, SendMessage, TurnCompleted
 from services.core.llm import EchoLLM
-from services.core.worker import CoreWorker
 from services.runtime.bus import Bus
 from tests.conftest import read_stream, wait_until
+from tests.core.wiring import core_worker
 
 
 def inbound(text: str, chat: str = "alice@s.whatsapp.net") -> MessageReceived:
@@ -19,7 +19,7 @@ def inbound(text: str, chat: str = "alice@s.whatsapp.net") -> MessageReceived:
 
 
 async def test_an_inbound_message_becomes_a_turn_and_a_job(bus: Bus) -> None:
-    worker = CoreWorker(bus, EchoLLM())
+    worker = core_worker(bus, EchoLLM())
     stop = asyncio.Event()
     task = asyncio.create_task(worker.loop.run(stop))
     msg = inbound("hello")
@@ -44,7 +44,7 @@ async def test_a_redelivered_inbound_creates_no_second_turn_or_job(bus: Bus) -> 
     subject = subjects.inbound("whatsapp", "acct", msg.chat)
     await bus.publish(subject, msg, msg_id="copy-1")
     await bus.publish(subject, msg, msg_id="copy-2")
-    worker = CoreWorker(bus, EchoLLM())
+    worker = core_worker(bus, EchoLLM())
     stop = asyncio.Event()
     task = asyncio.create_task(worker.loop.run(stop))
     await wait_until(lambda: worker.loop.handled == 2, what="both copies handled")
@@ -60,7 +60,7 @@ async def test_turns_of_each_chat_follow_arrival_order(bus: Bus) -> None:
     for t in texts:
         msg = inbound(t, chat=f"c{int(t[1:]) % 3}@s.whatsapp.net")
         await bus.publish(subjects.inbound("whatsapp", "acct", msg.chat), msg)
-    worker = CoreWorker(bus, EchoLLM())
+    worker = core_worker(bus, EchoLLM())
     stop = asyncio.Event()
     task = asyncio.create_task(worker.loop.run(stop))
     await wait_until(lambda: worker.loop.handled == 30, what="30 turns")

@@ -30,6 +30,7 @@ from contracts.events import (
     derived_id,
 )
 from contracts.payloads import SimOutbound
+from projections.audit import Auditor
 from projections.replay import parse_when
 from services.core import turn
 from services.ops.audit import Scope, audit, render, to_builtins
@@ -399,6 +400,22 @@ async def test_corrupt_and_foreign_payloads_are_skipped_and_counted(bus: Bus) ->
     data = await run(bus, grace=0)
     assert data["ok"] is True
     assert data["skipped"] == {"DELIVERY": 2}
+
+
+def test_an_event_of_a_kind_its_stream_does_not_hold_is_skipped_not_a_crash() -> None:
+    # The reader decodes each stream as its union; the Auditor is a public fold, and a
+    # stray kind handed to it (a new event type, another caller) used to end the audit
+    # with UnboundLocalError (mypy possibly-undefined, issue 12 item 5).
+    auditor = Auditor()
+    stray = MessageReceived(account=ACCOUNT, chat=CHAT, sender=CHAT, message_id="m1", text="x")
+    auditor.account_event(1, at(0), stray)  # type: ignore[arg-type]
+    auditor.dead_letter(1, at(0), stray)  # type: ignore[arg-type]
+    auditor.delivery(1, at(0), stray)  # type: ignore[arg-type]
+    auditor.account_event(2, at(1), LeaseAcquired(account=ACCOUNT, holder="h", token=1, at=at(1)))
+    report = auditor.finish(at(2))
+    assert report.skipped == {"ACCOUNTS": 1, "DEADLETTER": 1, "DELIVERY": 1}
+    assert [e.event for e in report.leases[ACCOUNT]] == ["acquired"]
+    assert report.violations == []
 
 
 @pytest.mark.audit_violations
