@@ -64,16 +64,14 @@ class DeviceRegistry:
             return
 
     async def all(self) -> list[DeviceRecord]:
-        """Every account's device record of this channel."""
-        kv = await self._bucket()
-        try:
-            keys = await kv.keys()
-        except nats.js.errors.NoKeysError:
-            return []
+        """Every account's device record of this channel, by account."""
+        await self._bucket()
+        # The stream's subject list, not kv.keys(): that would leave a consumer behind.
+        prefix = f"$KV.{DEVICES.name}.{self.channel}."
+        info = await self.bus.js.stream_info(f"KV_{DEVICES.name}", subjects_filter=f"{prefix}>")
         found = []
-        for key in keys:
-            if key.startswith(f"{self.channel}."):
-                record = await self.get(key.split(".", 1)[1])
-                if record is not None:
-                    found.append(record)
+        for subject in sorted(info.state.subjects or {}):
+            record = await self.get(subject.removeprefix(prefix))
+            if record is not None:
+                found.append(record)
         return found

@@ -81,7 +81,20 @@ async def _leases(bus: Bus) -> list[dict[str, Any]]:
         return []
     leases: list[dict[str, Any]] = []
     for key in sorted(s.removeprefix(prefix) for s in (info.state.subjects or {})):
-        found = await read_lease(kv, key)
+        try:
+            found = await read_lease(kv, key)
+        except msgspec.DecodeError:  # written by hand; shown, never a crash of the status
+            leases.append(
+                {
+                    "parked": f"unreadable value: remove it with 'nats kv del {LEASES.name} {key}'",
+                    "key": key,
+                    "holder": "",
+                    "token": 0,
+                    "revision": 0,
+                    "acquired_at": "",
+                }
+            )
+            continue
         if found is not None:
             value, revision = found
             leases.append(

@@ -36,3 +36,22 @@ async def test_status_lists_each_held_and_parked_lease(bus: Bus) -> None:
     assert leases["whatsapp.acct-a"]["parked"] == ""
     assert leases["whatsapp.acct-b"]["parked"] == "needs_pairing"
     assert await held.release()
+
+
+async def test_a_lease_value_written_by_hand_is_shown_as_unreadable_not_a_crash(bus: Bus) -> None:
+    # Given a lease key whose value is not a lease (e.g. `nats kv put leases whatsapp.x junk`)
+    held = Lease(bus, "whatsapp", "acct-a", "holder-1", 30)
+    assert await held.try_acquire()
+    kv = await bus.js.key_value("leases")
+    await kv.put("whatsapp.junk", b"garbage")
+    # When the status is collected, every other lease is still listed, and that one says
+    # what is wrong and how to clear it
+    status = await collect_status(bus)
+    leases = {lease["key"]: lease for lease in status["leases"]}
+    assert leases["whatsapp.acct-a"]["holder"] == "holder-1"
+    assert leases["whatsapp.junk"]["parked"] == (
+        "unreadable value: remove it with 'nats kv del leases whatsapp.junk'"
+    )
+    assert "whatsapp.junk  " in render_status(status)
+    await kv.purge("whatsapp.junk")
+    assert await held.release()
