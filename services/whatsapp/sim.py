@@ -212,8 +212,7 @@ def _control_relay(on_event: EventCallback) -> Callable[[Msg], Awaitable[None]]:
 
 @asynccontextmanager
 async def _receive(bus: Bus, account: str, on_event: EventCallback) -> AsyncIterator[None]:
-    async def handle(d: Delivery) -> None:
-        payload = decode(d.data, SimInbound)
+    async def handle(payload: SimInbound, d: Delivery) -> None:
         await on_event(
             Incoming(
                 chat=payload.chat,
@@ -238,7 +237,7 @@ async def _receive(bus: Bus, account: str, on_event: EventCallback) -> AsyncIter
         # A redelivery republishes the same MessageReceived id, which JetStream dedupes.
         sync_ack=False,
     )
-    loop = ConsumerLoop(bus, spec, handle)
+    loop = ConsumerLoop(bus, spec, SimInbound, handle)
     await loop.ensure()
     stop = asyncio.Event()
     task = asyncio.create_task(loop.run(stop), name=f"sim-receive-{account}")
