@@ -59,7 +59,9 @@ log = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 256  # jobs held per account: one per chat at a time, chats in parallel
 
 
-def egress_consumer_spec(channel: str, account: str) -> ConsumerSpec:
+def egress_consumer_spec(
+    channel: str, account: str, delivery: DeliverySettings | None = None
+) -> ConsumerSpec:
     """One durable consumer per account; only the lease holder pulls from it.
 
     Ordered by subject (= chat): a chat's jobs go one at a time in enqueue order, other
@@ -72,15 +74,25 @@ def egress_consumer_spec(channel: str, account: str) -> ConsumerSpec:
         ordered_by_subject=True,
         max_ack_pending=MAX_IN_FLIGHT,
         batch=64,
-        # Transport attempts are counted in the SendRecord; this caps in-place retries of
-        # unexpected errors (a bug) so a poison job cannot hold its chat forever.
-        max_deliver=20,
+        # The one policy (DELIVERY_BACKOFF): the egress's transport attempts, counted in
+        # the SendRecord across owners, and the loop's in-place retries of other errors
+        # (NATS trouble, a bug), so a poison job cannot hold its chat forever.
+        retry=(delivery or DeliverySettings()).retry,
+        letter_job=letter_job,
         ack_wait=30.0,
         fetch_timeout=0.25,  # a handover waits for the idle fetch to end
         # The SendRecord says `sent` before the ack goes out, and a new owner checks the
         # records of every job its predecessor had been handed: a lost ack resends nothing.
         sync_ack=False,
     )
+
+
+def letter_job(d: Delivery) -> str | None:
+    """The job a dead letter names: a job is published with its id as Nats-Msg-Id."""
+    try:
+        return subjects.check_job_id(d.msg_id) if d.msg_id else None
+    except ContractError:
+        return None
 
 
 def check_job(subject: str, job: SendMessage) -> None:
@@ -127,15 +139,17 @@ class Egress:
         # been mid-send when it stopped: only those need a look at their SendRecord.
         self.in_flight_upto = in_flight_upto
 
-    async def handle(self, d: Delivery) -> None:
+    async def handle(self, job: SendMessage, d: Delivery) -> None:
         """Deliver one job (with its retries); return when it is settled either way."""
-        job = decode(d.data, SendMessage)
         try:
             check_job(d.subject, job)
         except ContractError as exc:
             raise PermanentError(str(exc)) from None
         record = None
-        if d.num_delivered > 1 or d.stream_seq <= self.in_flight_upto:
+        # Only a job that may have been attempted before has a record worth a read: a
+        # redelivery, a job the previous owner was handed, or an in-place retry after an
+        # unexpected error (its send may have gone out before the error).
+        if d.num_delivered > 1 or d.attempt > 1 or d.stream_seq <= self.in_flight_upto:
             record = await self.ledger.get(job.job_id)
         attempt, errors = (record.attempt, list(record.errors)) if record else (0, [])
         if record is not None:
@@ -151,10 +165,11 @@ class Egress:
                 case "failed":
                     pass
         current = record  # the job's record as it stands before each attempt
+        retry = self.settings.retry
         reproofs = 0
         while True:
             attempt += 1
-            if attempt > self.settings.max_attempts:
+            if attempt > retry.attempts:
                 raise PermanentError(f"gave up after {attempt - 1} attempts", errors=errors)
             await self.limiter.acquire()
             # Fencing: send only while the proof covers the whole send (its timeout), so it
@@ -192,8 +207,8 @@ class Egress:
                     raise PermanentError(str(exc), errors=errors) from exc
                 current = self._record(job, "failed", attempt, fence, errors)
                 await self.ledger.put(current)
-                if attempt < self.settings.max_attempts:
-                    await self._backoff(d, attempt)
+                if not retry.last(attempt):
+                    await self._backoff(attempt)
                 continue
             await self._sent(job, attempt, fence, transport_id, d.stream_seq, sent_at)
             return
@@ -281,9 +296,9 @@ class Egress:
             writes.append(self.ledger.index(transport_id, job.job_id, job.chat))
         await asyncio.gather(*writes)  # independent writes, one round trip
 
-    async def _backoff(self, d: Delivery, attempt: int) -> None:
+    async def _backoff(self, attempt: int) -> None:
         """Wait before the next attempt, keeping the job ours; give it back on stop/loss."""
-        delay = self.settings.backoff[min(attempt, len(self.settings.backoff)) - 1]
+        delay = self.settings.retry.delay(attempt)
         waiters = [asyncio.create_task(e.wait()) for e in (self.stop, self.lost)]
         try:
             done, _ = await asyncio.wait(waiters, timeout=delay)
@@ -315,7 +330,7 @@ class Egress:
     async def dead_lettered(self, d: Delivery, reason: str) -> None:
         """Record on DELIVERY (and in the ledger) that a job will not be sent."""
         try:
-            job = decode(d.data, SendMessage)
+            job = d.body if d.decoded else decode(d.data, SendMessage)
             subjects.check_job_id(job.job_id)
             where = subjects.parse_chat_subject(d.subject)
         except ContractError:  # no job id or no chat to record it under; DEADLETTER keeps it

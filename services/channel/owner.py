@@ -27,6 +27,7 @@ from contracts.events import (
     LeaseAcquired,
     LeaseLost,
     LeaseReleased,
+    SendMessage,
     derived_id,
 )
 from contracts.streams import OUTBOUND
@@ -171,7 +172,7 @@ class AccountOwner:
         done = asyncio.Event()  # stop sending
         end: SessionEnd | None = None
         try:
-            spec = egress_consumer_spec(self.channel, self.account)
+            spec = egress_consumer_spec(self.channel, self.account, self.delivery)
             # A new owner starts from the first unacked job at once, instead of waiting for
             # the ack deadline of a job the previous owner held when it died (work queue:
             # everything still stored is unacked, so nothing is skipped).
@@ -199,7 +200,7 @@ class AccountOwner:
                     in_flight_upto=in_flight_upto,
                 )
                 loop = ConsumerLoop(
-                    self.bus, spec, egress.handle, on_dead_letter=egress.dead_lettered
+                    self.bus, spec, SendMessage, egress.handle, on_dead_letter=egress.dead_lettered
                 )
                 self.owning.set()
                 sending = asyncio.create_task(loop.run(done), name=f"egress-{self.account}")

@@ -22,7 +22,6 @@ import nats.errors
 import nats.js.errors
 
 from contracts import subjects
-from contracts.codec import decode
 from contracts.errors import ContractError
 from contracts.events import MessageReceived
 from contracts.payloads import ChatState, HistoryEntry
@@ -35,11 +34,15 @@ from services.core.tools import ToolSource
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerLoop, ConsumerSpec, Delivery
 from services.runtime.errors import AbandonError, PermanentError, TransientError
+from services.runtime.retry import RetryPolicy
 from services.runtime.settings import CoreSettings
 
 log = logging.getLogger(__name__)
 
 _NATS = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
+
+# Waits before the 2nd..6th attempt of a turn (a model server's Retry-After may ask more).
+TURN_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 def core_consumer_spec(settings: CoreSettings) -> ConsumerSpec:
@@ -58,9 +61,10 @@ def core_consumer_spec(settings: CoreSettings) -> ConsumerSpec:
         max_held=256,
         max_ack_pending=4096,
         batch=64,
-        max_deliver=settings.turn_attempts,
+        # The turn's one policy: its last attempt ends in TurnFailed (the core's own
+        # choice, see `_turn`), other errors' last attempt in a dead letter.
+        retry=RetryPolicy(attempts=settings.turn_attempts, delays=TURN_RETRY_DELAYS),
         ack_wait=5.0,  # kept alive while a turn runs; a dead replica's turn returns in 5 s
-        retry_delays=(1.0, 2.0, 4.0, 8.0, 16.0),
         fetch_timeout=0.5,
         # The chat record says a message is settled before its ack: a lost ack only
         # means a redelivery that is acked without a second turn.
@@ -95,10 +99,15 @@ class CoreWorker:
         self.turn_wait = turn_wait
         self.chats = ChatStore(bus)
         self.loop = ConsumerLoop(
-            bus, core_consumer_spec(self.settings), self.handle, on_dead_letter=self.dead_lettered
+            bus,
+            core_consumer_spec(self.settings),
+            MessageReceived,
+            self.handle,
+            on_dead_letter=self.dead_lettered,
         )
+        self.retry = self.loop.spec.retry
 
-    async def handle(self, d: Delivery) -> None:
+    async def handle(self, inbound: MessageReceived, d: Delivery) -> None:
         """Run one turn when it is this message's turn; settle it; publish its outputs."""
         try:
             where = subjects.parse_chat_subject(d.subject)
@@ -111,8 +120,8 @@ class CoreWorker:
             return
         state, revision = mine
         # Checked in its turn (a dead letter gives the chat's turn to the next message):
-        # malformed, ids out of bounds, or a payload naming another chat than the subject.
-        inbound = decode(d.data, MessageReceived)
+        # ids out of bounds, or a payload naming another chat than the subject. (A payload
+        # that does not decode never gets here: `dead_lettered` waits for its turn.)
         check_inbound(d.subject, inbound)
         rate_tat = await self._within_rate(inbound, state)
         if rate_tat is None:  # refused: recorded, and the chat's next message may run
@@ -200,11 +209,10 @@ class CoreWorker:
                 max_rounds=settings.max_tool_rounds,
             )
         except LLMError as exc:
-            if exc.transient and d.attempt < settings.turn_attempts:
+            if exc.transient and not self.retry.last(d.attempt):
                 # Retried in place, in order: after this attempt's declared backoff, or
                 # later if the server asked for it (Retry-After, capped in llm.py).
-                delay = max(core_consumer_spec(settings).delay(d.attempt), exc.retry_after or 0)
-                raise TransientError(f"llm: {exc}", delay=delay) from None
+                raise TransientError(f"llm: {exc}", delay=exc.retry_after or 0.0) from None
             log.error("turn failed", extra={"inbound_id": inbound.id, "error": str(exc)})
             failed = turn.failed(
                 inbound,
@@ -267,12 +275,21 @@ class CoreWorker:
         raise TransientError("could not settle the chat's position")
 
     async def dead_lettered(self, d: Delivery, reason: str) -> None:
-        """A message that cannot be handled still gives its chat's turn to the next one."""
+        """A message that cannot be handled still gives its chat's turn to the next one --
+        in its own turn: advancing the chat past it while an earlier message is in flight
+        would let later ones overtake that one and drop its history. Not yet its turn: a
+        TransientError, and the loop tries the letter again later."""
         try:
             where = subjects.parse_chat_subject(d.subject)
         except ContractError:
             return  # no chat to unblock
         key = subjects.chat_key(where.channel, where.account, where.chat)
-        state, revision = await self.chats.get(key, where.chat)
-        if state.last_seq < d.stream_seq:
+        try:
+            mine = await self._my_turn(d, key, where.chat)
+        except AbandonError as exc:
+            raise TransientError(
+                f"dead letter waits for its turn: {exc}", delay=exc.delay
+            ) from None
+        if mine is not None:
+            state, revision = mine
             await self._settle(key, where.chat, d.stream_seq, [], state, revision)

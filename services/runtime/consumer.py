@@ -1,11 +1,16 @@
 """One consumer-loop building block: durable pull consumer, explicit acks, errors -> acks.
 
-The handler gets a `Delivery` and returns normally (ack), raises TransientError (retry
-after its delay), PermanentError or a ContractError such as a malformed payload
-(dead-letter with the attempt history, then term), or AbandonError (hand the message back
-untouched). Any other exception is treated as transient and logged with its traceback.
-After the last allowed attempt anything but success is dead-lettered, so nothing stays
-stuck in a work queue.
+The loop is typed (ADR 0017): it decodes each delivery once, at the edge, with the
+contract type's cached decoder, and calls `handler(body, delivery)` with the typed body
+(the `Delivery` carries the metadata). A payload that does not decode is dead-lettered
+with a one-line reason; the handler never sees it. The handler returns normally (ack),
+raises TransientError (retry), PermanentError or a ContractError (dead-letter with the
+attempt history, then term), or AbandonError (hand the message back untouched). Any
+other exception is treated as transient and logged with its traceback.
+
+The spec's `RetryPolicy` is the one place attempts and waits are decided: each retry
+waits `retry.delay(attempt, requested)` (a TransientError's `delay` is what it requests),
+and a failure of the last attempt dead-letters, so nothing stays stuck in a work queue.
 
 Two ways to run:
 - sequential (default): one message at a time; a retry is a `nak(delay)`.
@@ -34,6 +39,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar, cast
 
 import msgspec
 import nats.errors
@@ -44,12 +50,18 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 
 from contracts import subjects
+from contracts.codec import decoder
 from contracts.errors import ContractError
 from contracts.events import AttemptError, DeadLettered
-from contracts.streams import ATTEMPTS, OUTBOUND
+from contracts.streams import ATTEMPTS
 from services.runtime.bus import Bus
 from services.runtime.errors import AbandonError, PermanentError, TransientError
+from services.runtime.retry import RetryPolicy
 from services.runtime.telemetry import consume_span
+
+__all__ = ["ConsumerLoop", "ConsumerSpec", "Delivery", "RetryPolicy"]
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +75,8 @@ LETTER_HEADERS_LIMIT = 8 * 1024
 LETTER_TEXT_LIMIT = 2000
 _SUBJECT_SHOWN = 200  # characters of an uncarriable subject kept in its letter
 
+DEFAULT_RETRY = RetryPolicy()
+
 
 @dataclass(frozen=True)
 class ConsumerSpec:
@@ -71,7 +85,8 @@ class ConsumerSpec:
     stream: str
     durable: str
     filter_subject: str
-    max_deliver: int = 5  # attempts before dead-lettering; -1: unlimited on the server
+    # Attempts per message and the wait before each retry; the last failure dead-letters.
+    retry: RetryPolicy = DEFAULT_RETRY
     # Ordered mode: attempts of a redelivered message that began and never ended (its
     # process stopped mid-attempt) before it is dead-lettered without another one, so a
     # message that kills its process is not redelivered forever (the server's
@@ -80,9 +95,7 @@ class ConsumerSpec:
     ack_wait: float = 30.0
     max_ack_pending: int = 1000
     batch: int = 100
-    backoff: tuple[float, ...] = ()
     fetch_timeout: float = 1.0
-    retry_delays: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
     ordered_by_subject: bool = False
     # Wait for the server to confirm each ack (so a graceful handover never hands over an
     # acked message). A handler whose own records make a redelivery harmless can skip it.
@@ -95,6 +108,9 @@ class ConsumerSpec:
     # `max_ack_pending`. Smaller than the server window when handed-back messages, which
     # the server still counts as pending, must not crowd out other subjects.
     max_held: int = 0
+    # The job a dead letter names (`DeadLettered.job_id`), if the stream's messages are
+    # jobs; None: letters name none. The stream's owner says how (e.g. the egress).
+    letter_job: Callable[[Delivery], str | None] | None = None
 
     def config(self) -> ConsumerConfig:
         """The nats-py consumer config."""
@@ -105,27 +121,18 @@ class ConsumerSpec:
             deliver_policy=DeliverPolicy.ALL,
             # In-place retries count attempts themselves; the server must not give up. In
             # sequential mode one delivery past the attempts is kept to dead-letter a
-            # message whose every attempt stopped the process (see `crash_looped`).
-            max_deliver=-1
-            if self.ordered_by_subject or self.max_deliver < 1
-            else self.max_deliver + 1,
+            # message whose every attempt stopped the process (see `crash_looped`). Retry
+            # waits are the loop's nak(delay), from the policy: no server-side backoff.
+            max_deliver=-1 if self.ordered_by_subject else self.retry.attempts + 1,
             ack_wait=self.ack_wait,
             max_ack_pending=self.max_ack_pending,
-            backoff=list(self.backoff) or None,
         )
 
     @property
     def delivery_limit(self) -> int:
         """Sequential mode: server deliveries a message may have before it is
         dead-lettered without another attempt; 0: no limit."""
-        if self.ordered_by_subject:
-            return 0
-        return self.max_deliver if self.max_deliver > 0 else 0
-
-    def delay(self, attempt: int) -> float:
-        """The wait before retry number `attempt` (1-based)."""
-        delays = self.retry_delays
-        return delays[min(attempt, len(delays)) - 1] if delays else 1.0
+        return 0 if self.ordered_by_subject else self.retry.attempts
 
 
 @dataclass
@@ -143,6 +150,9 @@ class Delivery:
     # Ordered-by-subject mode: True once an earlier message of the same subject is queued
     # behind this one (a redelivery); a handler waiting for its turn should step aside.
     overtaken: Callable[[], bool] = lambda: False
+    # The typed body, once decoded (`decoded`): in-place retries reuse it.
+    body: Any = field(default=None, repr=False)
+    decoded: bool = field(default=False, repr=False)
 
     @property
     def msg_id(self) -> str:
@@ -155,7 +165,8 @@ class Delivery:
             await self.msg.in_progress()
 
 
-Handler = Callable[[Delivery], Awaitable[None]]
+Handler = Callable[[T, Delivery], Awaitable[None]]
+# Called with the raw delivery (its payload may not decode) before a message is parked.
 DeadLetterHook = Callable[[Delivery, str], Awaitable[None]]
 
 
@@ -172,19 +183,23 @@ def _delivery(msg: Msg) -> Delivery:
     )
 
 
-class ConsumerLoop:
-    """Pull, handle, settle. Stops (finishing the messages in hand) when `stop` is set."""
+class ConsumerLoop(Generic[T]):
+    """Pull, decode as `payload`, handle, settle. Stops (finishing the messages in hand)
+    when `stop` is set."""
 
     def __init__(
         self,
         bus: Bus,
         spec: ConsumerSpec,
-        handler: Handler,
+        payload: type[T],
+        handler: Handler[T],
         *,
         on_dead_letter: DeadLetterHook | None = None,
     ) -> None:
         self.bus = bus
         self.spec = spec
+        # The contract type's cached decoder (made once per type, shared by every loop).
+        self.decode: Callable[[bytes], T] = decoder(cast(Any, payload))
         self.handler = handler
         self.on_dead_letter = on_dead_letter
         self.handled = 0
@@ -255,7 +270,7 @@ class ConsumerLoop:
         if reason := self.crash_looped(d):
             await self.dead_letter(d, reason)
             return
-        last_try = d.num_delivered >= self.spec.max_deliver
+        last_try = self.spec.retry.last(d.num_delivered)
         outcome = await self.attempt(d)
         match outcome:
             case None:
@@ -272,10 +287,12 @@ class ConsumerLoop:
                 await self.settle(d.msg.nak(delay=delay or None))
 
     async def attempt(self, d: Delivery) -> _Outcome | None:
-        """Run the handler once in its span; None means success."""
+        """Decode (once per delivery), run the handler once in its span; None means success."""
         with consume_span(d.subject, d.headers, self.spec.durable, d.msg_id) as span:
             try:
-                await self.handler(d)
+                if not d.decoded:
+                    d.body, d.decoded = self.decode(d.data), True
+                await self.handler(d.body, d)
             except (PermanentError, ContractError) as exc:
                 span.set_attribute("switchboard.outcome", "dead-letter")
                 if isinstance(exc, PermanentError):
@@ -283,7 +300,7 @@ class ConsumerLoop:
                 return _DeadLetter(f"{type(exc).__name__}: {exc}")
             except TransientError as exc:
                 span.set_attribute("switchboard.outcome", "retry")
-                return _Retry(str(exc), exc.delay)
+                return _Retry(str(exc), self.spec.retry.delay(d.attempt, exc.delay))
             except AbandonError as exc:
                 span.set_attribute("switchboard.outcome", "abandoned")
                 log.info("abandoned", extra={"consumer": self.spec.durable, "reason": str(exc)})
@@ -292,7 +309,7 @@ class ConsumerLoop:
                 # Expected while NATS reconnects or a stream elects a leader: one line
                 # (log_retry, with the delay), no traceback.
                 span.set_attribute("switchboard.outcome", "retry")
-                return _Retry(f"{type(exc).__name__}: {exc}", self.spec.delay(d.attempt))
+                return _Retry(f"{type(exc).__name__}: {exc}", self.spec.retry.delay(d.attempt))
             except Exception as exc:
                 span.set_attribute("switchboard.outcome", "retry")
                 log.exception(  # an unexpected type: a bug, so the traceback
@@ -303,7 +320,7 @@ class ConsumerLoop:
                         "seq": d.stream_seq,
                     },
                 )
-                return _Retry(f"{type(exc).__name__}: {exc}", self.spec.delay(d.attempt))
+                return _Retry(f"{type(exc).__name__}: {exc}", self.spec.retry.delay(d.attempt))
             span.set_attribute("switchboard.outcome", "ack")
             return None
 
@@ -385,7 +402,8 @@ class ConsumerLoop:
                         "dead-letter hook failed; retrying later",
                         extra={"error": _clip(repr(exc)), "seq": d.stream_seq},
                     )
-                    await self.settle(d.msg.nak(delay=self.spec.delay(d.attempt)))
+                    requested = exc.delay if isinstance(exc, TransientError) else 0.0
+                    await self.settle(d.msg.nak(delay=self.spec.retry.delay(d.attempt, requested)))
                     return
                 hook_error = _clip(f"{type(exc).__name__}: {exc}")  # out of deliveries
             except Exception as exc:
@@ -421,7 +439,7 @@ class ConsumerLoop:
         except _NATS_TRANSIENT as exc:
             # Could not park it: keep it in the source stream rather than lose it.
             log.error("dead-letter publish failed", extra={"error": repr(exc), "seq": d.stream_seq})
-            await self.settle(d.msg.nak(delay=self.spec.delay(d.attempt)))
+            await self.settle(d.msg.nak(delay=self.spec.retry.delay(d.attempt)))
             return
         except Exception:
             # Not even the bare letter: ending the message is still better than holding it
@@ -460,6 +478,7 @@ class ConsumerLoop:
             subject = _cut(subject, _SUBJECT_SHOWN)
             subject_digest = _sha256(d.subject.encode("utf-8", "surrogateescape"))
         msg_id = d.msg_id
+        job_id = self.spec.letter_job(d) if self.spec.letter_job is not None else None
         return DeadLettered(
             source_stream=self.spec.stream,
             source_subject=subject,
@@ -469,8 +488,7 @@ class ConsumerLoop:
             payload=payload,
             headers=_bounded_headers(d.headers),
             source_msg_id=_clip(_safe_text(msg_id), 256),
-            # An OUTBOUND job is published with its job id as Nats-Msg-Id.
-            job_id=_job_id(msg_id) if self.spec.stream == OUTBOUND.name else None,
+            job_id=job_id,
             payload_truncated=truncated,
             payload_size=len(d.data),
             payload_sha256=_sha256(d.data),
@@ -524,14 +542,6 @@ def _clip(text: str, limit: int = LETTER_TEXT_LIMIT) -> str:
     return _cut(text, limit)
 
 
-def _job_id(msg_id: str) -> str | None:
-    """The job id an OUTBOUND message's Nats-Msg-Id names, if it is a valid one."""
-    try:
-        return subjects.check_job_id(msg_id) if msg_id else None
-    except ContractError:
-        return None
-
-
 def _bounded_headers(headers: dict[str, str]) -> dict[str, str]:
     """The headers a letter keeps: all but Nats-Msg-Id, within LETTER_HEADERS_LIMIT."""
     kept: dict[str, str] = {}
@@ -578,7 +588,7 @@ class _KeyedRun:
     """Ordered-by-subject mode: per-subject queues, one worker task per busy subject."""
 
     def __init__(
-        self, loop: ConsumerLoop, sub: JetStreamContext.PullSubscription, stop: asyncio.Event
+        self, loop: ConsumerLoop[Any], sub: JetStreamContext.PullSubscription, stop: asyncio.Event
     ) -> None:
         self.loop = loop
         self.spec = loop.spec
@@ -747,8 +757,8 @@ class _KeyedRun:
                     extra={"consumer": self.spec.durable, "seq": d.stream_seq},
                 )
                 d.msg = self.held.get(d.stream_seq, msg)
-                if failures >= max(self.spec.max_deliver, 1) or await _wait(
-                    self.stop, self.spec.delay(failures)
+                if self.spec.retry.last(failures) or await _wait(
+                    self.stop, self.spec.retry.delay(failures)
                 ):
                     error = f"{type(exc).__name__}: {exc}"
                     await self.loop.dead_letter(d, f"internal error: {error}", gave_up=failures)
@@ -797,7 +807,7 @@ class _KeyedRun:
                     return
                 case _Retry(error, delay):
                     d.errors.append(AttemptError(attempt=d.attempt, error=_clip(error)))
-                    if self.spec.max_deliver > 0 and d.attempt >= self.spec.max_deliver:
+                    if self.spec.retry.last(d.attempt):
                         d.msg = current
                         await self.loop.dead_letter(d, error, gave_up=d.attempt)
                         return

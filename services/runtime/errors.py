@@ -31,9 +31,10 @@ class EmbeddedServerError(ServiceError):
 
 
 class TransientError(ServiceError):
-    """Retry later: the message is redelivered after `delay` seconds."""
+    """Retry later, after the wait the consumer's RetryPolicy sets for this attempt;
+    `delay` asks for at least that long (e.g. a server's Retry-After), within the policy's cap."""
 
-    def __init__(self, message: str, *, delay: float = 1.0) -> None:
+    def __init__(self, message: str, *, delay: float = 0.0) -> None:
         super().__init__(message)
         self.delay = delay
 

@@ -11,12 +11,14 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Literal, TypeVar, cast
 from urllib.parse import urlparse
 
 from contracts.subjects import ACCOUNT_PATTERN
 from services.runtime.errors import ConfigError
+from services.runtime.retry import RetryPolicy
 
 Role = Literal["all", "core", "whatsapp", "whatsapp-egress", "whatsapp-ingress"]
 ROLES: tuple[Role, ...] = ("all", "core", "whatsapp", "whatsapp-egress", "whatsapp-ingress")
@@ -86,10 +88,11 @@ class Delivery:
     rate_limit: RateLimit | None = None  # default for every account; None: unlimited
     rate_limits: tuple[tuple[str, RateLimit | None], ...] = ()  # per-account overrides
 
-    @property
-    def max_attempts(self) -> int:
-        """Transport attempts per job: the first plus one per backoff step."""
-        return len(self.backoff) + 1
+    @cached_property
+    def retry(self) -> RetryPolicy:
+        """Transport attempts per job (the first plus one per backoff step) and their
+        waits: the egress consumer's one retry policy."""
+        return RetryPolicy.from_backoff(self.backoff)
 
     def limit_for(self, account: str) -> RateLimit | None:
         """The send budget of `account`."""

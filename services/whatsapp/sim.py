@@ -253,9 +253,9 @@ def _control_relay(session: SimSession, events: Events) -> Callable[[Msg], Await
 
 @asynccontextmanager
 async def _receive(bus: Bus, account: str, events: Events) -> AsyncIterator[None]:
-    async def handle(d: Delivery) -> None:
+    async def handle(payload: SimInbound, d: Delivery) -> None:
         # Delivered now and acked only after: a failure is redelivered (at least once).
-        await events.deliver(incoming(account, decode(d.data, SimInbound)))
+        await events.deliver(incoming(account, payload))
 
     # max_ack_pending=1 keeps arrival order into INBOUND even with several receivers.
     spec = ConsumerSpec(
@@ -272,7 +272,7 @@ async def _receive(bus: Bus, account: str, events: Events) -> AsyncIterator[None
         # A redelivery republishes the same MessageReceived id, which JetStream dedupes.
         sync_ack=False,
     )
-    loop = ConsumerLoop(bus, spec, handle)
+    loop = ConsumerLoop(bus, spec, SimInbound, handle)
     await loop.ensure()
     stop = asyncio.Event()
     task = asyncio.create_task(loop.run(stop), name=f"sim-receive-{account}")

@@ -15,7 +15,7 @@ import pytest
 from nats.js.kv import KeyValue
 from opentelemetry import trace
 
-from contracts.codec import decode
+from contracts.codec import encode
 from contracts.errors import InvalidSubjectError
 from contracts.events import DeadLettered, MessageReceived
 from contracts.streams import OUTBOUND
@@ -25,6 +25,7 @@ from services.runtime.consumer import (
     ConsumerLoop,
     ConsumerSpec,
     Delivery,
+    RetryPolicy,
 )
 from services.runtime.errors import AbandonError, PermanentError, TransientError
 from services.runtime.telemetry import setup_tracing
@@ -38,9 +39,8 @@ def spec(**kw: object) -> ConsumerSpec:
         "stream": OUTBOUND.name,
         "durable": "test",
         "filter_subject": "outbound.>",
-        "max_deliver": 3,
+        "retry": RetryPolicy(attempts=3, delays=(0.05,)),
         "fetch_timeout": 0.2,
-        "retry_delays": (0.05,),
     }
     base.update(kw)
     return ConsumerSpec(**base)  # type: ignore[arg-type]
@@ -54,9 +54,9 @@ def event(text: str) -> MessageReceived:
 
 @asynccontextmanager
 async def running(
-    bus: Bus, handler: Callable[[Delivery], Awaitable[None]], **kw: object
-) -> AsyncIterator[ConsumerLoop]:
-    loop = ConsumerLoop(bus, spec(**kw), handler)
+    bus: Bus, handler: Callable[[MessageReceived, Delivery], Awaitable[None]], **kw: object
+) -> AsyncIterator[ConsumerLoop[MessageReceived]]:
+    loop = ConsumerLoop(bus, spec(**kw), MessageReceived, handler)
     stop = asyncio.Event()
     task = asyncio.create_task(loop.run(stop))
     try:
@@ -74,8 +74,8 @@ async def pending(bus: Bus) -> int:
 async def test_a_handled_message_is_acked_and_leaves_the_work_queue(bus: Bus) -> None:
     seen: list[str] = []
 
-    async def handler(d: Delivery) -> None:
-        seen.append(decode(d.data, MessageReceived).text)
+    async def handler(body: MessageReceived, d: Delivery) -> None:
+        seen.append(body.text)
 
     async with running(bus, handler) as loop:
         for text in ("a", "b", "c"):
@@ -90,8 +90,8 @@ async def test_a_malformed_payload_is_dead_lettered_and_the_next_message_still_f
 ) -> None:
     seen: list[str] = []
 
-    async def handler(d: Delivery) -> None:
-        seen.append(decode(d.data, MessageReceived).text)
+    async def handler(body: MessageReceived, d: Delivery) -> None:
+        seen.append(body.text)
 
     async with running(bus, handler) as loop:
         await bus.publish_bytes(SUBJECT, b"{not json", msg_id="poison-1")
@@ -112,7 +112,7 @@ async def test_a_malformed_payload_is_dead_lettered_and_the_next_message_still_f
 async def test_a_transient_error_is_retried_then_succeeds(bus: Bus) -> None:
     attempts: list[int] = []
 
-    async def handler(d: Delivery) -> None:
+    async def handler(body: MessageReceived, d: Delivery) -> None:
         attempts.append(d.num_delivered)
         if d.num_delivered < 2:
             raise TransientError("flaky", delay=0.05)
@@ -127,10 +127,10 @@ async def test_a_transient_error_is_retried_then_succeeds(bus: Bus) -> None:
 async def test_after_the_last_attempt_the_message_is_dead_lettered_with_every_error(
     bus: Bus,
 ) -> None:
-    async def handler(d: Delivery) -> None:
+    async def handler(body: MessageReceived, d: Delivery) -> None:
         raise TransientError(f"down #{d.num_delivered}", delay=0.05)
 
-    async with running(bus, handler, max_deliver=3) as loop:
+    async with running(bus, handler, retry=RetryPolicy(attempts=3, delays=(0.05,))) as loop:
         await bus.publish(SUBJECT, event("x"))
         await wait_until(lambda: loop.dead_lettered == 1, what="dead letter")
     ((_, letter),) = await read_stream(bus, "DEADLETTER")
@@ -143,7 +143,7 @@ async def test_after_the_last_attempt_the_message_is_dead_lettered_with_every_er
 async def test_an_unexpected_exception_is_retried_not_fatal(bus: Bus) -> None:
     calls = 0
 
-    async def handler(d: Delivery) -> None:
+    async def handler(body: MessageReceived, d: Delivery) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
@@ -158,7 +158,7 @@ async def test_an_unexpected_exception_is_retried_not_fatal(bus: Bus) -> None:
 async def test_a_permanent_error_dead_letters_at_once_without_retry(bus: Bus) -> None:
     calls = 0
 
-    async def handler(d: Delivery) -> None:
+    async def handler(body: MessageReceived, d: Delivery) -> None:
         nonlocal calls
         calls += 1
         raise PermanentError("invalid recipient")
@@ -173,12 +173,12 @@ async def test_stop_lets_the_in_flight_message_finish_and_be_acked(bus: Bus) -> 
     started, release = asyncio.Event(), asyncio.Event()
     finished: list[str] = []
 
-    async def handler(d: Delivery) -> None:
+    async def handler(body: MessageReceived, d: Delivery) -> None:
         started.set()
         await release.wait()
         finished.append("done")
 
-    loop = ConsumerLoop(bus, spec(), handler)
+    loop = ConsumerLoop(bus, spec(), MessageReceived, handler)
     stop = asyncio.Event()
     task = asyncio.create_task(loop.run(stop))
     await bus.publish(SUBJECT, event("slow"))
@@ -195,7 +195,7 @@ async def test_the_handler_runs_in_a_span_continuing_the_publishers_trace(bus: B
     setup_tracing("test")
     seen: list[tuple[str, int]] = []
 
-    async def handler(d: Delivery) -> None:
+    async def handler(body: MessageReceived, d: Delivery) -> None:
         ctx = trace.get_current_span().get_span_context()
         seen.append((d.headers["traceparent"], ctx.trace_id))
 
@@ -210,15 +210,16 @@ async def test_ordered_by_subject_a_retry_waits_in_place_and_other_subjects_flow
     order: list[str] = []
     a1_failures = 2
 
-    async def handler(d: Delivery) -> None:
+    async def handler(body: MessageReceived, d: Delivery) -> None:
         nonlocal a1_failures
-        text = decode(d.data, MessageReceived).text
+        text = body.text
         if text == "a1" and a1_failures:
             a1_failures -= 1
             raise TransientError("flaky", delay=0.2)
         order.append(text)
 
-    async with running(bus, handler, ordered_by_subject=True, retry_delays=(0.2,)) as loop:
+    retry = RetryPolicy(attempts=3, delays=(0.2,))
+    async with running(bus, handler, ordered_by_subject=True, retry=retry) as loop:
         await bus.publish("outbound.whatsapp.acct.A", event("a1"))
         await bus.publish("outbound.whatsapp.acct.A", event("a2"))
         await bus.publish("outbound.whatsapp.acct.B", event("b1"))
@@ -233,8 +234,8 @@ async def test_ordered_by_subject_keeps_waiting_messages_alive_past_the_ack_dead
     calls: list[str] = []
     slow_done = asyncio.Event()
 
-    async def handler(d: Delivery) -> None:
-        text = decode(d.data, MessageReceived).text
+    async def handler(body: MessageReceived, d: Delivery) -> None:
+        text = body.text
         calls.append(text)
         if text == "slow":
             await asyncio.sleep(2.5)  # the work itself: longer than ack_wait
@@ -251,10 +252,11 @@ async def test_ordered_by_subject_keeps_waiting_messages_alive_past_the_ack_dead
 async def test_ordered_by_subject_dead_letters_after_the_last_attempt_with_every_error(
     bus: Bus,
 ) -> None:
-    async def handler(d: Delivery) -> None:
+    async def handler(body: MessageReceived, d: Delivery) -> None:
         raise TransientError(f"down #{d.attempt}", delay=0.01)
 
-    async with running(bus, handler, ordered_by_subject=True, max_deliver=3) as loop:
+    retry = RetryPolicy(attempts=3, delays=(0.05,))
+    async with running(bus, handler, ordered_by_subject=True, retry=retry) as loop:
         await bus.publish(SUBJECT, event("x"))
         await wait_until(lambda: loop.dead_lettered == 1, what="dead letter")
     ((_, letter),) = await read_stream(bus, "DEADLETTER")
@@ -274,13 +276,15 @@ async def test_a_dead_letter_hook_that_raises_still_ends_the_message_and_its_cha
 
     seen: list[str] = []
 
-    async def handler(d: Delivery) -> None:
-        text = decode(d.data, MessageReceived).text
+    async def handler(body: MessageReceived, d: Delivery) -> None:
+        text = body.text
         if text == "poison":
             raise PermanentError("cannot send")
         seen.append(text)
 
-    loop = ConsumerLoop(bus, spec(ordered_by_subject=True), handler, on_dead_letter=hook)
+    loop = ConsumerLoop(
+        bus, spec(ordered_by_subject=True), MessageReceived, handler, on_dead_letter=hook
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(loop.run(stop))
     try:
@@ -302,8 +306,8 @@ async def test_a_payload_over_the_letter_limit_is_kept_cut_with_its_size_and_dig
 ) -> None:
     garbage = bytes(range(256)) * 2000  # 512,000 bytes, not JSON
 
-    async def handler(d: Delivery) -> None:
-        decode(d.data, MessageReceived)
+    async def handler(body: MessageReceived, d: Delivery) -> None:
+        pass  # never called: the loop decodes at the edge
 
     async with running(bus, handler) as loop:
         await bus.publish_bytes(SUBJECT, garbage, msg_id="garbage-1")
@@ -327,13 +331,14 @@ async def test_a_subject_too_long_to_carry_is_dead_lettered_under_invalid_and_th
     long_subject = "outbound.whatsapp.acct." + "x" * (4030 - len("outbound.whatsapp.acct."))
     seen: list[str] = []
 
-    async def handler(d: Delivery) -> None:
+    async def handler(body: MessageReceived, d: Delivery) -> None:
         if d.subject == long_subject:
             raise InvalidSubjectError("chat token is not an encoded chat JID")
-        seen.append(decode(d.data, MessageReceived).text)
+        seen.append(body.text)
 
     async with running(bus, handler) as loop:
-        await bus.nc.publish(long_subject, b"{}")  # no reply inbox: fits the control line
+        # no reply inbox: fits the control line
+        await bus.nc.publish(long_subject, encode(event("long")))
         await bus.publish(SUBJECT, event("after"))
         await wait_until(lambda: seen == ["after"], what="the message after it")
         await wait_until(lambda: loop.dead_lettered == 1, what="dead letter")
@@ -351,7 +356,7 @@ async def test_an_expected_nats_error_logs_one_line_with_the_delay_and_no_traceb
 ) -> None:
     calls = 0
 
-    async def handler(d: Delivery) -> None:
+    async def handler(body: MessageReceived, d: Delivery) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:  # as during a stream leader election
@@ -375,7 +380,7 @@ async def test_ordered_mode_hand_backs_do_not_count_as_attempts_that_never_ended
     # (a core replica waiting for an earlier message of the chat does this)
     deliveries: list[int] = []
 
-    async def handler(d: Delivery) -> None:
+    async def handler(body: MessageReceived, d: Delivery) -> None:
         deliveries.append(d.num_delivered)
         if len(deliveries) <= 5:
             raise AbandonError("not my turn yet")
@@ -403,7 +408,7 @@ async def _keys(kv: KeyValue) -> AsyncIterator[str]:
 
 async def test_an_exception_escaping_an_ordered_worker_hands_its_message_back(bus: Bus) -> None:
     # Given a loop whose own machinery fails once outside the handler (a bug)
-    class Buggy(ConsumerLoop):
+    class Buggy(ConsumerLoop[MessageReceived]):
         failures = 1
 
         async def attempt(self, d: Delivery) -> Any:
@@ -414,10 +419,10 @@ async def test_an_exception_escaping_an_ordered_worker_hands_its_message_back(bu
 
     seen: list[str] = []
 
-    async def handler(d: Delivery) -> None:
-        seen.append(decode(d.data, MessageReceived).text)
+    async def handler(body: MessageReceived, d: Delivery) -> None:
+        seen.append(body.text)
 
-    loop = Buggy(bus, spec(ordered_by_subject=True), handler)
+    loop = Buggy(bus, spec(ordered_by_subject=True), MessageReceived, handler)
     stop = asyncio.Event()
     task = asyncio.create_task(loop.run(stop))
     try:
@@ -431,3 +436,86 @@ async def test_an_exception_escaping_an_ordered_worker_hands_its_message_back(bu
         stop.set()
         await task
     assert await pending(bus) == 0
+
+
+# --- typed loop and one retry policy (issue 12 item 4) --------------------------------------
+
+
+async def test_a_handler_receives_the_typed_struct_decoded_once_across_in_place_retries(
+    bus: Bus,
+) -> None:
+    bodies: list[MessageReceived] = []
+
+    async def handler(body: MessageReceived, d: Delivery) -> None:
+        bodies.append(body)
+        if len(bodies) < 3:
+            raise TransientError("flaky")
+
+    sent = event("typed")
+    async with running(bus, handler, ordered_by_subject=True) as loop:
+        await bus.publish(SUBJECT, sent)
+        await wait_until(lambda: loop.handled == 1, what="handled on the third attempt")
+    # Then the handler got the contract type, equal to what was published, and its retries
+    # reused the one decoded object (decoded once per delivery, at the edge)
+    assert [type(b) for b in bodies] == [MessageReceived] * 3
+    assert bodies[0] == sent
+    assert bodies[1] is bodies[0]
+    assert bodies[2] is bodies[0]
+
+
+@pytest.mark.parametrize("ordered", [False, True], ids=["sequential", "ordered"])
+async def test_a_payload_off_the_contract_is_dead_lettered_with_one_line_and_never_handled(
+    bus: Bus, ordered: bool
+) -> None:
+    seen: list[str] = []
+
+    async def handler(body: MessageReceived, d: Delivery) -> None:
+        seen.append(body.text)
+
+    async with running(bus, handler, ordered_by_subject=ordered) as loop:
+        # Valid JSON with the right tag, but a field of the wrong type
+        await bus.publish_bytes(SUBJECT, b'{"type": "MessageReceived", "text": 5}', msg_id="bad")
+        await bus.publish(SUBJECT, event("after"))
+        await wait_until(lambda: loop.handled == 1 and loop.dead_lettered == 1, what="dlq + next")
+    assert seen == ["after"]
+    ((_, letter),) = await read_stream(bus, "DEADLETTER")
+    assert isinstance(letter, DeadLettered)
+    assert letter.reason.startswith("DecodeError: invalid MessageReceived: Expected `str`")
+    assert "\n" not in letter.reason
+    assert [e.attempt for e in letter.errors] == [1]  # not retried: retrying cannot help
+    assert await pending(bus) == 0
+
+
+async def test_a_requested_retry_wait_is_honoured_within_the_policys_cap(
+    bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    requests = [0.1, 5.0]  # what the handler's failures ask for (e.g. Retry-After)
+
+    async def handler(body: MessageReceived, d: Delivery) -> None:
+        if requests:
+            raise TransientError("busy", delay=requests.pop(0))
+
+    caplog.set_level(logging.INFO, logger="services.runtime.consumer")
+    retry = RetryPolicy(attempts=3, delays=(0.05,), max_delay=0.2)
+    async with running(bus, handler, ordered_by_subject=True, retry=retry) as loop:
+        await bus.publish(SUBJECT, event("x"))
+        await wait_until(lambda: loop.handled == 1, what="handled on the third attempt")
+    waits = [r.delay_s for r in caplog.records if r.getMessage() == "retrying"]  # type: ignore[attr-defined]
+    assert waits == [0.1, 0.2]  # the request over the step; the cap over the request
+
+
+async def test_a_letter_names_no_job_unless_its_spec_says_how(bus: Bus) -> None:
+    # Given a message on OUTBOUND whose Nats-Msg-Id is a valid job id, and a loop whose spec
+    # names no job: the generic loop knows nothing about OUTBOUND
+    async def handler(body: MessageReceived, d: Delivery) -> None:
+        raise PermanentError("cannot")
+
+    job_id = "0123456789abcdef0123456789abcdef"
+    async with running(bus, handler) as loop:
+        await bus.publish(SUBJECT, event("x"), msg_id=job_id)
+        await wait_until(lambda: loop.dead_lettered == 1, what="dead letter")
+    async with running(bus, handler, letter_job=lambda d: f"job-of-{d.msg_id[:4]}") as loop:
+        await bus.publish(SUBJECT, event("y"), msg_id="abcd-2")
+        await wait_until(lambda: loop.dead_lettered == 1, what="second dead letter")
+    letters = [letter for _, letter in await read_stream(bus, "DEADLETTER")]
+    assert [getattr(letter, "job_id", "?") for letter in letters] == [None, "job-of-abcd"]

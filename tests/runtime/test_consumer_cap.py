@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+from contracts.codec import encode
+from contracts.events import MessageReceived
 from contracts.streams import OUTBOUND
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerLoop, ConsumerSpec, Delivery
@@ -14,6 +16,12 @@ from tests.conftest import wait_until
 FLOOD = "outbound.whatsapp.acct.flood"
 OTHER = "outbound.whatsapp.acct.other"
 WORK_S = 0.05  # what one flood message costs the handler (a stand-in for a model call)
+
+
+def event(text: str) -> MessageReceived:
+    return MessageReceived(
+        account="acct", chat="c@s.whatsapp.net", sender="s", message_id=text, text=text
+    )
 
 
 def fair_spec(**kw: object) -> ConsumerSpec:
@@ -38,21 +46,21 @@ async def test_a_flooding_subject_cannot_fill_the_window_and_the_flood_is_fully_
     # Given 40 slow messages on one subject queued before one message on another, and a
     # window (8 held) far smaller than the flood
     for n in range(40):
-        await bus.publish_bytes(FLOOD, str(n).encode(), msg_id=f"flood-{n}")
-    await bus.publish_bytes(OTHER, b"hello", msg_id="other")
+        await bus.publish_bytes(FLOOD, encode(event(str(n))), msg_id=f"flood-{n}")
+    await bus.publish_bytes(OTHER, encode(event("hello")), msg_id="other")
     handled: list[tuple[str, int]] = []
     deliveries: Counter[int] = Counter()
     flood_done_when_other_ran: list[int] = []
 
-    async def handler(d: Delivery) -> None:
+    async def handler(body: MessageReceived, d: Delivery) -> None:
         deliveries[d.stream_seq] = d.num_delivered  # times the server handed it to us
         if d.subject == FLOOD:
             await asyncio.sleep(WORK_S)  # the work itself, not a wait for a condition
         else:
             flood_done_when_other_ran.append(sum(1 for s, _ in handled if s == FLOOD))
-        handled.append((d.subject, int(d.data.decode()) if d.subject == FLOOD else -1))
+        handled.append((d.subject, int(body.text) if d.subject == FLOOD else -1))
 
-    loop = ConsumerLoop(bus, fair_spec(), handler)
+    loop = ConsumerLoop(bus, fair_spec(), MessageReceived, handler)
     stop = asyncio.Event()
     task = asyncio.create_task(loop.run(stop))
     try:
