@@ -91,3 +91,21 @@ def test_svc_help_prints_the_epilog_unwrapped_in_an_80_column_terminal() -> None
     shown = {line.strip() for line in _ANSI.sub("", result.stdout.decode()).splitlines()}
     for line in _epilog().splitlines():
         assert line.strip() in shown, f"wrapped or missing in svc --help: {line.strip()!r}"
+
+
+def test_every_module_path_the_architecture_page_names_exists() -> None:
+    # The "where things live" table and the prose name modules by path: a move that
+    # forgets the page makes it lie, so every path it names must exist.
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    # (a path inside a data directory, `$SVC_DATA_DIR/projections/...`, is not a module)
+    in_repo = re.compile(r"(?<![\w/$])(?:services|contracts|projections|docs|tests)/[\w./-]*")
+    named = {m.group(0).rstrip(".") for m in in_repo.finditer(page)}
+    short = {
+        f"services/{m.group(1)}"
+        for m in re.finditer(
+            r"`((?:channel|core|runtime|whatsapp|plugins|ops)/[\w./-]+\.py)`", page
+        )
+    }
+    missing = sorted(p for p in named | short if not (ROOT / p).exists())
+    assert len(named | short) > 30
+    assert missing == []
