@@ -18,6 +18,7 @@ from services.core.worker import CoreWorker
 from services.runtime.bus import Bus
 from services.runtime.consumer import Delivery
 from tests.conftest import read_stream, wait_until
+from tests.core.wiring import default_tools
 
 CHAT = "alice@s.whatsapp.net"
 
@@ -65,7 +66,7 @@ async def test_a_malformed_message_waits_for_its_turn_and_the_next_one_keeps_ord
     subject = subjects.inbound("whatsapp", "acct", CHAT)
     llm = GatedLLM(held="one")
     # Given replica A in the middle of the chat's first turn (the model is slow)
-    a = CoreWorker(bus, llm)
+    a = CoreWorker(bus, llm, tools=default_tools(bus))
     stop_a, stop_b = asyncio.Event(), asyncio.Event()
     task_a = asyncio.create_task(a.loop.run(stop_a))
     await bus.publish(subject, inbound("one"))
@@ -73,7 +74,7 @@ async def test_a_malformed_message_waits_for_its_turn_and_the_next_one_keeps_ord
     stop_a.set()  # A fetches nothing more; it finishes the turn in hand
     await wait_until(lambda: _no_pull_waiting(bus), what="A's last fetch over")
     # and replica B handed the chat's next two messages: one malformed, one valid
-    b = HookWatched(bus, llm, turn_wait=0.5)
+    b = HookWatched(bus, llm, tools=default_tools(bus), turn_wait=0.5)
     task_b = asyncio.create_task(b.loop.run(stop_b))
     try:
         await bus.publish_bytes(subject, b'{"type": "MessageReceived", "text": 5}', msg_id="bad")
