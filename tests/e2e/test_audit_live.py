@@ -64,6 +64,10 @@ async def test_auditing_a_live_system_disturbs_nothing(
     assert len(user.others) == 0
 
 
+async def _stored(bus: Bus, stream: str, count: int) -> bool:
+    return (await bus.js.stream_info(stream)).state.messages >= count
+
+
 async def test_after_a_kill_9_of_the_owner_mid_traffic_the_audit_finds_no_violation(
     processes: Processes, served: tuple[str, Bus]
 ) -> None:
