@@ -66,6 +66,7 @@ async def test_a_mention_in_a_group_is_answered_as_a_quote_and_other_group_talk_
         # and the 1:1 message is answered without a quote (SVC_QUOTE_REPLIES=groups)
         assert direct.reply is not None
         assert (direct.reply.chat, direct.reply.reply_to) == (ANN, None)
+        asked_job, direct_job = asked.reply.job_id, direct.reply.job_id
 
         # And the talk without a mention got a recorded turn that answers nothing
         turns = await _turns(bus)
@@ -89,10 +90,15 @@ async def test_a_mention_in_a_group_is_answered_as_a_quote_and_other_group_talk_
         ANN,
         "Ann",
     )
-    quoted = {
-        e.job_id: e.reply_to
-        for _, e in await read_stream(bus, "DELIVERY")
-        if isinstance(e, MessageSent)
-    }
-    assert quoted[asked.reply.job_id] == asked.message_id
-    assert quoted[direct.reply.job_id] is None
+    # (the network gets a message before its MessageSent is recorded: wait for both)
+    quoted: dict[str, str | None] = {}
+
+    async def recorded() -> bool:
+        for _, e in await read_stream(bus, "DELIVERY"):
+            if isinstance(e, MessageSent) and isinstance(e.reply_to, str | None):
+                quoted[e.job_id] = e.reply_to
+        return {asked_job, direct_job} <= set(quoted)
+
+    await wait_until(recorded, what="MessageSent of both replies")
+    assert quoted[asked_job] == asked.message_id
+    assert quoted[direct_job] is None
