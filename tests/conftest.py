@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -24,6 +26,21 @@ from services.runtime.nats_server import EmbeddedNats
 from services.runtime.provisioning import ensure_streams
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _closing_popen(cmd: str, mode: str = "r", buffering: int = -1) -> io.StringIO:
+    """os.popen that reads the command's output and waits for it to exit."""
+    with _os_popen(cmd, mode, buffering) as pipe:
+        return io.StringIO(pipe.read())
+
+
+# neonize's import runs `os.popen("uname -a").read()` (neonize/utils/platform.py) and never
+# closes it: the pipe and the unreaped child outlive the import, and their ResourceWarning
+# surfaces (through `filterwarnings=error`) in whichever later test happens to collect or
+# reap them. Import it once here with that one call closing what it opens.
+_os_popen = os.popen
+with mock.patch.object(os, "popen", _closing_popen):
+    import neonize  # noqa: F401
 
 
 @pytest.fixture
