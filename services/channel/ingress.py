@@ -22,6 +22,7 @@ from contracts.events import (
 )
 from services.channel.ledger import SendLedger
 from services.channel.port import (
+    ClientOutdated,
     Connected,
     Disconnected,
     Incoming,
@@ -120,7 +121,7 @@ class Ingress:
                     "session disconnected; the transport reconnects",
                     extra={**where, "reason": reason},
                 )
-            case NeedsPairing() | StreamReplaced() | LoggedOut():
+            case NeedsPairing() | StreamReplaced() | LoggedOut() | ClientOutdated():
                 end = end_of(event)
                 assert end is not None
                 log.warning("session ended", extra={**where, "reason": end.reason})

@@ -123,6 +123,12 @@ class LoggedOut:
 
 
 @dataclass(frozen=True)
+class ClientOutdated:
+    """The network refuses this client version: nothing reconnects until the transport
+    library is upgraded (pairing again does not help)."""
+
+
+@dataclass(frozen=True)
 class TemporaryBan:
     """The network banned the account for a while."""
 
@@ -139,10 +145,11 @@ SessionEvent = (
     | StreamReplaced
     | LoggedOut
     | TemporaryBan
+    | ClientOutdated
 )
 EventHandler = Callable[[SessionEvent], Awaitable[None]]
 
-EndState = Literal["needs_pairing", "replaced", "logged_out", "banned"]
+EndState = Literal["needs_pairing", "replaced", "logged_out", "banned", "outdated"]
 
 
 @dataclass(frozen=True)
@@ -168,6 +175,8 @@ def end_of(event: SessionEvent) -> SessionEnd | None:
             return SessionEnd("logged_out", reason or "logged out")
         case TemporaryBan(reason=reason, until=until):
             return SessionEnd("banned", f"banned: {reason}", until)
+        case ClientOutdated():
+            return SessionEnd("outdated", "client outdated: upgrade the WhatsApp library")
         case _:
             return None
 
