@@ -8,11 +8,15 @@ import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from neonize.proto import Neonize_pb2 as nz
 from neonize.proto.waE2E import WAWebProtobufsE2E_pb2 as wa
 
+from contracts import subjects
+from contracts.events import CHANNEL_WHATSAPP, MessageReceived
+from services.channel.ingress import Ingress
 from services.channel.port import (
     ClientOutdated,
     Connected,
@@ -28,9 +32,10 @@ from services.channel.port import (
     TemporaryBan,
     end_of,
 )
+from services.runtime.bus import Bus
 from services.whatsapp import neonize_map
 from services.whatsapp.neonize_map import Dropped
-from tests.conftest import REPO
+from tests.conftest import REPO, read_stream
 from tests.whatsapp import neonize_events as ev
 from tests.whatsapp.neonize_events import ACCOUNT_JIDS, ACCOUNT_LID, ALICE, ALICE_LID, GROUP
 
@@ -253,6 +258,23 @@ def test_messages_without_text_are_dropped() -> None:
     assert "stickerMessage" in dropped(ev.message(sticker))
 
 
+async def test_a_message_delivered_twice_by_lid_and_by_phone_jid_is_stored_once(bus: Bus) -> None:
+    # whatsmeow may hand the same message over again (after a reconnect), once addressed
+    # by the sender's LID and once by the phone JID
+    by_lid = ev.message(ev.text_body("hi"), chat=ALICE_LID, sender_alt=ALICE, message_id="DUP1")
+    by_phone = ev.message(ev.text_body("hi"), chat=ALICE, message_id="DUP1")
+    ingress = Ingress(bus, CHANNEL_WHATSAPP, "a1")
+    for event in (by_lid, by_phone, by_lid):
+        mapped_event = neonize_map.session_event(ACCOUNT_JIDS, ev.roundtrip(event))
+        assert isinstance(mapped_event, Incoming)
+        await ingress(mapped_event)
+    stored = await read_stream(bus, "INBOUND")
+    assert [subject for subject, _ in stored] == [subjects.inbound(CHANNEL_WHATSAPP, "a1", ALICE)]
+    received = stored[0][1]
+    assert isinstance(received, MessageReceived)
+    assert (received.chat, received.sender, received.sender_alt) == (ALICE, ALICE, ALICE_LID)
+
+
 # -- receipts --------------------------------------------------------------------------
 
 
@@ -435,6 +457,41 @@ def test_the_bot_tag_is_explicit_on_or_off() -> None:
     assert neonize_map.bot_tag("false") == {"NEONIZE_BOT_TAG": "off"}
     with pytest.raises(ValueError, match="NEONIZE_BOT_TAG='maybe' is not valid: use 'on' or 'off'"):
         neonize_map.bot_tag("maybe")
+
+
+def test_the_suite_imports_neonize_without_leaving_its_uname_pipe_behind(tmp_path: Path) -> None:
+    # neonize's import runs `os.popen("uname -a").read()` and never closes it. A `uname`
+    # that is still running after closing its output (slow here on purpose; by chance on
+    # a loaded box) keeps the pipe open and the child unreaped, and their ResourceWarning
+    # fails some later test. The conftest's import must leave neither.
+    fake = tmp_path / "uname"
+    fake.write_text('#!/bin/sh\necho "Linux fake"\nexec >&-\nsleep 1\n')
+    fake.chmod(0o755)
+    script = (
+        "import gc, os, sys, warnings\n"
+        "warnings.simplefilter('error')\n"
+        "raised = []\n"
+        "sys.unraisablehook = lambda u: raised.append(repr(u.exc_value))\n"
+        "def pipes():\n"
+        "    links = []\n"
+        "    for fd in os.listdir('/proc/self/fd'):\n"
+        "        try:\n"
+        "            links.append(os.readlink(f'/proc/self/fd/{fd}'))\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    return {link for link in links if link.startswith('pipe:')}\n"
+        "before = pipes()\n"
+        "import tests.conftest\n"
+        "gc.collect()\n"
+        "assert 'neonize' in sys.modules\n"
+        "assert raised == [], raised\n"
+        "assert pipes() <= before, f'pipes left open: {pipes() - before}'\n"
+    )
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, cwd=REPO, env=env, timeout=60
+    )
+    assert done.returncode == 0, done.stderr.decode()
 
 
 @pytest.mark.parametrize("order", ["neonize first", "logging first"])
