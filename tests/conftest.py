@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
 import os
 import signal
 import subprocess
@@ -37,10 +38,16 @@ def _closing_popen(cmd: str, mode: str = "r", buffering: int = -1) -> io.StringI
 # neonize's import runs `os.popen("uname -a").read()` (neonize/utils/platform.py) and never
 # closes it: the pipe and the unreaped child outlive the import, and their ResourceWarning
 # surfaces (through `filterwarnings=error`) in whichever later test happens to collect or
-# reap them. Import it once here with that one call closing what it opens.
+# reap them. Import it once here with that one call closing what it opens. Its import
+# also calls logging.basicConfig (a handler and INFO on the root): put the root back as
+# it was, so tests log as they did before neonize was a dependency.
 _os_popen = os.popen
+_root = logging.getLogger()
+_root_handlers, _root_level = _root.handlers[:], _root.level
 with mock.patch.object(os, "popen", _closing_popen):
     import neonize  # noqa: F401
+_root.handlers[:] = _root_handlers
+_root.setLevel(_root_level)
 
 
 @pytest.fixture

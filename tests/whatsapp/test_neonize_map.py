@@ -4,6 +4,7 @@ send error classes."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -492,6 +493,13 @@ def test_the_suite_imports_neonize_without_leaving_its_uname_pipe_behind(tmp_pat
         [sys.executable, "-c", script], capture_output=True, cwd=REPO, env=env, timeout=60
     )
     assert done.returncode == 0, done.stderr.decode()
+
+
+def test_the_suites_root_logger_carries_no_handler_of_neonizes() -> None:
+    # the conftest imported neonize, whose import calls logging.basicConfig
+    assert "neonize" in sys.modules
+    formats = [getattr(h.formatter, "_fmt", "") or "" for h in logging.getLogger().handlers]
+    assert not [f for f in formats if "[%(name)s %(levelname)s]" in f], formats
 
 
 @pytest.mark.parametrize("order", ["neonize first", "logging first"])
