@@ -16,9 +16,11 @@ neonize is imported lazily: only a process that uses the neonize transport needs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import importlib
 import sqlite3
+import subprocess
 import warnings
 from types import ModuleType
 from typing import Any
@@ -38,13 +40,28 @@ class StoreError(ServiceError):
 
 
 def neonize_module(name: str) -> ModuleType:
-    """Import a neonize module. Its import leaks an `os.popen` pipe (a ResourceWarning,
-    an error under `-W error`): import it once with that warning silenced and collected."""
+    """Import a neonize module. neonize's import runs `os.popen("uname -a")` and never
+    closes it: the pipe's ResourceWarning (an error under `-W error`) would surface later,
+    in whatever code next starts a subprocess. Reap that child now, warnings silenced."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
         module = importlib.import_module(name)
         gc.collect()
+        _reap_children()
+        gc.collect()
     return module
+
+
+def _reap_children() -> None:
+    # subprocess keeps an unwaited Popen in its private `_active` list until the next
+    # Popen reaps it: only then is the leaked pipe closed, and warned about. (A function
+    # of its own, so no local still holds the Popen when the warnings are restored.)
+    for proc in list(getattr(subprocess, "_active", None) or ()):
+        with contextlib.suppress(Exception):
+            proc.wait(timeout=5)
+    cleanup = getattr(subprocess, "_cleanup", None)
+    if cleanup is not None:
+        cleanup()
 
 
 def store_name(store: SessionStore) -> str:
