@@ -57,8 +57,8 @@ class FakeGo:
     def _whatsmeow(self, uuid: bytes, qr_cb: Any, event_cb: Any) -> None:
         for n in range(self.codes):
             code = ctypes.create_string_buffer(f"2@qr-code-{n}".encode())
+            self.qr_sent += 1  # first: the loop may answer the callback before it returns
             qr_cb(None, ctypes.addressof(code))
-            self.qr_sent += 1
         if self.device is None or self.stopped.is_set():
             return
         if self.phone_mode and not self.code_asked.wait(30):
