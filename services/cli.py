@@ -46,6 +46,7 @@ Commands:
   nats              services/runtime/nats_server.py
   streams           services/runtime/provisioning.py, contracts/streams.py
   accounts          services/ops/accounts.py
+  whatsapp          services/ops/pair.py, services/whatsapp/neonize_store.py
   plugins           services/ops/plugins.py, services/plugins/
   dlq               services/ops/dlq.py
   replay            services/ops/replay.py, services/ops/explain.py
@@ -69,6 +70,8 @@ app.add_typer(streams_app, name="streams")
 app.add_typer(accounts_app, name="accounts")
 plugins_app = typer.Typer(help="Plugins and tool policy (events on PLUGINS).", no_args_is_help=True)
 app.add_typer(plugins_app, name="plugins")
+whatsapp_app = typer.Typer(help="Real WhatsApp (neonize): pair a number.", no_args_is_help=True)
+app.add_typer(whatsapp_app, name="whatsapp")
 dlq_app = typer.Typer(help="Dead letters: list, show, requeue, drop.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
 
@@ -338,6 +341,54 @@ def accounts_resume(
         async with _connect(settings, "svc-accounts") as bus:
             was = await resume(bus, account, actor=getpass.getuser(), reason=reason)
         return f"{account}: resumed (was parked: {was})"
+
+    typer.echo(_run(main))
+
+
+@whatsapp_app.command("pair")
+def whatsapp_pair(
+    account: Annotated[str, typer.Argument(help="The account to link a number to.")],
+    phone: Annotated[
+        str | None,
+        typer.Option(help="Pair by code instead of QR: the number in E.164, e.g. +15550000001."),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(min=1, max=3600, help="Seconds to wait for the phone.")
+    ] = 180.0,
+    force: Annotated[
+        bool, typer.Option(help="Re-pair a paired account: removes its old device.")
+    ] = False,
+) -> None:
+    """Link a WhatsApp number: print the QR as it rotates (or a pairing code), wait for
+    the phone, record the device for every host (store: WHATSAPP_STORE)."""
+    import getpass
+
+    from services.ops.pair import check_phone, pair
+    from services.runtime.lease import new_holder_id
+
+    settings = _settings(quiet=True)
+    _check_account(account)
+    if phone is not None:
+        try:
+            check_phone(phone)
+        except ValueError as exc:
+            raise _fail(str(exc), 2) from None
+
+    async def main() -> str:
+        async with _connect(settings, "svc-whatsapp-pair") as bus:
+            paired = await pair(
+                bus,
+                settings.whatsapp_store,
+                account,
+                holder=new_holder_id("pair"),
+                lease_ttl=settings.lease_ttl,
+                timeout=timeout,
+                phone=phone,
+                force=force,
+                actor=getpass.getuser(),
+                show=typer.echo,
+            )
+        return paired.line()
 
     typer.echo(_run(main))
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Literal, TypeVar, cast
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
 from contracts.subjects import ACCOUNT_PATTERN
 from services.runtime.errors import ConfigError
@@ -44,6 +44,61 @@ class Secret:
 
     def __bool__(self) -> bool:
         return bool(self.value)
+
+
+# A Postgres session store without a connect timeout blocks neonize's connect() forever
+# when the database is black-holed; this is added to a DSN that sets none (ADR 0019).
+DEFAULT_STORE_CONNECT_TIMEOUT = 10
+_PG_SCHEMES = ("postgres", "postgresql")
+
+
+@dataclass(frozen=True)
+class SessionStore:
+    """Where neonize keeps the accounts' device keys (WHATSAPP_STORE): a SQLite file on one
+    host, or a Postgres DSN shared by every host. The DSN may hold a password: it is a
+    Secret, and only `shown` (password masked) may reach logs, errors or status."""
+
+    path: Path | None = None
+    dsn: Secret = Secret("")
+
+    @property
+    def kind(self) -> Literal["sqlite", "postgres"]:
+        """`sqlite` or `postgres`."""
+        return "postgres" if self.dsn else "sqlite"
+
+    @property
+    def connect_timeout(self) -> float:
+        """Seconds a Postgres connection attempt may take (from the DSN); 0 for SQLite."""
+        if not self.dsn:
+            return 0.0
+        query = dict(parse_qsl(urlparse(self.dsn.value).query))
+        return float(query.get("connect_timeout", DEFAULT_STORE_CONNECT_TIMEOUT))
+
+    @property
+    def shown(self) -> str:
+        """The store as it may be printed: the path, or the DSN with its password masked."""
+        return redact_dsn(self.dsn.value) if self.dsn else str(self.path)
+
+    def __repr__(self) -> str:
+        return f"SessionStore({self.shown!r})"
+
+
+def redact_dsn(dsn: str) -> str:
+    """`dsn` with any password (in the user part or the query) replaced by ***."""
+    try:
+        parsed = urlparse(dsn)
+        netloc = parsed.netloc
+        if "@" in netloc:
+            userinfo, _, hostport = netloc.rpartition("@")
+            user, sep, _ = userinfo.partition(":")
+            netloc = f"{user}{':***' if sep else ''}@{hostport}"
+        query = [
+            (k, "***" if k.lower() == "password" else v)
+            for k, v in parse_qsl(parsed.query, keep_blank_values=True)
+        ]
+        return urlunparse(parsed._replace(netloc=netloc, query=urlencode(query, safe="/:")))
+    except ValueError:
+        return "<unparsable DSN>"
 
 
 @dataclass(frozen=True)
@@ -142,6 +197,7 @@ class Settings:
     data_dir: Path = Path(".svc")
     accounts: tuple[str, ...] = (DEFAULT_ACCOUNT,)
     transport: TransportName = "sim"
+    whatsapp_store: SessionStore = SessionStore(path=Path(".svc") / "whatsapp.sqlite")
     lease_ttl: int = 10
     llm: LLMName = "echo"
     llm_model: str = "echo"
@@ -172,14 +228,16 @@ def load_settings(env: Mapping[str, str] | None = None, *, role: str | None = No
             f"unknown role {role!r} (the ROLE argument): expected one of {', '.join(ROLES)}"
         )
     llm = get.get_choice("SVC_LLM", "echo", ("echo", "openai"))
+    data_dir = Path(get.get_str("SVC_DATA_DIR", ".svc"))
     settings = Settings(
         nats_url=get.get_url("NATS_URL"),
         role=cast(Role, _choice("SVC_ROLE", role_value, ROLES)),
-        data_dir=Path(get.get_str("SVC_DATA_DIR", ".svc")),
+        data_dir=data_dir,
         accounts=get.get_accounts(),
         transport=cast(
             TransportName, get.get_choice("WHATSAPP_TRANSPORT", "sim", ("sim", "neonize"))
         ),
+        whatsapp_store=get.get_store("WHATSAPP_STORE", data_dir / "whatsapp.sqlite"),
         lease_ttl=get.get_int("WHATSAPP_LEASE_TTL", 10, minimum=2, maximum=3600),
         llm=cast(LLMName, llm),
         llm_model=get.get_str("SVC_LLM_MODEL", "echo" if llm == "echo" else "gpt-4o-mini"),
@@ -260,6 +318,35 @@ def _parse_rate(name: str, raw: str) -> RateLimit | None:
             f"{name}={raw!r} is invalid: expected PER_MINUTE[:BURST] (e.g. 30:5) or off"
         )
     return rate
+
+
+def _check_dsn(name: str, raw: str) -> str:
+    """Validate a Postgres DSN; add connect_timeout if it sets none. Errors never show
+    the password."""
+    shown = redact_dsn(raw)
+    try:
+        parsed = urlparse(raw)
+        parsed.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(
+            f"{name}={shown!r} is invalid: expected postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+        ) from None
+    query = parse_qsl(parsed.query, keep_blank_values=True)
+    host_in_query = any(k == "host" and v for k, v in query)
+    if not parsed.hostname and not host_in_query:
+        raise ConfigError(
+            f"{name}={shown!r} is invalid: no host (postgres://USER:PASSWORD@HOST:PORT/DATABASE,"
+            " or ?host=/socket/dir for a Unix socket)"
+        )
+    timeouts = [v for k, v in query if k == "connect_timeout"]
+    if not timeouts:
+        query.append(("connect_timeout", str(DEFAULT_STORE_CONNECT_TIMEOUT)))
+    elif not timeouts[-1].isdigit() or not 1 <= int(timeouts[-1]) <= 300:
+        raise ConfigError(
+            f"{name}={shown!r} is invalid: connect_timeout must be whole seconds from 1 to 300"
+            " (0 would wait forever)"
+        )
+    return urlunparse(parsed._replace(query=urlencode(query, safe="/:")))
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -364,6 +451,31 @@ class _Reader:
                     " (comma-separate several servers)"
                 )
         return raw
+
+    def get_store(self, name: str, default: Path) -> SessionStore:
+        raw = self._raw(name)
+        if raw is None:
+            return SessionStore(path=default)
+        scheme = raw.partition("://")[0].lower() if "://" in raw else ""
+        if scheme in _PG_SCHEMES:
+            return SessionStore(dsn=Secret(_check_dsn(name, raw)))
+        if scheme:
+            raise ConfigError(
+                f"{name}={redact_dsn(raw)!r} is invalid: expected a SQLite file path"
+                " or a postgres://USER:PASSWORD@HOST:PORT/DATABASE DSN"
+            )
+        if "?" in raw or "#" in raw:
+            # neonize opens `file:<path>?_foreign_keys=on`: these would change the URI.
+            raise ConfigError(
+                f"{name}={raw!r} is invalid: a SQLite path may not contain '?' or '#'"
+            )
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            raise ConfigError(
+                f"{name}={raw!r} is invalid: it is a directory; give a file path,"
+                f" e.g. {raw.rstrip('/')}/whatsapp.sqlite"
+            )
+        return SessionStore(path=path)
 
     def get_file(self, name: str) -> Path | None:
         raw = self._raw(name)

@@ -163,3 +163,59 @@ def test_an_unknown_role_argument_is_named_as_the_argument_not_svc_role() -> Non
         load_settings({}, role="nosuch")
     assert "SVC_ROLE" not in str(caught.value)
     assert "ROLE argument" in str(caught.value)
+
+
+def test_the_session_store_defaults_to_sqlite_under_the_data_dir() -> None:
+    store = load_settings({"SVC_DATA_DIR": "/var/lib/svc"}).whatsapp_store
+    assert (store.kind, store.path) == ("sqlite", Path("/var/lib/svc/whatsapp.sqlite"))
+    assert load_settings({"WHATSAPP_STORE": "~/wa.db"}).whatsapp_store.path == (
+        Path.home() / "wa.db"
+    )
+
+
+def test_a_postgres_store_gets_a_connect_timeout_and_hides_its_password() -> None:
+    # Given a DSN with a password and no connect_timeout
+    s = load_settings({"WHATSAPP_STORE": "postgres://wa:hunter2@db:5432/wa?sslmode=disable"})
+    store = s.whatsapp_store
+    # Then a timeout is added (a black-holed database would block connect() forever)
+    assert store.kind == "postgres"
+    assert store.dsn.value == (
+        "postgres://wa:hunter2@db:5432/wa?sslmode=disable&connect_timeout=10"
+    )
+    assert store.connect_timeout == 10
+    # And the password reaches neither repr (logs) nor what may be shown
+    assert "hunter2" not in repr(s)
+    assert store.shown == "postgres://wa:***@db:5432/wa?sslmode=disable&connect_timeout=10"
+    # A timeout of the operator's own is kept; a password in the query is hidden too
+    own = load_settings(
+        {"WHATSAPP_STORE": "postgresql://wa@db/wa?connect_timeout=3&password=hunter2"}
+    ).whatsapp_store
+    assert own.connect_timeout == 3
+    assert "hunter2" not in own.shown
+
+
+@pytest.mark.parametrize(
+    ("value", "needles"),
+    [
+        ("mysql://wa:hunter2@db/wa", ["WHATSAPP_STORE", "SQLite file path", "postgres://"]),
+        ("postgres://wa:hunter2@db:99999/wa", ["WHATSAPP_STORE", "HOST:PORT"]),
+        ("postgres://wa:hunter2@/wa", ["WHATSAPP_STORE", "no host"]),
+        ("postgres://wa:hunter2@db/wa?connect_timeout=0", ["connect_timeout", "1 to 300"]),
+        ("sessions.db?mode=ro", ["WHATSAPP_STORE", "'?' or '#'"]),
+    ],
+)
+def test_a_bad_session_store_is_one_line_without_the_password(
+    value: str, needles: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"WHATSAPP_STORE": value})
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "hunter2" not in message
+    for needle in needles:
+        assert needle in message
+
+
+def test_a_directory_is_not_a_session_store(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_settings({"WHATSAPP_STORE": str(tmp_path)})
