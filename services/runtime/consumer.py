@@ -785,10 +785,13 @@ class _KeyedRun:
             await self.loop.unmark(d)
             return
         await self.loop.mark(d, unsettled)
-        await self._attempt_loop(d, msg)
-        await self.loop.unmark(d)
+        if not await self._attempt_loop(d, msg):
+            await self.loop.unmark(d)
 
-    async def _attempt_loop(self, d: Delivery, msg: Msg) -> None:
+    async def _attempt_loop(self, d: Delivery, msg: Msg) -> bool:
+        """Attempt until settled; True if the attempt mark was already cleared (a message
+        handed back is unmarked *before* the nak: its redelivery may be fetched at once,
+        and must not find this attempt's mark and count it as one that never ended)."""
         while True:
             outcome = await self.loop.attempt(d)
             current = self.held.get(d.stream_seq, msg)
@@ -797,24 +800,26 @@ class _KeyedRun:
                     ack = current.ack_sync(timeout=5) if self.spec.sync_ack else current.ack()
                     await self.loop.settle(ack)
                     self.loop.handled += 1
-                    return
+                    return False
                 case _DeadLetter(reason):
                     d.msg = current
                     await self.loop.dead_letter(d, reason)
-                    return
+                    return False
                 case _Abandon(delay):
+                    await self.loop.unmark(d)
                     await self.loop.settle(current.nak(delay=delay or None))
-                    return
+                    return True
                 case _Retry(error, delay):
                     d.errors.append(AttemptError(attempt=d.attempt, error=_clip(error)))
                     if self.spec.retry.last(d.attempt):
                         d.msg = current
                         await self.loop.dead_letter(d, error, gave_up=d.attempt)
-                        return
+                        return False
                     self.loop.log_retry(d, error, delay)
                     if await _wait(self.stop, delay):
+                        await self.loop.unmark(d)
                         await self.loop.settle(current.nak())  # shutting down: hand it back
-                        return
+                        return True
                     d.attempt += 1
 
     async def _heartbeat(self) -> None:

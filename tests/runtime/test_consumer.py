@@ -400,6 +400,37 @@ async def test_ordered_mode_hand_backs_do_not_count_as_attempts_that_never_ended
     await wait_until(marks_cleared, what="every attempt mark cleared")
 
 
+async def test_a_handed_back_message_is_unmarked_before_its_redelivery_can_count_the_mark(
+    bus: Bus,
+) -> None:
+    # Given a loop whose attempt marks are cleared slowly (a loaded KV), and a message
+    # handed back several times: its redelivery comes at once after the nak
+    class SlowUnmark(ConsumerLoop[MessageReceived]):
+        async def unmark(self, d: Delivery) -> None:
+            await asyncio.sleep(0.2)
+            await super().unmark(d)
+
+    deliveries: list[int] = []
+
+    async def handler(body: MessageReceived, d: Delivery) -> None:
+        deliveries.append(d.num_delivered)
+        if len(deliveries) <= 4:
+            raise AbandonError("not my turn yet")
+
+    loop = SlowUnmark(bus, spec(ordered_by_subject=True, max_unsettled=2), MessageReceived, handler)
+    stop = asyncio.Event()
+    task = asyncio.create_task(loop.run(stop))
+    try:
+        await bus.publish(SUBJECT, event("x"))
+        await wait_until(lambda: loop.handled + loop.dead_lettered == 1, what="settled")
+    finally:
+        stop.set()
+        await task
+    # Then it is handled: no hand-back's mark was still there when its redelivery looked
+    assert (loop.handled, loop.dead_lettered) == (1, 0)
+    assert deliveries == [1, 2, 3, 4, 5]
+
+
 async def _keys(kv: KeyValue) -> AsyncIterator[str]:
     with contextlib.suppress(nats.js.errors.NoKeysError):
         for key in await kv.keys():
