@@ -62,7 +62,15 @@ async def test_a_malformed_inbound_payload_is_dead_lettered_and_the_core_keeps_s
         b"\x00\xffnot json",
         b'{"type":"Nonsense","id":"1"}',
     }
-    turns = [e for _, e in await read_stream(bus, "AGENT") if isinstance(e, TurnCompleted)]
+    # The core queues a turn's replies before it records the turn: the reply can arrive
+    # first, so wait for the record (and then check there is exactly one)
+    turns: list[TurnCompleted] = []
+
+    async def recorded() -> bool:
+        turns[:] = [e for _, e in await read_stream(bus, "AGENT") if isinstance(e, TurnCompleted)]
+        return bool(turns)
+
+    await wait_until(recorded, what="the turn record")
     assert len(turns) == 1
 
 
