@@ -113,29 +113,17 @@ class EventDispatch:
             try:
                 await self._handle(event)
                 return
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
+                where = {"session": self.name, "event": type(event).__name__, "error": repr(exc)}
                 if delay is None:
                     self.dropped += 1
                     log.error(
                         "session event dropped: its handler kept failing",
-                        extra={
-                            "session": self.name,
-                            "event": type(event).__name__,
-                            "attempts": attempt,
-                            "error": repr(exc),
-                        },
+                        extra={**where, "attempts": attempt},
                     )
                     return
                 log.warning(
                     "session event handler failed; retrying",
-                    extra={
-                        "session": self.name,
-                        "event": type(event).__name__,
-                        "attempt": attempt,
-                        "delay_s": delay,
-                        "error": repr(exc),
-                    },
+                    extra={**where, "attempt": attempt, "delay_s": delay},
                 )
                 await asyncio.sleep(delay)

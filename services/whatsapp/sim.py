@@ -183,8 +183,7 @@ class SimTransport:
         self.faults = faults
         self.send_timeout = sim_send_timeout(faults)
         self.rng = random.Random(seed)
-        self._inbox = SimInbox(bus)
-        self.inbound: SimInbox | None = self._inbox
+        self.inbound = SimInbox(bus)
 
     @asynccontextmanager
     async def session(
@@ -199,7 +198,7 @@ class SimTransport:
             if not receive:
                 yield session
                 return
-            async with self._inbox.receiver(account, events):
+            async with self.inbound.receiver(account, events):
                 yield session
         finally:
             with contextlib.suppress(nats.errors.Error):

@@ -18,11 +18,11 @@ from nats.aio.subscription import Subscription
 
 from contracts import subjects
 from contracts.codec import decode
-from contracts.events import SendMessage, derived_id
+from contracts.events import SendMessage, TurnCompleted, derived_id
 from contracts.payloads import SimOutbound
 from services.runtime.bus import Bus, connect
 from services.runtime.lease import LeaseValue
-from tests.conftest import Processes, assert_audit_clean, stream_raw
+from tests.conftest import Processes, assert_audit_clean, read_stream, stream_raw, wait_until
 
 
 def read_url(proc: subprocess.Popen[bytes]) -> str:
@@ -205,3 +205,16 @@ def assert_per_chat_order(sends: list[SimOutbound], jobs: list[SendMessage]) -> 
             first_seen.setdefault(s.chat, []).append(s.job_id)
     for chat, order in enqueued.items():
         assert first_seen.get(chat, []) == order, f"order broken in {chat}"
+
+
+async def turn_records(bus: Bus, count: int, timeout: float = 30) -> list[TurnCompleted]:
+    """The TurnCompleted records on AGENT once there are at least `count`. The core queues
+    a turn's replies before it records the turn, so a reply can reach the network first."""
+    turns: list[TurnCompleted] = []
+
+    async def recorded() -> bool:
+        turns[:] = [e for _, e in await read_stream(bus, "AGENT") if isinstance(e, TurnCompleted)]
+        return len(turns) >= count
+
+    await wait_until(recorded, timeout=timeout, what=f"{count} turn records on AGENT")
+    return turns

@@ -45,6 +45,8 @@ async def test_auditing_a_live_system_disturbs_nothing(
         # While 100 messages flow, audit twice
         for i in range(50):
             await user.send(f"u{i % 5}@s.whatsapp.net", f"message {i}")
+        # The whatsapp role relays them into INBOUND as it goes; audit once all 51 are in
+        await wait_until(lambda: _stored(bus, "INBOUND", 51), what="51 messages in INBOUND")
         during = await arun_svc("audit", "--json", env=env)
         for i in range(50, 100):
             await user.send(f"u{i % 5}@s.whatsapp.net", f"message {i}")

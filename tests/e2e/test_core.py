@@ -9,11 +9,10 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from contracts.events import TurnCompleted
 from services.ops.simclient import SimUser
 from services.runtime.bus import Bus
-from tests.conftest import Processes, read_stream, wait_until
-from tests.e2e.conftest import SimNetwork, consumers_ready
+from tests.conftest import Processes, wait_until
+from tests.e2e.conftest import SimNetwork, consumers_ready, turn_records
 
 pytestmark = pytest.mark.slow
 
@@ -46,13 +45,7 @@ async def test_two_core_replicas_answer_each_message_once_in_per_chat_order(
     assert dict(by_chat) == dict(sent)
     # A turn's record is published after its reply jobs: the last replies can reach the
     # network before their turn records are stored. Wait for all 200 of them.
-    turns: list[TurnCompleted] = []
-
-    async def all_turns_recorded() -> bool:
-        turns[:] = [e for _, e in await read_stream(bus, "AGENT") if isinstance(e, TurnCompleted)]
-        return len(turns) >= 200
-
-    await wait_until(all_turns_recorded, timeout=30, what="200 turn records on AGENT")
+    turns = await turn_records(bus, 200)
     assert len({t.inbound_id for t in turns}) == len(turns) == 200
 
 
@@ -91,7 +84,7 @@ async def test_the_echo_tool_syntax_drives_a_real_tool_call_end_to_end(
         assert await user.wait_replies(20)
     assert asked.reply is not None
     assert asked.reply.text == "echo: calculator.evaluate -> 42"
-    (turn,) = [e for _, e in await read_stream(bus, "AGENT") if isinstance(e, TurnCompleted)]
+    (turn,) = await turn_records(bus, 1)
     (call,) = turn.tools_called
     assert (call.name, call.arguments, call.error) == (
         "calculator.evaluate",

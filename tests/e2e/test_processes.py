@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from contracts.events import DeadLettered, MessageSent, TurnCompleted
+from contracts.events import DeadLettered, MessageSent
 from services.ops.simclient import SimUser
 from services.runtime.bus import Bus
 from tests.conftest import Processes, read_stream, run_svc, wait_until
+from tests.e2e.conftest import turn_records
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +63,7 @@ async def test_a_malformed_inbound_payload_is_dead_lettered_and_the_core_keeps_s
         b"\x00\xffnot json",
         b'{"type":"Nonsense","id":"1"}',
     }
-    turns = [e for _, e in await read_stream(bus, "AGENT") if isinstance(e, TurnCompleted)]
+    turns = await turn_records(bus, 1)
     assert len(turns) == 1
 
 
