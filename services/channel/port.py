@@ -149,7 +149,9 @@ SessionEvent = (
 )
 EventHandler = Callable[[SessionEvent], Awaitable[None]]
 
-EndState = Literal["needs_pairing", "replaced", "logged_out", "banned", "outdated"]
+EndState = Literal[
+    "needs_pairing", "replaced", "logged_out", "banned", "outdated", "connect_failed"
+]
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,12 @@ class TransportError(ServiceError):
     def __init__(self, message: str, *, permanent: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
+
+
+class UncertainSendError(TransportError):
+    """The send may or may not have reached the network (it timed out waiting for the
+    server's acknowledgement): the egress records `DeliveryUncertain` at once and resolves
+    it by the DELIVERY_UNCERTAIN policy instead of retrying blind."""
 
 
 class StaleFenceError(TransportError):
