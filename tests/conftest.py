@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
-import logging
 import os
 import signal
 import subprocess
@@ -16,7 +14,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import pytest
 
@@ -25,29 +22,14 @@ from contracts.events import AnyMessage
 from services.runtime.bus import Bus, connect
 from services.runtime.nats_server import EmbeddedNats
 from services.runtime.provisioning import ensure_streams
+from services.whatsapp.neonize_store import neonize_module
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _closing_popen(cmd: str, mode: str = "r", buffering: int = -1) -> io.StringIO:
-    """os.popen that reads the command's output and waits for it to exit."""
-    with _os_popen(cmd, mode, buffering) as pipe:
-        return io.StringIO(pipe.read())
-
-
-# neonize's import runs `os.popen("uname -a").read()` (neonize/utils/platform.py) and never
-# closes it: the pipe and the unreaped child outlive the import, and their ResourceWarning
-# surfaces (through `filterwarnings=error`) in whichever later test happens to collect or
-# reap them. Import it once here with that one call closing what it opens. Its import
-# also calls logging.basicConfig (a handler and INFO on the root): put the root back as
-# it was, so tests log as they did before neonize was a dependency.
-_os_popen = os.popen
-_root = logging.getLogger()
-_root_handlers, _root_level = _root.handlers[:], _root.level
-with mock.patch.object(os, "popen", _closing_popen):
-    import neonize  # noqa: F401
-_root.handlers[:] = _root_handlers
-_root.setLevel(_root_level)
+# neonize's import leaks a pipe and reconfigures the root logger: import it once, up
+# front, through the one function that undoes both (services/whatsapp/neonize_store.py).
+neonize_module("neonize")
 
 
 @pytest.fixture

@@ -16,12 +16,12 @@ neonize is imported lazily: only a process that uses the neonize transport needs
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import gc
 import importlib
+import io
+import logging
+import os
 import sqlite3
-import subprocess
-import warnings
+import sys
 from types import ModuleType
 from typing import Any
 
@@ -40,28 +40,31 @@ class StoreError(ServiceError):
 
 
 def neonize_module(name: str) -> ModuleType:
-    """Import a neonize module. neonize's import runs `os.popen("uname -a")` and never
-    closes it: the pipe's ResourceWarning (an error under `-W error`) would surface later,
-    in whatever code next starts a subprocess. Reap that child now, warnings silenced."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        module = importlib.import_module(name)
-        gc.collect()
-        _reap_children()
-        gc.collect()
-    return module
+    """Import a neonize module, without the two side effects of neonize's own import:
 
+    - it runs `os.popen("uname -a").read()` (neonize/utils/platform.py) and never closes
+      the pipe: the pipe and its unreaped child outlive the import, and their
+      ResourceWarning (an error under `-W error`) surfaces later, wherever they are
+      collected. During the import, `os.popen` reads the output and closes what it opened;
+    - it calls `logging.basicConfig(level=INFO)`: the root logger is put back as it was.
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    popen = os.popen
 
-def _reap_children() -> None:
-    # subprocess keeps an unwaited Popen in its private `_active` list until the next
-    # Popen reaps it: only then is the leaked pipe closed, and warned about. (A function
-    # of its own, so no local still holds the Popen when the warnings are restored.)
-    for proc in list(getattr(subprocess, "_active", None) or ()):
-        with contextlib.suppress(Exception):
-            proc.wait(timeout=5)
-    cleanup = getattr(subprocess, "_cleanup", None)
-    if cleanup is not None:
-        cleanup()
+    def closing_popen(cmd: str, mode: str = "r", buffering: int = -1) -> io.StringIO:
+        with popen(cmd, mode, buffering) as pipe:
+            return io.StringIO(pipe.read())
+
+    os.popen = closing_popen  # type: ignore[assignment]
+    try:
+        return importlib.import_module(name)
+    finally:
+        os.popen = popen
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 def store_name(store: SessionStore) -> str:
