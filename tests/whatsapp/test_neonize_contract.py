@@ -4,7 +4,6 @@ real nats-server. Events enter through neonize's own Go->Python entry point."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -143,6 +142,6 @@ class TestNeonizeTransport(TransportContract):
                 pass
         assert driver.built == ["switchboard-whatsapp-contract"] * 2
         # resumed by the device's JID from the store (never "the first device")
-        name, _uuid, jidbuf = driver.fake.neonize_args[:3]
+        _name, _uuid, jidbuf = driver.fake.neonize_args[:3]
         assert nz.JID.FromString(jidbuf).User == "15550000001:7"
         assert driver.fake.stop_calls == 2
