@@ -223,6 +223,7 @@ class NeonizeSession(SessionEnding):
         self._runner: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._ending = False  # an ending signal arrived; the end itself may follow a write
         self._delay = self.settings.backoff_initial
         self._where = {"account": account, "channel": CHANNEL}
 
@@ -286,7 +287,7 @@ class NeonizeSession(SessionEnding):
 
     async def _run(self) -> None:
         """Watch the client's connect task; on a network failure retry with a fresh client."""
-        while not self._closing and self._end is None:
+        while not self._closing and not self._ending and self._end is None:
             task = self._connecting
             if task is None:  # the last attempt failed before a client was built
                 await self._backoff()
@@ -302,7 +303,7 @@ class NeonizeSession(SessionEnding):
                 raise
             except Exception as exc:
                 reason = str(exc) or type(exc).__name__
-            if self._closing or self._end is not None:
+            if self._closing or self._ending or self._end is not None:
                 return
             self._connecting = None
             client, self._client = self._client, None
@@ -367,6 +368,7 @@ class NeonizeSession(SessionEnding):
                 self._delay = self.settings.backoff_initial
                 self.events.post(mapped)
             case LoggedOut(reason=reason):
+                self._ending = True  # whatsmeow may return from Neonize(): no retry
                 self.events.post(mapped)
                 task = asyncio.create_task(self._logged_out(reason))
                 self._tasks.add(task)
