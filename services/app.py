@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from services.whatsapp.sim import SimTransport, sim_send_timeout
 
 log = logging.getLogger(__name__)
 
+BRIDGE_ENV = "SVC_TEST_NEONIZE_BRIDGE"  # services.whatsapp.neonize's test seam
 EMBEDDED_PORT = 4222
 # How a role's process ends when it cannot go on (see docs/runbook.md, "Exit codes").
 EXIT_CONNECTION_LOST = 3  # the NATS connection is closed for good: restart the process
@@ -61,10 +64,19 @@ def make_transport(settings: Settings, bus: Bus) -> Transport:
     """The transport adapter WHATSAPP_TRANSPORT selects."""
     if settings.transport == "sim":
         return SimTransport(bus, settings.sim)
-    raise ConfigError(
-        "WHATSAPP_TRANSPORT='neonize' is not available in this build yet:"
-        " use WHATSAPP_TRANSPORT=sim"
+    # Imported here: only a process that runs neonize loads its Go library.
+    from services.whatsapp.neonize import NeonizeTransport, bridge_from_env
+
+    return NeonizeTransport(
+        bus, settings.whatsapp_store, settings.neonize, bridge=bridge_from_env()
     )
+
+
+def neonize_executor(accounts: int) -> ThreadPoolExecutor:
+    """The default executor of a neonize process: every connected or dialing client holds
+    one thread for its whole life and every other neonize call runs in a thread too, so
+    with fewer threads than accounts all neonize calls starve (two per account, headroom)."""
+    return ThreadPoolExecutor(max_workers=2 * accounts + 8, thread_name_prefix="neonize")
 
 
 @asynccontextmanager
@@ -105,6 +117,18 @@ def check_role(settings: Settings, role: Role) -> None:
         make_llm(settings)
     if role in ("all", "whatsapp", "whatsapp-egress") and settings.transport == "sim":
         check_send_cover(settings.lease_ttl, sim_send_timeout(settings.sim), "sim")
+    if role in ("all", "whatsapp", "whatsapp-egress") and settings.transport == "neonize":
+        check_send_cover(settings.lease_ttl, settings.neonize.send_timeout, "neonize")
+        store = settings.whatsapp_store
+        if store.path is not None and store.path.expanduser().is_dir():
+            raise ConfigError(
+                f"WHATSAPP_STORE={store.shown} is a directory: give the SQLite file's path"
+                " (e.g. $SVC_DATA_DIR/whatsapp.sqlite) or a postgres:// DSN"
+            )
+        if os.environ.get(BRIDGE_ENV):  # refuse a bad test seam before connecting
+            from services.whatsapp.neonize import bridge_from_env
+
+            bridge_from_env()
 
 
 async def run_role(
@@ -152,6 +176,9 @@ async def _run_role(
             worker = CoreWorker(bus, make_llm(settings), settings.core, tools=tools)
             tasks.append(asyncio.create_task(worker.loop.run(stop), name="core"))
         if role in ("all", "whatsapp", "whatsapp-egress"):
+            if settings.transport == "neonize":
+                executor = neonize_executor(len(settings.accounts))
+                asyncio.get_running_loop().set_default_executor(executor)
             transport = make_transport(settings, bus)
             holder = new_holder_id(role)
             # A session transport relays what its socket receives; a separate-inbound one

@@ -154,6 +154,26 @@ class Delivery:
         return dict(self.rate_limits).get(account, self.rate_limit)
 
 
+@dataclass(frozen=True)
+class NeonizeSettings:
+    """How the neonize transport runs its sessions (ADR 0021)."""
+
+    # NEONIZE_SEND_TIMEOUT: a send that has no answer by then is reported uncertain
+    # (whatsmeow itself waits 75 s for the server's ack).
+    send_timeout: float = 10.0
+    # NEONIZE_STOP_TIMEOUT: neonize's stop() blocks while a dial is in flight.
+    stop_timeout: float = 10.0
+    # NEONIZE_BOT_TAG: whether 1:1 sends carry WhatsApp's bot label (on/off, explicit).
+    bot_tag: Literal["on", "off"] = "on"
+    # A failed initial connect is retried after 1 s, doubling up to 60 s (jittered).
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+
+
+# With neonize the send timeout is 10 s: a TTL of 30 s proves 24 s, two sends' worth.
+NEONIZE_DEFAULT_LEASE_TTL = 30
+
+
 # A real WhatsApp number gets banned for bulk sending: stay well below what it tolerates.
 NEONIZE_DEFAULT_LIMIT = RateLimit(per_minute=30, burst=5)
 # A person types a few messages a minute; a burst of 10 covers pasting a list line by line.
@@ -199,6 +219,7 @@ class Settings:
     transport: TransportName = "sim"
     whatsapp_store: SessionStore = SessionStore(path=Path(".svc") / "whatsapp.sqlite")
     lease_ttl: int = 10
+    neonize: NeonizeSettings = NeonizeSettings()
     llm: LLMName = "echo"
     llm_model: str = "echo"
     openai_base_url: str = "https://api.openai.com/v1"
@@ -238,7 +259,21 @@ def load_settings(env: Mapping[str, str] | None = None, *, role: str | None = No
             TransportName, get.get_choice("WHATSAPP_TRANSPORT", "sim", ("sim", "neonize"))
         ),
         whatsapp_store=get.get_store("WHATSAPP_STORE", data_dir / "whatsapp.sqlite"),
-        lease_ttl=get.get_int("WHATSAPP_LEASE_TTL", 10, minimum=2, maximum=3600),
+        lease_ttl=get.get_int(
+            "WHATSAPP_LEASE_TTL",
+            NEONIZE_DEFAULT_LEASE_TTL
+            if env.get("WHATSAPP_TRANSPORT", "").strip().lower() == "neonize"
+            else 10,
+            minimum=2,
+            maximum=3600,
+        ),
+        neonize=NeonizeSettings(
+            send_timeout=get.get_float("NEONIZE_SEND_TIMEOUT", 10.0, minimum=0.1, maximum=600),
+            stop_timeout=get.get_float("NEONIZE_STOP_TIMEOUT", 10.0, minimum=0.1, maximum=600),
+            bot_tag=cast(
+                Literal["on", "off"], get.get_choice("NEONIZE_BOT_TAG", "on", ("on", "off"))
+            ),
+        ),
         llm=cast(LLMName, llm),
         llm_model=get.get_str("SVC_LLM_MODEL", "echo" if llm == "echo" else "gpt-4o-mini"),
         openai_base_url=get.get_str("OPENAI_BASE_URL", "https://api.openai.com/v1"),

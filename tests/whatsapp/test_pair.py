@@ -4,9 +4,6 @@ session store and a real nats-server."""
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,76 +20,12 @@ from services.runtime.nats_server import EmbeddedNats
 from services.runtime.settings import SessionStore
 from services.whatsapp.neonize_store import devices_in_store, neonize_module
 from tests.conftest import Processes, arun_svc, read_stream
+from tests.whatsapp.fake_go import FakeGo
 from tests.whatsapp.test_neonize_store import add_device
 
 SALES = "15550000001:7@s.whatsapp.net"
 RENEWED = "15550000001:8@s.whatsapp.net"
 proto = neonize_module("neonize.proto.Neonize_pb2")
-
-
-class FakeGo:
-    """Stands in for neonize's Go bridge (`NewAClient._NewAClient__client`). From its own
-    thread, as whatsmeow does, it calls the client's real callbacks: `codes` QR codes,
-    then -- if a phone confirms (`device`) -- stores the device and reports PairSuccess."""
-
-    def __init__(self, store: SessionStore, *, codes: int, device: str | None) -> None:
-        self.store = store
-        self.codes = codes
-        self.device = device
-        self.stopped = threading.Event()
-        self.code_asked = threading.Event()
-        self.qr_sent = 0
-        self.phone = ""
-        self.neonize_args: tuple[Any, ...] = ()
-        self.thread: threading.Thread | None = None
-
-    async def Neonize(self, *args: Any) -> bytes:
-        self.neonize_args = args
-        uuid, qr_cb, event_cb = args[1], args[6], args[8]
-        self.thread = threading.Thread(target=self._whatsmeow, args=(uuid, qr_cb, event_cb))
-        self.thread.start()
-        await asyncio.to_thread(self.stopped.wait)  # Go's Neonize() returns when stopped
-        return b""
-
-    def _whatsmeow(self, uuid: bytes, qr_cb: Any, event_cb: Any) -> None:
-        for n in range(self.codes):
-            code = ctypes.create_string_buffer(f"2@qr-code-{n}".encode())
-            self.qr_sent += 1  # first: the loop may answer the callback before it returns
-            qr_cb(None, ctypes.addressof(code))
-        if self.device is None or self.stopped.is_set():
-            return
-        if self.phone_mode and not self.code_asked.wait(30):
-            return
-        add_device(self.store, self.device)  # whatsmeow saves the device, then reports it
-        user, _, server = self.device.partition("@")
-        number, _, device = user.partition(":")
-        event = proto.PairStatus(
-            ID=proto.JID(
-                User=number,
-                Device=int(device),
-                Server=server,
-                RawAgent=0,
-                Integrator=0,
-                IsEmpty=False,
-            ),
-            Status=proto.PairStatus.SUCCESS,
-            BusinessName="",
-            Platform="",
-        ).SerializeToString()
-        buf = ctypes.create_string_buffer(event, len(event))
-        event_cb(uuid, ctypes.addressof(buf), len(event), 2)
-
-    phone_mode = False
-
-    async def PairPhone(self, uuid: bytes, payload: bytes, size: int) -> bytes:
-        if self.qr_sent == 0:  # neonize's client has no Go client before the first QR
-            return proto.PairPhoneReturnFunction(Error="client is nil").SerializeToString()
-        self.phone = proto.PairPhoneParams.FromString(payload).phone
-        self.code_asked.set()
-        return proto.PairPhoneReturnFunction(Code="ABCD-1234").SerializeToString()
-
-    async def Stop(self, uuid: bytes) -> None:
-        self.stopped.set()
 
 
 def real_client_on(fake: FakeGo, built: list[str]) -> Callable[[str, str], Any]:
