@@ -386,6 +386,7 @@ def whatsapp_pair(
                 phone=phone,
                 force=force,
                 actor=getpass.getuser(),
+                replicas=settings.stream_replicas,
                 show=typer.echo,
             )
         return paired.line()

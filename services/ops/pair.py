@@ -29,6 +29,7 @@ from services.ops.accounts import resume
 from services.runtime.bus import Bus
 from services.runtime.errors import ServiceError
 from services.runtime.lease import Lease, read_lease
+from services.runtime.provisioning import ensure_streams, raise_on_conflict
 from services.runtime.settings import SessionStore
 from services.whatsapp.neonize_store import (
     client_uuid,
@@ -95,6 +96,7 @@ async def pair(
     phone: str | None = None,
     force: bool = False,
     actor: str = "",
+    replicas: int = 1,
     show: Callable[[str], None] = print,
     client_factory: PairingClientFactory = new_pairing_client,
     stop_timeout: float = STOP_TIMEOUT,
@@ -103,6 +105,9 @@ async def pair(
     already paired (unless `force`), owned by another holder, or the phone never confirms."""
     subjects.check_account(account)
     digits = check_phone(phone) if phone else None
+    # A writing command: the runbook pairs before any role has started, so it provisions
+    # what it writes to (the `leases` and `devices` buckets), as every role does.
+    raise_on_conflict(await ensure_streams(bus.js, replicas=replicas))
     registry = DeviceRegistry(bus, CHANNEL_WHATSAPP)
     existing = await registry.get(account)
     if existing is not None and not force:

@@ -14,7 +14,7 @@ from contracts.events import AccountResumed
 from contracts.streams import LEASES
 from services.channel.devices import DeviceRegistry
 from services.ops.pair import PairingError, new_pairing_client, pair
-from services.runtime.bus import Bus
+from services.runtime.bus import Bus, connect
 from services.runtime.lease import Lease, read_lease
 from services.runtime.nats_server import EmbeddedNats
 from services.runtime.settings import SessionStore
@@ -90,6 +90,23 @@ async def test_a_qr_pairing_prints_each_code_and_records_the_device(
     assert (name, uuid, new_device) == (str(store.path).encode(), b"switchboard-whatsapp-sales", 1)
     assert fake.stopped.is_set()
     assert await _lease_is_free(bus)
+
+
+async def test_pairing_first_on_a_fresh_server_provisions_what_it_writes(
+    nats_server: EmbeddedNats, store: SessionStore
+) -> None:
+    # Given a server no role has started on yet (no streams, no `leases`, no `devices`):
+    # the runbook pairs before the first `svc run whatsapp`
+    async with connect(nats_server.url, name="test-fresh", timeout=5) as fresh:
+        fake = FakeGo(store, codes=1, device=SALES)
+        # When an account is paired there
+        paired, _ = await _pair(fresh, store, fake)
+        # Then the pairing went through and any host finds the device
+        assert paired.device_id == SALES
+        record = await DeviceRegistry(fresh, "whatsapp").get("sales")
+        assert record is not None
+        assert record.device_id == SALES
+        assert await _lease_is_free(fresh)
 
 
 async def test_pairing_by_phone_prints_the_code_instead_of_a_qr(
