@@ -118,7 +118,12 @@ async def owning(
     stop = asyncio.Event()
     task = asyncio.create_task(owner.run(stop))
     try:
-        await wait_until(owner.owning.is_set, what="the owner to own the account")
+        # Owning, or owned already: a session that ends at once (a connect error) parks
+        # the account before a poll of `owning` could see it set.
+        await wait_until(
+            lambda: owner.owning.is_set() or events_of(bus, "ACCOUNTS", LeaseAcquired),
+            what="the owner to own the account",
+        )
         yield owner, stop, task
     finally:
         stop.set()
