@@ -102,9 +102,7 @@ async def test_an_unsure_send_is_recorded_uncertain_and_skipped_by_the_skip_poli
 
     events = [e for _, e in await read_stream(bus, "DELIVERY")]
     uncertain = [e for e in events if isinstance(e, DeliveryUncertain)]
-    assert [(e.job_id, e.resolution, e.holder) for e in uncertain] == [
-        (job_id, "skip", "holder-1")
-    ]
+    assert [(e.job_id, e.resolution, e.holder) for e in uncertain] == [(job_id, "skip", "holder-1")]
     assert uncertain[0].lease_token > 0
     # Not a failure, not sent again: one call, and nothing reached the network
     assert not [e for e in events if isinstance(e, DeliveryFailed | MessageSent)]
