@@ -89,6 +89,11 @@ class SessionBoard:
             await self._put(status)
 
     async def _put(self, status: SessionStatus) -> None:
+        if not self.bus.nc.is_connected:
+            # Nothing to wait for (e.g. shutting down after the server died): `svc status`
+            # shows a board without a lease behind it as standby anyway.
+            log.info("session status not written: not connected", extra={"account": self.account})
+            return
         try:
             if self._kv is None:
                 self._kv = await self.bus.js.key_value(SESSIONS.name)
