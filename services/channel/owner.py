@@ -142,9 +142,12 @@ class AccountOwner:
             if until is not None:
                 left = (until - utcnow()).total_seconds()
                 if left <= 0:
-                    await self._resume_expired(value, revision)
-                    return  # compete at once (whoever cleared it)
-                delay = left  # wake exactly when it ends: no busy loop, no over-sleep
+                    if await self._resume_expired(value, revision):
+                        return  # compete at once
+                    # Another standby cleared it (the board wakes us), or NATS trouble:
+                    # the next look comes after the usual retry interval, not in a loop.
+                else:
+                    delay = left  # wake exactly when it ends: no busy loop, no over-sleep
             else:
                 delay = 10.0  # `svc accounts resume` deletes the key: the board wakes us
             if value.parked != self._parked_logged:

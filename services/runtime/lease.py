@@ -92,9 +92,11 @@ class LeaseValue(msgspec.Struct, frozen=True, kw_only=True):
         if not self.parked or not self.until:
             return None
         try:
-            return datetime.fromisoformat(self.until)
+            until = datetime.fromisoformat(self.until)
         except ValueError:
             return None  # written by hand: treated as no end, like a park without one
+        # Without an offset (written by hand) it is read as UTC, like every time we write.
+        return until if until.tzinfo else until.replace(tzinfo=UTC)
 
 
 @dataclass

@@ -175,6 +175,9 @@ async def test_a_park_records_the_end_state_and_its_end_and_old_values_still_dec
         b'{"holder":"h","token":3,"acquired_at":"x","parked":"stream replaced"}', type=LeaseValue
     )
     assert (old.state, old.until, old.parked_until()) == ("", "", None)
+    by_hand = msgspec.structs.replace(old, until="2030-01-02T03:04:05")
+    assert by_hand.parked_until() == datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert msgspec.structs.replace(old, until="soon").parked_until() is None
     # A park is revision-checked: a lease no longer ours is never overwritten
     b = lease(bus, "b", ttl=10)
     assert not await b.park("replaced")
