@@ -114,3 +114,33 @@ class DeviceRecord(msgspec.Struct, frozen=True, kw_only=True):
     device_id: str  # e.g. whatsmeow's device JID `15551234567:7@s.whatsapp.net`
     paired_at: datetime
     paired_by: str = ""  # the holder (host) that paired it
+
+
+SessionState = Literal[
+    "connecting",
+    "connected",
+    "disconnected",
+    "needs_pairing",
+    "logged_out",
+    "replaced",
+    "banned",
+    "outdated",
+    "connect_failed",
+    "standby",
+]
+
+
+class SessionStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """An account's session as its owner last reported it (bucket `sessions`, key
+    `<channel>.<account>`): for `svc status`, best-effort, never a fencing fact (the lease
+    is). `since` is when `state` began; `until` when a ban ends; `connected_at` when the
+    session last came up."""
+
+    state: SessionState
+    reason: str = ""
+    holder: str = ""
+    token: int = 0
+    device: str = ""
+    since: datetime
+    until: datetime | None = None
+    connected_at: datetime | None = None

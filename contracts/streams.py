@@ -150,7 +150,11 @@ ATTEMPTS = BucketSpec(
 # DeviceRecord): which device of the shared session store is the account's. The device's
 # keys stay in the transport's own store (WHATSAPP_STORE); this says which one to resume.
 DEVICES = BucketSpec(name="devices", description="account -> paired device, to resume sessions")
-BUCKETS: tuple[BucketSpec, ...] = (LEASES, PRESENCE, SENDS, CHATS, ATTEMPTS, DEVICES)
+# The session status board (key `<channel>.<account>`, SessionStatus): what each
+# account's owner last reported about its session (connecting, connected, banned until
+# ..., standby), for `svc status`. Written best-effort by the owner; the lease decides.
+SESSIONS = BucketSpec(name="sessions", description="account -> session state, for svc status")
+BUCKETS: tuple[BucketSpec, ...] = (LEASES, PRESENCE, SENDS, CHATS, ATTEMPTS, DEVICES, SESSIONS)
 
 # Durable consumer names.
 CORE_CONSUMER = "core"

@@ -8,8 +8,11 @@ the account's send budget, prove the lease for the transport's whole send timeou
 `sending`, check the proof again (no I/O) and call the transport with the proof's
 deadline in the fence; record `MessageSent` + `sent` -- or `DeliveryFailed`, wait the
 backoff in place, retry; a permanent error or the last attempt dead-letters the job with
-every attempt's error. A send refused for a stale fence was never sent: its `sending`
-record is taken back (revision-checked) and the job waits for the next owner.
+every attempt's error. A send whose outcome the transport cannot tell (UncertainSendError:
+it timed out waiting for the network's ack) is recorded `DeliveryUncertain` at once, with
+the transport's error, and resolved by the same policy: skip, or resend after the backoff.
+A send refused for a stale fence was never sent: its `sending` record is taken back
+(revision-checked) and the job waits for the next owner.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from services.channel.port import (
     Session,
     StaleFenceError,
     TransportError,
+    UncertainSendError,
 )
 from services.channel.ratelimit import TokenBucket, Unlimited
 from services.runtime.bus import Bus
@@ -160,7 +164,9 @@ class Egress:
                     )
                     return
                 case "sending":
-                    if await self._uncertain(job, record, errors):
+                    why = "outcome unknown: the sender stopped mid-send"
+                    fence = Fence(record.holder, record.lease_token)
+                    if await self._uncertain(job, record.attempt, fence, why, errors):
                         return
                 case "failed":
                     pass
@@ -200,6 +206,17 @@ class Egress:
                 await self.ledger.undo(job.job_id, revision, current)
                 self.lost.set()
                 raise AbandonError(f"send refused with a stale fence: {exc}") from exc
+            except UncertainSendError as exc:
+                # The transport cannot tell whether the message went out (timed out waiting
+                # for the server's ack): say so now, then resend or skip by the policy.
+                why = f"outcome unknown: {exc}"
+                if await self._uncertain(job, attempt, fence, why, errors):
+                    return
+                current = self._record(job, "failed", attempt, fence, errors)
+                await self.ledger.put(current)
+                if not retry.last(attempt):
+                    await self._backoff(attempt)
+                continue
             except TransportError as exc:
                 errors.append(AttemptError(attempt=attempt, error=str(exc)))
                 await self._failed(job, attempt, str(exc), exc.permanent)
@@ -214,30 +231,37 @@ class Egress:
             return
 
     async def _uncertain(
-        self, job: SendMessage, record: SendRecord, errors: list[AttemptError]
+        self,
+        job: SendMessage,
+        attempt: int,
+        fence: Fence,
+        why: str,
+        errors: list[AttemptError],
     ) -> bool:
-        """Record that an attempt's outcome is unknown; True if the policy skips the job."""
+        """Record that `attempt`'s outcome is unknown (`why`, added to the job's errors);
+        True if the policy skips the job (its record then says `skipped`)."""
         resolution = self.settings.uncertain
         log.warning(
             "delivery uncertain",
-            extra={"job_id": job.job_id, "attempt": record.attempt, "resolution": resolution},
+            extra={
+                "job_id": job.job_id,
+                "attempt": attempt,
+                "resolution": resolution,
+                "error": why,
+            },
         )
         await self._report(
             job,
             DeliveryUncertain,
-            ("uncertain", str(record.attempt)),
-            holder=record.holder,
-            lease_token=record.lease_token,
+            ("uncertain", str(attempt)),
+            holder=fence.holder,
+            lease_token=fence.token,
             resolution=resolution,
         )
-        errors.append(
-            AttemptError(
-                attempt=record.attempt, error="outcome unknown: the sender stopped mid-send"
-            )
-        )
+        errors.append(AttemptError(attempt=attempt, error=why))
         if resolution == "skip":
-            fence = Fence(record.holder, record.lease_token)
-            await self.ledger.put(self._record(job, "skipped", record.attempt, fence, errors))
+            skipped = Fence(fence.holder, fence.token)
+            await self.ledger.put(self._record(job, "skipped", attempt, skipped, errors))
             return True
         return False
 

@@ -9,6 +9,7 @@ session ended is the session's own report (`Session.ended()`), not inferred here
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import assert_never
 
 from contracts import subjects
@@ -97,12 +98,16 @@ class Ingress:
         account: str,
         holder: str = "",
         ledger: SendLedger | None = None,
+        on_connection: Callable[[Connected | Disconnected], None] | None = None,
     ) -> None:
         self.bus = bus
         self.channel = channel
         self.account = account
         self.holder = holder
         self.ledger = ledger
+        # Told of every Connected / Disconnected (the owner's status board); it must not
+        # block: it runs on the session's event pump.
+        self.on_connection = on_connection
 
     async def __call__(self, event: SessionEvent) -> None:
         """Record one session event (raises to get it delivered again)."""
@@ -116,11 +121,15 @@ class Ingress:
                 await self._receipt(event)
             case Connected():
                 log.info("session connected", extra=where)
+                if self.on_connection is not None:
+                    self.on_connection(event)
             case Disconnected(reason=reason):
                 log.warning(
                     "session disconnected; the transport reconnects",
                     extra={**where, "reason": reason},
                 )
+                if self.on_connection is not None:
+                    self.on_connection(event)
             case NeedsPairing() | StreamReplaced() | LoggedOut() | ClientOutdated():
                 end = end_of(event)
                 assert end is not None

@@ -5,8 +5,11 @@ jittered timer, wakes at once when the lease board sees the key released, and ai
 next attempt at the moment a silent owner's key expires. As the owner it renews every
 ttl/3, proves the lease before every send (egress), and stops sending on: shutdown,
 loss of proof, the session's own end (logged out / replaced / banned / not paired: the
-lease is parked),
-a fair-share rebalance, or an operator's handover request.
+lease is parked, revision-checked so a park never lands on someone else's lease),
+a fair-share rebalance, or an operator's handover request. A parked lease with an end
+(`until`: a temporary ban) is cleared by a standby once it has passed -- revision-checked,
+so of several standbys one clears it -- and recorded as `AccountResumed(actor="auto")`.
+Along the way the owner reports its session on the status board (`sessions` bucket).
 """
 
 from __future__ import annotations
@@ -24,23 +27,27 @@ from nats.aio.msg import Msg
 
 from contracts import subjects
 from contracts.events import (
+    AccountResumed,
     LeaseAcquired,
     LeaseLost,
     LeaseReleased,
     SendMessage,
     derived_id,
+    utcnow,
 )
 from contracts.streams import OUTBOUND
+from services.channel.board import SessionBoard
+from services.channel.devices import DeviceRegistry
 from services.channel.dispatch import EventDispatch
 from services.channel.egress import Egress, egress_consumer_spec
 from services.channel.fleet import Fleet, LeaseBoard
 from services.channel.ingress import Ingress
 from services.channel.ledger import SendLedger
-from services.channel.port import SessionEnd, Transport
+from services.channel.port import Connected, Disconnected, SessionEnd, Transport
 from services.channel.ratelimit import budget
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerLoop
-from services.runtime.lease import Lease, read_lease
+from services.runtime.lease import Lease, LeaseValue, read_lease
 from services.runtime.settings import Delivery as DeliverySettings
 
 log = logging.getLogger(__name__)
@@ -98,6 +105,7 @@ class AccountOwner:
         self._cooldown_until = 0.0
         self._parked_logged = ""
         self._subject = subjects.accounts(self.channel, account)
+        self.status = SessionBoard(bus, self.channel, account, holder)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Acquire, own, and on loss go back to standby, until `stop`."""
@@ -124,17 +132,32 @@ class AccountOwner:
                 await self._standby(stop)
 
     async def _standby(self, stop: asyncio.Event) -> None:
-        """Wait for the next acquisition attempt: a release, an expected expiry, or a timer."""
+        """Wait for the next acquisition attempt: a release, an expected expiry, a parked
+        lease's end, or a timer."""
         delay = self.retry_interval * random.uniform(0.5, 1.0)
-        parked = await self._parked_reason()
-        if parked:
-            if parked != self._parked_logged:
+        parked = await self._parked()
+        if parked is not None:
+            value, revision = parked
+            until = value.parked_until()
+            if until is not None:
+                left = (until - utcnow()).total_seconds()
+                if left <= 0:
+                    if await self._resume_expired(value, revision):
+                        return  # compete at once
+                    # Another standby cleared it (the board wakes us), or NATS trouble:
+                    # the next look comes after the usual retry interval, not in a loop.
+                else:
+                    delay = left  # wake exactly when it ends: no busy loop, no over-sleep
+            else:
+                delay = 10.0  # `svc accounts resume` deletes the key: the board wakes us
+            if value.parked != self._parked_logged:
                 log.warning(
-                    "account parked, waiting for an operator",
-                    extra={"account": self.account, "reason": parked},
+                    "account parked, resuming by itself at its end"
+                    if until is not None
+                    else "account parked, waiting for an operator",
+                    extra={"account": self.account, "reason": value.parked, "until": value.until},
                 )
-                self._parked_logged = parked
-            delay = 10.0  # `svc accounts resume` deletes the key: the board wakes us
+                self._parked_logged = value.parked
         elif self.board is not None:
             expires = self.board.expires_in(self.lease.key, self.lease.ttl)
             if expires is not None:
@@ -142,12 +165,42 @@ class AccountOwner:
         wake = [stop] if self.board is None else [stop, self.board.changed(self.lease.key)]
         await _first(*wake, timeout=delay)
 
-    async def _parked_reason(self) -> str:
+    async def _parked(self) -> tuple[LeaseValue, int] | None:
+        """The parked marker on the account's lease and its revision, or None."""
         try:
             found = await read_lease(await self.lease.bucket(), self.lease.key)
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError, msgspec.DecodeError):
-            return ""
-        return found[0].parked if found else ""
+            return None
+        return found if found is not None and found[0].parked else None
+
+    async def _resume_expired(self, value: LeaseValue, revision: int) -> bool:
+        """Clear a parked marker whose end has passed; only the revision we read, so of
+        several standbys exactly one clears it (the others just compete for the lease)."""
+        try:
+            await (await self.lease.bucket()).delete(self.lease.key, last=revision)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            log.info(
+                "parked lease not cleared (changed meanwhile)",
+                extra={"account": self.account, "error": repr(exc)},
+            )
+            return False
+        reason = "ban expired" if value.state == "banned" else f"{value.state or 'park'} expired"
+        log.warning(
+            "parked account resumed: its end passed",
+            extra={"account": self.account, "parked": value.parked, "until": value.until},
+        )
+        try:
+            await self.bus.publish(
+                self._subject,
+                AccountResumed(
+                    channel=self.channel, account=self.account, actor="auto", reason=reason
+                ),
+            )
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            log.warning(
+                "could not record the resume", extra={"account": self.account, "error": repr(exc)}
+            )
+        return True
 
     async def _own(self, stop: asyncio.Event) -> None:
         token = self.lease.token
@@ -155,6 +208,10 @@ class AccountOwner:
             "lease acquired", extra={"account": self.account, "holder": self.holder, "token": token}
         )
         await self._record(LeaseAcquired, token)
+        self.status.token = token
+        self.status.device = await self._device()
+        self.status.connected_at = None
+        self.status.post("connecting")
         shed = self.fleet.owning(self.account) if self.fleet else asyncio.Event()
         handover = asyncio.Event()
         handover_replies: list[str] = []
@@ -167,7 +224,14 @@ class AccountOwner:
         sub = await self.bus.nc.subscribe(
             subjects.lease_handover(self.channel, self.account), cb=on_handover
         )
-        ingress = Ingress(self.bus, self.channel, self.account, self.holder, self.ledger)
+        ingress = Ingress(
+            self.bus,
+            self.channel,
+            self.account,
+            self.holder,
+            self.ledger,
+            on_connection=self._connection,
+        )
         lost = asyncio.Event()
         done = asyncio.Event()  # stop sending
         end: SessionEnd | None = None
@@ -245,14 +309,31 @@ class AccountOwner:
             await self._record(LeaseLost, token, reason)
             return
         if end is not None:
-            parked = await self.lease.park(end.reason)
+            try:
+                parked = await self.lease.park(end.reason, state=end.state, until=end.until)
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+                log.warning(
+                    "could not park the account",
+                    extra={"account": self.account, "error": repr(exc)},
+                )
+                parked = False
+            if not parked:
+                # The key is no longer our lease (a failover took it, or it expired): nothing
+                # was written over it. Ours is lost, whatever the session said.
+                reason = f"lease gone before the session end could park it ({end.reason})"
+                log.warning(
+                    "lease lost", extra={"account": self.account, "token": token, "reason": reason}
+                )
+                await self._record(LeaseLost, token, reason)
+                return
+            await self.status.write(end.state, end.reason, until=end.until)
             log.error(
                 "session ended, account parked",
                 extra={
                     "account": self.account,
                     "state": end.state,
                     "reason": end.reason,
-                    "parked": parked,
+                    "until": end.until.isoformat() if end.until else "",
                 },
             )
             return
@@ -263,6 +344,8 @@ class AccountOwner:
             if shed.is_set()
             else "shutdown"
         )
+        # Before the release: once released, the next owner's `connecting` must win.
+        await self.status.write("standby", reason)
         released = await self.lease.release()
         if released:
             log.info(
@@ -280,6 +363,21 @@ class AccountOwner:
                 await self.bus.nc.publish(inbox, reply)
 
     _lost_reason = ""
+
+    def _connection(self, event: Connected | Disconnected) -> None:
+        """The transport says the session is up or down: onto the status board."""
+        if isinstance(event, Connected):
+            self.status.post("connected")
+        else:
+            self.status.post("disconnected", event.reason)
+
+    async def _device(self) -> str:
+        """The account's paired device (for the status board), or "" when unknown."""
+        try:
+            record = await DeviceRegistry(self.bus, self.channel).get(self.account)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError, msgspec.DecodeError):
+            return ""
+        return record.device_id if record else ""
 
     async def _renew(self, lost: asyncio.Event, done: asyncio.Event) -> None:
         """Renew every ttl/3 until `done`; on failure retry fast until the deadline passes."""

@@ -1,14 +1,34 @@
-"""`svc status`: streams, consumers, leases and dead letters at a glance."""
+"""`svc status`: streams, consumers, leases, accounts and dead letters at a glance.
+
+Per account (`accounts`): the session state and reason (the lease decides: a parked
+lease's state and end, a held lease's holder and token; the `sessions` board says what
+the holder last reported -- connecting, connected, disconnected), the paired device with
+its phone digits masked, and the time of the last message on the account's INBOUND and
+DELIVERY subjects (one last-by-subject get each, never a scan).
+"""
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Any
+from datetime import datetime
+from typing import Any, TypeVar
 
 import msgspec
+import nats.errors
 import nats.js.errors
 
-from contracts.streams import BUCKETS, DEADLETTER, LEASES, STREAMS
+from contracts.payloads import DeviceRecord, SessionStatus
+from contracts.streams import (
+    BUCKETS,
+    DEADLETTER,
+    DELIVERY,
+    DEVICES,
+    INBOUND,
+    LEASES,
+    SESSIONS,
+    STREAMS,
+)
 from contracts.subjects import DEADLETTER_OPS_SUBJECT
 from services.ops.dlq import discarded
 from services.runtime.bus import Bus
@@ -52,6 +72,7 @@ async def collect_status(bus: Bus) -> dict[str, Any]:
             }
         )
     leases = await _leases(bus)
+    accounts = await _accounts(bus, leases)
     dead = next((s for s in streams if s["name"] == DEADLETTER.name), {})
     letters = int(dead.get("messages", 0))
     gone = discarded(letters, dead.get("first_seq"), dead.get("last_seq"))
@@ -64,6 +85,7 @@ async def collect_status(bus: Bus) -> dict[str, Any]:
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "streams": streams,
         "leases": leases,
+        "accounts": accounts,
         "dead_letters": max(0, letters),
         "dead_letters_dropped": gone,
     }
@@ -92,6 +114,8 @@ async def _leases(bus: Bus) -> list[dict[str, Any]]:
                     "token": 0,
                     "revision": 0,
                     "acquired_at": "",
+                    "state": "",
+                    "until": "",
                 }
             )
             continue
@@ -105,9 +129,134 @@ async def _leases(bus: Bus) -> list[dict[str, Any]]:
                     "token": value.token,
                     "revision": revision,
                     "acquired_at": value.acquired_at,
+                    "state": value.state,
+                    "until": value.until,
                 }
             )
     return leases
+
+
+T = TypeVar("T")
+
+# The states a live owner reports; without a lease behind them they are stale.
+_LIVE = ("connecting", "connected", "disconnected")
+_PHONE = re.compile(r"^(\d+)(.*)$")
+
+
+def mask_device(jid: str) -> str:
+    """A device JID with its phone digits masked but the first and last four:
+    `15551230001:7@s.whatsapp.net` -> `1555***0001:7@s.whatsapp.net`."""
+    match = _PHONE.match(jid)
+    if not match:
+        return jid
+    digits, rest = match.groups()
+    shown = f"{digits[:4]}***{digits[-4:]}" if len(digits) > 8 else f"{digits[:2]}***"
+    return shown + rest
+
+
+async def _bucket_keys(bus: Bus, bucket: str) -> list[str]:
+    """Every key of `bucket` (none when it does not exist yet)."""
+    prefix = f"$KV.{bucket}."
+    try:
+        info = await bus.js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>")
+    except nats.js.errors.NotFoundError:
+        return []
+    return sorted(s.removeprefix(prefix) for s in (info.state.subjects or {}))
+
+
+async def _bucket_values(bus: Bus, bucket: str, kind: type[T]) -> dict[str, T]:
+    """Every readable value of `bucket` by key (a value written by hand is left out)."""
+    keys = await _bucket_keys(bus, bucket)
+    if not keys:
+        return {}
+    kv = await bus.js.key_value(bucket)
+    found: dict[str, T] = {}
+    for key in keys:
+        try:
+            entry = await kv.get(key)
+            if entry.value:
+                found[key] = msgspec.json.decode(entry.value, type=kind)
+        except (nats.js.errors.KeyNotFoundError, msgspec.DecodeError):
+            continue
+    return found
+
+
+async def _last_at(bus: Bus, stream: str, subject: str) -> str:
+    """When the last message on `subject` (a wildcard) was stored, or "" if none.
+
+    A last-by-subject get takes wildcards (nats-server 2.10+); one that fails for any
+    reason (no message, an older server) shows as unknown rather than failing the status.
+    """
+    try:
+        msg = await bus.js.get_last_msg(stream, subject)
+    except (nats.js.errors.Error, nats.errors.Error):
+        return ""
+    at: datetime | None = msg.time
+    if at is None:
+        return ""
+    return at.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+async def _accounts(bus: Bus, leases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per account known to the leases, the board or the device records."""
+    boards = await _bucket_values(bus, SESSIONS.name, SessionStatus)
+    devices = await _bucket_values(bus, DEVICES.name, DeviceRecord)
+    by_key = {lease["key"]: lease for lease in leases}
+    rows = []
+    for key in sorted(set(by_key) | set(boards) | set(devices)):
+        channel, _, account = key.partition(".")
+        if not account:
+            continue
+        lease, board, device = by_key.get(key), boards.get(key), devices.get(key)
+        row: dict[str, Any] = {
+            "account": account,
+            "channel": channel,
+            "state": "standby",
+            "reason": "",
+            "until": "",
+            "holder": "",
+            "token": 0,
+            "since": "",
+            "connected_at": "",
+            "device": mask_device(device.device_id if device else board.device if board else ""),
+        }
+        if lease is not None and lease["parked"]:
+            # Parked: the lease says why and until when, whatever the board last heard.
+            row.update(
+                state=lease["state"] or "parked",
+                reason=lease["parked"],
+                until=lease["until"],
+                holder=lease["holder"],
+                token=lease["token"],
+            )
+            if board is not None and board.token == lease["token"]:
+                row["since"] = _iso(board.since)
+        elif lease is not None:
+            row.update(holder=lease["holder"], token=lease["token"], state="connecting")
+            if board is not None and board.token == lease["token"]:
+                row.update(
+                    state=board.state,
+                    reason=board.reason,
+                    since=_iso(board.since),
+                    connected_at=_iso(board.connected_at),
+                )
+        elif board is not None:
+            # Nobody holds it: a board still saying "connected" is stale (its owner died).
+            stale = board.state in _LIVE
+            row.update(
+                reason="nobody holds the lease" if stale else board.reason,
+                since="" if stale else _iso(board.since),
+            )
+        else:
+            row["reason"] = "nobody holds the lease"
+        row["last_inbound"] = await _last_at(bus, INBOUND.name, f"inbound.{channel}.{account}.*")
+        row["last_outbound"] = await _last_at(bus, DELIVERY.name, f"delivery.{channel}.{account}.*")
+        rows.append(row)
+    return rows
+
+
+def _iso(at: datetime | None) -> str:
+    return at.isoformat(timespec="seconds").replace("+00:00", "Z") if at else ""
 
 
 def render_status(status: dict[str, Any]) -> str:
@@ -142,6 +291,21 @@ def render_status(status: dict[str, Any]) -> str:
             )
     else:
         lines.append("LEASES: none held")
+    if status.get("accounts"):
+        lines.append("")
+        lines.append(
+            "ACCOUNT              STATE          HOLDER                                TOKEN"
+            "  DEVICE                          LAST IN               LAST OUT"
+        )
+        for a in status["accounts"]:
+            state = a["state"] + (f" until {a['until']}" if a["until"] else "")
+            lines.append(
+                f"{a['channel'] + '.' + a['account']:<20} {a['state']:<14} {a['holder'] or '-':<37}"
+                f" {a['token']:>5}  {a['device'] or '-':<31} {a['last_inbound'] or '-':<21}"
+                f" {a['last_outbound'] or '-'}"
+            )
+            if a["reason"] or a["until"]:
+                lines.append(f"  {state}: {a['reason'] or '-'}{_recovery(a['state'])}")
     lines.append(f"\nDEAD LETTERS: {status['dead_letters']} open ('svc dlq ls')")
     if status.get("dead_letters_dropped"):
         lines.append(
@@ -149,6 +313,19 @@ def render_status(status: dict[str, Any]) -> str:
             " DEADLETTER limits (max age / bytes)"
         )
     return "\n".join(lines)
+
+
+def _recovery(state: str) -> str:
+    """How an operator gets an account out of `state` (see the runbook's Account states)."""
+    match state:
+        case "needs_pairing" | "logged_out":
+            return " ('svc whatsapp pair', then 'svc accounts resume')"
+        case "banned":
+            return " (resumes by itself at the end; 'svc accounts resume' to force)"
+        case "replaced" | "outdated" | "connect_failed" | "parked":
+            return " ('svc accounts resume' once fixed)"
+        case _:
+            return ""
 
 
 def to_json(status: dict[str, Any]) -> str:

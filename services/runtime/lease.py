@@ -23,6 +23,7 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import msgspec
 import nats.errors
@@ -75,12 +76,27 @@ def new_holder_id(role: str = "svc") -> str:
 
 
 class LeaseValue(msgspec.Struct, frozen=True, kw_only=True):
-    """What the `leases` bucket stores per account. `parked` (no TTL) blocks takeover."""
+    """What the `leases` bucket stores per account. `parked` (no TTL) blocks takeover;
+    `state` is the session end that parked it (e.g. `banned`) and `until` (RFC 3339, UTC)
+    when a parked account may be taken over again without an operator (a ban's end)."""
 
     holder: str
     token: int
     acquired_at: str
     parked: str = ""
+    state: str = ""
+    until: str = ""
+
+    def parked_until(self) -> datetime | None:
+        """When the park ends by itself, or None (an operator resumes it)."""
+        if not self.parked or not self.until:
+            return None
+        try:
+            until = datetime.fromisoformat(self.until)
+        except ValueError:
+            return None  # written by hand: treated as no end, like a park without one
+        # Without an offset (written by hand) it is read as UTC, like every time we write.
+        return until if until.tzinfo else until.replace(tzinfo=UTC)
 
 
 @dataclass
@@ -143,9 +159,18 @@ class Lease:
             self._kv = await self.bus.js.key_value(LEASES.name)
         return self._kv
 
-    def _value(self, token: int, acquired_at: str, parked: str = "") -> bytes:
+    def _value(
+        self, token: int, acquired_at: str, parked: str = "", state: str = "", until: str = ""
+    ) -> bytes:
         return msgspec.json.encode(
-            LeaseValue(holder=self.holder, token=token, acquired_at=acquired_at, parked=parked)
+            LeaseValue(
+                holder=self.holder,
+                token=token,
+                acquired_at=acquired_at,
+                parked=parked,
+                state=state,
+                until=until,
+            )
         )
 
     async def try_acquire(self) -> bool:
@@ -249,14 +274,24 @@ class Lease:
                 return False
             return True
 
-    async def park(self, reason: str) -> bool:
+    async def park(self, reason: str, *, state: str = "", until: datetime | None = None) -> bool:
         """Replace our lease by a parked marker without TTL: nobody takes the account over
-        until an operator resumes it (the session was logged out, replaced or banned)."""
+        until an operator resumes it (the session was logged out, replaced or banned) or,
+        with `until`, until then (a temporary ban). Revision-checked like a renewal: False
+        (nothing written) when the key is no longer our lease -- a parked marker never
+        lands over someone else's lease."""
         async with self._lock:
-            value = self._value(self.state.token, self.state.acquired_at, parked=reason or "parked")
-            parked = await self._write(value, ttl=False)
-            self.state = LeaseState()
-            return parked
+            value = self._value(
+                self.state.token,
+                self.state.acquired_at,
+                parked=reason or "parked",
+                state=state,
+                until=until.astimezone(UTC).isoformat(timespec="milliseconds") if until else "",
+            )
+            try:
+                return await self._write(value, ttl=False)
+            finally:
+                self.state = LeaseState()
 
     def forget(self) -> None:
         """Drop local proof (the lease is lost or expired)."""

@@ -34,6 +34,7 @@ from contracts.events import CHANNEL_WHATSAPP
 from contracts.payloads import SimControl, SimFailure, SimInbound, SimOutbound
 from contracts.streams import LEASES, SIM, sim_consumer
 from services.channel.port import (
+    Connected,
     Events,
     Fence,
     Incoming,
@@ -194,6 +195,7 @@ class SimTransport:
         signals = await self.bus.nc.subscribe(
             subjects.sim_control(account), cb=_control_relay(session, events)
         )
+        events.post(Connected())  # attached is connected: the sim network has no dial
         try:
             if not receive:
                 yield session

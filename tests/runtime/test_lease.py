@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
+
 from services.runtime.bus import Bus, connect
-from services.runtime.lease import Lease, new_holder_id, read_lease
+from services.runtime.lease import Lease, LeaseValue, new_holder_id, read_lease
 from services.runtime.nats_server import EmbeddedNats
 from services.runtime.provisioning import ensure_streams
 from tests.conftest import wait_until
@@ -152,3 +155,29 @@ async def test_a_release_without_a_connection_leaves_the_key_to_expire_at_once(
         # publish timeout (5 s) that only delays the process's exit: the key expires.
         assert await asyncio.wait_for(held.release(), 2) is False
         assert held.token == 0
+
+
+async def test_a_park_records_the_end_state_and_its_end_and_old_values_still_decode(
+    bus: Bus,
+) -> None:
+    # Given a lease parked by a ban with an end
+    a = lease(bus, "a", ttl=10)
+    assert await a.try_acquire()
+    end = datetime(2030, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+    assert await a.park("banned: code 101", state="banned", until=end)
+    found = await read_lease(await bus.js.key_value("leases"), "whatsapp.acct")
+    assert found is not None
+    value = found[0]
+    assert (value.state, value.until) == ("banned", "2030-01-02T03:04:05.678+00:00")
+    assert value.parked_until() == end
+    # A value written before these fields (or a park without an end) has no end
+    old = msgspec.json.decode(
+        b'{"holder":"h","token":3,"acquired_at":"x","parked":"stream replaced"}', type=LeaseValue
+    )
+    assert (old.state, old.until, old.parked_until()) == ("", "", None)
+    by_hand = msgspec.structs.replace(old, until="2030-01-02T03:04:05")
+    assert by_hand.parked_until() == datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert msgspec.structs.replace(old, until="soon").parked_until() is None
+    # A park is revision-checked: a lease no longer ours is never overwritten
+    b = lease(bus, "b", ttl=10)
+    assert not await b.park("replaced")

@@ -1,0 +1,229 @@
+"""What the owner does with the lease when its session ends by itself.
+
+- A temporary ban parks the lease with its end (`until`); once that has passed a standby
+  clears the marker (revision-checked: of two standbys one clears it), records
+  `AccountResumed(actor="auto")` and acquires with a higher token, without an operator.
+  A park without an end stays parked.
+- A session that ends (replaced) after its lease was already taken over never writes a
+  parked marker over the new holder's lease: the old owner records `LeaseLost`.
+- The status board (`sessions` bucket) follows: connecting, connected, the end state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+
+from contracts import subjects
+from contracts.codec import decode
+from contracts.events import (
+    AccountResumed,
+    LeaseAcquired,
+    LeaseLost,
+    SessionBanned,
+    utcnow,
+)
+from contracts.payloads import SessionStatus
+from contracts.streams import LEASES, SESSIONS
+from services.channel.owner import AccountOwner
+from services.channel.port import (
+    Connected,
+    Events,
+    Outgoing,
+    SessionEnding,
+    SessionEvent,
+    StreamReplaced,
+    TemporaryBan,
+    end_of,
+)
+from services.runtime.bus import Bus
+from services.runtime.lease import Lease, LeaseValue, read_lease
+from tests.conftest import read_stream, wait_until
+
+
+class ScriptedSession(SessionEnding):
+    """A session whose signals the test (or its transport's script) raises."""
+
+    reports_receipts = False
+    send_timeout = 1.0
+
+    def __init__(self, events: Events) -> None:
+        super().__init__()
+        self.events = events
+
+    def signal(self, event: SessionEvent) -> None:
+        """What a network callback does: post the event; an ending one ends the session."""
+        self.events.post(event)
+        if end := end_of(event):
+            self.end(end)
+
+    async def send(self, out: Outgoing) -> str:
+        return f"net-{out.job_id}"
+
+
+class ScriptedTransport:
+    """Per account, the signal each next session raises as soon as it is up (if any)."""
+
+    name = "scripted"
+    channel = "whatsapp"
+    send_timeout = 1.0
+    inbound = None
+
+    def __init__(self, script: dict[str, list[Callable[[], SessionEvent]]]) -> None:
+        self.script = script
+        self.sessions: dict[str, list[ScriptedSession]] = defaultdict(list)
+
+    @asynccontextmanager
+    async def session(
+        self, account: str, events: Events, *, receive: bool
+    ) -> AsyncIterator[ScriptedSession]:
+        session = ScriptedSession(events)
+        self.sessions[account].append(session)
+        session.signal(Connected())
+        if self.script.get(account):
+            session.signal(self.script[account].pop(0)())
+        yield session
+
+
+def owners(bus: Bus, transport: ScriptedTransport, account: str, n: int) -> list[AccountOwner]:
+    return [
+        AccountOwner(bus, transport, account, f"{account}-holder-{i}", lease_ttl=10, receive=False)
+        for i in range(1, n + 1)
+    ]
+
+
+async def lease_value(bus: Bus, account: str) -> LeaseValue | None:
+    found = await read_lease(await bus.js.key_value(LEASES.name), f"whatsapp.{account}")
+    return found[0] if found else None
+
+
+async def board(bus: Bus, account: str) -> SessionStatus | None:
+    kv = await bus.js.key_value(SESSIONS.name)
+    try:
+        entry = await kv.get(f"whatsapp.{account}")
+    except Exception:
+        return None
+    return decode(entry.value, SessionStatus) if entry.value else None
+
+
+async def account_events(bus: Bus, account: str) -> list[object]:
+    return [
+        e for _, e in await read_stream(bus, "ACCOUNTS", subjects.accounts("whatsapp", account))
+    ]
+
+
+async def test_a_temporary_ban_parks_until_its_end_then_one_standby_resumes_by_itself(
+    bus: Bus,
+) -> None:
+    ends: list[datetime] = []
+
+    def ban() -> SessionEvent:
+        ends.append(utcnow() + timedelta(seconds=2))
+        return TemporaryBan(reason="code 101", until=ends[-1])
+
+    # Given two workers competing for "banned" (whose first session is banned for 2 s)
+    # and two for "gone" (whose first session is replaced: no end)
+    transport = ScriptedTransport({"banned": [ban], "gone": [StreamReplaced]})
+    workers = owners(bus, transport, "banned", 2) + owners(bus, transport, "gone", 2)
+    stop = asyncio.Event()
+    running = [asyncio.create_task(w.run(stop)) for w in workers]
+    try:
+        # Then the ban parks the lease with its state and end, and the board says so
+        async def parked_with_end() -> bool:
+            value = await lease_value(bus, "banned")
+            return value is not None and value.state == "banned"
+
+        await wait_until(parked_with_end, what="the banned account parked")
+        value = await lease_value(bus, "banned")
+        assert value is not None
+        assert value.parked == "banned: code 101"
+        assert value.parked_until() == ends[0].replace(
+            microsecond=ends[0].microsecond // 1000 * 1000
+        )
+
+        async def board_says_banned() -> bool:
+            status = await board(bus, "banned")
+            return status is not None and status.state == "banned"
+
+        await wait_until(board_says_banned, what="the board showing the ban")
+        status = await board(bus, "banned")
+        assert status is not None
+        assert (status.reason, status.until) == ("banned: code 101", ends[0])
+
+        # When its end passes, one standby clears it and the account is owned again
+        async def acquired_twice() -> bool:
+            kinds = await account_events(bus, "banned")
+            return len([e for e in kinds if isinstance(e, LeaseAcquired)]) == 2
+
+        await wait_until(acquired_twice, timeout=20, what="the banned account re-acquired")
+
+        async def board_connected_again() -> bool:
+            status = await board(bus, "banned")
+            return status is not None and status.state == "connected"
+
+        await wait_until(board_connected_again, what="the board showing the new session")
+    finally:
+        stop.set()
+        await asyncio.gather(*running)
+
+    events = await account_events(bus, "banned")
+    acquired = [e for e in events if isinstance(e, LeaseAcquired)]
+    resumed = [e for e in events if isinstance(e, AccountResumed)]
+    banned = [e for e in events if isinstance(e, SessionBanned)]
+    assert acquired[1].token > acquired[0].token
+    assert [(e.actor, e.reason) for e in resumed] == [("auto", "ban expired")]
+    assert [(e.reason, e.until) for e in banned] == [("code 101", ends[0])]
+    # Resumed after the end, not long after (measured: 2-4 ms late; 10 s would be the old
+    # parked poll). A generous bound for a loaded machine.
+    lateness = (resumed[0].at - ends[0]).total_seconds()
+    assert 0 <= lateness < 5, lateness
+    assert [type(e).__name__ for e in events].index("AccountResumed") < [
+        type(e).__name__ for e in events
+    ].index("LeaseAcquired", 1)
+
+    # And the park without an end is still parked: one acquisition, never resumed
+    gone = await account_events(bus, "gone")
+    assert len([e for e in gone if isinstance(e, LeaseAcquired)]) == 1
+    assert not [e for e in gone if isinstance(e, AccountResumed)]
+    left = await lease_value(bus, "gone")
+    assert left is not None
+    assert (left.parked, left.state, left.until) == ("stream replaced", "replaced", "")
+    assert len(transport.sessions["gone"]) == 1
+
+
+async def test_a_session_replaced_after_a_takeover_never_parks_over_the_new_lease(
+    bus: Bus,
+) -> None:
+    # Given an owner with a live session
+    transport = ScriptedTransport({})
+    (owner,) = owners(bus, transport, "acct", 1)
+    stop = asyncio.Event()
+    running = asyncio.create_task(owner.run(stop))
+    try:
+        await wait_until(lambda: bool(transport.sessions["acct"]), what="the session open")
+        old_token = owner.lease.token
+        # When its lease is taken over behind its back (deleted, then acquired by another)
+        kv = await bus.js.key_value(LEASES.name)
+        await kv.delete("whatsapp.acct")
+        other = Lease(bus, "whatsapp", "acct", "new-holder", 30)
+        assert await other.try_acquire()
+        # and its session then reports the stream replaced (the new owner connected)
+        transport.sessions["acct"][0].signal(StreamReplaced())
+
+        async def lost_recorded() -> bool:
+            return any(isinstance(e, LeaseLost) for e in await account_events(bus, "acct"))
+
+        await wait_until(lost_recorded, what="LeaseLost recorded")
+    finally:
+        stop.set()
+        await running
+    # Then the new holder's lease is untouched (no parked marker over it)
+    value = await lease_value(bus, "acct")
+    assert value is not None
+    assert (value.holder, value.token, value.parked) == ("new-holder", other.token, "")
+    lost = [e for e in await account_events(bus, "acct") if isinstance(e, LeaseLost)]
+    assert [e.token for e in lost] == [old_token]
+    assert await other.release()
