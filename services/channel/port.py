@@ -149,9 +149,7 @@ SessionEvent = (
 )
 EventHandler = Callable[[SessionEvent], Awaitable[None]]
 
-EndState = Literal[
-    "needs_pairing", "replaced", "logged_out", "banned", "outdated", "connect_failed"
-]
+EndState = Literal["needs_pairing", "replaced", "banned", "outdated", "connect_failed"]
 
 
 @dataclass(frozen=True)
@@ -174,7 +172,8 @@ def end_of(event: SessionEvent) -> SessionEnd | None:
         case StreamReplaced():
             return SessionEnd("replaced", "stream replaced")
         case LoggedOut(reason=reason):
-            return SessionEnd("logged_out", reason or "logged out")
+            # The device is gone (unlinked from the phone): pairing again is the way back.
+            return SessionEnd("needs_pairing", reason or "logged out")
         case TemporaryBan(reason=reason, until=until):
             return SessionEnd("banned", f"banned: {reason}", until)
         case ClientOutdated():

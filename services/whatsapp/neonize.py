@@ -367,10 +367,10 @@ class NeonizeSession(SessionEnding):
             case Connected():
                 self._delay = self.settings.backoff_initial
                 self.events.post(mapped)
-            case LoggedOut(reason=reason):
+            case LoggedOut():
                 self._ending = True  # whatsmeow may return from Neonize(): no retry
                 self.events.post(mapped)
-                task = asyncio.create_task(self._logged_out(reason))
+                task = asyncio.create_task(self._logged_out(mapped))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             case StreamReplaced() | ClientOutdated() | TemporaryBan() | NeedsPairing():
@@ -379,13 +379,15 @@ class NeonizeSession(SessionEnding):
                 assert end is not None
                 self.end(end)
 
-    async def _logged_out(self, reason: str) -> None:
+    async def _logged_out(self, event: LoggedOut) -> None:
         """whatsmeow deleted the device: forget it, so nobody resumes it (that aborts)."""
         try:
             await self.transport.devices.forget(self.account)
         except Exception as exc:
             log.error("could not forget the device", extra={**self._where, "error": repr(exc)})
-        self.end(SessionEnd("needs_pairing", reason))
+        end = end_of(event)
+        assert end is not None
+        self.end(end)
 
     # -- sending ---------------------------------------------------------------------
 

@@ -260,7 +260,7 @@ class TransportContract:
     @pytest.mark.parametrize(
         ("kind", "event", "state"),
         [
-            ("logged_out", LoggedOut, "logged_out"),
+            ("logged_out", LoggedOut, "needs_pairing"),
             ("replaced", StreamReplaced, "replaced"),
             ("banned", TemporaryBan, "banned"),
         ],

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from services.channel.devices import DeviceRegistry
-from services.channel.port import LoggedOut, SessionEvent, StreamReplaced, TemporaryBan
 from services.runtime.bus import Bus
 from services.runtime.settings import NeonizeSettings, SessionStore
 from services.whatsapp.neonize import NeonizeTransport, new_client, phone_jid
@@ -114,23 +113,6 @@ class TestNeonizeTransport(TransportContract):
             yield NeonizeNetworkDriver(bus, paired_store, fake)
         finally:
             fake.close()
-
-    # LoggedOut ends a neonize session as `needs_pairing` (whatsmeow deleted the device:
-    # pairing again is the way back), not the generic `logged_out` of the contract.
-    @pytest.mark.parametrize(
-        ("kind", "event", "state"),
-        [
-            ("logged_out", LoggedOut, "needs_pairing"),
-            ("replaced", StreamReplaced, "replaced"),
-            ("banned", TemporaryBan, "banned"),
-        ],
-    )
-    async def test_an_ending_signal_is_delivered_and_ends_the_session(
-        self, bus: Bus, network: Network, kind: str, event: type[SessionEvent], state: str
-    ) -> None:
-        await super().test_an_ending_signal_is_delivered_and_ends_the_session(
-            bus, network, kind, event, state
-        )
 
     async def test_each_session_is_a_fresh_client_keyed_by_the_account(
         self, bus: Bus, network: Network
