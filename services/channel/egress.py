@@ -44,6 +44,7 @@ from contracts.streams import OUTBOUND, egress_consumer
 from services.channel.ledger import SendLedger
 from services.channel.port import (
     Fence,
+    NotConnectedError,
     Outgoing,
     Quote,
     Session,
@@ -59,6 +60,10 @@ from services.runtime.lease import Lease
 from services.runtime.settings import Delivery as DeliverySettings
 
 log = logging.getLogger(__name__)
+
+# A session between connections: look again after 0.5 s, doubling up to 5 s.
+OFFLINE_WAIT_FIRST = 0.5
+OFFLINE_WAIT_MAX = 5.0
 
 MAX_IN_FLIGHT = 256  # jobs held per account: one per chat at a time, chats in parallel
 
@@ -173,11 +178,12 @@ class Egress:
         current = record  # the job's record as it stands before each attempt
         retry = self.settings.retry
         reproofs = 0
+        offline = 0  # tries that found the session between connections
         while True:
             attempt += 1
             if attempt > retry.attempts:
                 raise PermanentError(f"gave up after {attempt - 1} attempts", errors=errors)
-            await self.limiter.acquire()
+            await self._budget()
             # Fencing: send only while the proof covers the whole send (its timeout), so it
             # reaches the network before the lease could have passed to someone else.
             cover = self.session.send_timeout
@@ -206,6 +212,21 @@ class Egress:
                 await self.ledger.undo(job.job_id, revision, current)
                 self.lost.set()
                 raise AbandonError(f"send refused with a stale fence: {exc}") from exc
+            except NotConnectedError as exc:
+                # Nothing was sent and the session reconnects by itself: the job keeps its
+                # place (so the chat's order holds), and neither an attempt nor the budget
+                # is spent -- an outage outlasting the backoff dead-letters nothing.
+                await self.ledger.undo(job.job_id, revision, current)
+                self.limiter.refund()
+                attempt -= 1
+                offline += 1
+                if offline == 1:
+                    log.warning(
+                        "session not connected; the job waits for it",
+                        extra={"job_id": job.job_id, "error": str(exc)},
+                    )
+                await self._wait(min(OFFLINE_WAIT_MAX, OFFLINE_WAIT_FIRST * 2 ** (offline - 1)))
+                continue
             except UncertainSendError as exc:
                 # The transport cannot tell whether the message went out (timed out waiting
                 # for the server's ack): say so now, then resend or skip by the policy.
@@ -320,9 +341,29 @@ class Egress:
             writes.append(self.ledger.index(transport_id, job.job_id, job.chat))
         await asyncio.gather(*writes)  # independent writes, one round trip
 
+    async def _budget(self) -> None:
+        """Spend one unit of the account's send budget, waiting for it if it is spent;
+        give the job back (AbandonError) on stop or loss instead of waiting it out."""
+        taking = asyncio.ensure_future(self.limiter.acquire())
+        waiters = [asyncio.ensure_future(e.wait()) for e in (self.stop, self.lost)]
+        try:
+            await asyncio.wait([taking, *waiters], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        if not taking.done():
+            taking.cancel()  # nothing was taken: the bucket only counts a finished take
+            with contextlib.suppress(asyncio.CancelledError):
+                await taking
+            raise AbandonError("stopping while waiting for the send budget")
+        taking.result()
+
     async def _backoff(self, attempt: int) -> None:
         """Wait before the next attempt, keeping the job ours; give it back on stop/loss."""
-        delay = self.settings.retry.delay(attempt)
+        await self._wait(self.settings.retry.delay(attempt))
+
+    async def _wait(self, delay: float) -> None:
+        """Wait `delay` s holding the job; give it back (AbandonError) on stop or loss."""
         waiters = [asyncio.create_task(e.wait()) for e in (self.stop, self.lost)]
         try:
             done, _ = await asyncio.wait(waiters, timeout=delay)

@@ -196,6 +196,12 @@ class UncertainSendError(TransportError):
     it by the DELIVERY_UNCERTAIN policy instead of retrying blind."""
 
 
+class NotConnectedError(TransportError):
+    """The session is between connections (its transport reconnects by itself): nothing
+    was sent. The egress keeps the job, in its place, and tries again once the session
+    may be back, without spending an attempt or the send budget."""
+
+
 class StaleFenceError(TransportError):
     """The send was refused before reaching the network: its fence is past its deadline,
     or the network knows a newer lease token. Nothing was sent; the sender lost the lease."""

@@ -36,12 +36,19 @@ class TokenBucket:
                 self.wait_time()  # refill for the time slept
             self.tokens -= 1
 
+    def refund(self) -> None:
+        """Give back a token taken for a send that never happened."""
+        self.tokens = min(self.burst, self.tokens + 1)
+
 
 class Unlimited:
     """No budget (the sim's default, so benchmarks measure the system, not the limit)."""
 
     async def acquire(self) -> None:
         """Return at once."""
+
+    def refund(self) -> None:
+        """Nothing to give back."""
 
 
 def budget(limit: RateLimit | None) -> TokenBucket | Unlimited:

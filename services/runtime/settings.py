@@ -174,8 +174,9 @@ class NeonizeSettings:
 NEONIZE_DEFAULT_LEASE_TTL = 30
 
 
-# A real WhatsApp number gets banned for bulk sending: stay well below what it tolerates.
-NEONIZE_DEFAULT_LIMIT = RateLimit(per_minute=30, burst=5)
+# A real WhatsApp number gets banned for bulk sending. With no official figure, stay at a
+# person's pace: one reply every 5 s on average, 3 back to back (a reply in parts).
+NEONIZE_DEFAULT_LIMIT = RateLimit(per_minute=12, burst=3)
 # A person types a few messages a minute; a burst of 10 covers pasting a list line by line.
 DEFAULT_CHAT_RATE = RateLimit(per_minute=20, burst=10)
 

@@ -44,6 +44,7 @@ from services.channel.port import (
     Incoming,
     LoggedOut,
     NeedsPairing,
+    NotConnectedError,
     Outgoing,
     Receipt,
     SessionEnd,
@@ -395,7 +396,7 @@ class NeonizeSession(SessionEnding):
         """Send `out` as a plain or quoting text message; the id WhatsApp gave it."""
         client = self._client
         if client is None or self._end is not None:
-            raise TransportError("neonize: not connected (reconnecting)", permanent=False)
+            raise NotConnectedError("neonize: not connected (reconnecting)")
         message = neonize_map.outgoing_message(out)
         send_error = neonize_module("neonize.exc").SendMessageError
         # The last check: nothing is awaited between it and the call into Go.
@@ -425,6 +426,8 @@ class NeonizeSession(SessionEnding):
                 return TransportError(text, permanent=True)
             case "transient":
                 return TransportError(text, permanent=False)
+            case "offline":
+                return NotConnectedError(text)
             case "account":
                 reason = f"barred from messaging new contacts ({error})"
                 log.error("account barred by WhatsApp", extra={**self._where, "reason": reason})

@@ -254,7 +254,7 @@ def outgoing_message(out: Outgoing) -> wa.Message:
     return wa.Message(extendedTextMessage=reply)
 
 
-SendErrorKind = Literal["transient", "permanent", "unknown", "account"]
+SendErrorKind = Literal["transient", "permanent", "unknown", "account", "offline"]
 
 # Go error strings of a failed send (SendMessageError's text), matched as lower-case
 # substrings, most specific first. "unknown": the message may have gone out (whatsmeow
@@ -266,10 +266,10 @@ _SEND_ERRORS: tuple[tuple[str, SendErrorKind], ...] = (
     ("server returned error 479", "permanent"),
     ("can't send message to unknown server", "permanent"),
     ("no lid found for", "permanent"),
-    ("websocket not connected", "transient"),
+    ("websocket not connected", "offline"),  # nothing left: whatsmeow reconnects
     ("info query timed out", "transient"),
     ("failed to send usync query", "transient"),
-    ("client is nil", "transient"),
+    ("client is nil", "offline"),  # stopped, or not connected yet
 )
 
 

@@ -429,10 +429,10 @@ def test_a_quote_without_a_sender_leaves_the_participant_out() -> None:
 @pytest.mark.parametrize(
     ("error", "kind"),
     [
-        ("failed to send message: websocket not connected", "transient"),
+        ("failed to send message: websocket not connected", "offline"),
         ("failed to get device list: info query timed out", "transient"),
         ("failed to get device list: failed to send usync query: EOF", "transient"),
-        ("client is nil", "transient"),
+        ("client is nil", "offline"),
         ("failed to send message: timed out waiting for message send response", "unknown"),
         (
             "failed to send message: no LID found for 15551110000@s.whatsapp.net from server",

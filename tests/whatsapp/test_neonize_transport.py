@@ -41,6 +41,7 @@ from services.channel.owner import AccountOwner
 from services.channel.port import (
     Disconnected,
     Fence,
+    NotConnectedError,
     Outgoing,
     StaleFenceError,
     TransportError,
@@ -50,7 +51,13 @@ from services.runtime.bus import Bus
 from services.runtime.errors import ConfigError
 from services.runtime.lease import Lease, LeaseValue, read_lease
 from services.runtime.nats_server import EmbeddedNats
-from services.runtime.settings import Delivery, NeonizeSettings, SessionStore, load_settings
+from services.runtime.settings import (
+    Delivery,
+    NeonizeSettings,
+    RateLimit,
+    SessionStore,
+    load_settings,
+)
 from services.whatsapp.neonize import (
     BRIDGE_ENV,
     NeonizeTransport,
@@ -189,7 +196,7 @@ async def test_a_logout_forgets_the_device_so_nobody_resumes_it(
     assert await DeviceRegistry(bus, "whatsapp").get(ACCOUNT) is None
 
 
-async def test_a_disconnect_keeps_the_lease_and_sends_retry_in_place_until_reconnected(
+async def test_a_disconnect_keeps_the_lease_and_sends_wait_in_place_until_reconnected(
     bus: Bus, store: SessionStore, fake: FakeGo
 ) -> None:
     transport = transport_on(bus, store, fake)
@@ -200,13 +207,10 @@ async def test_a_disconnect_keeps_the_lease_and_sends_retry_in_place_until_recon
         fake.emit(nev.disconnected())
         the_job = job(ACCOUNT, CHAT, 1, "disconnect")
         await bus.publish(subjects.outbound("whatsapp", ACCOUNT, CHAT), the_job)
-        # When a job is sent meanwhile, it fails transiently, in place
-        await wait_until(
-            lambda: events_of(bus, "DELIVERY", DeliveryFailed), what="a transient failure"
-        )
-        (failed, *_) = await events_of(bus, "DELIVERY", DeliveryFailed)
-        assert "websocket not connected" in failed.error
-        assert not failed.permanent
+        # When a job is sent meanwhile, it finds the socket down ("websocket not
+        # connected": nothing sent) and waits in place, spending no attempt
+        await wait_until(lambda: fake.send_calls >= 4, 30, what="four tries while offline")
+        assert await events_of(bus, "DELIVERY", DeliveryFailed) == []
         # And once whatsmeow is back, the same job goes out, under the same lease
         fake.online = True
         fake.emit(nev.connected())
@@ -217,6 +221,8 @@ async def test_a_disconnect_keeps_the_lease_and_sends_retry_in_place_until_recon
     assert [s.text for s in fake.sent] == [the_job.text]
     assert len(await events_of(bus, "ACCOUNTS", LeaseAcquired)) == 1
     assert len(fake.connect_times) == 1  # no new client: whatsmeow's own reconnect
+    (sent,) = await events_of(bus, "DELIVERY", MessageSent)
+    assert sent.attempt == 1  # the tries while offline were no attempts
 
 
 async def test_stream_replaced_after_a_failover_leaves_the_new_owner_alone(
@@ -348,7 +354,8 @@ def out(text: str = "hi", deadline: float | None = None) -> Outgoing:
 @pytest.mark.parametrize(
     ("go_error", "kind", "permanent"),
     [
-        ("websocket not connected", TransportError, False),
+        ("websocket not connected", NotConnectedError, False),
+        ("client is nil", NotConnectedError, False),
         ("info query timed out", TransportError, False),
         ("no LID found for 15551110000@s.whatsapp.net from server", TransportError, True),
         ("server returned error 479", TransportError, True),
@@ -538,3 +545,6 @@ def test_neonize_settings_default_the_ttl_and_refuse_one_too_short(
     with pytest.raises(ConfigError, match=BRIDGE_ENV):
         check_role(settings, "whatsapp")
     assert load_settings({}).lease_ttl == 10  # the sim keeps its default
+    # A person's pace by default (WhatsApp bans bulk senders); the sim has no budget
+    assert settings.delivery.limit_for("default") == RateLimit(per_minute=12, burst=3)
+    assert load_settings({}).delivery.limit_for("default") is None
