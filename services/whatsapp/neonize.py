@@ -14,7 +14,7 @@ A `NeonizeSession` lives as long as its owner holds the account's lease (ADR 002
   release/reacquire ping-pong); any other connect error ends it `connect_failed`;
 - the ending signals (StreamReplaced, LoggedOut, TemporaryBan, ClientOutdated) are posted
   and end the session; Disconnected is posted and the session lives on (whatsmeow
-  reconnects by itself, sends fail transiently meanwhile);
+  reconnects by itself; a send meanwhile raises NotConnectedError and the job waits);
 - every send is bounded by `send_timeout`; a timeout or an "outcome unknown" Go error is
   an `UncertainSendError`; `stop()` is bounded by `stop_timeout` and abandoned after it.
 
