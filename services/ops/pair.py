@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from contracts import subjects
-from contracts.events import CHANNEL_WHATSAPP
+from contracts.events import CHANNEL_WHATSAPP, AccountResumed
 from contracts.streams import LEASES
 from services.channel.devices import DeviceRegistry
-from services.ops.accounts import resume
 from services.runtime.bus import Bus
 from services.runtime.errors import ServiceError
 from services.runtime.lease import Lease, read_lease
@@ -155,10 +154,18 @@ async def _take_lease(bus: Bus, account: str, *, holder: str, ttl: int, actor: s
     kv = await bus.js.key_value(LEASES.name)
     found = await read_lease(kv, subjects.lease_key(CHANNEL_WHATSAPP, account))
     if found is not None and found[0].parked:
-        # A parked account waits for an operator -- pairing is that operator's act.
-        was = await resume(bus, account, actor=actor, reason="svc whatsapp pair")
-        log.info("took over a parked account to pair it", extra={"account": account, "was": was})
-        if await lease.try_acquire():
+        # A parked account waits for an operator -- pairing is that operator's act. One
+        # revision-checked write replaces the marker by our lease: a delete first would
+        # wake the standbys, and one would take the account (and park it again, unpaired).
+        was = found[0].parked
+        if await lease.take_parked(found[1]):
+            await bus.publish(
+                subjects.accounts(CHANNEL_WHATSAPP, account),
+                AccountResumed(account=account, actor=actor, reason="svc whatsapp pair"),
+            )
+            log.info(
+                "took over a parked account to pair it", extra={"account": account, "was": was}
+            )
             return lease
         found = await read_lease(kv, subjects.lease_key(CHANNEL_WHATSAPP, account))
     if found is None:  # it expired just now: one more try

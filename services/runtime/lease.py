@@ -200,6 +200,26 @@ class Lease:
         await self.renew()
         return self.valid()
 
+    async def take_parked(self, revision: int) -> bool:
+        """Take a parked account's lease by one write checked against the parked marker's
+        `revision` (an operator's act, e.g. pairing): no moment without a key, so no
+        standby can take it in between. False if the marker changed meanwhile."""
+        async with self._lock:
+            sent = time.monotonic()
+            acquired_at = utcnow().isoformat(timespec="milliseconds")
+            self.state = LeaseState(
+                token=revision,  # for _write's check only; the token is the new revision
+                revision=revision,
+                deadline=sent + self.ttl - self.margin,
+                renewed=sent,
+                acquired_at=acquired_at,
+            )
+            if not await self._write(self._value(0, acquired_at)):
+                return False
+            self.state.token = self.state.revision
+        await self.renew()  # record the token in the value, as try_acquire does
+        return self.valid()
+
     async def renew(self) -> bool:
         """Extend the lease; False (and no longer held) if someone else's write came first."""
         async with self._lock:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from contracts.events import AccountResumed
@@ -19,7 +20,7 @@ from services.runtime.lease import Lease, read_lease
 from services.runtime.nats_server import EmbeddedNats
 from services.runtime.settings import SessionStore
 from services.whatsapp.neonize_store import devices_in_store, neonize_module
-from tests.conftest import Processes, arun_svc, read_stream
+from tests.conftest import Processes, arun_svc, read_stream, wait_until
 from tests.whatsapp.fake_go import FakeGo
 from tests.whatsapp.test_neonize_store import add_device
 
@@ -218,6 +219,33 @@ async def test_a_parked_account_is_taken_over_to_pair_it(bus: Bus, store: Sessio
     assert [(e.account, e.actor, e.reason) for e in resumed] == [
         ("sales", "alice", "svc whatsapp pair")
     ]
+
+
+async def test_pairing_a_parked_account_never_frees_the_key_before_it_holds_it(
+    bus: Bus, store: SessionStore
+) -> None:
+    # Given a parked account, and every write to its lease key watched (a delete there
+    # wakes the standby workers: one would take the account, find no device, park it)
+    worker = Lease(bus, "whatsapp", "sales", "host-b-42-whatsapp-abc", ttl=10)
+    assert await worker.try_acquire()
+    assert await worker.park("needs_pairing: logged out")
+    writes: list[tuple[str, str]] = []
+
+    async def seen(msg: Any) -> None:
+        op = (msg.headers or {}).get("KV-Operation", "PUT")
+        holder = msgspec.json.decode(msg.data).get("holder", "") if msg.data else ""
+        writes.append((op, holder))
+
+    sub = await bus.nc.subscribe(f"$KV.{LEASES.name}.whatsapp.sales", cb=seen)
+    try:
+        # When it is paired
+        await _pair(bus, store, FakeGo(store, codes=1, device=SALES), actor="alice")
+        await wait_until(lambda: bool(writes) and writes[-1][0] == "DEL", what="the release")
+    finally:
+        await sub.unsubscribe()
+    # Then the pairing's lease replaced the marker in place; only its release frees the key
+    assert writes[0] == ("PUT", "test-host-pair")
+    assert [op for op, _ in writes].count("DEL") == 1
 
 
 async def test_svc_whatsapp_pair_refuses_in_one_line(
