@@ -14,7 +14,10 @@ Design (the simplest one that is correct across processes):
   sends fail with `websocket not connected`); a send of the connected socket is recorded
   and answered with a server message id; what users send is kept while no socket is
   connected and handed to the next one (stream FAKEWA holds `fakewa.in.<device>`, so a
-  test's publish is never lost); a connect emits Connected.
+  test's publish is never lost); a message stays the network's until a socket acks it
+  (whatsmeow acks once its event handler returned, before neonize's Python coroutine
+  ran), so one pushed to a socket whose process died is handed to the next socket; a
+  connect emits Connected.
 - Stream FAKEWA also holds the network's log, `fakewa.log.<device>`: every connect and
   every accepted send, with the socket and the process id (a holder id carries its pid),
   in the order the arbiter accepted them. `one_socket_at_a_time(records)` checks that a
@@ -61,6 +64,7 @@ STREAM = "FAKEWA"
 RPC = "fakewa.rpc"
 RPC_TIMEOUT = 5.0
 CODE = "Fakewa-Code"  # header: the neonize event code of an event's bytes
+ACK = "Fakewa-Ack"  # header: the message id a socket acks once it took the event
 
 # What whatsmeow answers in each case (see WHATSAPP.md: the error strings seen).
 NOT_CONNECTED = "websocket not connected"
@@ -114,12 +118,13 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class _Call(msgspec.Struct, frozen=True, kw_only=True):
-    op: Literal["connect", "send", "stop"]
+    op: Literal["connect", "send", "stop", "ack"]
     socket: str
     device: str
     pid: int = 0
     chat: str = ""
     message: bytes = b""
+    message_id: str = ""
 
 
 class _Answer(msgspec.Struct, frozen=True, kw_only=True):
@@ -157,7 +162,8 @@ class FakeWhatsApp:
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.connected: dict[str, str] = {}  # device -> its one connected socket
-        self.pending: dict[str, list[UserMessage]] = {}
+        # device -> what users sent that no socket acked yet, and the sockets it was pushed to
+        self.pending: dict[str, list[tuple[UserMessage, set[str]]]] = {}
         self.failures: dict[str, list[str]] = {}  # device -> Go errors for its next sends
         self._lock = asyncio.Lock()
         self._ids = itertools.count(1)
@@ -212,6 +218,10 @@ class FakeWhatsApp:
                 answer = await self._connect(call)
             elif call.op == "send":
                 answer = await self._send(call)
+            elif call.op == "ack":
+                kept = self.pending.get(call.device, [])
+                kept[:] = [p for p in kept if p[0].message_id != call.message_id]
+                return  # a published ack, no answer
             else:
                 if self.connected.get(call.device) == call.socket:
                     del self.connected[call.device]
@@ -257,7 +267,7 @@ class FakeWhatsApp:
     async def _on_user(self, msg: Msg) -> None:
         message = msgspec.json.decode(msg.data, type=UserMessage)
         async with self._lock:
-            self.pending.setdefault(message.device, []).append(message)
+            self.pending.setdefault(message.device, []).append((message, set()))
             await self._hand_over(message.device)
 
     async def _hand_over(self, device: str) -> None:
@@ -266,7 +276,10 @@ class FakeWhatsApp:
             return  # kept until a socket connects, as WhatsApp keeps it
         from tests.whatsapp import neonize_events as events
 
-        for m in self.pending.pop(device, []):
+        for m, pushed in self.pending.get(device, []):
+            if socket in pushed:
+                continue
+            pushed.add(socket)
             body = (
                 events.extended_body(m.text, quoted_id=m.quoted_id)
                 if m.quoted_id
@@ -281,12 +294,14 @@ class FakeWhatsApp:
                     message_id=m.message_id,
                     pushname=m.pushname,
                 ),
+                ack=m.message_id,
             )
 
-    async def _push(self, socket: str, event: Any) -> None:
+    async def _push(self, socket: str, event: Any, *, ack: str = "") -> None:
         code = neonize_module("neonize.events").EVENT_TO_INT[type(event)]
+        headers = {CODE: str(code), ACK: ack} if ack else {CODE: str(code)}
         await self.bus.nc.publish(
-            socket_subject(socket), event.SerializeToString(), headers={CODE: str(code)}
+            socket_subject(socket), event.SerializeToString(), headers=headers
         )
 
     async def _record(self, record: Record) -> None:
@@ -303,7 +318,8 @@ class FakeBridge:
         self.nc: Client | None = None
         self.stopped = asyncio.Event()
         self.replaced = False
-        self._events: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[tuple[int, bytes, str] | None] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._go: threading.Thread | None = None
 
     async def Neonize(self, *args: Any) -> bytes:
@@ -323,6 +339,7 @@ class FakeBridge:
                 flush=True,
             )
             os.abort()
+        self._loop = asyncio.get_running_loop()
         self._go = threading.Thread(
             target=self._deliver, args=(uuid, event_cb), name=f"fakewa-{self.socket}", daemon=True
         )
@@ -381,6 +398,11 @@ class FakeBridge:
         self.stopped.set()
         await self._close()
 
+    async def die(self) -> None:
+        """The process is gone (kill -9): the connection drops, nothing is said."""
+        self.stopped.set()
+        await self._close()
+
     async def _call(self, op: Literal["connect", "send", "stop"], **more: Any) -> _Answer:
         assert self.nc is not None
         call = _Call(op=op, socket=self.socket, device=self.device, pid=os.getpid(), **more)
@@ -391,14 +413,24 @@ class FakeBridge:
         code = int((msg.headers or {})[CODE])
         if code == neonize_module("neonize.events").EVENT_TO_INT[nz.StreamReplaced]:
             self.replaced = True
-        self._events.put((code, msg.data))
+        self._events.put((code, msg.data, (msg.headers or {}).get(ACK, "")))
 
     def _deliver(self, uuid: bytes, event_cb: Any) -> None:
         """The "Go thread": hands each event to neonize's entry point, in order."""
         while (item := self._events.get()) is not None:
-            code, data = item
+            code, data, ack = item
             buf = ctypes.create_string_buffer(data, len(data))
             event_cb(uuid, ctypes.addressof(buf), len(data), code)
+            if ack and self._loop is not None:
+                with contextlib.suppress(RuntimeError):  # the loop is gone: no ack
+                    asyncio.run_coroutine_threadsafe(self._ack(ack), self._loop)
+
+    async def _ack(self, message_id: str) -> None:
+        if self.nc is None:
+            return
+        call = _Call(op="ack", socket=self.socket, device=self.device, message_id=message_id)
+        with contextlib.suppress(Exception):
+            await self.nc.publish(RPC, msgspec.json.encode(call))
 
     async def _close(self) -> None:
         self._events.put(None)

@@ -173,6 +173,33 @@ async def test_what_users_send_while_no_socket_is_connected_is_kept(
     assert isinstance(phone.events[0], nz.Connected)
 
 
+async def test_a_message_pushed_to_a_dead_socket_goes_to_the_next_one(
+    net: FakeWhatsApp, store: SessionStore
+) -> None:
+    # Given a connected socket whose process then dies (no stop, no ack)
+    dead = Phone(store, SALES)
+    await dead.connect()
+    await dead.client._NewAClient__client.die()
+    # When a user writes (the network pushes it to the dead socket, as it still looks up)
+    await net.user_says(SALES, ALICE, "anyone there?", "3EB0USER0001")
+    dead_socket = dead.client._NewAClient__client.socket
+    await wait_until(
+        lambda: [pushed for _, pushed in net.pending.get(SALES, [])] == [{dead_socket}],
+        what="the message pushed to the dead socket",
+    )
+    # Then the next socket of the device gets it, once
+    later = Phone(store, SALES)
+    await later.connect()
+    try:
+        await wait_until(lambda: later.got(nz.Message), what="the unacked message")
+    finally:
+        await later.stop()
+        await dead.stop()
+    assert [m.Message.conversation for m in later.got(nz.Message)] == ["anyone there?"]
+    assert not dead.got(nz.Message)
+    assert net.pending[SALES] == []  # acked by the socket that took it
+
+
 async def test_a_connect_with_no_network_fails_like_a_refused_dial(
     bus: Bus, store: SessionStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
