@@ -165,6 +165,8 @@ class FakeWhatsApp:
         # device -> what users sent that no socket acked yet, and the sockets it was pushed to
         self.pending: dict[str, list[tuple[UserMessage, set[str]]]] = {}
         self.failures: dict[str, list[str]] = {}  # device -> Go errors for its next sends
+        self.slow: dict[str, list[float]] = {}  # device -> answer delays of its next sends
+        self._late: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
         self._ids = itertools.count(1)
         self._subs: list[Any] = []
@@ -182,6 +184,8 @@ class FakeWhatsApp:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        for late in list(self._late):
+            late.cancel()
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -192,6 +196,11 @@ class FakeWhatsApp:
         """A user writes to `device` (kept by the network until a socket takes it)."""
         message = UserMessage(device=device, chat=chat, text=text, message_id=message_id, **more)
         await self.bus.js.publish(inbound_subject(device), msgspec.json.encode(message))
+
+    def slow_next_sends(self, device: str, *delays: float) -> None:
+        """`device`'s next accepted sends are answered only after these delays (seconds),
+        one each: the message is out, the sender may give up waiting (outcome unknown)."""
+        self.slow.setdefault(device, []).extend(delays)
 
     def fail_next_sends(self, device: str, *errors: str) -> None:
         """`device`'s next sends fail with these Go error strings, one each."""
@@ -226,11 +235,24 @@ class FakeWhatsApp:
                 if self.connected.get(call.device) == call.socket:
                     del self.connected[call.device]
                 answer = _Answer()
+        delay = (
+            self.slow[call.device].pop(0) if answer.message_id and self.slow.get(call.device) else 0
+        )
+        if delay:
+            late = asyncio.create_task(self._answer_late(msg, answer, delay))
+            self._late.add(late)
+            late.add_done_callback(self._late.discard)
+            return
         await msg.respond(msgspec.json.encode(answer))
         if call.op == "connect":
             async with self._lock:
                 await self._push(call.socket, nz.Connected(status=True))
                 await self._hand_over(call.device)
+
+    async def _answer_late(self, msg: Msg, answer: _Answer, delay: float) -> None:
+        await asyncio.sleep(delay)  # the fault itself: an answer that comes late
+        with contextlib.suppress(Exception):  # the asker may be gone
+            await msg.respond(msgspec.json.encode(answer))
 
     async def _connect(self, call: _Call) -> _Answer:
         older = self.connected.get(call.device)

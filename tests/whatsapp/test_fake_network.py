@@ -226,6 +226,21 @@ async def test_scripted_send_errors_come_back_as_the_go_error(
     assert [r.text for r in await net.sends(SALES)] == ["accepted"]
 
 
+async def test_a_slow_answer_leaves_the_sender_unsure_but_the_message_is_out(
+    net: FakeWhatsApp, store: SessionStore
+) -> None:
+    phone = Phone(store, SALES)
+    await phone.connect()
+    try:
+        net.slow_next_sends(SALES, 30)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(phone.send("sent, but who knows"), 1)
+        await phone.send("next")  # answered at once
+    finally:
+        await phone.stop()
+    assert [r.text for r in await net.sends(SALES)] == ["sent, but who knows", "next"]
+
+
 def test_resuming_a_device_missing_from_the_store_aborts_like_whatsmeow(tmp_path: Path) -> None:
     # In a subprocess: the fake's answer, like whatsmeow's Go panic, is to abort it.
     script = textwrap.dedent(
