@@ -17,7 +17,9 @@ Design (the simplest one that is correct across processes):
   test's publish is never lost); a message stays the network's until a socket acks it
   (whatsmeow acks once its event handler returned, before neonize's Python coroutine
   ran), so one pushed to a socket whose process died is handed to the next socket; a
-  connect emits Connected.
+  connect emits Connected. Faults on demand: a send answered late (`slow_next_sends`:
+  the message is out, the sender may time out unsure) or with a Go error
+  (`fail_next_sends`).
 - Stream FAKEWA also holds the network's log, `fakewa.log.<device>`: every connect and
   every accepted send, with the socket and the process id (a holder id carries its pid),
   in the order the arbiter accepted them. `one_socket_at_a_time(records)` checks that a
