@@ -13,8 +13,8 @@ message gets its turn; the audit is clean (the `served` fixture runs it).
 
 from __future__ import annotations
 
-import importlib.util
 import os
+import secrets
 import signal
 from collections import Counter
 from pathlib import Path
@@ -38,13 +38,7 @@ from tests.whatsapp.fake_network import FakeWhatsApp, Record, one_socket_at_a_ti
 from tests.whatsapp.test_neonize_store import add_device, pg_store
 from tests.whatsapp.test_neonize_store import postgres as postgres  # the fixture
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        importlib.util.find_spec("services.whatsapp.neonize") is None,
-        reason="the neonize transport (services/whatsapp/neonize.py) is not in this build",
-    ),
-]
+pytestmark = pytest.mark.slow
 
 ACCOUNT = "sales"
 DEVICE = "15550000001:7@s.whatsapp.net"
@@ -55,7 +49,8 @@ CHATS = 6
 @pytest.fixture
 async def shared_store(postgres: str) -> SessionStore:
     """A Postgres session store holding the account's paired device (a fresh database)."""
-    store = pg_store(postgres, "failover")
+    # The server lives for the module: a database per test
+    store = pg_store(postgres, f"failover_{secrets.token_hex(4)}")
     await devices_in_store(store)  # creates whatsmeow's tables, as any open does
     add_device(store, DEVICE)
     return store
