@@ -9,61 +9,17 @@ whole DELIVERY_BACKOFF dead-letters nothing, and the first send after it goes ou
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 from contracts import subjects
 from contracts.events import DeliveryDeadLettered, DeliveryFailed, MessageSent
 from contracts.streams import OUTBOUND
-from services.channel.owner import AccountOwner
-from services.channel.port import Events, NotConnectedError, Outgoing, SessionEnding
+from services.channel.port import NotConnectedError
 from services.runtime.bus import Bus
 from services.runtime.settings import Delivery, RateLimit
+from tests.channel.scripted import ScriptedTransport, owned
 from tests.conftest import read_stream, wait_until
 from tests.e2e.conftest import job
 
 CHAT = "c1@s.whatsapp.net"
-
-
-class ReconnectingSession(SessionEnding):
-    """Not connected for its first `offline` sends; then every send goes out."""
-
-    reports_receipts = False
-    send_timeout = 1.0
-
-    def __init__(self, offline: int, network: list[Outgoing]) -> None:
-        super().__init__()
-        self.offline = offline
-        self.network = network
-        self.calls = 0
-
-    async def send(self, out: Outgoing) -> str:
-        self.calls += 1
-        if self.calls <= self.offline:
-            raise NotConnectedError("websocket not connected")
-        self.network.append(out)
-        return f"net-{self.calls}"
-
-
-class ReconnectingTransport:
-    name = "reconnecting"
-    channel = "whatsapp"
-    send_timeout = 1.0
-    inbound = None
-
-    def __init__(self, offline: int) -> None:
-        self.offline = offline
-        self.network: list[Outgoing] = []
-        self.sessions: list[ReconnectingSession] = []
-
-    @asynccontextmanager
-    async def session(
-        self, account: str, events: Events, *, receive: bool
-    ) -> AsyncIterator[ReconnectingSession]:
-        session = ReconnectingSession(self.offline, self.network)
-        self.sessions.append(session)
-        yield session
 
 
 async def test_jobs_wait_out_a_disconnect_in_order_spending_no_attempt_nor_budget(
@@ -72,30 +28,18 @@ async def test_jobs_wait_out_a_disconnect_in_order_spending_no_attempt_nor_budge
     # Given a session that is not connected for its first 3 sends: more than the 2
     # attempts a job gets here, and a budget of 1 send a minute (burst 1) that a spent
     # token would empty for a minute
-    transport = ReconnectingTransport(offline=3)
-    owner = AccountOwner(
-        bus,
-        transport,
-        "default",
-        "holder-1",
-        lease_ttl=10,
-        receive=False,
-        delivery=Delivery(backoff=(0.01,), rate_limit=RateLimit(per_minute=1, burst=1)),
-    )
-    stop = asyncio.Event()
-    running = asyncio.create_task(owner.run(stop))
+    offline = NotConnectedError("websocket not connected")
+    transport = ScriptedTransport(failures=dict.fromkeys((1, 2, 3), offline))
+    delivery = Delivery(backoff=(0.01,), rate_limit=RateLimit(per_minute=1, burst=1))
     first, second = job("default", CHAT, 1), job("default", CHAT, 2)
-    try:
+    async with owned(bus, transport, delivery):
         for queued in (first, second):
             await bus.publish(subjects.outbound("whatsapp", "default", CHAT), queued)
         # When the session comes back, the first job goes out at once
         await wait_until(lambda: len(transport.network) >= 1, 30, "the first job sent")
-    finally:
-        stop.set()
-        await running
 
     # Then it went out on its first attempt, after the tries that found no connection
-    assert transport.sessions[0].calls == 4
+    assert transport.sessions["default"][0].calls == 4
     assert [o.job_id for o in transport.network] == [first.job_id]
     events = [e for _, e in await read_stream(bus, "DELIVERY")]
     assert [(type(e).__name__, getattr(e, "attempt", None)) for e in events] == [("MessageSent", 1)]

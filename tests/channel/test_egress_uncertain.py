@@ -10,75 +10,24 @@ as failed and sends again after the backoff.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 from contracts import subjects
 from contracts.events import DeliveryFailed, DeliveryUncertain, MessageSent
 from contracts.streams import OUTBOUND
 from services.channel.ledger import SendLedger
-from services.channel.owner import AccountOwner
-from services.channel.port import Events, Outgoing, SessionEnding, UncertainSendError
+from services.channel.port import UncertainSendError
 from services.runtime.bus import Bus
 from services.runtime.settings import Delivery
+from tests.channel.scripted import ScriptedTransport, owned
 from tests.conftest import read_stream, wait_until
 from tests.e2e.conftest import job
 
 
-class UnsureFirstSession(SessionEnding):
-    """Its first send times out waiting for the ack (outcome unknown); later ones go out."""
-
-    reports_receipts = False
-    send_timeout = 1.0
-
-    def __init__(self, network: list[Outgoing]) -> None:
-        super().__init__()
-        self.network = network
-        self.calls = 0
-
-    async def send(self, out: Outgoing) -> str:
-        self.calls += 1
-        if self.calls == 1:
-            raise UncertainSendError("no server ack within 10 s")
-        self.network.append(out)
-        return f"net-{self.calls}"
-
-
-class UnsureTransport:
-    name = "unsure"
-    channel = "whatsapp"
-    send_timeout = 1.0
-    inbound = None
-
-    def __init__(self) -> None:
-        self.network: list[Outgoing] = []
-        self.sessions: list[UnsureFirstSession] = []
-
-    @asynccontextmanager
-    async def session(
-        self, account: str, events: Events, *, receive: bool
-    ) -> AsyncIterator[UnsureFirstSession]:
-        session = UnsureFirstSession(self.network)
-        self.sessions.append(session)
-        yield session
-
-
-async def _run_one_job(bus: Bus, policy: str) -> tuple[UnsureTransport, str]:
-    transport = UnsureTransport()
-    owner = AccountOwner(
-        bus,
-        transport,
-        "default",
-        "holder-1",
-        lease_ttl=10,
-        receive=False,
-        delivery=Delivery(backoff=(0.01, 0.01, 0.01), uncertain=policy),  # type: ignore[arg-type]
-    )
-    stop = asyncio.Event()
-    running = asyncio.create_task(owner.run(stop))
+async def _run_one_job(bus: Bus, policy: str) -> tuple[ScriptedTransport, str]:
+    # A session whose first send times out waiting for the ack (outcome unknown)
+    transport = ScriptedTransport(failures={1: UncertainSendError("no server ack within 10 s")})
+    delivery = Delivery(backoff=(0.01, 0.01, 0.01), uncertain=policy)  # type: ignore[arg-type]
     queued = job("default", "c1@s.whatsapp.net", 1)
-    try:
+    async with owned(bus, transport, delivery):
         await bus.publish(subjects.outbound("whatsapp", "default", queued.chat), queued)
 
         async def settled() -> bool:
@@ -89,9 +38,6 @@ async def _run_one_job(bus: Bus, policy: str) -> tuple[UnsureTransport, str]:
             return info.state.messages == 0  # acked: gone from the work queue
 
         await wait_until(settled, what="the job settled and acked")
-    finally:
-        stop.set()
-        await running
     return transport, queued.job_id
 
 
@@ -106,7 +52,7 @@ async def test_an_unsure_send_is_recorded_uncertain_and_skipped_by_the_skip_poli
     assert uncertain[0].lease_token > 0
     # Not a failure, not sent again: one call, and nothing reached the network
     assert not [e for e in events if isinstance(e, DeliveryFailed | MessageSent)]
-    assert transport.sessions[0].calls == 1
+    assert transport.sessions["default"][0].calls == 1
     assert transport.network == []
     record = await SendLedger(bus, "default").get(job_id)
     assert record is not None

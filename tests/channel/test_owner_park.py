@@ -12,9 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 
 from contracts import subjects
@@ -30,62 +27,14 @@ from contracts.payloads import SessionStatus
 from contracts.streams import LEASES, SESSIONS
 from services.channel.owner import AccountOwner
 from services.channel.port import (
-    Connected,
-    Events,
-    Outgoing,
-    SessionEnding,
     SessionEvent,
     StreamReplaced,
     TemporaryBan,
-    end_of,
 )
 from services.runtime.bus import Bus
 from services.runtime.lease import Lease, LeaseValue, read_lease
+from tests.channel.scripted import ScriptedTransport
 from tests.conftest import read_stream, wait_until
-
-
-class ScriptedSession(SessionEnding):
-    """A session whose signals the test (or its transport's script) raises."""
-
-    reports_receipts = False
-    send_timeout = 1.0
-
-    def __init__(self, events: Events) -> None:
-        super().__init__()
-        self.events = events
-
-    def signal(self, event: SessionEvent) -> None:
-        """What a network callback does: post the event; an ending one ends the session."""
-        self.events.post(event)
-        if end := end_of(event):
-            self.end(end)
-
-    async def send(self, out: Outgoing) -> str:
-        return f"net-{out.job_id}"
-
-
-class ScriptedTransport:
-    """Per account, the signal each next session raises as soon as it is up (if any)."""
-
-    name = "scripted"
-    channel = "whatsapp"
-    send_timeout = 1.0
-    inbound = None
-
-    def __init__(self, script: dict[str, list[Callable[[], SessionEvent]]]) -> None:
-        self.script = script
-        self.sessions: dict[str, list[ScriptedSession]] = defaultdict(list)
-
-    @asynccontextmanager
-    async def session(
-        self, account: str, events: Events, *, receive: bool
-    ) -> AsyncIterator[ScriptedSession]:
-        session = ScriptedSession(events)
-        self.sessions[account].append(session)
-        session.signal(Connected())
-        if self.script.get(account):
-            session.signal(self.script[account].pop(0)())
-        yield session
 
 
 def owners(bus: Bus, transport: ScriptedTransport, account: str, n: int) -> list[AccountOwner]:
@@ -126,7 +75,7 @@ async def test_a_temporary_ban_parks_until_its_end_then_one_standby_resumes_by_i
 
     # Given two workers competing for "banned" (whose first session is banned for 2 s)
     # and two for "gone" (whose first session is replaced: no end)
-    transport = ScriptedTransport({"banned": [ban], "gone": [StreamReplaced]})
+    transport = ScriptedTransport(signals={"banned": [ban], "gone": [StreamReplaced]})
     workers = owners(bus, transport, "banned", 2) + owners(bus, transport, "gone", 2)
     stop = asyncio.Event()
     running = [asyncio.create_task(w.run(stop)) for w in workers]
@@ -198,7 +147,7 @@ async def test_a_session_replaced_after_a_takeover_never_parks_over_the_new_leas
     bus: Bus,
 ) -> None:
     # Given an owner with a live session
-    transport = ScriptedTransport({})
+    transport = ScriptedTransport()
     (owner,) = owners(bus, transport, "acct", 1)
     stop = asyncio.Event()
     running = asyncio.create_task(owner.run(stop))
