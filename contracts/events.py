@@ -408,6 +408,22 @@ class SessionBanned(Event, frozen=True, kw_only=True):
     until: datetime | None = None
 
 
+class SendBudgetChanged(Event, frozen=True, kw_only=True):
+    """The account's send budget moved: cut by a ban or an account-level send error, or
+    restored one step after it. `factor` scales the configured budgets (1.0: as
+    configured); `per_minute`/`burst` are the reply budget it gives (0: unlimited);
+    `next_step_at` is when the next doubling is due (None: none scheduled)."""
+
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    reason: str
+    per_minute: float = 0.0
+    burst: int = 0
+    factor: float = 1.0
+    next_step_at: UtcDatetime | None = None
+    holder: str = ""
+
+
 class AccountResumed(Event, frozen=True, kw_only=True):
     """An operator cleared a parked account (logged out, replaced, banned) for takeover."""
 
@@ -442,6 +458,7 @@ AccountEvent = (
     | SessionLoggedOut
     | SessionBanned
     | AccountResumed
+    | SendBudgetChanged
 )
 AnyMessage = (
     MessageReceived
@@ -470,6 +487,7 @@ AnyMessage = (
     | SessionLoggedOut
     | SessionBanned
     | AccountResumed
+    | SendBudgetChanged
 )
 
 ALL_TYPES: tuple[type[Message], ...] = (
@@ -499,4 +517,5 @@ ALL_TYPES: tuple[type[Message], ...] = (
     SessionLoggedOut,
     SessionBanned,
     AccountResumed,
+    SendBudgetChanged,
 )

@@ -130,6 +130,21 @@ SessionState = Literal[
 ]
 
 
+class SendBudgetStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """An account's send budget as its owner runs it (ADR 0024): the reply budget
+    (`reply`, e.g. `12/min burst 3`, or `unlimited`), the first-contact budget
+    (`first_contact`: `off` refuses, `any` counts replies only, or a rate), the factor a
+    ban cut it to (1.0: as configured) and why, and how many jobs wait for it now."""
+
+    reply: str = "unlimited"
+    first_contact: str = "any"
+    same_text: str = "off"
+    factor: float = 1.0
+    reason: str = ""
+    waiting: int = 0
+    next_step_at: datetime | None = None
+
+
 class SessionStatus(msgspec.Struct, frozen=True, kw_only=True):
     """An account's session as its owner last reported it (bucket `sessions`, key
     `<channel>.<account>`): for `svc status`, best-effort, never a fencing fact (the lease
@@ -144,3 +159,4 @@ class SessionStatus(msgspec.Struct, frozen=True, kw_only=True):
     since: datetime
     until: datetime | None = None
     connected_at: datetime | None = None
+    budget: SendBudgetStatus | None = None  # the owner's send budget (None: not reported)

@@ -54,6 +54,7 @@ from contracts.events import (
     MessageReceived,
     MessageRefused,
     MessageSent,
+    SendBudgetChanged,
     SendMessage,
     SessionBanned,
     SessionLoggedOut,
@@ -253,6 +254,8 @@ class Auditor:
                 entry = LeaseEntry(event.at, "resumed", event.actor, 0, event.reason)
             case AccountRegistered():
                 entry = LeaseEntry(event.at, "registered", "", 0, event.transport)
+            case SendBudgetChanged():
+                entry = LeaseEntry(event.at, "budget", event.holder, 0, event.reason)
             case _:
                 self._foreign("ACCOUNTS", event)
                 return

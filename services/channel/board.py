@@ -16,6 +16,7 @@ import asyncio
 import logging
 from datetime import datetime
 
+import msgspec
 import nats.errors
 import nats.js.errors
 from nats.js.kv import KeyValue
@@ -23,7 +24,7 @@ from nats.js.kv import KeyValue
 from contracts import subjects
 from contracts.codec import encode
 from contracts.events import utcnow
-from contracts.payloads import SessionState, SessionStatus
+from contracts.payloads import SendBudgetStatus, SessionState, SessionStatus
 from contracts.streams import SESSIONS
 from services.runtime.bus import Bus
 
@@ -43,6 +44,7 @@ class SessionBoard:
         self.token = 0
         self.device = ""
         self.connected_at: datetime | None = None
+        self.budget: SendBudgetStatus | None = None  # the owner's send budget, shown along
         self.current: SessionStatus | None = None
         self._kv: KeyValue | None = None
         self._pending: SessionStatus | None = None
@@ -64,12 +66,22 @@ class SessionBoard:
             since=now,
             until=until,
             connected_at=self.connected_at,
+            budget=self.budget,
         )
+        self._queue(status)
+        return status
+
+    def _queue(self, status: SessionStatus) -> None:
         self.current = status
         self._pending = status
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._drain(), name=f"board-{self.account}")
-        return status
+
+    def post_budget(self, budget: SendBudgetStatus) -> None:
+        """Show `budget` with the current state (never blocks; coalesces like `post`)."""
+        self.budget = budget
+        if self.current is not None:
+            self._queue(msgspec.structs.replace(self.current, budget=budget))
 
     async def write(
         self, state: SessionState, reason: str = "", *, until: datetime | None = None

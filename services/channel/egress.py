@@ -41,6 +41,7 @@ from contracts.events import (
 )
 from contracts.payloads import SendRecord
 from contracts.streams import OUTBOUND, egress_consumer
+from services.channel.budget import FirstContactRefusedError, Grant, SendBudget
 from services.channel.ledger import SendLedger
 from services.channel.port import (
     Fence,
@@ -52,7 +53,6 @@ from services.channel.port import (
     TransportError,
     UncertainSendError,
 )
-from services.channel.ratelimit import TokenBucket, Unlimited
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerSpec, Delivery
 from services.runtime.errors import AbandonError, PermanentError
@@ -132,7 +132,7 @@ class Egress:
         *,
         settings: DeliverySettings,
         ledger: SendLedger,
-        limiter: TokenBucket | Unlimited,
+        budget: SendBudget,
         stop: asyncio.Event,
         in_flight_upto: int = 0,
     ) -> None:
@@ -142,7 +142,7 @@ class Egress:
         self.lost = lost
         self.settings = settings
         self.ledger = ledger
-        self.limiter = limiter
+        self.budget = budget
         self.stop = stop
         # Jobs the previous owner's consumer had delivered (stream seq <= this) may have
         # been mid-send when it stopped: only those need a look at their SendRecord.
@@ -183,7 +183,7 @@ class Egress:
             attempt += 1
             if attempt > retry.attempts:
                 raise PermanentError(f"gave up after {attempt - 1} attempts", errors=errors)
-            await self._budget()
+            grant = await self._budget(job)
             # Fencing: send only while the proof covers the whole send (its timeout), so it
             # reaches the network before the lease could have passed to someone else.
             cover = self.session.send_timeout
@@ -196,6 +196,7 @@ class Egress:
             # The proof again, after the write and with nothing awaited before the call.
             if not self.lease.covers(cover):
                 await self.ledger.undo(job.job_id, revision, current)
+                self.budget.refund(grant)  # never sent: the next try takes it again
                 reproofs += 1
                 if reproofs > 3:
                     self.lost.set()
@@ -217,7 +218,7 @@ class Egress:
                 # place (so the chat's order holds), and neither an attempt nor the budget
                 # is spent -- an outage outlasting the backoff dead-letters nothing.
                 await self.ledger.undo(job.job_id, revision, current)
-                self.limiter.refund()
+                self.budget.refund(grant)
                 attempt -= 1
                 offline += 1
                 if offline == 1:
@@ -341,10 +342,11 @@ class Egress:
             writes.append(self.ledger.index(transport_id, job.job_id, job.chat))
         await asyncio.gather(*writes)  # independent writes, one round trip
 
-    async def _budget(self) -> None:
-        """Spend one unit of the account's send budget, waiting for it if it is spent;
-        give the job back (AbandonError) on stop or loss instead of waiting it out."""
-        taking = asyncio.ensure_future(self.limiter.acquire())
+    async def _budget(self, job: SendMessage) -> Grant:
+        """Spend the account's send budget for one send of `job`, waiting for it if it is
+        spent; give the job back (AbandonError) on stop or loss instead of waiting it out.
+        A first contact the budget refuses is permanent: the job is dead-lettered."""
+        taking = asyncio.ensure_future(self.budget.acquire(job))
         waiters = [asyncio.ensure_future(e.wait()) for e in (self.stop, self.lost)]
         try:
             await asyncio.wait([taking, *waiters], return_when=asyncio.FIRST_COMPLETED)
@@ -352,11 +354,15 @@ class Egress:
             for w in waiters:
                 w.cancel()
         if not taking.done():
-            taking.cancel()  # nothing was taken: the bucket only counts a finished take
+            taking.cancel()  # nothing was taken: the budget gives back a cancelled take
             with contextlib.suppress(asyncio.CancelledError):
                 await taking
             raise AbandonError("stopping while waiting for the send budget")
-        taking.result()
+        try:
+            return taking.result()
+        except FirstContactRefusedError as exc:
+            log.warning("first contact refused", extra={"job_id": job.job_id, "error": str(exc)})
+            raise PermanentError(str(exc)) from None
 
     async def _backoff(self, attempt: int) -> None:
         """Wait before the next attempt, keeping the job ours; give it back on stop/loss."""

@@ -26,28 +26,39 @@ import nats.js.errors
 from nats.aio.msg import Msg
 
 from contracts import subjects
+from contracts.codec import decode_any
+from contracts.errors import ContractError
 from contracts.events import (
     AccountResumed,
     LeaseAcquired,
     LeaseLost,
     LeaseReleased,
+    SendBudgetChanged,
     SendMessage,
     derived_id,
     utcnow,
 )
-from contracts.streams import OUTBOUND
+from contracts.streams import ACCOUNTS, OUTBOUND
 from services.channel.board import SessionBoard
+from services.channel.budget import ActiveChats, SendBudget, ban_cut, fold
 from services.channel.devices import DeviceRegistry
 from services.channel.dispatch import EventDispatch
 from services.channel.egress import Egress, egress_consumer_spec
 from services.channel.fleet import Fleet, LeaseBoard
 from services.channel.ingress import Ingress
 from services.channel.ledger import SendLedger
-from services.channel.port import Connected, Disconnected, SessionEnd, Transport
-from services.channel.ratelimit import budget
+from services.channel.port import (
+    Connected,
+    Disconnected,
+    Incoming,
+    SessionEnd,
+    SessionEvent,
+    Transport,
+)
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerLoop
 from services.runtime.lease import Lease, LeaseValue, read_lease
+from services.runtime.reader import read
 from services.runtime.settings import Delivery as DeliverySettings
 
 log = logging.getLogger(__name__)
@@ -99,7 +110,10 @@ class AccountOwner:
         self.lease = Lease(bus, self.channel, account, holder, lease_ttl)
         self.delivery = delivery or DeliverySettings()
         self.ledger = SendLedger(bus, account)
-        self.limiter = budget(self.delivery.limit_for(account))
+        # Chats that wrote lately (the send budget's replies vs first contact): kept across
+        # ownerships, fed by this owner's ingress.
+        self.active = ActiveChats(bus, self.channel, account, self.delivery.active_window)
+        self.budget: SendBudget | None = None
         self.retry_interval = min(1.0, max(0.2, lease_ttl / 5))
         self.owning = asyncio.Event()
         self._cooldown_until = 0.0
@@ -235,7 +249,14 @@ class AccountOwner:
         lost = asyncio.Event()
         done = asyncio.Event()  # stop sending
         end: SessionEnd | None = None
+
+        async def received(event: SessionEvent) -> None:
+            if isinstance(event, Incoming):
+                self.active.saw(event.chat)  # a reply to this chat is not a first contact
+            await ingress(event)
+
         try:
+            budget = self.budget = await self._send_budget()
             spec = egress_consumer_spec(self.channel, self.account, self.delivery)
             # A new owner starts from the first unacked job at once, instead of waiting for
             # the ack deadline of a job the previous owner held when it died (work queue:
@@ -249,7 +270,7 @@ class AccountOwner:
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 await self.bus.js.delete_consumer(OUTBOUND.name, spec.durable)
             async with (
-                EventDispatch(ingress, name=f"{self.channel}.{self.account}") as events,
+                EventDispatch(received, name=f"{self.channel}.{self.account}") as events,
                 self.transport.session(self.account, events, receive=self.receive) as session,
             ):
                 egress = Egress(
@@ -259,7 +280,7 @@ class AccountOwner:
                     lost,
                     settings=self.delivery,
                     ledger=self.ledger,
-                    limiter=self.limiter,
+                    budget=budget,
                     stop=done,
                     in_flight_upto=in_flight_upto,
                 )
@@ -272,6 +293,9 @@ class AccountOwner:
                     self._renew(lost, done), name=f"renew-{self.account}"
                 )
                 ending = asyncio.create_task(session.ended(), name=f"session-{self.account}")
+                restoring = asyncio.create_task(
+                    budget.restore(done, self._record_budget), name=f"budget-{self.account}"
+                )
                 ended = asyncio.create_task(_first(stop, lost, shed, handover))
                 await asyncio.wait([ended, ending, sending], return_when=asyncio.FIRST_COMPLETED)
                 ended.cancel()
@@ -279,7 +303,7 @@ class AccountOwner:
                     end = ending.result()
                 ending.cancel()
                 done.set()  # stop taking jobs; the in-flight send finishes
-                await asyncio.gather(sending, return_exceptions=True)
+                await asyncio.gather(sending, restoring, return_exceptions=True)
                 # Not cancelled: a renewal cut off mid-flight could land with a revision we
                 # never learn, and the revision-checked release would then be refused.
                 await renewing
@@ -327,6 +351,8 @@ class AccountOwner:
                 await self._record(LeaseLost, token, reason)
                 return
             await self.status.write(end.state, end.reason, until=end.until)
+            if end.state == "banned":
+                await self._cut_budget(end)
             log.error(
                 "session ended, account parked",
                 extra={
@@ -363,6 +389,50 @@ class AccountOwner:
                 await self.bus.nc.publish(inbox, reply)
 
     _lost_reason = ""
+
+    async def _send_budget(self) -> SendBudget:
+        """The account's send budget at the level its ACCOUNTS events leave (a recent ban
+        cut it, whoever owned the account then)."""
+        level = None
+        if self.delivery.limit_for(self.account) is not None or (
+            self.delivery.first_contact != "any"
+        ):
+            events = []
+            async for stored in read(self.bus, ACCOUNTS.name, subject=self._subject):
+                with contextlib.suppress(msgspec.DecodeError, ContractError):
+                    events.append(decode_any(stored.data))
+            level = fold(events, self.delivery.restore_step)
+        budget = SendBudget(
+            self.delivery,
+            self.account,
+            self.active,
+            level=level,
+            on_change=lambda: self.status.post_budget(budget.status()),
+        ).bind(self.channel, self.holder)
+        self.status.budget = budget.status()
+        return budget
+
+    async def _cut_budget(self, end: SessionEnd) -> None:
+        """A ban (or an account-level send error the transport reports as one) cuts the
+        budget: recorded, so the next owner, whoever it is, starts cut."""
+        budget = self.budget
+        if budget is None or budget.limits() == (None, None):
+            return  # no budget to cut (the sim's default)
+        budget.set_level(ban_cut(budget.level, end.reason, end.until, self.delivery.restore_step))
+        log.warning(
+            "send budget cut",
+            extra={"account": self.account, "reason": end.reason, "factor": budget.level.factor},
+        )
+        await self._record_budget(budget.changed_event_for_record())
+
+    async def _record_budget(self, event: SendBudgetChanged) -> None:
+        try:
+            await self.bus.publish(self._subject, event)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            log.warning(
+                "could not record the send budget",
+                extra={"account": self.account, "error": repr(exc)},
+            )
 
     def _connection(self, event: Connected | Disconnected) -> None:
         """The transport says the session is up or down: onto the status board."""

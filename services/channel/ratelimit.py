@@ -1,4 +1,4 @@
-"""A per-account send budget: a token bucket that serves waiters in arrival order."""
+"""A token bucket that serves waiters in arrival order (the send budget's buckets)."""
 
 from __future__ import annotations
 
@@ -40,17 +40,11 @@ class TokenBucket:
         """Give back a token taken for a send that never happened."""
         self.tokens = min(self.burst, self.tokens + 1)
 
-
-class Unlimited:
-    """No budget (the sim's default, so benchmarks measure the system, not the limit)."""
-
-    async def acquire(self) -> None:
-        """Return at once."""
-
-    def refund(self) -> None:
-        """Nothing to give back."""
-
-
-def budget(limit: RateLimit | None) -> TokenBucket | Unlimited:
-    """The limiter for a configured limit."""
-    return Unlimited() if limit is None else TokenBucket(limit)
+    def resize(self, limit: RateLimit) -> None:
+        """Change the rate and burst in place (a ban cut, a restore step): what was earned
+        at the old rate is kept, never more than the new burst. A waiter already asleep
+        wakes at its old time; the next take waits by the new rate."""
+        self.wait_time()  # settle what accrued at the old rate
+        self.rate = limit.per_minute / 60.0
+        self.burst = float(limit.burst)
+        self.tokens = min(self.tokens, self.burst)

@@ -4,7 +4,9 @@ Per account (`accounts`): the session state and reason (the lease decides: a par
 lease's state and end, a held lease's holder and token; the `sessions` board says what
 the holder last reported -- connecting, connected, disconnected), the paired device with
 its phone digits masked, and the time of the last message on the account's INBOUND and
-DELIVERY subjects (one last-by-subject get each, never a scan).
+DELIVERY subjects (one last-by-subject get each, never a scan), and the send budget the
+owner runs (`budget`: reply and first-contact budgets, the factor a ban cut it to, and
+`waiting`: jobs held for budget now; ADR 0024).
 """
 
 from __future__ import annotations
@@ -219,6 +221,8 @@ async def _accounts(bus: Bus, leases: list[dict[str, Any]]) -> list[dict[str, An
             "since": "",
             "connected_at": "",
             "device": mask_device(device.device_id if device else board.device if board else ""),
+            "budget": None,
+            "waiting": 0,
         }
         if lease is not None and lease["parked"]:
             # Parked: the lease says why and until when, whatever the board last heard.
@@ -240,6 +244,10 @@ async def _accounts(bus: Bus, leases: list[dict[str, Any]]) -> list[dict[str, An
                     since=_iso(board.since),
                     connected_at=_iso(board.connected_at),
                 )
+                if board.budget is not None:
+                    row.update(
+                        budget=msgspec.to_builtins(board.budget), waiting=board.budget.waiting
+                    )
         elif board is not None:
             # Nobody holds it: a board still saying "connected" is stale (its owner died).
             stale = board.state in _LIVE
@@ -306,6 +314,8 @@ def render_status(status: dict[str, Any]) -> str:
             )
             if a["reason"] or a["until"]:
                 lines.append(f"  {state}: {a['reason'] or '-'}{_recovery(a['state'])}")
+            if a.get("budget"):
+                lines.append(f"  budget: {_budget(a['budget'])}, {a['waiting']} waiting")
     lines.append(f"\nDEAD LETTERS: {status['dead_letters']} open ('svc dlq ls')")
     if status.get("dead_letters_dropped"):
         lines.append(
@@ -313,6 +323,19 @@ def render_status(status: dict[str, Any]) -> str:
             " DEADLETTER limits (max age / bytes)"
         )
     return "\n".join(lines)
+
+
+def _budget(budget: dict[str, Any]) -> str:
+    """One line of an account's send budget."""
+    text = (
+        f"replies {budget['reply']}, first contact {budget['first_contact']},"
+        f" same text {budget['same_text']}"
+    )
+    if budget["factor"] < 1:
+        text += f", cut to {budget['factor']:g} ({budget['reason']})"
+        if budget.get("next_step_at"):
+            text += f", next step {budget['next_step_at']}"
+    return text
 
 
 def _recovery(state: str) -> str:

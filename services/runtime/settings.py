@@ -142,6 +142,18 @@ class Delivery:
     uncertain: Literal["resend", "skip"] = "resend"
     rate_limit: RateLimit | None = None  # default for every account; None: unlimited
     rate_limits: tuple[tuple[str, RateLimit | None], ...] = ()  # per-account overrides
+    # The send budget around the reply rate (ADR 0024). WHATSAPP_FIRST_CONTACT_RATE: sends
+    # to a chat with no inbound within `active_window` s (SVC_ACTIVE_WINDOW) -- `off`
+    # refuses them (dead-lettered), a rate budgets them on top of the reply budget, `any`
+    # makes no difference (the sim's default: no budget unless configured).
+    first_contact: RateLimit | Literal["off", "any"] = "any"
+    active_window: float = 600.0
+    # SVC_SAME_TEXT_LIMIT / SVC_SAME_TEXT_WINDOW: one text to more than this many chats
+    # within the window waits (None: off).
+    same_text_limit: int | None = None
+    same_text_window: float = 300.0
+    # WHATSAPP_BUDGET_RESTORE: after a ban cut the budget doubles every this many seconds.
+    restore_step: float = 1800.0
 
     @cached_property
     def retry(self) -> RetryPolicy:
@@ -179,6 +191,9 @@ NEONIZE_DEFAULT_LEASE_TTL = 30
 NEONIZE_DEFAULT_LIMIT = RateLimit(per_minute=12, burst=3)
 # A person types a few messages a minute; a burst of 10 covers pasting a list line by line.
 DEFAULT_CHAT_RATE = RateLimit(per_minute=20, burst=10)
+# The same text to more than 5 chats within SVC_SAME_TEXT_WINDOW waits (a broadcast
+# pattern WhatsApp bans for); a person never pastes one message to that many chats.
+NEONIZE_SAME_TEXT_LIMIT = 5
 
 
 @dataclass(frozen=True)
@@ -251,6 +266,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, role: str | None = No
         )
     llm = get.get_choice("SVC_LLM", "echo", ("echo", "openai"))
     data_dir = Path(get.get_str("SVC_DATA_DIR", ".svc"))
+    neonize = env.get("WHATSAPP_TRANSPORT", "").strip().lower() == "neonize"
     settings = Settings(
         nats_url=get.get_url("NATS_URL"),
         role=cast(Role, _choice("SVC_ROLE", role_value, ROLES)),
@@ -308,6 +324,19 @@ def load_settings(env: Mapping[str, str] | None = None, *, role: str | None = No
                 else None,
             ),
             rate_limits=get.get_rates("WHATSAPP_RATE_LIMITS"),
+            first_contact=get.get_first_contact(
+                "WHATSAPP_FIRST_CONTACT_RATE", "off" if neonize else "any"
+            ),
+            active_window=get.get_float("SVC_ACTIVE_WINDOW", 600.0, minimum=1, maximum=86_400 * 7),
+            same_text_limit=get.get_limit(
+                "SVC_SAME_TEXT_LIMIT", NEONIZE_SAME_TEXT_LIMIT if neonize else None
+            ),
+            same_text_window=get.get_float(
+                "SVC_SAME_TEXT_WINDOW", 300.0, minimum=0.01, maximum=86_400
+            ),
+            restore_step=get.get_float(
+                "WHATSAPP_BUDGET_RESTORE", 1800.0, minimum=0.01, maximum=86_400 * 7
+            ),
         ),
         core=CoreSettings(
             system_prompt=get.get_str("SVC_SYSTEM_PROMPT", CoreSettings.system_prompt),
@@ -456,6 +485,34 @@ class _Reader:
     def get_rate(self, name: str, default: RateLimit | None) -> RateLimit | None:
         raw = self._raw(name)
         return default if raw is None else _parse_rate(name, raw)
+
+    def get_first_contact(
+        self, name: str, default: RateLimit | Literal["off", "any"]
+    ) -> RateLimit | Literal["off", "any"]:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        lowered = raw.strip().lower()
+        if lowered in ("off", "any"):
+            return cast(Literal["off", "any"], lowered)
+        try:
+            rate = _parse_rate(name, raw.strip())
+        except ConfigError:
+            rate = None
+        if rate is None:
+            raise ConfigError(
+                f"{name}={raw!r} is invalid: expected off (refuse first contact), any (no"
+                " separate budget) or PER_MINUTE[:BURST] (e.g. 2:1)"
+            )
+        return rate
+
+    def get_limit(self, name: str, default: int | None) -> int | None:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw.strip().lower() == "off":
+            return None
+        return self.get_int(name, default or 1, minimum=1, maximum=100_000)
 
     def get_rates(self, name: str) -> tuple[tuple[str, RateLimit | None], ...]:
         out = []

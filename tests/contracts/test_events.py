@@ -340,6 +340,18 @@ SAMPLES: dict[type[ev.Message], ev.Message] = {
         actor="ops@example.com",
         reason="re-paired",
     ),
+    ev.SendBudgetChanged: ev.SendBudgetChanged(
+        id="00000000000000000000000000000022",
+        at=AT,
+        channel=CHANNEL,
+        account="acct-1",
+        reason="banned: too many messages to non-contacts",
+        per_minute=3.0,
+        burst=1,
+        factor=0.25,
+        next_step_at=LATER,
+        holder="egress-host-a-1",
+    ),
 }
 
 TYPES = list(ev.ALL_TYPES)
