@@ -4,6 +4,7 @@ session signals raised on cue, under a real AccountOwner on a real nats-server."
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -35,10 +36,12 @@ class ScriptedSession(SessionEnding):
         network: list[Outgoing],
         failures: dict[int, BaseException],
         out_first: bool,
+        sent_times: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.events = events
         self.network = network
+        self.sent_times = sent_times if sent_times is not None else []
         self.failures = failures
         self.out_first = out_first
         self.calls = 0
@@ -54,6 +57,7 @@ class ScriptedSession(SessionEnding):
         failure = self.failures.get(self.calls)
         if failure is None or self.out_first:
             self.network.append(out)
+            self.sent_times.append(time.monotonic())
         if failure is not None:
             raise failure
         return f"net-{self.calls}"
@@ -79,13 +83,16 @@ class ScriptedTransport:
         self.out_first = out_first
         self.signals = signals or {}
         self.network: list[Outgoing] = []  # what reached the network, in order
+        self.sent_times: list[float] = []  # when each of those reached it (monotonic)
         self.sessions: dict[str, list[ScriptedSession]] = defaultdict(list)
 
     @asynccontextmanager
     async def session(
         self, account: str, events: Events, *, receive: bool
     ) -> AsyncIterator[ScriptedSession]:
-        session = ScriptedSession(events, self.network, self.failures, self.out_first)
+        session = ScriptedSession(
+            events, self.network, self.failures, self.out_first, self.sent_times
+        )
         self.sessions[account].append(session)
         session.signal(Connected())
         if self.signals.get(account):
