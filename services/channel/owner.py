@@ -398,9 +398,17 @@ class AccountOwner:
             self.delivery.first_contact != "any"
         ):
             events = []
-            async for stored in read(self.bus, ACCOUNTS.name, subject=self._subject):
-                with contextlib.suppress(msgspec.DecodeError, ContractError):
-                    events.append(decode_any(stored.data))
+            try:
+                async for stored in read(self.bus, ACCOUNTS.name, subject=self._subject):
+                    with contextlib.suppress(msgspec.DecodeError, ContractError):
+                        events.append(decode_any(stored.data))
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+                # Sending on the level of what was read beats not sending at all: a ban
+                # is rare, and its cut was also recorded in what did come back.
+                log.warning(
+                    "could not read the account's budget history",
+                    extra={"account": self.account, "error": repr(exc)},
+                )
             level = fold(events, self.delivery.restore_step)
         budget = SendBudget(
             self.delivery,
