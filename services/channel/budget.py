@@ -426,6 +426,9 @@ class SendBudget:
     ) -> None:
         """Step the level back up while it is cut, recording each step, until `stop`."""
         step = self.settings.restore_step
+        if self.limits() == (None, None):
+            await stop.wait()  # no rate to cut or restore (the sim's default)
+            return
         while not stop.is_set():
             upcoming = next_level(self.level, wall(), step)
             if upcoming is not None:
