@@ -192,4 +192,4 @@ def test_the_fold_gives_the_same_rows_at_once_or_in_parts_and_every_time() -> No
         parts.apply(event, seq)
         parts.rows()  # reading in between changes nothing
     assert once == again == parts.rows()
-    assert once["modes"] and once["rules"] and once["approved"] and once["pending"]
+    assert all(once[table] for table in ("modes", "rules", "approved", "pending"))
