@@ -48,6 +48,7 @@ Commands:
   accounts          services/ops/accounts.py
   whatsapp          services/ops/pair.py, services/whatsapp/neonize_store.py
   plugins           services/ops/plugins.py, services/plugins/
+  access            services/ops/access.py, projections/access.py
   dlq               services/ops/dlq.py
   replay            services/ops/replay.py, services/ops/explain.py
   audit             services/ops/audit.py, projections/audit.py
