@@ -798,10 +798,14 @@ def access_approve(
     as_json: JsonOpt = False,
 ) -> None:
     """Approve a sender on an account; its waiting messages are then answered, in order."""
-    from services.ops.access import approve
+    from services.ops.access import approve, check_approvable
 
     settings = _settings(quiet=True)
     ch, acct = _access_scope(channel, account)
+    try:
+        check_approvable(jid)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
     event, seq, released = _access(settings, lambda bus: approve(bus, jid, ch, acct), write=True)
     if as_json:
         typer.echo(msgspec.json.encode({"seq": seq, "event": event}).decode())

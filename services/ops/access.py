@@ -55,6 +55,17 @@ def scope(channel: str | None, account: str | None) -> tuple[str, str]:
     return ch, account or ""
 
 
+def check_approvable(jid: str) -> str:
+    """A JID to approve: `user@server`, no spaces (as `svc access pending` lists it)."""
+    user, at, server = jid.partition("@")
+    if not (user and at and server) or any(c.isspace() for c in jid) or len(jid) > 256:
+        raise ConfigError(
+            f"JID {subjects.shown(jid)} is invalid: pass the sender's JID as `svc access"
+            " pending` lists it, e.g. 15551234567@s.whatsapp.net (a group: ...@g.us)"
+        )
+    return jid
+
+
 async def replayed(bus: Bus) -> AccessView:
     """ACCESS replayed from sequence 1 (an empty view when the stream does not exist)."""
     view = AccessView()
@@ -121,10 +132,7 @@ async def approve(
     Returns the event, its sequence and the released inbound ids."""
     if not account:
         raise ConfigError("approve needs --account: an approval is for one account")
-    try:
-        subjects.check_jid(jid, "JID")
-    except ContractError as exc:
-        raise ConfigError(str(exc)) from None
+    check_approvable(jid)
     view = await replayed(bus)
     waiting = view.pending_for(channel, account, jid)
     requests = sorted(waiting.requests, key=lambda r: r.inbound_seq) if waiting else []

@@ -18,6 +18,7 @@ from projections.access import AccessView
 from services.core.access import catch_up
 from services.ops.simclient import SimUser
 from services.runtime.bus import Bus
+from services.runtime.provisioning import missing_streams
 from tests.conftest import Processes, arun_svc, read_stream, stream_raw, wait_until
 from tests.e2e.conftest import consumers_ready
 
@@ -135,3 +136,32 @@ async def _recorded_to(user: SimUser, chat: str) -> list[SimOutbound]:
 
 async def _sent_to(user: SimUser, chat: str, count: int) -> bool:
     return len(await _recorded_to(user, chat)) >= count
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (
+            ("mode", "sometimes"),
+            "mode 'sometimes' is invalid: use one of open, allowlist, approval",
+        ),
+        (("allow", "alice smith"), "pattern 'alice smith' is invalid"),
+        (("block", "x", "--account", "no.dots"), "account 'no.dots' is invalid"),
+        (("allow", "x", "--account", "_"), "account '_' is reserved"),
+        (("unblock", "nobody@s.whatsapp.net"), "no block pattern 'nobody@s.whatsapp.net'"),
+        (("approve", "bad jid", "--account", "default"), "JID 'bad jid' is invalid"),
+    ],
+)
+async def test_bad_access_input_gets_one_line_and_records_nothing(
+    processes: Processes, served: tuple[str, Bus], args: tuple[str, ...], says: str
+) -> None:
+    url, bus = served
+    # When an operator gets a command wrong
+    result = await arun_svc("access", *args, env=processes.env(NATS_URL=url))
+    # Then it exits 2 with one line saying what was wrong, and nothing was recorded
+    err = result.stderr.decode().strip()
+    assert result.returncode == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert says in err
+    if not await missing_streams(bus.js, ["ACCESS"]):  # (a write provisions streams first)
+        assert [e for _, e in await read_stream(bus, "ACCESS")] == []
