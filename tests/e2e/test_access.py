@@ -104,6 +104,10 @@ async def test_who_may_talk_to_the_agent_across_separate_processes(
     # And nothing was lost: every MessageReceived has exactly one outcome (svc audit)
     audit = await arun_svc("audit", "--json", env=processes.env(NATS_URL=url))
     assert audit.returncode == 0, audit.stdout.decode() + audit.stderr.decode()
+    # (and its replay rule folded ACCESS twice to the same rows)
+    replay = json.loads(audit.stdout)["rules"]["replay"]
+    assert replay["ok"]
+    assert replay["checked"]["ACCESS events"] >= 6
 
     # And a replay of ACCESS gives the same rows, every time, as `svc access ls` shows
     listed = json.loads(await svc(processes, url, "access", "ls", "--json"))
