@@ -186,3 +186,50 @@ async def test_an_approval_answers_the_waiting_messages_in_order_then_the_next_o
     rules = await outcomes(bus)
     assert [rules[m.id] for m in waiting] == ["access:approval"] * 2
     assert sorted(rules.values()).count("turn") == 3
+
+
+async def test_a_group_is_let_in_by_its_jid_and_inside_it_the_mention_rule_applies(
+    bus: Bus,
+) -> None:
+    # Given an allowlist that lets one group in (not its members one by one)
+    group, other = "120363000000000001@g.us", "120363000000000002@g.us"
+    await policy(
+        bus,
+        AccessModeSet(account=ACCT, mode="allowlist"),
+        AccessRuleAdded(account=ACCT, pattern=group, kind="allow"),
+    )
+
+    def said(chat: str, text: str, *, mentioned: bool) -> MessageReceived:
+        return MessageReceived(
+            id=derived_id("test-group", chat, text),
+            account=ACCT,
+            chat=chat,
+            sender=STRANGER,
+            message_id=derived_id("wamid", chat, text),
+            text=text,
+            is_group=True,
+            mentioned=mentioned,
+        )
+
+    asked = said(group, "bot, hi", mentioned=True)
+    chatter = said(group, "just chatting", mentioned=False)
+    elsewhere = said(other, "bot, hi there", mentioned=True)
+    await send(bus, asked, chatter, elsewhere)
+    llm = CountingLLM()
+    # When the core handles them
+    await running_core(bus, llm, SETTINGS, 3)
+    # Then only the mention in the allowed group reached the model; the chatter is skipped
+    # as before, and the group that is not allowed is refused -- with no reply into it
+    assert llm.asked == ["bot, hi"]
+    rules = await outcomes(bus)
+    assert [rules[m.id] for m in (asked, chatter, elsewhere)] == [
+        "turn",
+        "turn",
+        "access:allowlist",
+    ]
+    skipped = [
+        e.skipped for _, e in await read_stream(bus, "AGENT")
+        if isinstance(e, TurnCompleted) and e.inbound_id == chatter.id
+    ]  # fmt: skip
+    assert skipped == ["group message without a mention"]
+    assert await jobs_to(bus, other) == []
