@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -433,6 +433,67 @@ class AccountResumed(Event, frozen=True, kw_only=True):
     reason: str = ""
 
 
+# --- ACCESS ----------------------------------------------------------------------------
+# Who may talk to the agent (ADR 0023). `account` "" is the channel-wide scope.
+
+AccessMode = Literal["open", "allowlist", "approval"]
+AccessKind = Literal["allow", "block"]
+
+
+class AccessModeSet(Event, frozen=True, kw_only=True):
+    """The access mode of a channel (`account` "") or of one account."""
+
+    channel: str = CHANNEL_WHATSAPP
+    account: str = ""
+    mode: AccessMode
+    actor: str = ""
+
+
+class AccessRuleAdded(Event, frozen=True, kw_only=True):
+    """An allow or block pattern (a JID, a phone number or a glob) for a scope."""
+
+    channel: str = CHANNEL_WHATSAPP
+    account: str = ""
+    pattern: str
+    kind: AccessKind
+    actor: str = ""
+
+
+class AccessRuleRemoved(Event, frozen=True, kw_only=True):
+    """An allow or block pattern was taken out of a scope."""
+
+    channel: str = CHANNEL_WHATSAPP
+    account: str = ""
+    pattern: str
+    kind: AccessKind
+    actor: str = ""
+
+
+class AccessApproved(Event, frozen=True, kw_only=True):
+    """An operator approved `jid` for an account; `released` are the inbound event ids of
+    its waiting messages, sent back to the core to be answered."""
+
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    jid: str
+    released: list[str] = msgspec.field(default_factory=list)
+    actor: str = ""
+
+
+class AccessRequested(Event, frozen=True, kw_only=True):
+    """An unknown sender (or group) wrote under `approval`: pending for the operator.
+    `waiting_job` is the waiting reply sent with it ("" : none, one was sent recently)."""
+
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    jid: str
+    chat: str
+    message_id: str
+    inbound_id: str = ""
+    inbound_seq: int = 0  # the waiting message's INBOUND sequence, to answer it on approval
+    waiting_job: str = ""
+
+
 # --- Unions, one per stream ------------------------------------------------------------
 
 InboundEvent = MessageReceived
@@ -460,6 +521,7 @@ AccountEvent = (
     | AccountResumed
     | SendBudgetChanged
 )
+AccessEvent = AccessModeSet | AccessRuleAdded | AccessRuleRemoved | AccessApproved | AccessRequested
 AnyMessage = (
     MessageReceived
     | TurnCompleted
@@ -488,6 +550,11 @@ AnyMessage = (
     | SessionBanned
     | AccountResumed
     | SendBudgetChanged
+    | AccessModeSet
+    | AccessRuleAdded
+    | AccessRuleRemoved
+    | AccessApproved
+    | AccessRequested
 )
 
 ALL_TYPES: tuple[type[Message], ...] = (
@@ -518,4 +585,9 @@ ALL_TYPES: tuple[type[Message], ...] = (
     SessionBanned,
     AccountResumed,
     SendBudgetChanged,
+    AccessModeSet,
+    AccessRuleAdded,
+    AccessRuleRemoved,
+    AccessApproved,
+    AccessRequested,
 )

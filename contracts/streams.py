@@ -90,6 +90,12 @@ ACCOUNTS = StreamSpec(
     subjects=("accounts.*.*",),
     description="AccountRegistered, lease and session events",
 )
+# Who may talk to the agent (ADR 0023): `access.<channel>.<account>` (`_`: channel-wide).
+ACCESS = StreamSpec(
+    name="ACCESS",
+    subjects=("access.*.*",),
+    description="AccessModeSet, AccessRuleAdded/Removed, AccessApproved, AccessRequested",
+)
 # The simulated WhatsApp network: like WhatsApp's servers it keeps what users send while
 # no owner is attached (a work queue per account) and records every send it accepted.
 SIM = StreamSpec(
@@ -119,6 +125,7 @@ STREAMS: tuple[StreamSpec, ...] = (
     DEADLETTER,
     PLUGINS,
     ACCOUNTS,
+    ACCESS,
     SIM,
     SIM_OUT,
 )

@@ -169,6 +169,19 @@ def accounts(channel: str, account: str) -> str:
     return f"accounts.{check_channel(channel)}.{check_account(account)}"
 
 
+ACCESS_CHANNEL_SCOPE = "_"
+
+
+def access(channel: str, account: str = "") -> str:
+    """`access.<channel>.<account>` (access policy; `_` for the channel-wide scope)."""
+    if account == ACCESS_CHANNEL_SCOPE:
+        raise InvalidSubjectError(
+            "account '_' is reserved for the channel-wide access scope: leave --account out"
+        )
+    scope = check_account(account) if account else ACCESS_CHANNEL_SCOPE
+    return f"access.{check_channel(channel)}.{scope}"
+
+
 _SAFE_SUBJECT_RE = re.compile(r"[A-Za-z0-9@\-_:+=!~$]+(?:\.[A-Za-z0-9@\-_:+=!~$]+)*")
 DEADLETTER_INVALID = "deadletter._invalid"
 

@@ -21,7 +21,8 @@ Rules (each violation names the offending event ids):
   one inbound message.
 - order: per chat, sends whose enqueue positions go backwards; turns whose inbound
   messages go backwards.
-- replay (when asked): the plugin projection rebuilt twice up to the same sequence differs.
+- replay (when asked): the plugin projection (or the access view) rebuilt twice up to the
+  same sequence differs.
 """
 
 from __future__ import annotations
@@ -276,7 +277,8 @@ class Auditor:
     def replayed(self, stream: str, upto: int, rows: dict[str, int], differ: list[str]) -> None:
         """A projection of `stream` rebuilt twice up to `upto`: `differ` lists the tables
         whose rows were not the same both times (invariant 5)."""
-        self.report.checked["replay"] = {f"{stream} events": upto, **rows}
+        checked = self.report.checked.setdefault("replay", {})
+        checked.update({f"{stream} events": upto, **rows})
         if differ:
             self._flag(
                 "replay",

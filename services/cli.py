@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 import nats.errors
@@ -48,6 +48,7 @@ Commands:
   accounts          services/ops/accounts.py
   whatsapp          services/ops/pair.py, services/whatsapp/neonize_store.py
   plugins           services/ops/plugins.py, services/plugins/
+  access            services/ops/access.py, projections/access.py
   dlq               services/ops/dlq.py
   replay            services/ops/replay.py, services/ops/explain.py
   audit             services/ops/audit.py, projections/audit.py
@@ -70,6 +71,11 @@ app.add_typer(streams_app, name="streams")
 app.add_typer(accounts_app, name="accounts")
 plugins_app = typer.Typer(help="Plugins and tool policy (events on PLUGINS).", no_args_is_help=True)
 app.add_typer(plugins_app, name="plugins")
+access_app = typer.Typer(
+    help="Who may talk to the agent (events on ACCESS): modes, allow/block, approvals.",
+    no_args_is_help=True,
+)
+app.add_typer(access_app, name="access")
 whatsapp_app = typer.Typer(help="Real WhatsApp (neonize): pair a number.", no_args_is_help=True)
 app.add_typer(whatsapp_app, name="whatsapp")
 dlq_app = typer.Typer(help="Dead letters: list, show, requeue, drop.", no_args_is_help=True)
@@ -638,6 +644,199 @@ def _write(
         raise _fail(str(exc), 2) from None
     event, seq = _plugins(settings, lambda bus: work(bus, scope), write=True)
     _recorded(event, seq, as_json)
+
+
+# --- svc access ------------------------------------------------------------------------
+
+
+def _access(
+    settings: Settings, work: Callable[[Bus], Coroutine[Any, Any, T]], *, write: bool = False
+) -> T:
+    """Run an access command: a write provisions the streams first (a fresh server works on
+    first use); a read replays ACCESS (an empty policy -- everyone open -- if missing)."""
+    from services.runtime.provisioning import ensure_streams, raise_on_conflict
+
+    async def main() -> T:
+        async with _connect(settings, "svc-access") as bus:
+            if write:
+                raise_on_conflict(await ensure_streams(bus.js, replicas=settings.stream_replicas))
+            return await work(bus)
+
+    return _run(main)
+
+
+def _access_scope(channel: str | None, account: str | None) -> tuple[str, str]:
+    from services.ops.access import scope
+
+    try:
+        return scope(channel, account)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+
+
+def _access_recorded(event: Any, seq: int, as_json: bool) -> None:
+    if as_json:
+        typer.echo(msgspec.json.encode({"seq": seq, "event": event}).decode())
+    else:
+        typer.echo(f"recorded {type(event).__name__} (ACCESS seq {seq})")
+
+
+@access_app.command("mode")
+def access_mode(
+    mode: Annotated[str, typer.Argument(help="open | allowlist | approval")],
+    channel: ChannelOpt = None,
+    account: AccountOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set the access mode of a channel (default whatsapp) or of one account."""
+    from services.ops.access import set_mode
+
+    settings = _settings(quiet=True)
+    ch, acct = _access_scope(channel, account)
+    event, seq = _access(settings, lambda bus: set_mode(bus, mode, ch, acct), write=True)
+    _access_recorded(event, seq, as_json)
+
+
+def _access_rule(
+    kind: Literal["allow", "block"],
+    patterns: list[str],
+    channel: str | None,
+    account: str | None,
+    as_json: bool,
+    *,
+    remove: bool = False,
+) -> None:
+    from services.ops.access import add_rule, check_pattern, remove_rule
+
+    settings = _settings(quiet=True)
+    ch, acct = _access_scope(channel, account)
+    try:
+        for pattern in patterns:
+            check_pattern(pattern)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+
+    async def work(bus: Bus) -> list[tuple[Any, int]]:
+        change = remove_rule if remove else add_rule
+        return [await change(bus, kind, p, ch, acct) for p in patterns]
+
+    for event, seq in _access(settings, work, write=True):
+        _access_recorded(event, seq, as_json)
+
+
+PatternsArg = Annotated[
+    list[str], typer.Argument(help="JIDs, phone numbers or globs ('1555*', '*@g.us').")
+]
+
+
+@access_app.command("allow")
+def access_allow(
+    patterns: PatternsArg,
+    channel: ChannelOpt = None,
+    account: AccountOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Let senders (or groups, by group JID) matching PATTERN talk to the agent."""
+    _access_rule("allow", patterns, channel, account, as_json)
+
+
+@access_app.command("block")
+def access_block(
+    patterns: PatternsArg,
+    channel: ChannelOpt = None,
+    account: AccountOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Refuse senders or groups matching PATTERN, whatever else allows them."""
+    _access_rule("block", patterns, channel, account, as_json)
+
+
+@access_app.command("unallow")
+def access_unallow(
+    patterns: PatternsArg,
+    channel: ChannelOpt = None,
+    account: AccountOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Take allow patterns out of a scope."""
+    _access_rule("allow", patterns, channel, account, as_json, remove=True)
+
+
+@access_app.command("unblock")
+def access_unblock(
+    patterns: PatternsArg,
+    channel: ChannelOpt = None,
+    account: AccountOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Take block patterns out of a scope."""
+    _access_rule("block", patterns, channel, account, as_json, remove=True)
+
+
+@access_app.command("pending")
+def access_pending(account: AccountOpt = None, as_json: JsonOpt = False) -> None:
+    """Senders waiting for approval (under `approval`), with how many messages wait."""
+    from services.ops.access import pending
+
+    rows = _access(_settings(quiet=True), lambda bus: pending(bus, account))
+    if as_json:
+        typer.echo(msgspec.json.encode(rows).decode())
+        return
+    if not rows:
+        typer.echo("nobody is waiting for approval")
+    for r in rows:
+        typer.echo(
+            f"{r['account']:<16} {r['jid']:<40} {r['messages']} waiting since {r['first_at']}"
+        )
+
+
+@access_app.command("approve")
+def access_approve(
+    jid: Annotated[str, typer.Argument(help="The sender (or group) JID to approve.")],
+    account: Annotated[str, typer.Option("--account", help="The account.")],
+    channel: ChannelOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Approve a sender on an account; its waiting messages are then answered, in order."""
+    from services.ops.access import approve, check_approvable
+
+    settings = _settings(quiet=True)
+    ch, acct = _access_scope(channel, account)
+    try:
+        check_approvable(jid)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    event, seq, released = _access(settings, lambda bus: approve(bus, jid, ch, acct), write=True)
+    if as_json:
+        typer.echo(msgspec.json.encode({"seq": seq, "event": event}).decode())
+        return
+    typer.echo(
+        f"recorded AccessApproved (ACCESS seq {seq}); {len(released)} waiting message(s)"
+        " sent back to be answered"
+    )
+
+
+@access_app.command("ls")
+def access_ls(as_json: JsonOpt = False) -> None:
+    """Modes, allow/block patterns, approved senders and who is pending."""
+    from services.ops.access import listing
+
+    data = _access(_settings(quiet=True), listing)
+    if as_json:
+        typer.echo(msgspec.json.encode(data).decode())
+        return
+    typer.echo("MODES (default open)")
+    for m in data["modes"] or [{"scope": "-", "mode": "open"}]:
+        typer.echo(f"  {m['scope']:<30} {m['mode']}")
+    typer.echo("RULES (a block always wins)")
+    for r in data["rules"] or [{"scope": "-", "kind": "", "pattern": ""}]:
+        typer.echo(f"  {r['scope']:<30} {r['kind']:<6} {r['pattern']}")
+    typer.echo("APPROVED")
+    for a in data["approved"] or [{"channel": "-", "account": "", "jid": ""}]:
+        typer.echo(f"  {a['channel']}/{a['account']:<24} {a['jid']}")
+    typer.echo("PENDING")
+    for p in data["pending"] or [{"channel": "-", "account": "", "jid": "", "messages": 0}]:
+        typer.echo(f"  {p['channel']}/{p['account']:<24} {p['jid']} ({p['messages']} waiting)")
 
 
 # --- svc replay projection -------------------------------------------------------------

@@ -27,6 +27,7 @@ from contracts.events import MessageReceived
 from contracts.payloads import ChatState, HistoryEntry
 from contracts.streams import CORE_CONSUMER, INBOUND
 from services.core import flood, turn
+from services.core.access import AccessGate
 from services.core.agent import run_turn
 from services.core.chats import ChatStore
 from services.core.llm import LLM, Completion, LLMError
@@ -98,6 +99,11 @@ class CoreWorker:
         self.tools = tools  # the core's port; the wiring (services.app) picks the adapter
         self.turn_wait = turn_wait
         self.chats = ChatStore(bus)
+        self.access = AccessGate(
+            bus,
+            waiting_text=self.settings.access_waiting_text,
+            waiting_period=self.settings.access_waiting_period,
+        )
         self.loop = ConsumerLoop(
             bus,
             core_consumer_spec(self.settings),
@@ -123,6 +129,9 @@ class CoreWorker:
         # ids out of bounds, or a payload naming another chat than the subject. (A payload
         # that does not decode never gets here: `dead_lettered` waits for its turn.)
         check_inbound(d.subject, inbound)
+        if await self._refused_access(inbound, d):  # recorded; the chat's next one may run
+            await self._settle(key, where.chat, d.stream_seq, [], state, revision)
+            return
         rate_tat = await self._within_rate(inbound, state)
         if rate_tat is None:  # refused: recorded, and the chat's next message may run
             await self._settle(key, where.chat, d.stream_seq, [], state, revision)
@@ -133,6 +142,16 @@ class CoreWorker:
         record = output.record
         await self.bus.publish(subjects.agent(record.channel, record.account, record.chat), record)
         await self._settle(key, where.chat, d.stream_seq, entries, state, revision, rate_tat)
+
+    async def _refused_access(self, inbound: MessageReceived, d: Delivery) -> bool:
+        """The access policy (ADR 0023), before any model call. A message the turn skips
+        anyway (own, status, a group message without a mention) is not judged."""
+        if turn.skip_reason(inbound, self.settings.group_replies):
+            return False
+        try:
+            return await self.access.refused(inbound, d.stream_seq)
+        except _NATS as exc:
+            raise TransientError(f"cannot read the access policy: {exc!r}", delay=1.0) from None
 
     async def _within_rate(self, inbound: MessageReceived, state: ChatState) -> float | None:
         """The chat's rate budget after this message runs; None if it was refused (and

@@ -29,6 +29,7 @@ from contracts.events import (
 )
 from contracts.payloads import SimOutbound
 from contracts.streams import (
+    ACCESS,
     ACCOUNTS,
     AGENT,
     CORE_CONSUMER,
@@ -134,6 +135,7 @@ async def _replay_twice(bus: Bus, scope: Scope, auditor: Auditor) -> None:
     from services.plugins.projection import PluginProjection
     from services.plugins.registry import discover, manifests
 
+    await _replay_access_twice(bus, scope, auditor)
     try:
         upto = (await bus.js.stream_info(PLUGINS.name)).state.last_seq
     except nats.js.errors.NotFoundError:
@@ -148,6 +150,31 @@ async def _replay_twice(bus: Bus, scope: Scope, auditor: Auditor) -> None:
     first, second = dumps
     differ = [table for table in first if first[table] != second.get(table)]
     auditor.replayed(PLUGINS.name, upto, {f"{t} rows": len(r) for t, r in first.items()}, differ)
+
+
+async def _replay_access_twice(bus: Bus, scope: Scope, auditor: Auditor) -> None:
+    """The same for the access view (ADR 0023): ACCESS folded twice up to one sequence."""
+    from projections.access import AccessView
+    from services.core.access import catch_up
+
+    try:
+        upto = (await bus.js.stream_info(ACCESS.name)).state.last_seq
+    except nats.js.errors.NotFoundError:
+        return
+    if (
+        not upto
+        or scope.replay is False
+        or (scope.replay is None and upto > REPLAY_BY_DEFAULT_UPTO)
+    ):
+        return
+    rows = []
+    for _ in range(2):
+        view = AccessView()
+        await catch_up(bus, view, upto=upto)
+        rows.append(view.rows())
+    first, second = rows
+    differ = [table for table in first if first[table] != second.get(table)]
+    auditor.replayed(ACCESS.name, upto, {f"{t} rows": len(r) for t, r in first.items()}, differ)
 
 
 async def _first_if_truncated(bus: Bus, stream: str) -> datetime | None:

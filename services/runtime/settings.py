@@ -220,6 +220,13 @@ class CoreSettings:
     # MessageRefused and never calls the model. See ADR 0015.
     chat_rate: RateLimit | None = DEFAULT_CHAT_RATE
     chat_flood: Literal["hold", "refuse"] = "hold"
+    # Access policy (ADR 0023): the reply an unknown sender gets under `approval`
+    # (SVC_ACCESS_WAITING_TEXT), at most once per SVC_ACCESS_WAITING_PERIOD seconds.
+    access_waiting_text: str = (
+        "Thanks for your message. This number only answers approved contacts: your message"
+        " has been passed on and will be answered once you are approved."
+    )
+    access_waiting_period: float = 86_400.0
     # The echo model's simulated thinking time (SVC_ECHO_LATENCY_MS), for load tests.
     echo_latency_ms: float = 0.0
 
@@ -363,6 +370,12 @@ def load_settings(env: Mapping[str, str] | None = None, *, role: str | None = No
                 get.get_choice("SVC_CHAT_FLOOD", "hold", ("hold", "refuse")),
             ),
             echo_latency_ms=get.get_float("SVC_ECHO_LATENCY_MS", 0.0, minimum=0, maximum=60_000),
+            access_waiting_text=get.get_str(
+                "SVC_ACCESS_WAITING_TEXT", CoreSettings.access_waiting_text
+            ),
+            access_waiting_period=get.get_float(
+                "SVC_ACCESS_WAITING_PERIOD", 86_400.0, minimum=0, maximum=366 * 86_400.0
+            ),
         ),
     )
     if settings.llm == "openai" and not settings.openai_api_key:

@@ -186,6 +186,8 @@ SAMPLE_SUBJECTS = [
     (subjects.plugins("weather"), streams.PLUGINS),
     (subjects.PLUGIN_POLICY_SUBJECT, streams.PLUGINS),
     (subjects.accounts("whatsapp", "acct-1"), streams.ACCOUNTS),
+    (subjects.access("whatsapp", "acct-1"), streams.ACCESS),
+    (subjects.access("whatsapp"), streams.ACCESS),  # the channel-wide scope `_`
     (subjects.sim_in("acct-1"), streams.SIM),
     (subjects.sim_out("acct-1"), streams.SIM_OUT),
     # Accounts named like the sim suffixes must not confuse the routing.

@@ -36,6 +36,7 @@ def test_accounts_come_from_the_list_or_the_single_id() -> None:
         ({"NATS_URL": "localhost:4222"}, ["NATS_URL", "nats://HOST:PORT"]),
         ({"SVC_LLM": "gpt"}, ["SVC_LLM", "echo, openai"]),
         ({"SIM_FAILURE_RATE": "2"}, ["SIM_FAILURE_RATE", "0 to 1"]),
+        ({"SVC_ACCESS_WAITING_PERIOD": "a day"}, ["SVC_ACCESS_WAITING_PERIOD", "'a day'"]),
         ({"SVC_LOG_LEVEL": "loud"}, ["SVC_LOG_LEVEL", "DEBUG"]),
     ],
 )
@@ -219,3 +220,14 @@ def test_a_bad_session_store_is_one_line_without_the_password(
 def test_a_directory_is_not_a_session_store(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is a directory"):
         load_settings({"WHATSAPP_STORE": str(tmp_path)})
+
+
+def test_the_access_waiting_reply_and_period_are_read_from_the_environment() -> None:
+    settings = load_settings(
+        {"SVC_ACCESS_WAITING_TEXT": "Hold on.", "SVC_ACCESS_WAITING_PERIOD": "600"}
+    )
+    assert (settings.core.access_waiting_text, settings.core.access_waiting_period) == (
+        "Hold on.",
+        600.0,
+    )
+    assert load_settings({}).core.access_waiting_period == 86_400.0
