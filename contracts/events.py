@@ -408,6 +408,19 @@ class SessionBanned(Event, frozen=True, kw_only=True):
     until: datetime | None = None
 
 
+class SessionZombie(Event, frozen=True, kw_only=True):
+    """The account's session said it was connected but heard nothing from the network
+    (no message, receipt or keepalive) for `silent_for` seconds; `recycled` says the owner
+    closed and reopened it under the same lease (at most once per cap window, ADR 0025)."""
+
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    holder: str
+    token: int = 0
+    silent_for: float
+    recycled: bool = False
+
+
 class AccountResumed(Event, frozen=True, kw_only=True):
     """An operator cleared a parked account (logged out, replaced, banned) for takeover."""
 
@@ -442,6 +455,7 @@ AccountEvent = (
     | SessionLoggedOut
     | SessionBanned
     | AccountResumed
+    | SessionZombie
 )
 AnyMessage = (
     MessageReceived
@@ -470,6 +484,7 @@ AnyMessage = (
     | SessionLoggedOut
     | SessionBanned
     | AccountResumed
+    | SessionZombie
 )
 
 ALL_TYPES: tuple[type[Message], ...] = (
@@ -499,4 +514,5 @@ ALL_TYPES: tuple[type[Message], ...] = (
     SessionLoggedOut,
     SessionBanned,
     AccountResumed,
+    SessionZombie,
 )

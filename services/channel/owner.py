@@ -44,11 +44,14 @@ from services.channel.fleet import Fleet, LeaseBoard
 from services.channel.ingress import Ingress
 from services.channel.ledger import SendLedger
 from services.channel.port import Connected, Disconnected, SessionEnd, Transport
+from services.channel.presence import presence_relay
 from services.channel.ratelimit import budget
+from services.channel.watchdog import RecyclableSession, ZombieWatch
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerLoop
 from services.runtime.lease import Lease, LeaseValue, read_lease
 from services.runtime.settings import Delivery as DeliverySettings
+from services.runtime.settings import SessionWatch
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,7 @@ class AccountOwner:
         board: LeaseBoard | None = None,
         fleet: Fleet | None = None,
         delivery: DeliverySettings | None = None,
+        watch: SessionWatch | None = None,
     ) -> None:
         self.bus = bus
         self.transport = transport
@@ -106,6 +110,7 @@ class AccountOwner:
         self._parked_logged = ""
         self._subject = subjects.accounts(self.channel, account)
         self.status = SessionBoard(bus, self.channel, account, holder)
+        self.watch = watch or SessionWatch()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Acquire, own, and on loss go back to standby, until `stop`."""
@@ -250,7 +255,10 @@ class AccountOwner:
                 await self.bus.js.delete_consumer(OUTBOUND.name, spec.durable)
             async with (
                 EventDispatch(ingress, name=f"{self.channel}.{self.account}") as events,
-                self.transport.session(self.account, events, receive=self.receive) as session,
+                RecyclableSession(
+                    self.transport, self.account, events, receive=self.receive
+                ) as session,
+                presence_relay(self.bus, self.channel, self.account, session),
             ):
                 egress = Egress(
                     self.bus,
@@ -272,6 +280,17 @@ class AccountOwner:
                     self._renew(lost, done), name=f"renew-{self.account}"
                 )
                 ending = asyncio.create_task(session.ended(), name=f"session-{self.account}")
+                watching = asyncio.create_task(
+                    ZombieWatch(
+                        self.bus,
+                        self.channel,
+                        self.account,
+                        self.holder,
+                        self.status,
+                        after=self.watch.zombie_after,
+                    ).run(session, done),
+                    name=f"zombie-watch-{self.account}",
+                )
                 ended = asyncio.create_task(_first(stop, lost, shed, handover))
                 await asyncio.wait([ended, ending, sending], return_when=asyncio.FIRST_COMPLETED)
                 ended.cancel()
@@ -279,7 +298,7 @@ class AccountOwner:
                     end = ending.result()
                 ending.cancel()
                 done.set()  # stop taking jobs; the in-flight send finishes
-                await asyncio.gather(sending, return_exceptions=True)
+                await asyncio.gather(sending, watching, return_exceptions=True)
                 # Not cancelled: a renewal cut off mid-flight could land with a revision we
                 # never learn, and the revision-checked release would then be refused.
                 await renewing
