@@ -111,6 +111,7 @@ class AccountOwner:
         self._subject = subjects.accounts(self.channel, account)
         self.status = SessionBoard(bus, self.channel, account, holder)
         self.watch = watch or SessionWatch()
+        self.zombie_watch: ZombieWatch | None = None  # the current session's, while owning
 
     async def run(self, stop: asyncio.Event) -> None:
         """Acquire, own, and on loss go back to standby, until `stop`."""
@@ -280,16 +281,16 @@ class AccountOwner:
                     self._renew(lost, done), name=f"renew-{self.account}"
                 )
                 ending = asyncio.create_task(session.ended(), name=f"session-{self.account}")
+                self.zombie_watch = ZombieWatch(
+                    self.bus,
+                    self.channel,
+                    self.account,
+                    self.holder,
+                    self.status,
+                    after=self.watch.zombie_after,
+                )
                 watching = asyncio.create_task(
-                    ZombieWatch(
-                        self.bus,
-                        self.channel,
-                        self.account,
-                        self.holder,
-                        self.status,
-                        after=self.watch.zombie_after,
-                    ).run(session, done),
-                    name=f"zombie-watch-{self.account}",
+                    self.zombie_watch.run(session, done), name=f"zombie-watch-{self.account}"
                 )
                 ended = asyncio.create_task(_first(stop, lost, shed, handover))
                 await asyncio.wait([ended, ending, sending], return_when=asyncio.FIRST_COMPLETED)

@@ -193,6 +193,7 @@ class ZombieWatch:
         self.clock = clock
         self._last_recycle: float | None = None
         self._reported_for: float | None = None  # the last_heard() of the silence reported
+        self.checks = 0  # looks taken (observability for tests and debugging)
 
     @property
     def interval(self) -> float:
@@ -221,6 +222,7 @@ class ZombieWatch:
 
     async def check(self, session: RecyclableSession) -> None:
         """One look: report (and maybe recycle) a silence longer than the window."""
+        self.checks += 1
         heard = session.last_heard()
         if heard is None or not self._connected():
             return
