@@ -140,21 +140,22 @@ class RecyclableSession:
         while True:
             inner = self._inner
             self._swapped.clear()
-            waits: list[asyncio.Task[object]] = [
-                asyncio.create_task(self._swapped.wait()),
-                asyncio.create_task(self._failed.ended()),
-            ]
-            if inner is not None:
-                waits.append(asyncio.create_task(inner.ended()))
+            failed = asyncio.create_task(self._failed.ended())
+            waits: list[asyncio.Task[object]] = [asyncio.create_task(self._swapped.wait()), failed]
+            own = asyncio.create_task(inner.ended()) if inner is not None else None
+            if own is not None:
+                waits.append(own)
             try:
                 done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for w in waits:
                     w.cancel()
-            for task in done:
-                result = task.result()
-                if isinstance(result, SessionEnd):
-                    return result
+            if failed in done:
+                return failed.result()
+            if own in done and self._inner is inner:  # not a session closed by a recycle
+                result = own.result()
+                assert isinstance(result, SessionEnd)
+                return result
 
     # -- optional capabilities -------------------------------------------------------
 

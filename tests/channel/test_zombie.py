@@ -20,10 +20,20 @@ from contracts.codec import encode
 from contracts.events import LeaseAcquired, LeaseReleased, SessionZombie
 from contracts.payloads import SimControl
 from services.channel.owner import AccountOwner
-from services.channel.port import Events
+from services.channel.port import (
+    Events,
+    Fence,
+    NotConnectedError,
+    Outgoing,
+    SessionEvent,
+    StreamReplaced,
+    TemporaryBan,
+)
+from services.channel.watchdog import RecyclableSession
 from services.runtime.bus import Bus
 from services.runtime.settings import SessionWatch, SimFaults
 from services.whatsapp.sim import SimSession, SimTransport
+from tests.channel.scripted import ScriptedTransport
 from tests.channel.test_owner_park import account_events, board, lease_value
 from tests.conftest import wait_until
 from tests.e2e.conftest import SimNetwork, job
@@ -147,3 +157,44 @@ async def _state(bus: Bus, state: str) -> bool:
 
 async def _count(bus: Bus, n: int) -> bool:
     return len(await zombies(bus)) >= n
+
+
+class _NoEvents:
+    def post(self, event: SessionEvent) -> None:
+        pass
+
+    async def deliver(self, event: SessionEvent) -> None:
+        pass
+
+
+async def test_after_a_recycle_the_new_session_s_end_counts_and_sends_wait_meanwhile() -> None:
+    # Given a recyclable session over the scripted transport
+    transport = ScriptedTransport()
+    async with RecyclableSession(transport, "a", _NoEvents(), receive=False) as session:
+        old = transport.sessions["a"][0]
+        ending = asyncio.create_task(session.ended())
+        # When it is recycled
+        assert await session.recycle()
+        new = transport.sessions["a"][1]
+        # Then the old session's end no longer counts (it was closed by its owner) ...
+        old.signal(StreamReplaced())
+        for _ in range(10):  # let the watcher run: it must not return
+            await asyncio.sleep(0)
+        assert not ending.done()
+        # ... but the new one's does
+        new.signal(TemporaryBan(reason="code 101"))
+        end = await asyncio.wait_for(ending, 5)
+        assert end.state == "banned"
+        # And sends go to the new session
+        fence = Fence("h", 1)
+        assert await session.send(Outgoing("c@s.whatsapp.net", "hi", "j1", fence)) == "net-1"
+        assert new.calls == 1
+        assert old.calls == 0
+
+
+async def test_a_send_during_a_recycle_is_not_connected_and_keeps_its_place() -> None:
+    transport = ScriptedTransport()
+    async with RecyclableSession(transport, "a", _NoEvents(), receive=False) as session:
+        session._inner = None  # the moment between closing the old and opening the new
+        with pytest.raises(NotConnectedError):
+            await session.send(Outgoing("c@s.whatsapp.net", "hi", "j1", Fence("h", 1)))
