@@ -568,12 +568,17 @@ async def test_presence_commands_reach_whatsmeow_as_mark_read_and_chat_presence(
             cmd = PresenceCommand(chat=CHAT, action=action, message_ids=list(ids), sender=CHAT)
             await bus.nc.publish(subjects.presence("whatsapp", ACCOUNT, CHAT), encode(cmd))
 
-        # When the core asks for read, typing, paused (as at a failed turn)
+        # When a malformed command arrives first, then read, typing, paused (as at a
+        # failed turn)
+        await bus.nc.publish(subjects.presence("whatsapp", ACCOUNT, CHAT), b"\x00not json")
         await command("read", ("3EB0USER1",))
         await command("typing")
         await command("paused")
-        # Then whatsmeow is called in that order: MarkRead, then SendChatPresence twice
+        # Then the bad one is one log line, and whatsmeow is called in order: MarkRead,
+        # then SendChatPresence twice
         await wait_until(lambda: len(fake.presence) == 3, what="three presence calls")
+        (bad,) = [r for r in caplog.records if r.getMessage() == "bad presence command dropped"]
+        assert "\n" not in str(bad.__dict__.get("error", ""))
         assert fake.presence == [
             PresenceCall("read", CHAT, ("3EB0USER1",), CHAT),
             PresenceCall("typing", CHAT),
