@@ -424,6 +424,19 @@ class SendBudgetChanged(Event, frozen=True, kw_only=True):
     holder: str = ""
 
 
+class SessionZombie(Event, frozen=True, kw_only=True):
+    """The account's session said it was connected but heard nothing from the network
+    (no message, receipt or keepalive) for `silent_for` seconds; `recycled` says the owner
+    closed and reopened it under the same lease (at most once per cap window, ADR 0025)."""
+
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    holder: str
+    token: int = 0
+    silent_for: float
+    recycled: bool = False
+
+
 class AccountResumed(Event, frozen=True, kw_only=True):
     """An operator cleared a parked account (logged out, replaced, banned) for takeover."""
 
@@ -520,6 +533,7 @@ AccountEvent = (
     | SessionBanned
     | AccountResumed
     | SendBudgetChanged
+    | SessionZombie
 )
 AccessEvent = AccessModeSet | AccessRuleAdded | AccessRuleRemoved | AccessApproved | AccessRequested
 AnyMessage = (
@@ -555,6 +569,7 @@ AnyMessage = (
     | AccessRuleRemoved
     | AccessApproved
     | AccessRequested
+    | SessionZombie
 )
 
 ALL_TYPES: tuple[type[Message], ...] = (
@@ -590,4 +605,5 @@ ALL_TYPES: tuple[type[Message], ...] = (
     AccessRuleRemoved,
     AccessApproved,
     AccessRequested,
+    SessionZombie,
 )

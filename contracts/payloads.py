@@ -1,4 +1,5 @@
-"""Payloads of the simulated WhatsApp network (`sim.whatsapp.<account>.in|out`)."""
+"""Payloads that are not events: the simulated WhatsApp network (`sim.whatsapp.<account>.*`),
+presence commands, and the records kept in KV buckets."""
 
 from __future__ import annotations
 
@@ -29,12 +30,37 @@ class SimInbound(msgspec.Struct, frozen=True, kw_only=True):
 class SimControl(msgspec.Struct, frozen=True, kw_only=True):
     """A session signal the simulated network sends the account's attached owner."""
 
-    event: Literal["stream_replaced", "logged_out", "temporary_ban", "receipt"]
+    # `silence`: the session stops hearing from the network (no keepalives), as a zombie
+    # WhatsApp Web socket does; a session opened afterwards hears again (ADR 0025).
+    event: Literal["stream_replaced", "logged_out", "temporary_ban", "receipt", "silence"]
     reason: str = ""
     # receipt only: which messages (transport ids, `sim-<seq>`) reached which state
     chat: str = ""
     message_ids: list[str] = msgspec.field(default_factory=list)
     status: str = "delivered"
+
+
+PresenceAction = Literal["read", "typing", "paused"]
+
+
+class PresenceCommand(msgspec.Struct, frozen=True, kw_only=True):
+    """What the core asks an account's owner to show a chat (`presence.<channel>.<account>.
+    <chat>`, plain NATS, best effort): `read` marks `message_ids` (written by `sender`)
+    read, `typing` shows "typing...", `paused` clears it."""
+
+    chat: str
+    action: PresenceAction
+    message_ids: list[str] = msgspec.field(default_factory=list)
+    sender: str = ""  # who wrote message_ids (a group participant; the chat in a 1:1)
+
+
+class SimPresence(msgspec.Struct, frozen=True, kw_only=True):
+    """What the simulated network saw an account show a chat (`sim.whatsapp.<account>.
+    presence`): read receipts and typing indicators, for tests to observe their order."""
+
+    chat: str
+    action: PresenceAction
+    message_ids: list[str] = msgspec.field(default_factory=list)
 
 
 class SimFailure(msgspec.Struct, frozen=True, kw_only=True):
@@ -120,6 +146,7 @@ SessionState = Literal[
     "connecting",
     "connected",
     "disconnected",
+    "zombie",  # connected, but nothing heard for SVC_ZOMBIE_AFTER (ADR 0025)
     "needs_pairing",
     "logged_out",
     "replaced",

@@ -159,6 +159,17 @@ def delivery(channel: str, account: str, chat: str) -> str:
     return _chat_subject("delivery", channel, account, chat)
 
 
+def presence(channel: str, account: str, chat: str) -> str:
+    """`presence.<channel>.<account>.<chat>`: core -> owner presence commands (read,
+    typing, paused) on plain NATS, best effort, never stored (ADR 0025)."""
+    return f"presence.{check_channel(channel)}.{check_account(account)}.{encode_chat(chat)}"
+
+
+def presence_filter(channel: str, account: str) -> str:
+    """Every presence command of one account (what its owner subscribes to)."""
+    return f"presence.{check_channel(channel)}.{check_account(account)}.*"
+
+
 def outbound_filter(channel: str, account: str) -> str:
     """Every outbound job of one account."""
     return f"outbound.{check_channel(channel)}.{check_account(account)}.*"
@@ -279,6 +290,11 @@ def sim_failures(account: str) -> str:
 def sim_control(account: str) -> str:
     """Simulated session signals for `account` (stream replaced, logged out, banned)."""
     return f"sim.whatsapp.{check_account(account)}.control"
+
+
+def sim_presence(account: str) -> str:
+    """What the sim network saw `account` show its chats (read, typing, paused)."""
+    return f"sim.whatsapp.{check_account(account)}.presence"
 
 
 def sim_in(account: str) -> str:

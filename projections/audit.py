@@ -59,6 +59,7 @@ from contracts.events import (
     SendMessage,
     SessionBanned,
     SessionLoggedOut,
+    SessionZombie,
 )
 from contracts.subjects import parse_chat_subject
 
@@ -253,6 +254,10 @@ class Auditor:
                 entry = LeaseEntry(event.at, "banned", event.holder, 0, event.reason)
             case AccountResumed():
                 entry = LeaseEntry(event.at, "resumed", event.actor, 0, event.reason)
+            case SessionZombie():
+                what = "recycled" if event.recycled else "reported only (recycle cap)"
+                reason = f"nothing heard for {event.silent_for:.0f} s, {what}"
+                entry = LeaseEntry(event.at, "zombie", event.holder, event.token, reason)
             case AccountRegistered():
                 entry = LeaseEntry(event.at, "registered", "", 0, event.transport)
             case SendBudgetChanged():

@@ -199,6 +199,7 @@ async def _run_role(
                     board=board,
                     fleet=fleet,
                     delivery=settings.delivery,
+                    watch=settings.session,
                 )
                 tasks.append(asyncio.create_task(owner.run(stop), name=f"owner-{account}"))
         if role == "whatsapp-ingress":

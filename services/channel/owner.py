@@ -55,11 +55,14 @@ from services.channel.port import (
     SessionEvent,
     Transport,
 )
+from services.channel.presence import presence_relay
+from services.channel.watchdog import RecyclableSession, ZombieWatch
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerLoop
 from services.runtime.lease import Lease, LeaseValue, read_lease
 from services.runtime.reader import read
 from services.runtime.settings import Delivery as DeliverySettings
+from services.runtime.settings import SessionWatch
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +101,7 @@ class AccountOwner:
         board: LeaseBoard | None = None,
         fleet: Fleet | None = None,
         delivery: DeliverySettings | None = None,
+        watch: SessionWatch | None = None,
     ) -> None:
         self.bus = bus
         self.transport = transport
@@ -120,6 +124,8 @@ class AccountOwner:
         self._parked_logged = ""
         self._subject = subjects.accounts(self.channel, account)
         self.status = SessionBoard(bus, self.channel, account, holder)
+        self.watch = watch or SessionWatch()
+        self.zombie_watch: ZombieWatch | None = None  # the current session's, while owning
 
     async def run(self, stop: asyncio.Event) -> None:
         """Acquire, own, and on loss go back to standby, until `stop`."""
@@ -271,7 +277,10 @@ class AccountOwner:
                 await self.bus.js.delete_consumer(OUTBOUND.name, spec.durable)
             async with (
                 EventDispatch(received, name=f"{self.channel}.{self.account}") as events,
-                self.transport.session(self.account, events, receive=self.receive) as session,
+                RecyclableSession(
+                    self.transport, self.account, events, receive=self.receive
+                ) as session,
+                presence_relay(self.bus, self.channel, self.account, session),
             ):
                 egress = Egress(
                     self.bus,
@@ -296,6 +305,17 @@ class AccountOwner:
                 restoring = asyncio.create_task(
                     budget.restore(done, self._record_budget), name=f"budget-{self.account}"
                 )
+                self.zombie_watch = ZombieWatch(
+                    self.bus,
+                    self.channel,
+                    self.account,
+                    self.holder,
+                    self.status,
+                    after=self.watch.zombie_after,
+                )
+                watching = asyncio.create_task(
+                    self.zombie_watch.run(session, done), name=f"zombie-watch-{self.account}"
+                )
                 ended = asyncio.create_task(_first(stop, lost, shed, handover))
                 await asyncio.wait([ended, ending, sending], return_when=asyncio.FIRST_COMPLETED)
                 ended.cancel()
@@ -303,7 +323,7 @@ class AccountOwner:
                     end = ending.result()
                 ending.cancel()
                 done.set()  # stop taking jobs; the in-flight send finishes
-                await asyncio.gather(sending, restoring, return_exceptions=True)
+                await asyncio.gather(sending, restoring, watching, return_exceptions=True)
                 # Not cancelled: a renewal cut off mid-flight could land with a revision we
                 # never learn, and the revision-checked release would then be refused.
                 await renewing

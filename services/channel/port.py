@@ -10,6 +10,10 @@ Cloud API webhooks) also offers an `InboundSource`, which any number of receive-
 workers may run without the lease.
 
 Everything here is channel-agnostic: the channel name comes from `Transport.channel`.
+
+Optional session capabilities (ADR 0025), looked up with `getattr` so a transport that
+cannot simply lacks them: `last_heard()` (the zombie watchdog's input) and `presence()`
+(read receipts and typing). `SessionCapabilities` documents their shape.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol
 
+from contracts.payloads import PresenceAction
 from services.runtime.errors import ServiceError
 
 
@@ -223,6 +228,28 @@ class Session(Protocol):
         """Return when the session has ended by itself (logged out, replaced, banned, not
         paired); never for a session closed by its owner."""
         ...
+
+
+class SessionCapabilities(Protocol):
+    """Optional extras of a `Session`: a transport offers each one it can, or none."""
+
+    def last_heard(self) -> float | None:
+        """time.monotonic() of the last thing the network sent this session (a message,
+        a receipt, a keepalive answer), or None before anything was heard."""
+        ...
+
+    async def presence(
+        self, chat: str, action: PresenceAction, message_ids: tuple[str, ...], sender: str = ""
+    ) -> None:
+        """Show `chat` an action: `read` marks `message_ids` (by `sender`) read, `typing`
+        shows "typing...", `paused` clears it. Best effort: bounded in time, never raises."""
+        ...
+
+
+def last_heard_of(session: object) -> float | None:
+    """The session's `last_heard()`, or None when the transport cannot tell."""
+    probe = getattr(session, "last_heard", None)
+    return probe() if callable(probe) else None
 
 
 class Events(Protocol):

@@ -31,6 +31,7 @@ from services.core.access import AccessGate
 from services.core.agent import run_turn
 from services.core.chats import ChatStore
 from services.core.llm import LLM, Completion, LLMError
+from services.core.presence import Presence
 from services.core.tools import ToolSource
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerLoop, ConsumerSpec, Delivery
@@ -218,8 +219,10 @@ class CoreWorker:
             log.info("skipped", extra={"inbound_id": inbound.id, "reason": reason})
             return turn.skipped(inbound, reason, model), []
         asked = HistoryEntry(role="user", text=inbound.text, ref=inbound.id)
-        started = time.perf_counter()
         tools = await self.tools.toolbox(inbound.channel, inbound.account, inbound.chat)
+        presence = Presence(self.bus, settings.presence_for(inbound.account))
+        await presence.started(inbound)  # read, then typing (ADR 0025)
+        started = time.perf_counter()
         try:
             result = await run_turn(
                 self.llm,
@@ -227,7 +230,11 @@ class CoreWorker:
                 turn.prompt(inbound, settings.system_prompt, state),
                 max_rounds=settings.max_tool_rounds,
             )
-        except LLMError as exc:
+        except BaseException as exc:
+            # Failed, or retried later: either way no reply is on its way now.
+            await presence.ended_without_reply(inbound)
+            if not isinstance(exc, LLMError):
+                raise
             if exc.transient and not self.retry.last(d.attempt):
                 # Retried in place, in order: after this attempt's declared backoff, or
                 # later if the server asked for it (Retry-After, capped in llm.py).
@@ -258,6 +265,8 @@ class CoreWorker:
             plugins_seq=tools.plugins_seq,
             quote=settings.quote_replies,
         )
+        if not output.jobs:
+            await presence.ended_without_reply(inbound)
         entries = [asked]
         if result.text.strip():
             refs = ",".join(j.job_id for j in output.jobs)

@@ -141,7 +141,7 @@ async def _leases(bus: Bus) -> list[dict[str, Any]]:
 T = TypeVar("T")
 
 # The states a live owner reports; without a lease behind them they are stale.
-_LIVE = ("connecting", "connected", "disconnected")
+_LIVE = ("connecting", "connected", "disconnected", "zombie")
 _PHONE = re.compile(r"^(\d+)(.*)$")
 
 
@@ -347,6 +347,8 @@ def _recovery(state: str) -> str:
             return " (resumes by itself at the end; 'svc accounts resume' to force)"
         case "replaced" | "outdated" | "connect_failed" | "parked":
             return " ('svc accounts resume' once fixed)"
+        case "zombie":
+            return " ('svc accounts handover' reconnects it elsewhere; see the runbook)"
         case _:
             return ""
 

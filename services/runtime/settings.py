@@ -196,6 +196,18 @@ DEFAULT_CHAT_RATE = RateLimit(per_minute=20, burst=10)
 NEONIZE_SAME_TEXT_LIMIT = 5
 
 
+PresenceMode = Literal["off", "read", "read+typing"]
+PRESENCE_MODES: tuple[str, ...] = ("off", "read", "read+typing")
+
+
+@dataclass(frozen=True)
+class SessionWatch:
+    """The owner's zombie watchdog (ADR 0025): SVC_ZOMBIE_AFTER seconds of silence on a
+    connected session report it and recycle it (once per cap window); 0 turns it off."""
+
+    zombie_after: float = 900.0
+
+
 @dataclass(frozen=True)
 class CoreSettings:
     """How the core runs turns."""
@@ -229,6 +241,13 @@ class CoreSettings:
     access_waiting_period: float = 86_400.0
     # The echo model's simulated thinking time (SVC_ECHO_LATENCY_MS), for load tests.
     echo_latency_ms: float = 0.0
+    # Read receipts and typing per account (SVC_PRESENCE, SVC_PRESENCE_ACCOUNTS), ADR 0025.
+    presence: PresenceMode = "read+typing"
+    presence_accounts: tuple[tuple[str, PresenceMode], ...] = ()
+
+    def presence_for(self, account: str) -> PresenceMode:
+        """What `account` shows its chats during a turn."""
+        return dict(self.presence_accounts).get(account, self.presence)
 
 
 @dataclass(frozen=True)
@@ -255,6 +274,7 @@ class Settings:
     sim: SimFaults = SimFaults()
     delivery: Delivery = Delivery()
     core: CoreSettings = CoreSettings()
+    session: SessionWatch = SessionWatch()
 
     @property
     def effective_nats_url(self) -> str:
@@ -376,6 +396,13 @@ def load_settings(env: Mapping[str, str] | None = None, *, role: str | None = No
             access_waiting_period=get.get_float(
                 "SVC_ACCESS_WAITING_PERIOD", 86_400.0, minimum=0, maximum=366 * 86_400.0
             ),
+            presence=cast(
+                PresenceMode, get.get_choice("SVC_PRESENCE", "read+typing", PRESENCE_MODES)
+            ),
+            presence_accounts=get.get_presences("SVC_PRESENCE_ACCOUNTS"),
+        ),
+        session=SessionWatch(
+            zombie_after=get.get_float("SVC_ZOMBIE_AFTER", 900.0, minimum=0, maximum=86_400),
         ),
     )
     if settings.llm == "openai" and not settings.openai_api_key:
@@ -537,6 +564,19 @@ class _Reader:
                     " expected ACCOUNT=PER_MINUTE[:BURST] or ACCOUNT=off"
                 )
             out.append((account.strip(), _parse_rate(name, rate.strip())))
+        return tuple(out)
+
+    def get_presences(self, name: str) -> tuple[tuple[str, PresenceMode], ...]:
+        out = []
+        for item in self.get_list(name):
+            account, sep, mode = item.partition("=")
+            mode = mode.strip().lower()
+            if not sep or not _ACCOUNT_RE.fullmatch(account.strip()) or mode not in PRESENCE_MODES:
+                raise ConfigError(
+                    f"{name} has invalid entry {item!r}: expected ACCOUNT=MODE with MODE one of"
+                    f" {', '.join(PRESENCE_MODES)} (e.g. {name}=support=off)"
+                )
+            out.append((account.strip(), cast(PresenceMode, mode)))
         return tuple(out)
 
     def get_list(self, name: str) -> list[str]:

@@ -35,6 +35,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+from contracts.payloads import PresenceAction
 from services.channel.devices import DeviceRegistry
 from services.channel.port import (
     ClientOutdated,
@@ -87,6 +88,7 @@ _EVENT_NAMES = (
     "DisconnectedEv",
     "ConnectFailureEv",
     "KeepAliveTimeoutEv",
+    "KeepAliveRestoredEv",
     "StreamReplacedEv",
     "LoggedOutEv",
     "TemporaryBanEv",
@@ -151,6 +153,13 @@ def bridge_from_env(env: dict[str, str] | os._Environ[str] | None = None) -> Bri
     """The installer named by SVC_TEST_NEONIZE_BRIDGE, or None when it is unset."""
     spec = (os.environ if env is None else env).get(BRIDGE_ENV, "").strip()
     return load_bridge(spec) if spec else None
+
+
+def _jid(text: str) -> Any:
+    """A JID protobuf from `user@server` (a chat or sender JID as the channel layer has it)."""
+    user, _, server = text.partition("@")
+    build: Any = neonize_module("neonize.utils.jid").build_jid
+    return build(user, server or "s.whatsapp.net")
 
 
 def phone_jid(device_id: str) -> str:
@@ -227,6 +236,7 @@ class NeonizeSession(SessionEnding):
         self._ending = False  # an ending signal arrived; the end itself may follow a write
         self._delay = self.settings.backoff_initial
         self._where = {"account": account, "channel": CHANNEL}
+        self._heard: float | None = None  # monotonic time the network last said anything
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -357,6 +367,10 @@ class NeonizeSession(SessionEnding):
 
     def _on_event(self, ev: Any) -> None:
         mapped = neonize_map.session_event(self.account_jids, ev)
+        if not isinstance(mapped, Disconnected):
+            # Anything the network sent (a message, a receipt, presence, a restored
+            # keepalive...) proves the socket is alive; a Disconnected is our own verdict.
+            self._heard = time.monotonic()
         match mapped:
             case neonize_map.Dropped(reason=reason):
                 log.debug("neonize event dropped", extra={**self._where, "why": reason})
@@ -414,7 +428,51 @@ class NeonizeSession(SessionEnding):
             ) from None
         except send_error as exc:
             raise self._send_failed(str(exc)) from None
+        self._heard = time.monotonic()  # the server acknowledged it
         return str(response.ID)
+
+    # -- optional capabilities (ADR 0025) --------------------------------------------
+
+    def last_heard(self) -> float | None:
+        """When the network last said anything to this session (None: nothing yet).
+        whatsmeow's successful keepalives raise no event, so on a quiet number this is
+        the last event or acknowledged send (see ADR 0025 on false positives)."""
+        return self._heard
+
+    async def presence(
+        self, chat: str, action: PresenceAction, message_ids: tuple[str, ...], sender: str = ""
+    ) -> None:
+        """Mark messages read, or show/clear "typing..." in `chat`: bounded by the send
+        timeout; a failure is logged, never raised (presence is best effort)."""
+        client = self._client
+        if client is None or self._end is not None:
+            return
+        enums: Any = neonize_module("neonize.utils.enum")
+        try:
+            if action == "read":
+                if not message_ids:
+                    return
+                call = client.mark_read(
+                    *message_ids,
+                    chat=_jid(chat),
+                    sender=_jid(sender or chat),
+                    receipt=enums.ReceiptType.READ,
+                )
+            else:
+                state = (
+                    enums.ChatPresence.CHAT_PRESENCE_COMPOSING
+                    if action == "typing"
+                    else enums.ChatPresence.CHAT_PRESENCE_PAUSED
+                )
+                call = client.send_chat_presence(
+                    _jid(chat), state, enums.ChatPresenceMedia.CHAT_PRESENCE_MEDIA_TEXT
+                )
+            await asyncio.wait_for(call, self.send_timeout)
+        except Exception as exc:
+            log.info(
+                "neonize presence not shown",
+                extra={**self._where, "action": action, "error": repr(exc)},
+            )
 
     def _send_failed(self, error: str) -> TransportError:
         kind = neonize_map.classify_send_error(error)

@@ -31,7 +31,14 @@ from contracts import subjects
 from contracts.codec import decode, encode
 from contracts.errors import DecodeError
 from contracts.events import CHANNEL_WHATSAPP
-from contracts.payloads import SimControl, SimFailure, SimInbound, SimOutbound
+from contracts.payloads import (
+    PresenceAction,
+    SimControl,
+    SimFailure,
+    SimInbound,
+    SimOutbound,
+    SimPresence,
+)
 from contracts.streams import LEASES, SIM, sim_consumer
 from services.channel.port import (
     Connected,
@@ -101,6 +108,30 @@ class SimSession(SessionEnding):
         self.send_timeout = sim_send_timeout(faults)
         self.lease_key = subjects.lease_key(CHANNEL_WHATSAPP, account)
         self._leases: KeyValue | None = None
+        # The sim network answers keepalives while it is reachable: the session hears
+        # "now" until a `silence` signal makes it a zombie (heard last at that moment).
+        self._silent_since: float | None = None
+
+    def last_heard(self) -> float | None:
+        """When the network was last heard: now, unless the session was silenced."""
+        return time.monotonic() if self._silent_since is None else self._silent_since
+
+    def silence(self) -> None:
+        """The network stops talking to this session (a zombie); a new session hears."""
+        if self._silent_since is None:
+            self._silent_since = time.monotonic()
+
+    async def presence(
+        self, chat: str, action: PresenceAction, message_ids: tuple[str, ...], sender: str = ""
+    ) -> None:
+        """Show `chat` a read receipt or typing state: the sim network publishes what it saw
+        on `sim.whatsapp.<account>.presence` (a send clears typing by itself, as on
+        WhatsApp: the sim records nothing for that)."""
+        seen = SimPresence(chat=chat, action=action, message_ids=list(message_ids))
+        try:
+            await self.bus.nc.publish(subjects.sim_presence(self.account), encode(seen))
+        except nats.errors.Error as exc:
+            log.info("sim presence not shown", extra={"account": self.account, "error": repr(exc)})
 
     async def send(self, out: Outgoing) -> str:
         """Publish the message on the sim network (unless its fence is stale); its stream
@@ -231,6 +262,9 @@ def _control_relay(session: SimSession, events: Events) -> Callable[[Msg], Await
             return
         event: SessionEvent
         match control.event:
+            case "silence":
+                session.silence()
+                return
             case "stream_replaced":
                 event = StreamReplaced()
             case "logged_out":

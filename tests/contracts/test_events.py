@@ -399,6 +399,16 @@ SAMPLES: dict[type[ev.Message], ev.Message] = {
         inbound_seq=42,
         waiting_job="job-waiting-1",
     ),
+    ev.SessionZombie: ev.SessionZombie(
+        id="00000000000000000000000000000022",
+        at=AT,
+        channel=CHANNEL,
+        account="acct-1",
+        holder="egress-host-a-1",
+        token=9,
+        silent_for=912.5,
+        recycled=True,
+    ),
 }
 
 TYPES = list(ev.ALL_TYPES)

@@ -38,6 +38,12 @@ def test_accounts_come_from_the_list_or_the_single_id() -> None:
         ({"SIM_FAILURE_RATE": "2"}, ["SIM_FAILURE_RATE", "0 to 1"]),
         ({"SVC_ACCESS_WAITING_PERIOD": "a day"}, ["SVC_ACCESS_WAITING_PERIOD", "'a day'"]),
         ({"SVC_LOG_LEVEL": "loud"}, ["SVC_LOG_LEVEL", "DEBUG"]),
+        ({"SVC_PRESENCE": "typing"}, ["SVC_PRESENCE", "'typing'", "off, read, read+typing"]),
+        (
+            {"SVC_PRESENCE_ACCOUNTS": "sales=loud"},
+            ["SVC_PRESENCE_ACCOUNTS", "'sales=loud'", "ACCOUNT=MODE", "read+typing"],
+        ),
+        ({"SVC_ZOMBIE_AFTER": "-1"}, ["SVC_ZOMBIE_AFTER", "0 to 86400"]),
     ],
 )
 def test_a_bad_value_names_the_variable_the_value_and_what_is_allowed(
@@ -49,6 +55,18 @@ def test_a_bad_value_names_the_variable_the_value_and_what_is_allowed(
     assert "\n" not in message
     for needle in needles:
         assert needle in message
+
+
+def test_presence_is_per_account_and_the_zombie_window_configurable() -> None:
+    settings = load_settings(
+        {"SVC_PRESENCE": "read", "SVC_PRESENCE_ACCOUNTS": "vip=read+typing, bulk=off"}
+    )
+    assert settings.core.presence_for("vip") == "read+typing"
+    assert settings.core.presence_for("bulk") == "off"
+    assert settings.core.presence_for("other") == "read"
+    assert load_settings({}).core.presence_for("any") == "read+typing"
+    assert load_settings({}).session.zombie_after == 900
+    assert load_settings({"SVC_ZOMBIE_AFTER": "0"}).session.zombie_after == 0
 
 
 def test_secrets_never_reach_repr_or_errors() -> None:

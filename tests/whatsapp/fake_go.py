@@ -13,7 +13,9 @@ one. Like whatsmeow, it calls the client's real callbacks from its own thread:
   while `online` is off it answers `websocket not connected`, as whatsmeow does;
 - `connect_errors`: each connect takes the next one and fails with it at once (DNS,
   refused...), as neonize's `Neonize()` returns an error string;
-- `Stop` optionally blocks (a dial in flight) until `unblock_stop` is set.
+- `Stop` optionally blocks (a dial in flight) until `unblock_stop` is set;
+- `MarkRead` / `SendChatPresence` record read receipts and typing states in `presence`
+  (in call order), or answer the Go error `presence_error` when it is set.
 """
 
 from __future__ import annotations
@@ -64,6 +66,21 @@ class SentMessage:
         return None
 
 
+@dataclass(frozen=True)
+class PresenceCall:
+    """A read receipt or chat presence the account sent, as the fake network saw it."""
+
+    action: str  # read | typing | paused
+    chat: str
+    message_ids: tuple[str, ...] = ()
+    sender: str = ""
+
+
+def _jid_text(data: bytes) -> str:
+    parsed = nz.JID.FromString(data)
+    return f"{parsed.User}@{parsed.Server}"
+
+
 class FakeGo:
     """Stands in for neonize's Go bridge (see the module docstring)."""
 
@@ -96,6 +113,8 @@ class FakeGo:
         self.block_stop = False
         self.unblock_stop = threading.Event()
         self.stop_calls = 0
+        self.presence: list[PresenceCall] = []
+        self.presence_error = ""
         self._ids = itertools.count(1)
         self._live: tuple[bytes, Any] | None = None  # (uuid, event callback) of the client
         self._outbox: queue.Queue[Proto] = queue.Queue()
@@ -145,6 +164,38 @@ class FakeGo:
             DebugTimings=nz.MessageDebugTimings(**dict.fromkeys(_TIMINGS, 0)),
         )
         return nz.SendMessageReturnFunction(SendResponse=response).SerializeToString()
+
+    async def MarkRead(
+        self,
+        uuid: bytes,
+        ids: bytes,
+        timestamp: int,
+        chat: bytes,
+        chat_size: int,
+        sender: bytes,
+        sender_size: int,
+        receipt: bytes,
+    ) -> bytes:
+        if self.presence_error:
+            return self.presence_error.encode()
+        self.presence.append(
+            PresenceCall(
+                "read" if receipt == b"read" else receipt.decode(),
+                _jid_text(chat),
+                tuple(ids.decode().split()),
+                _jid_text(sender),
+            )
+        )
+        return b""
+
+    async def SendChatPresence(
+        self, uuid: bytes, jid: bytes, jid_size: int, state: int, media: int
+    ) -> bytes:
+        if self.presence_error:
+            return self.presence_error.encode()
+        action = {0: "typing", 1: "paused"}[state]  # whatsmeow's ChatPresence values
+        self.presence.append(PresenceCall(action, _jid_text(jid)))
+        return b""
 
     async def Stop(self, uuid: bytes) -> None:
         self.stop_calls += 1

@@ -186,6 +186,11 @@ def keepalive_timeout(missed: int = 3) -> nz.KeepAliveTimeout:
     return nz.KeepAliveTimeout(ErrorCount=missed, LastSuccess=1_764_500_000)
 
 
+def keepalive_restored() -> nz.KeepAliveRestored:
+    """whatsmeow's keepalive answered again (after a timeout)."""
+    return nz.KeepAliveRestored()
+
+
 def stream_replaced() -> nz.StreamReplaced:
     """A StreamReplaced event (another client took the session)."""
     return nz.StreamReplaced()

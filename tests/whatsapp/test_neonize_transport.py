@@ -23,6 +23,7 @@ import pytest
 from google.protobuf.message import Message as Proto
 
 from contracts import subjects
+from contracts.codec import encode
 from contracts.events import (
     DeliveryFailed,
     DeliveryUncertain,
@@ -33,6 +34,7 @@ from contracts.events import (
     SessionBanned,
     SessionLoggedOut,
 )
+from contracts.payloads import PresenceAction, PresenceCommand
 from contracts.streams import LEASES
 from services.app import check_role
 from services.channel.devices import DeviceRegistry
@@ -70,7 +72,7 @@ from tests.channel.transport_contract import Recorder
 from tests.conftest import Processes, read_stream, wait_until
 from tests.e2e.conftest import job
 from tests.whatsapp import neonize_events as nev
-from tests.whatsapp.fake_go import BLOCK, FakeGo
+from tests.whatsapp.fake_go import BLOCK, FakeGo, PresenceCall
 from tests.whatsapp.test_neonize_store import add_device
 
 ACCOUNT = "sales"
@@ -548,3 +550,78 @@ def test_neonize_settings_default_the_ttl_and_refuse_one_too_short(
     # A person's pace by default (WhatsApp bans bulk senders); the sim has no budget
     assert settings.delivery.limit_for("default") == RateLimit(per_minute=12, burst=3)
     assert load_settings({}).delivery.limit_for("default") is None
+
+
+# -- read receipts, typing and last_heard (issue 14 item 4, ADR 0025) ------------------
+
+
+async def test_presence_commands_reach_whatsmeow_as_mark_read_and_chat_presence(
+    bus: Bus, store: SessionStore, fake: FakeGo, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    # Given an owned neonize account
+    transport = transport_on(bus, store, fake)
+    async with owning(bus, transport) as (owner, _, _):
+        await wait_until(lambda: owner.owning.is_set(), what="owning")
+
+        async def command(action: PresenceAction, ids: tuple[str, ...] = ()) -> None:
+            cmd = PresenceCommand(chat=CHAT, action=action, message_ids=list(ids), sender=CHAT)
+            await bus.nc.publish(subjects.presence("whatsapp", ACCOUNT, CHAT), encode(cmd))
+
+        # When a malformed command arrives first, then read, typing, paused (as at a
+        # failed turn)
+        await bus.nc.publish(subjects.presence("whatsapp", ACCOUNT, CHAT), b"\x00not json")
+        await command("read", ("3EB0USER1",))
+        await command("typing")
+        await command("paused")
+        # Then the bad one is one log line, and whatsmeow is called in order: MarkRead,
+        # then SendChatPresence twice
+        await wait_until(lambda: len(fake.presence) == 3, what="three presence calls")
+        (bad,) = [r for r in caplog.records if r.getMessage() == "bad presence command dropped"]
+        assert "\n" not in str(bad.__dict__.get("error", ""))
+        assert fake.presence == [
+            PresenceCall("read", CHAT, ("3EB0USER1",), CHAT),
+            PresenceCall("typing", CHAT),
+            PresenceCall("paused", CHAT),
+        ]
+        # When whatsmeow refuses one, it is logged and the next one still goes through
+        fake.presence_error = "websocket not connected"
+        await command("typing")
+        await wait_until(
+            lambda: any("presence not shown" in r.getMessage() for r in caplog.records),
+            what="the refusal logged",
+        )
+        fake.presence_error = ""
+        await command("paused")
+        await wait_until(lambda: len(fake.presence) == 4, what="the next presence call")
+        assert fake.presence[-1] == PresenceCall("paused", CHAT)
+        assert owner.owning.is_set()
+
+
+async def test_last_heard_follows_what_the_network_says_not_our_own_timeouts(
+    bus: Bus, store: SessionStore, fake: FakeGo
+) -> None:
+    transport = transport_on(bus, store, fake)
+    recorder = Recorder()
+    async with (
+        EventDispatch(recorder, name=ACCOUNT) as events,
+        transport.session(ACCOUNT, events, receive=True) as session,
+    ):
+        # Given a connected session: Connected was heard
+        await wait_until(lambda: session.last_heard() is not None, what="Connected heard")
+        connected_at = session.last_heard()
+        # When whatsmeow reports a keepalive timeout (its own verdict: nothing heard)
+        fake.emit(nev.keepalive_timeout())
+        await wait_until(lambda: recorder.of(Disconnected), what="the timeout handled")
+        assert session.last_heard() == connected_at
+        # ... and then its keepalive is answered again (an event the channel layer
+        # drops): the network spoke
+        fake.emit(nev.keepalive_restored())
+        await wait_until(lambda: session.last_heard() != connected_at, what="keepalive heard")
+        heard = session.last_heard()
+        assert heard is not None
+        assert connected_at is not None
+        assert heard > connected_at
+        # And an acknowledged send counts as hearing the server
+        await session.send(out())
+        assert session.last_heard() > heard
