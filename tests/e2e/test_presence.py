@@ -8,10 +8,7 @@ presence and sends in the order the owner's connection published them.
 
 from __future__ import annotations
 
-import json
-import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from nats.aio.msg import Msg
@@ -22,6 +19,7 @@ from contracts.payloads import SimOutbound, SimPresence
 from services.ops.simclient import SimUser
 from services.runtime.bus import Bus
 from tests.conftest import Processes, read_stream, wait_until
+from tests.core.test_openai import FakeOpenAI
 from tests.e2e.conftest import consumers_ready, holder_of
 
 pytestmark = pytest.mark.slow
@@ -100,42 +98,16 @@ async def test_a_turn_shows_read_then_typing_then_the_reply_and_off_shows_nothin
         assert quiet.seen == [("out", "echo: hello quietly")]
 
 
-class RefusingModel:
+def refusing_model() -> FakeOpenAI:
     """A stand-in OpenAI endpoint that refuses every prompt (HTTP 400): turns fail."""
-
-    def __init__(self) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                data = json.dumps({"error": {"message": "refused", "type": "invalid"}}).encode()
-                self.send_response(400)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> RefusingModel:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
+    return FakeOpenAI([(400, {"error": {"message": "refused", "type": "invalid"}})] * 20)
 
 
 async def test_a_failed_turn_leaves_no_typing_on(
     processes: Processes, served: tuple[str, Bus]
 ) -> None:
     url, bus = served
-    with RefusingModel() as model:
+    with refusing_model() as model:
         # Given a core whose model refuses every prompt, and no fallback reply
         processes.start("run", "whatsapp", NATS_URL=url)
         processes.start(
