@@ -194,7 +194,7 @@ class FakeGraph:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"  # WHATSAPP_CLOUD_API_URL
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     # -- scripting ------------------------------------------------------------------------
     def script(self, *replies: Reply) -> None:
