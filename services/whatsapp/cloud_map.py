@@ -239,11 +239,6 @@ def message(msg: _Message, sender_name: str = "") -> Incoming | Dropped:
     )
 
 
-def quoted_sender(msg: _Message) -> str:
-    """Who wrote the message `msg` replies to ('' if none): `context.from`."""
-    return user_jid(msg.context.from_) if msg.context and msg.context.from_ else ""
-
-
 def _text(msg: _Message) -> str:
     if msg.text is not None:
         return msg.text.body
