@@ -7,8 +7,10 @@ is allowed. Secrets are kept out of repr() so they never reach logs or errors.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -208,6 +210,177 @@ class SessionWatch:
     zombie_after: float = 900.0
 
 
+DEFAULT_CLOUD_API_URL = "https://graph.facebook.com"
+DEFAULT_CLOUD_API_VERSION = "v21.0"
+_CLOUD_API_VERSION_RE = re.compile(r"v\d+\.\d+")
+# The keys of one account in WHATSAPP_CLOUD_ACCOUNTS_FILE; every one but phone_number_id
+# falls back to the single-account variable of the same name (one Meta app, many numbers).
+_CLOUD_KEYS = ("phone_number_id", "token", "app_secret", "verify_token", "template", "language")
+_CLOUD_SECRETS = ("token", "app_secret", "verify_token")
+
+
+@dataclass(frozen=True)
+class CloudAccount:
+    """One number on the WhatsApp Cloud API (ADR 0026). The token, app secret and verify
+    token are Secrets: never in logs, events, status or errors."""
+
+    phone_number_id: str
+    token: Secret
+    app_secret: Secret
+    verify_token: Secret
+    template: str = ""  # sent instead when a reply is outside the 24-hour window (131047)
+    language: str = "en_US"  # the template's language code
+
+
+@dataclass(frozen=True)
+class CloudSettings:
+    """The Cloud API transport's settings: the Graph API base and each account's number."""
+
+    api_url: str = DEFAULT_CLOUD_API_URL
+    api_version: str = DEFAULT_CLOUD_API_VERSION
+    accounts: tuple[tuple[str, CloudAccount], ...] = ()
+
+    def account(self, name: str) -> CloudAccount:
+        """The Cloud API configuration of account `name` (KeyError if it has none)."""
+        return dict(self.accounts)[name]
+
+
+def load_cloud_settings(env: Mapping[str, str], accounts: tuple[str, ...]) -> CloudSettings:
+    """The Cloud API settings for `accounts` (WHATSAPP_ACCOUNTS), validated: one line per
+    problem, never showing a secret. One account may use the single-account variables
+    (WHATSAPP_CLOUD_PHONE_NUMBER_ID, _TOKEN, _APP_SECRET, _VERIFY_TOKEN); many use
+    WHATSAPP_CLOUD_ACCOUNTS_FILE, a JSON or TOML (*.toml) file of account id -> {
+    phone_number_id, token, app_secret, verify_token, template?, language?}, whose
+    omitted keys but phone_number_id fall back to those variables."""
+    get = _Reader(env)
+    api_url = get.get_str("WHATSAPP_CLOUD_API_URL", DEFAULT_CLOUD_API_URL).rstrip("/")
+    parsed = urlparse(api_url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(
+            f"WHATSAPP_CLOUD_API_URL={api_url!r} is invalid: expected http(s)://HOST[:PORT]"
+            f" (default {DEFAULT_CLOUD_API_URL})"
+        )
+    version = get.get_str("WHATSAPP_CLOUD_API_VERSION", DEFAULT_CLOUD_API_VERSION)
+    if not _CLOUD_API_VERSION_RE.fullmatch(version):
+        raise ConfigError(
+            f"WHATSAPP_CLOUD_API_VERSION={version!r} is invalid: expected vMAJOR.MINOR,"
+            f" e.g. {DEFAULT_CLOUD_API_VERSION}"
+        )
+    shared = {key: get.get_str(f"WHATSAPP_CLOUD_{key.upper()}", "") for key in _CLOUD_KEYS}
+    path = get.get_file("WHATSAPP_CLOUD_ACCOUNTS_FILE")
+    if path is None:
+        if len(accounts) != 1:
+            raise ConfigError(
+                f"WHATSAPP_ACCOUNTS lists {len(accounts)} accounts: give each its number in"
+                " WHATSAPP_CLOUD_ACCOUNTS_FILE (account id -> {phone_number_id, token, ...})"
+            )
+        entries: dict[str, dict[str, str]] = {accounts[0]: {}}
+        where = "WHATSAPP_CLOUD_*"
+    else:
+        entries = _read_cloud_file(path)
+        where = str(path)
+        for name in entries:
+            if name not in accounts:
+                raise ConfigError(
+                    f"{where} configures account {name!r}, which WHATSAPP_ACCOUNTS does not"
+                    f" list ({','.join(accounts)}): add it there or remove it from the file"
+                )
+    configured: list[tuple[str, CloudAccount]] = []
+    numbers: dict[str, str] = {}
+    for name in accounts:
+        if name not in entries:
+            raise ConfigError(
+                f"account {name!r} (WHATSAPP_ACCOUNTS) has no entry in {where}: add"
+                f" {name!r}: {{phone_number_id, token, app_secret, verify_token}}"
+            )
+        entry = entries[name]
+        value = {key: entry.get(key) or shared[key] for key in _CLOUD_KEYS}
+        if path is not None:
+            value["phone_number_id"] = entry.get("phone_number_id", "")
+        for key in ("phone_number_id", *_CLOUD_SECRETS):
+            if not value[key]:
+                raise ConfigError(
+                    f"account {name!r} has no {key}: set it in {where}"
+                    if path is not None
+                    else f"WHATSAPP_CLOUD_{key.upper()} is not set: the cloud transport needs"
+                    f" it for account {name!r}"
+                )
+        number = value["phone_number_id"]
+        if not number.isdigit():
+            raise ConfigError(
+                f"account {name!r} has phone_number_id {number!r}: expected the digits of the"
+                " Phone number ID shown in the Meta app's WhatsApp API setup (not the phone number)"
+            )
+        if number in numbers:
+            raise ConfigError(
+                f"accounts {numbers[number]!r} and {name!r} have the same phone_number_id"
+                f" {number}: each account is one number"
+            )
+        numbers[number] = name
+        configured.append(
+            (
+                name,
+                CloudAccount(
+                    phone_number_id=number,
+                    token=Secret(value["token"]),
+                    app_secret=Secret(value["app_secret"]),
+                    verify_token=Secret(value["verify_token"]),
+                    template=value["template"],
+                    language=value["language"] or "en_US",
+                ),
+            )
+        )
+    return CloudSettings(api_url=api_url, api_version=version, accounts=tuple(configured))
+
+
+def _read_cloud_file(path: Path) -> dict[str, dict[str, str]]:
+    """WHATSAPP_CLOUD_ACCOUNTS_FILE's accounts; errors name the file and the line, never a
+    value (the file holds secrets)."""
+    name = f"WHATSAPP_CLOUD_ACCOUNTS_FILE={str(path)!r}"
+    text = path.read_text(encoding="utf-8", errors="replace")
+    data: object
+    if path.suffix.lower() == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{name} is not valid TOML: {exc}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{name} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+                " (use a .toml name for TOML)"
+            ) from None
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(
+            f"{name} is invalid: expected an object of account id -> {{phone_number_id,"
+            " token, app_secret, verify_token, template?}}"
+        )
+    out: dict[str, dict[str, str]] = {}
+    for account, entry in data.items():
+        if not _ACCOUNT_RE.fullmatch(account):
+            raise ConfigError(
+                f"{name} has invalid account {account!r}: use 1-64 of A-Z a-z 0-9 _ -"
+            )
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{name}: account {account!r} must be an object of settings")
+        unknown = sorted(set(entry) - set(_CLOUD_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"{name}: account {account!r} has unknown key {unknown[0]!r}: expected"
+                f" {', '.join(_CLOUD_KEYS)}"
+            )
+        for key, value in entry.items():
+            if isinstance(value, int) and not isinstance(value, bool) and key == "phone_number_id":
+                value = str(value)  # a bare number in the file is fine
+            if not isinstance(value, str):
+                raise ConfigError(f"{name}: account {account!r} key {key!r} must be a string")
+            entry[key] = value.strip()
+        out[account] = entry
+    return out
+
+
 @dataclass(frozen=True)
 class CoreSettings:
     """How the core runs turns."""
@@ -275,6 +448,8 @@ class Settings:
     delivery: Delivery = Delivery()
     core: CoreSettings = CoreSettings()
     session: SessionWatch = SessionWatch()
+    # Set by the cloud transport (WHATSAPP_TRANSPORT=cloud) from load_cloud_settings.
+    cloud: CloudSettings | None = None
 
     @property
     def effective_nats_url(self) -> str:

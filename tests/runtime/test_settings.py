@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from services.runtime.errors import ConfigError
-from services.runtime.settings import load_settings
+from services.runtime.settings import CloudSettings, load_cloud_settings, load_settings
 from tests.conftest import Processes, run_svc
 
 
@@ -249,3 +249,149 @@ def test_the_access_waiting_reply_and_period_are_read_from_the_environment() -> 
         600.0,
     )
     assert load_settings({}).core.access_waiting_period == 86_400.0
+
+
+# --- the Cloud API transport's settings (issue 15, ADR 0026) -------------------------
+
+CLOUD_ONE = {
+    "WHATSAPP_ACCOUNTS": "shop",
+    "WHATSAPP_CLOUD_PHONE_NUMBER_ID": "106540352242922",
+    "WHATSAPP_CLOUD_TOKEN": "EAAG-token-secret",
+    "WHATSAPP_CLOUD_APP_SECRET": "app-secret-value",
+    "WHATSAPP_CLOUD_VERIFY_TOKEN": "verify-secret-value",
+}
+CLOUD_SECRETS = ("EAAG-token-secret", "app-secret-value", "verify-secret-value", "tok-b-secret")
+
+
+def _cloud(env: dict[str, str]) -> CloudSettings:
+    return load_cloud_settings(env, load_settings(env).accounts)
+
+
+def test_one_cloud_account_comes_from_the_single_account_variables() -> None:
+    cloud = _cloud(CLOUD_ONE)
+    shop = cloud.account("shop")
+    assert (cloud.api_url, cloud.api_version) == ("https://graph.facebook.com", "v21.0")
+    assert shop.phone_number_id == "106540352242922"
+    assert shop.token.value == "EAAG-token-secret"
+    assert (shop.app_secret.value, shop.verify_token.value) == (
+        "app-secret-value",
+        "verify-secret-value",
+    )
+    assert all(secret not in repr(cloud) for secret in CLOUD_SECRETS)
+    local = _cloud({**CLOUD_ONE, "WHATSAPP_CLOUD_API_URL": "http://127.0.0.1:9/"})
+    assert local.api_url == "http://127.0.0.1:9"
+
+
+@pytest.mark.parametrize("suffix", [".json", ".toml"])
+def test_many_cloud_accounts_come_from_one_file_with_shared_fallbacks(
+    tmp_path: Path, suffix: str
+) -> None:
+    path = tmp_path / f"cloud{suffix}"
+    if suffix == ".json":
+        path.write_text(
+            '{"shop": {"phone_number_id": "111", "template": "hello_world"},\n'
+            ' "help": {"phone_number_id": 222, "token": "tok-b-secret", "language": "de"}}'
+        )
+    else:
+        path.write_text(
+            '[shop]\nphone_number_id = "111"\ntemplate = "hello_world"\n'
+            '[help]\nphone_number_id = "222"\ntoken = "tok-b-secret"\nlanguage = "de"\n'
+        )
+    env = {
+        "WHATSAPP_ACCOUNTS": "shop,help",
+        "WHATSAPP_CLOUD_ACCOUNTS_FILE": str(path),
+        "WHATSAPP_CLOUD_TOKEN": "EAAG-token-secret",
+        "WHATSAPP_CLOUD_APP_SECRET": "app-secret-value",
+        "WHATSAPP_CLOUD_VERIFY_TOKEN": "verify-secret-value",
+    }
+    cloud = _cloud(env)
+    shop, help_ = cloud.account("shop"), cloud.account("help")
+    assert (shop.phone_number_id, shop.token.value, shop.template) == (
+        "111",
+        "EAAG-token-secret",
+        "hello_world",
+    )
+    assert (help_.phone_number_id, help_.token.value, help_.language) == (
+        "222",
+        "tok-b-secret",
+        "de",
+    )
+    assert help_.app_secret.value == "app-secret-value"
+    assert all(secret not in repr(cloud) for secret in CLOUD_SECRETS)
+
+
+def _cloud_file(tmp_path: Path, text: str, name: str = "cloud.json") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("env", "file", "needles"),
+    [
+        ({**CLOUD_ONE, "WHATSAPP_CLOUD_TOKEN": ""}, None, ["WHATSAPP_CLOUD_TOKEN", "'shop'"]),
+        (
+            {**CLOUD_ONE, "WHATSAPP_CLOUD_PHONE_NUMBER_ID": "+1 555 0100"},
+            None,
+            ["'+1 555 0100'", "Phone number ID"],
+        ),
+        (
+            {**CLOUD_ONE, "WHATSAPP_ACCOUNTS": "a,b"},
+            None,
+            ["2 accounts", "WHATSAPP_CLOUD_ACCOUNTS_FILE"],
+        ),
+        (
+            {**CLOUD_ONE, "WHATSAPP_CLOUD_API_URL": "graph.facebook.com"},
+            None,
+            ["WHATSAPP_CLOUD_API_URL"],
+        ),
+        (
+            {**CLOUD_ONE, "WHATSAPP_CLOUD_API_VERSION": "21"},
+            None,
+            ["WHATSAPP_CLOUD_API_VERSION", "v21.0"],
+        ),
+        (
+            {**CLOUD_ONE, "WHATSAPP_CLOUD_ACCOUNTS_FILE": "/nonexistent/cloud.json"},
+            None,
+            ["WHATSAPP_CLOUD_ACCOUNTS_FILE", "no such file"],
+        ),
+        (
+            {**CLOUD_ONE, "WHATSAPP_ACCOUNTS": "shop,help"},
+            '{"shop": {"phone_number_id": "1"},\n "help": {"phone_number_id": "2",}}',
+            ["not valid JSON", "line 2"],
+        ),
+        (CLOUD_ONE, "[shop\nphone_number_id = 1", ["not valid TOML", "line 1"]),
+        (
+            {**CLOUD_ONE, "WHATSAPP_ACCOUNTS": "shop,help"},
+            '{"shop": {"phone_number_id": "1"}}',
+            ["'help'", "no entry"],
+        ),
+        (
+            {**CLOUD_ONE, "WHATSAPP_ACCOUNTS": "shop,help", "WHATSAPP_CLOUD_TOKEN": ""},
+            '{"shop": {"phone_number_id": "1", "token": "x"}, "help": {"phone_number_id": "2"}}',
+            ["'help'", "no token"],
+        ),
+        (CLOUD_ONE, '{"shop": {"phone_number_id": "1"}, "shopp": {}}', ["'shopp'", "does not"]),
+        (CLOUD_ONE, '{"shop": {"phone_number_id": "1", "tokn": "x"}}', ["'tokn'", "unknown key"]),
+        (
+            {**CLOUD_ONE, "WHATSAPP_ACCOUNTS": "shop,help"},
+            '{"shop": {"phone_number_id": "7"}, "help": {"phone_number_id": "7"}}',
+            ["same phone_number_id"],
+        ),
+        (CLOUD_ONE, "[]", ["expected an object"]),
+        (CLOUD_ONE, '{"shop": {"phone_number_id": "1", "token": 5}}', ["'token'", "string"]),
+    ],
+)
+def test_a_bad_cloud_config_is_one_line_and_never_shows_a_secret(
+    tmp_path: Path, env: dict[str, str], file: str | None, needles: list[str]
+) -> None:
+    if file is not None:
+        name = "cloud.toml" if file.startswith("[shop") else "cloud.json"
+        env = {**env, "WHATSAPP_CLOUD_ACCOUNTS_FILE": _cloud_file(tmp_path, file, name)}
+    with pytest.raises(ConfigError) as caught:
+        _cloud(env)
+    message = str(caught.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message
+    assert all(secret not in message for secret in CLOUD_SECRETS)
