@@ -30,6 +30,7 @@ from contracts.codec import decode_any
 from contracts.errors import ContractError
 from contracts.events import (
     AccountResumed,
+    Event,
     LeaseAcquired,
     LeaseLost,
     LeaseReleased,
@@ -209,17 +210,10 @@ class AccountOwner:
             "parked account resumed: its end passed",
             extra={"account": self.account, "parked": value.parked, "until": value.until},
         )
-        try:
-            await self.bus.publish(
-                self._subject,
-                AccountResumed(
-                    channel=self.channel, account=self.account, actor="auto", reason=reason
-                ),
-            )
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            log.warning(
-                "could not record the resume", extra={"account": self.account, "error": repr(exc)}
-            )
+        await self._note(
+            AccountResumed(channel=self.channel, account=self.account, actor="auto", reason=reason),
+            "the resume",
+        )
         return True
 
     async def _own(self, stop: asyncio.Event) -> None:
@@ -454,13 +448,7 @@ class AccountOwner:
         await self._record_budget(budget.changed_event_for_record())
 
     async def _record_budget(self, event: SendBudgetChanged) -> None:
-        try:
-            await self.bus.publish(self._subject, event)
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            log.warning(
-                "could not record the send budget",
-                extra={"account": self.account, "error": repr(exc)},
-            )
+        await self._note(event, "the send budget")
 
     def _connection(self, event: Connected | Disconnected) -> None:
         """The transport says the session is up or down: onto the status board."""
@@ -509,10 +497,14 @@ class AccountOwner:
         if kind is not LeaseAcquired:
             fields["reason"] = reason
         event = kind(id=derived_id(kind.__name__, self.account, str(token)), **fields)  # type: ignore[arg-type]
+        await self._note(event, "lease event")
+
+    async def _note(self, event: Event, what: str) -> None:
+        """Record `event` on the account's ACCOUNTS subject, best effort: the lease and the
+        budget are the truth, the event is their record; a failed publish is logged."""
         try:
             await self.bus.publish(self._subject, event)
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            # The lease itself is the truth; the event is the record.
             log.warning(
-                "could not record lease event", extra={"account": self.account, "error": repr(exc)}
+                f"could not record {what}", extra={"account": self.account, "error": repr(exc)}
             )

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import logging
 import os
@@ -129,9 +130,11 @@ def new_client(name: str, jid: Any, uuid: str) -> Any:
     return module.NewAClient(name, jid=jid, uuid=uuid)
 
 
+@functools.cache
 def load_bridge(spec: str) -> BridgeInstaller:
     """The test seam's installer `module:attr`; only `tests.` modules (never importable
-    from an installed wheel). ConfigError (one line) for anything else."""
+    from an installed wheel). ConfigError (one line) for anything else. Loaded (and
+    logged) once per process: start-up checks it, then the transport uses it."""
     module_name, _, attr = spec.partition(":")
     if not module_name.startswith("tests.") or not attr:
         raise ConfigError(
