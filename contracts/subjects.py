@@ -269,6 +269,12 @@ def send_key(account: str, job_id: str) -> str:
     return f"{check_account(account)}.{check_job_id(job_id)}"
 
 
+def confirm_key(account: str, job_id: str) -> str:
+    """Key in the `sends` bucket where a receiver records that the network confirmed a job
+    (a Cloud API status webhook carrying the job id): resolves an uncertain send."""
+    return f"{check_account(account)}.ok.{check_job_id(job_id)}"
+
+
 def chat_key(channel: str, account: str, chat: str) -> str:
     """Key of a chat's ChatState in the `chats` bucket (KV keys cannot hold a JID's
     characters, so the chat is hashed; the value keeps the JID)."""

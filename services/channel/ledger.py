@@ -90,6 +90,22 @@ class SendLedger:
         key = subjects.sent_index_key(self.account, transport_message_id)
         await (await self._bucket()).put(key, encode(entry))
 
+    async def confirm(self, job_id: str, transport_message_id: str) -> None:
+        """Record that the network reported `job_id` as sent, under `transport_message_id`
+        (a Cloud API status webhook echoes the job id in `biz_opaque_callback_data`): what
+        resolves a send whose outcome the egress could not tell. Written by any receiver,
+        read by the owner (`confirmed`); kept apart from the owner's SendRecord."""
+        key = subjects.confirm_key(self.account, job_id)
+        await (await self._bucket()).put(key, transport_message_id.encode())
+
+    async def confirmed(self, job_id: str) -> str | None:
+        """The transport message id the network confirmed for `job_id`, or None."""
+        try:
+            entry = await (await self._bucket()).get(subjects.confirm_key(self.account, job_id))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return entry.value.decode() if entry.value else None
+
     async def job_of(self, transport_message_id: str) -> SentIndex | None:
         """The job a transport message id belongs to, if we sent it."""
         if found := self.recent.get(transport_message_id):

@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Literal, TypeVar, cast
@@ -24,7 +24,7 @@ from services.runtime.retry import RetryPolicy
 
 Role = Literal["all", "core", "whatsapp", "whatsapp-egress", "whatsapp-ingress"]
 ROLES: tuple[Role, ...] = ("all", "core", "whatsapp", "whatsapp-egress", "whatsapp-ingress")
-TransportName = Literal["sim", "neonize"]
+TransportName = Literal["sim", "neonize", "cloud"]
 LLMName = Literal["echo", "openai"]
 LogFormat = Literal["auto", "json", "text"]
 
@@ -424,6 +424,16 @@ class CoreSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The role's HTTP server (webhooks; later health, metrics and the console)."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None  # None: no HTTP server; 0: a free port (logged at start)
+    # SVC_WEBHOOK_MAX_BYTES: a webhook body over this is refused (413) before it is read whole.
+    webhook_max_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a role needs, parsed and validated."""
 
@@ -448,8 +458,10 @@ class Settings:
     delivery: Delivery = Delivery()
     core: CoreSettings = CoreSettings()
     session: SessionWatch = SessionWatch()
-    # Set by the cloud transport (WHATSAPP_TRANSPORT=cloud) from load_cloud_settings.
+    # Set when WHATSAPP_TRANSPORT=cloud, from load_cloud_settings (ADR 0026).
     cloud: CloudSettings | None = None
+    # SVC_HTTP_HOST / SVC_HTTP_PORT: the role's HTTP server (None: none; 0 picks a free port).
+    http: HttpSettings = HttpSettings()
 
     @property
     def effective_nats_url(self) -> str:
@@ -475,7 +487,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, role: str | None = No
         data_dir=data_dir,
         accounts=get.get_accounts(),
         transport=cast(
-            TransportName, get.get_choice("WHATSAPP_TRANSPORT", "sim", ("sim", "neonize"))
+            TransportName, get.get_choice("WHATSAPP_TRANSPORT", "sim", ("sim", "neonize", "cloud"))
         ),
         whatsapp_store=get.get_store("WHATSAPP_STORE", data_dir / "whatsapp.sqlite"),
         lease_ttl=get.get_int(
@@ -579,7 +591,18 @@ def load_settings(env: Mapping[str, str] | None = None, *, role: str | None = No
         session=SessionWatch(
             zombie_after=get.get_float("SVC_ZOMBIE_AFTER", 900.0, minimum=0, maximum=86_400),
         ),
+        http=HttpSettings(
+            host=get.get_str("SVC_HTTP_HOST", "127.0.0.1"),
+            port=get.get_int("SVC_HTTP_PORT", 0, minimum=0, maximum=65535)
+            if get.is_set("SVC_HTTP_PORT")
+            else None,
+            webhook_max_bytes=get.get_int(
+                "SVC_WEBHOOK_MAX_BYTES", 1 << 20, minimum=1024, maximum=64 << 20
+            ),
+        ),
     )
+    if settings.transport == "cloud":
+        settings = replace(settings, cloud=load_cloud_settings(env, settings.accounts))
     if settings.llm == "openai" and not settings.openai_api_key:
         raise ConfigError("OPENAI_API_KEY is not set: SVC_LLM=openai needs an API key")
     return settings
@@ -645,6 +668,9 @@ class _Reader:
 
     def get_str(self, name: str, default: str) -> str:
         return self._raw(name) or default
+
+    def is_set(self, name: str) -> bool:
+        return self._raw(name) is not None
 
     def get_choice(
         self, name: str, default: str, allowed: tuple[str, ...], *, upper: bool = False
