@@ -158,6 +158,9 @@ class SendMessage(Command, frozen=True, kw_only=True):
     # message (in a group) and its text (cut to QUOTE_TEXT_LIMIT).
     reply_to_sender: str = ""
     reply_to_text: str = ""
+    # A template to send instead of `text` (the Cloud API's answer to a chat outside its
+    # 24-hour window, error 131047); `text` then says what was meant, for the transcript.
+    template: str = ""
 
 
 # --- DELIVERY --------------------------------------------------------------------------
@@ -193,9 +196,10 @@ class DeliveryFailed(Event, frozen=True, kw_only=True):
     channel: str = CHANNEL_WHATSAPP
     account: str
     chat: str
-    attempt: int
+    attempt: int  # 0: reported by the network after it accepted the send (a status webhook)
     error: str
     permanent: bool = False
+    code: int | None = None  # the network's error code, when it gave one (Graph: 131047 ...)
 
 
 class DeliveryDeadLettered(Event, frozen=True, kw_only=True):

@@ -117,7 +117,14 @@ def outgoing(job: SendMessage, fence: Fence) -> Outgoing:
     quote = None
     if job.reply_to:
         quote = Quote(job.reply_to, sender=job.reply_to_sender, text=job.reply_to_text)
-    return Outgoing(chat=job.chat, text=job.text, job_id=job.job_id, fence=fence, reply_to=quote)
+    return Outgoing(
+        chat=job.chat,
+        text=job.text,
+        job_id=job.job_id,
+        fence=fence,
+        reply_to=quote,
+        template=job.template,
+    )
 
 
 class Egress:

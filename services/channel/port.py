@@ -60,6 +60,7 @@ class Outgoing:
     job_id: str
     fence: Fence
     reply_to: Quote | None = None
+    template: str = ""  # send this template instead of `text` (transports that have them)
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,7 @@ SAMPLES: dict[type[ev.Message], ev.Message] = {
         requeued_from="00000000000000000000000000000099",
         reply_to_sender="123:4@s.whatsapp.net",
         reply_to_text="Como está o tempo amanhã?",
+        template="reengage_v1",
     ),
     ev.MessageSent: ev.MessageSent(
         id="00000000000000000000000000000005",
@@ -162,6 +163,7 @@ SAMPLES: dict[type[ev.Message], ev.Message] = {
         attempt=3,
         error="recipient not on whatsapp",
         permanent=True,
+        code=131026,
     ),
     ev.DeliveryDeadLettered: ev.DeliveryDeadLettered(
         id="00000000000000000000000000000007",
