@@ -157,6 +157,11 @@ def cloud_env(url: str, graph: FakeGraph, tmp_path: Path, **extra: str) -> dict[
         # Every reply quotes the message it answers: the send body's context is checked.
         "SVC_QUOTE_REPLIES": "always",
         "DELIVERY_BACKOFF": "1,1,2,5,10",
+        # A send bounded at 3 s; TTL 8 proves 6.4 s, two sends' worth (the default 30 s
+        # would make the kill -9 takeover slow). A new owner waits 5 s for a status.
+        "WHATSAPP_CLOUD_SEND_TIMEOUT": "3",
+        "WHATSAPP_LEASE_TTL": "8",
+        "WHATSAPP_CLOUD_CONFIRM_WAIT": "5",
         **extra,
     }
 
