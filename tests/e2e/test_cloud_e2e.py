@@ -39,9 +39,9 @@ from contracts.events import (
     MessageReceived,
     MessageSent,
 )
-from services.runtime.bus import Bus
-from tests.conftest import Processes, read_stream, stream_raw, wait_until
-from tests.e2e.conftest import consumers_ready, holder_of, pid_of, turn_records
+from services.runtime.bus import Bus, connect
+from tests.conftest import Processes, assert_audit_clean, read_stream, stream_raw, wait_until
+from tests.e2e.conftest import consumers_ready, holder_of, pid_of, read_url, turn_records
 from tests.whatsapp.fake_graph import (
     DEFAULT_TOKEN,
     FakeGraph,
@@ -616,3 +616,63 @@ async def _new_holder(bus: Bus, old: str) -> bool:
 
 async def _count(bus: Bus, kind: type, n: int) -> bool:
     return len(await events(bus, "DELIVERY", kind)) >= n
+
+
+# -- NATS down --------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+async def test_nats_down_the_ingress_answers_503_and_meta_s_retry_is_stored_once(
+    processes: Processes, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # Given a real nats-server, the core and one webhook replica
+    nats = processes.start("nats", "serve", "--port", "0")
+    url = read_url(nats)
+    port = url.rsplit(":", 1)[1]
+    async with connect(url, name="e2e-test") as bus:
+        with Graph(NUMBERS) as graph:
+            env = cloud_env(url, graph, tmp_path)
+            processes.start("run", "core", **env)
+            (http_port,) = free_ports(1)
+            processes.start("run", "whatsapp-ingress", **env, SVC_HTTP_PORT=str(http_port))
+            hook = WebhookClient(f"http://127.0.0.1:{http_port}", APP_SECRET, timeout=30)
+            await wait_until(lambda: _handshake_ok(hook), timeout=60, what="the ingress")
+            first = message_body(NUMBERS[ACME], "wamid.in.nats.1", user(7), "before")
+            assert (await hook.post(ACME, first)).status == 200
+
+            # When the NATS server goes away
+            processes.stop(nats)
+            later = message_body(NUMBERS[ACME], "wamid.in.nats.2", user(7), "during")
+            began = time.monotonic()
+            refused = await hook.post(ACME, later)
+            took = time.monotonic() - began
+            # Then the webhook is refused with 503 (Meta retries it), within Meta's 10 s
+            assert refused.status == 503, refused
+            assert took < 10, f"503 after {took:.1f} s"
+            # ...and the server keeps serving: once NATS is back, Meta's retry is stored,
+            # and a second retry of the same body is answered 200 and not stored again
+            processes.start("nats", "serve", "--port", port)
+            await wait_until(
+                lambda: _answered(hook, later),
+                timeout=60,
+                what="the retry stored after NATS came back",
+            )
+            assert (await hook.post(ACME, later)).status == 200
+            await wait_until(
+                lambda: _received_count(bus, 2), timeout=30, what="both messages on INBOUND"
+            )
+            received = [e.message_id for e in await events(bus, "INBOUND", MessageReceived)]
+            assert sorted(received) == ["wamid.in.nats.1", "wamid.in.nats.2"]
+            await turn_records(bus, 2, timeout=60)
+        await assert_audit_clean(bus, request)
+
+
+async def _answered(hook: WebhookClient, body: dict[str, Any]) -> bool:
+    return (await hook.post(ACME, body)).status == 200
+
+
+async def _received_count(bus: Bus, n: int) -> bool:
+    try:
+        return len(await events(bus, "INBOUND", MessageReceived)) >= n
+    except Exception:  # the test client still reconnecting
+        return False
