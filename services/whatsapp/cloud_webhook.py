@@ -204,11 +204,11 @@ class CloudWebhooks:
                 continue  # stored before (an earlier delivery, or another replica)
             except nats.js.errors.KeyNotFoundError:
                 pass
-            await self.bus.publish(item.subject, item.event, timeout=self.deadline)
+            ack = await self.bus.publish(item.subject, item.event, timeout=self.deadline)
             if item.confirm is not None:
                 await self._ledger(account).confirm(*item.confirm)
             await kv.put(item.key, item.event.id.encode())
-            stored += 1
+            stored += 0 if ack.duplicate else 1  # a replica racing us may have stored it
         return stored
 
     async def _item(self, account: str, event: WebhookEvent) -> _Item | None:
