@@ -27,6 +27,7 @@ from services.channel.ledger import SendLedger
 from services.runtime.bus import Bus
 from services.runtime.http import HttpServer, http_app, serve
 from services.runtime.nats_server import EmbeddedNats
+from services.runtime.provisioning import ensure_streams
 from services.runtime.settings import CloudAccount, CloudSettings, Secret
 from services.whatsapp.cloud_webhook import CloudWebhooks, webhook_routes
 from tests.conftest import read_stream, wait_until
@@ -471,3 +472,20 @@ async def test_nats_stalled_answers_503_within_the_deadline_and_the_retry_stores
     assert (await hook.client.post(ACCOUNT, body)).status == 200
     assert (await hook.client.post(ACCOUNT, body)).status == 200
     assert [m.message_id for m in await received(bus)] == ["wamid.SLOW1"]
+
+
+async def test_a_publish_that_fails_after_the_dedupe_check_marks_nothing_and_answers_503(
+    hook: Hook, bus: Bus
+) -> None:
+    # Given the KV answers but the message cannot be stored (its stream is gone)
+    await bus.js.delete_stream("INBOUND")
+    body = text_message("wamid.NOSTREAM", "lost?")
+    answer = await hook.client.post(ACCOUNT, body)
+    # Then Meta is told to retry, and the item is not marked seen (else the retry would
+    # skip what was never stored)
+    assert answer.status == 503
+    assert await marks(bus) == []
+    await ensure_streams(bus.js)
+    assert (await hook.client.post(ACCOUNT, body)).status == 200
+    assert [m.message_id for m in await received(bus)] == ["wamid.NOSTREAM"]
+    assert len(await marks(bus)) == 1
