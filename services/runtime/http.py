@@ -50,7 +50,9 @@ def text(status: int, line: str) -> Response[str]:
 
 def _on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[str]:
     if isinstance(exc, HTTPException):
-        return text(exc.status_code, str(exc.detail).splitlines()[0] if exc.detail else "error")
+        answer = text(exc.status_code, str(exc.detail).splitlines()[0] if exc.detail else "error")
+        answer.headers.update(exc.headers or {})  # e.g. Allow on a 405
+        return answer
     log.error(
         "http handler failed",
         exc_info=exc,
@@ -114,10 +116,11 @@ class HttpServer:
 
     async def until_failed(self) -> None:
         """Wait while the server runs; raise HttpServerError if it ends on its own."""
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.shield(self._task)
+        await asyncio.wait([self._task])  # never cancels the server when we are cancelled
         if not self._server.should_exit:
-            raise HttpServerError(f"the HTTP server at {self.url} stopped unexpectedly")
+            error = None if self._task.cancelled() else self._task.exception()
+            why = f": {type(error).__name__}: {error}" if error is not None else ""
+            raise HttpServerError(f"the HTTP server at {self.url} stopped unexpectedly{why}")
 
 
 def _url(host: str, port: int) -> str:
@@ -162,14 +165,16 @@ async def serve(
     finally:
         server.should_exit = True
         try:
-            await asyncio.wait_for(asyncio.shield(task), graceful + 5)
-        except TimeoutError:
+            await asyncio.wait([task], timeout=graceful + 5)
+        except asyncio.CancelledError:  # a second signal: no more grace
             task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-            log.warning("http server did not stop in time; cancelled", extra={"port": bound})
-        except Exception as exc:
-            log.warning("http server ended with an error", extra={"error": repr(exc)})
-        finally:
             sock.close()
+            raise
+        if not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+            log.warning("http server did not stop in time; cancelled", extra={"port": bound})
+        elif not task.cancelled() and task.exception() is not None:
+            log.warning("http server ended with an error", extra={"error": repr(task.exception())})
+        sock.close()
         log.info("http stopped", extra={"port": bound})

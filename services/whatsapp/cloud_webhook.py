@@ -126,7 +126,11 @@ class CloudWebhooks:
         if answer is None:
             log.warning(
                 "webhook handshake refused",
-                extra={"account": account, "mode": mode, "has_challenge": challenge is not None},
+                extra={
+                    "account": account,
+                    "mode": subjects.shown(mode or ""),
+                    "has_challenge": challenge is not None,
+                },
             )
             return Answer(
                 403,

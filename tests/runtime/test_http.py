@@ -13,8 +13,10 @@ import socket
 import pytest
 from litestar import get
 
+from services.runtime.bus import Bus
 from services.runtime.errors import ConfigError
-from services.runtime.http import http_app, serve
+from services.runtime.http import HttpServerError, http_app, serve
+from tests.conftest import role, wait_until
 from tests.whatsapp.fake_graph import http_request
 
 
@@ -94,3 +96,36 @@ async def test_a_request_still_running_at_stop_is_given_the_graceful_bound_then_
     except (ConnectionError, http.client.HTTPException):
         status = 0
     assert status in (0, 500)
+
+
+async def test_a_server_that_ends_on_its_own_is_reported_to_the_role_but_a_stop_is_not() -> None:
+    async with serve(http_app(), "127.0.0.1", 0) as server:
+        watching = asyncio.ensure_future(server.until_failed())
+        server._task.cancel()  # the server dies under the role (a uvicorn crash)
+        with pytest.raises(HttpServerError, match="stopped unexpectedly"):
+            await asyncio.wait_for(watching, 10)
+    async with serve(http_app(), "127.0.0.1", 0) as server:
+        watching = asyncio.ensure_future(server.until_failed())
+    await asyncio.wait_for(watching, 10)  # the block's end stopped it: no error
+
+
+async def test_a_role_with_svc_http_port_serves_healthz_and_webhooks_only_with_cloud(
+    bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="services.runtime.http"):
+        async with role(bus, "whatsapp-ingress", SVC_HTTP_PORT="0"):  # the sim's ingress
+            await wait_until(
+                lambda: any(r.getMessage() == "http listening" for r in caplog.records),
+                what="the role's HTTP server",
+            )
+            [url] = [
+                r.__dict__["url"] for r in caplog.records if r.getMessage() == "http listening"
+            ]
+            assert await fetch(f"{url}/healthz") == (200, b"ok")
+            no_webhooks = await fetch(f"{url}/webhooks/whatsapp/default")
+            assert no_webhooks[0] == 404  # the sim receives over NATS, not webhooks
+    with (
+        pytest.raises(ConnectionRefusedError),
+        socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5),
+    ):
+        pass  # stopped with the role
