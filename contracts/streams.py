@@ -161,7 +161,22 @@ DEVICES = BucketSpec(name="devices", description="account -> paired device, to r
 # account's owner last reported about its session (connecting, connected, banned until
 # ..., standby), for `svc status`. Written best-effort by the owner; the lease decides.
 SESSIONS = BucketSpec(name="sessions", description="account -> session state, for svc status")
-BUCKETS: tuple[BucketSpec, ...] = (LEASES, PRESENCE, SENDS, CHATS, ATTEMPTS, DEVICES, SESSIONS)
+# Cloud API webhook items already stored (key `<account>.<hash of kind|id|status>`, value
+# the stored event's id), so Meta's retries -- for up to 7 days, far past the streams'
+# 2-minute duplicate window -- are stored once (ADR 0027). Kept a day longer than Meta retries.
+WEBHOOKS = BucketSpec(
+    name="webhooks", description="Cloud API webhook items already stored", max_age_s=8 * DAY
+)
+BUCKETS: tuple[BucketSpec, ...] = (
+    LEASES,
+    PRESENCE,
+    SENDS,
+    CHATS,
+    ATTEMPTS,
+    DEVICES,
+    SESSIONS,
+    WEBHOOKS,
+)
 
 # Durable consumer names.
 CORE_CONSUMER = "core"

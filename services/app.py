@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from services.channel.dispatch import EventDispatch
 from services.channel.fleet import Fleet, LeaseBoard
@@ -29,6 +30,9 @@ from services.runtime.provisioning import ensure_streams, raise_on_conflict, war
 from services.runtime.settings import Role, Settings
 from services.runtime.telemetry import setup_tracing
 from services.whatsapp.sim import SimTransport, sim_send_timeout
+
+if TYPE_CHECKING:
+    from services.runtime.http import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +111,17 @@ async def provision(bus: Bus, settings: Settings) -> None:
 
 def check_role(settings: Settings, role: Role) -> None:
     """Refuse, before connecting, a role the transport cannot support."""
-    if role == "whatsapp-ingress" and settings.transport != "sim":
+    if role == "whatsapp-ingress" and settings.transport == "neonize":
         raise ConfigError(
             f"role whatsapp-ingress cannot run with WHATSAPP_TRANSPORT={settings.transport}: "
             "its session has one socket per account, so receiving needs the lease -- "
             "run role whatsapp or whatsapp-egress instead"
+        )
+    if role == "whatsapp-ingress" and settings.transport == "cloud" and settings.http.port is None:
+        raise ConfigError(
+            "role whatsapp-ingress with WHATSAPP_TRANSPORT=cloud receives webhooks over HTTP:"
+            " set SVC_HTTP_PORT (and SVC_HTTP_HOST, default 127.0.0.1) to the port Meta's"
+            " webhook URL reaches"
         )
     if role in ("all", "core"):
         make_llm(settings)
@@ -202,7 +212,20 @@ async def _run_role(
                     watch=settings.session,
                 )
                 tasks.append(asyncio.create_task(owner.run(stop), name=f"owner-{account}"))
-        if role == "whatsapp-ingress":
+        if settings.http.port is not None:
+            routes = _http_routes(bus, settings, role)
+            server = await stack.enter_async_context(
+                serve_http(settings.http.host, settings.http.port, routes)
+            )
+            watch = [*watch, server.until_failed]
+        elif serves_webhooks(settings, role):
+            log.warning(
+                "SVC_HTTP_PORT is not set: this process receives no Cloud API webhooks, so"
+                " nothing inbound arrives unless a whatsapp-ingress (or another process with"
+                " SVC_HTTP_PORT) serves them",
+                extra={"role": role},
+            )
+        if role == "whatsapp-ingress" and settings.transport != "cloud":
             transport = make_transport(settings, bus)
             inbox = transport.inbound
             if inbox is None:  # refused by check_role before connecting; kept for types
@@ -215,6 +238,32 @@ async def _run_role(
                 await stack.enter_async_context(inbox.receiver(account, events))
         log.info("running", extra={"role": role})
         await _supervise(tasks, stop, watchers=[bus.until_lost, *watch])
+
+
+def serves_webhooks(settings: Settings, role: Role) -> bool:
+    """Whether `role` receives the Cloud API's webhooks (when SVC_HTTP_PORT is set)."""
+    return settings.transport == "cloud" and role in ("all", "whatsapp", "whatsapp-ingress")
+
+
+def _http_routes(bus: Bus, settings: Settings, role: Role) -> list[Any]:
+    """What the role's HTTP server serves besides /healthz."""
+    if not serves_webhooks(settings, role):
+        return []
+    # Imported here: only a process that serves webhooks loads the Cloud API modules.
+    from services.whatsapp.cloud_webhook import CloudWebhooks, webhook_routes
+
+    assert settings.cloud is not None  # loaded with WHATSAPP_TRANSPORT=cloud
+    hooks = CloudWebhooks(bus, settings.cloud, max_bytes=settings.http.webhook_max_bytes)
+    return [webhook_routes(hooks)]
+
+
+@asynccontextmanager
+async def serve_http(host: str, port: int, routes: Sequence[Any]) -> AsyncIterator[HttpServer]:
+    """The role's HTTP server (Litestar is imported only by a process that serves HTTP)."""
+    from services.runtime.http import http_app, serve
+
+    async with serve(http_app(routes), host, port) as server:
+        yield server
 
 
 async def _supervise(
