@@ -297,7 +297,8 @@ async def test_a_permanent_refusal_dead_letters_the_job_with_the_reason(
     assert letter.job_id == doomed.job_id
     assert says in letter.reason
     (failed,) = [e for e in events if isinstance(e, DeliveryFailed)]
-    assert failed.permanent and says in failed.error
+    assert failed.permanent
+    assert says in failed.error
     assert not [e for e in events if isinstance(e, MessageSent)]
 
 
@@ -357,11 +358,13 @@ async def test_a_restricted_account_is_parked_banned_with_the_reason(bus: Bus) -
         value = await lease_value(bus)
     assert value is not None
     assert value.state == "banned"
-    assert "restricted" in value.parked and "368" in value.parked
+    assert "restricted" in value.parked
+    assert "368" in value.parked
     assert value.until == ""  # restricted until an operator resumes it
     assert await queued(bus) == 1  # the job waits, never dead-lettered
     banned = [e for _, e in await read_stream(bus, "ACCOUNTS") if isinstance(e, SessionBanned)]
-    assert len(banned) == 1 and "368" in banned[0].reason
+    assert len(banned) == 1
+    assert "368" in banned[0].reason
 
 
 # --- uncertain sends ----------------------------------------------------------------------
@@ -390,8 +393,10 @@ async def test_a_send_with_no_answer_in_time_is_resolved_by_its_status_webhook(b
         1,
         "holder-1",
     )
-    assert done.sent_at is not None and done.sent_at <= uncertain[0].at
-    assert record is not None and (record.state, record.transport_message_id) == (
+    assert done.sent_at is not None
+    assert done.sent_at <= uncertain[0].at
+    assert record is not None
+    assert (record.state, record.transport_message_id) == (
         "sent",
         "wamid.CONFIRMED",
     )
@@ -412,8 +417,9 @@ async def test_a_send_with_no_answer_and_no_confirmation_is_resent_by_policy(bus
         (type(e).__name__, getattr(e, "resolution", getattr(e, "attempt", None))) for e in events
     ]
     assert kinds == [("DeliveryUncertain", "resend"), ("MessageSent", 2)]
-    assert [e for e in events if isinstance(e, MessageSent)][0].transport_message_id == (
-        resent.answer["messages"][0]["id"]
+    assert (
+        next(e for e in events if isinstance(e, MessageSent)).transport_message_id
+        == (resent.answer["messages"][0]["id"])
     )
 
 
@@ -527,9 +533,11 @@ async def test_sessions_share_one_client_closed_with_the_last(bus: Bus) -> None:
                     await one.send(Outgoing("15550001515@s.whatsapp.net", "a", "job-a", fence))
                     client = transport._client
                     await two.send(Outgoing("15550001515@s.whatsapp.net", "b", "job-b", fence))
-                    assert transport._client is client and client is not None
+                    assert transport._client is client
+                    assert client is not None
                 assert transport._client is client  # one session still open
-            assert transport._client is None and client.is_closed
+            assert transport._client is None
+            assert client.is_closed
             # a later session opens a new one
             async with transport.session(ACCOUNT, events, receive=False) as three:
                 await three.send(Outgoing("15550001515@s.whatsapp.net", "c", "job-c", fence))
@@ -584,6 +592,8 @@ async def test_the_cloud_transport_is_chosen_by_the_setting(bus: Bus) -> None:
     assert (transport.name, transport.channel, transport.send_timeout) == ("cloud", "whatsapp", 10)
     # A receive path that waits on nothing: webhooks come over HTTP
     assert transport.inbound is not None
-    async with EventDispatch(_Events(), name="t") as events:
-        async with transport.inbound.receiver(ACCOUNT, events):
-            pass
+    async with (
+        EventDispatch(_Events(), name="t") as events,
+        transport.inbound.receiver(ACCOUNT, events),
+    ):
+        pass
