@@ -191,8 +191,8 @@ class CloudSession(SessionEnding):
                 return self._message_id(answer)
             code, text = _graph_error(status, answer)
             kind = classify_cloud_error(status, code)
-            if kind == "window":  # a template is never refused for the window: say so plainly
-                kind = "permanent"
+        if kind == "window" and (out.template or number.template):
+            kind = "permanent"  # a template refused for the window: no template can help
         raise self._failed(kind, status, code, text)
 
     async def _post(
