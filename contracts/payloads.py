@@ -8,7 +8,7 @@ from typing import Literal
 
 import msgspec
 
-from contracts.events import AttemptError
+from contracts.events import AttemptError, UtcDatetime
 
 
 class SimInbound(msgspec.Struct, frozen=True, kw_only=True):
@@ -100,6 +100,9 @@ class SendRecord(msgspec.Struct, frozen=True, kw_only=True):
     lease_token: int = 0
     transport_message_id: str = ""
     errors: list[AttemptError] = msgspec.field(default_factory=list)
+    # `sending`: when the attempt's send began (under the proven lease). A send the network
+    # confirms later (Cloud API status webhook) is recorded as having begun then.
+    sent_at: UtcDatetime | None = None
 
 
 class SentIndex(msgspec.Struct, frozen=True, kw_only=True):

@@ -27,7 +27,7 @@ from services.runtime.errors import ConfigError
 from services.runtime.lease import check_send_cover, new_holder_id
 from services.runtime.nats_server import EmbeddedNats
 from services.runtime.provisioning import ensure_streams, raise_on_conflict, warn_on_differences
-from services.runtime.settings import Role, Settings
+from services.runtime.settings import CloudSettings, Role, Settings
 from services.runtime.telemetry import setup_tracing
 from services.whatsapp.sim import SimTransport, sim_send_timeout
 
@@ -68,12 +68,23 @@ def make_transport(settings: Settings, bus: Bus) -> Transport:
     """The transport adapter WHATSAPP_TRANSPORT selects."""
     if settings.transport == "sim":
         return SimTransport(bus, settings.sim)
+    if settings.transport == "cloud":
+        from services.whatsapp.cloud import CloudTransport
+
+        return CloudTransport(bus, cloud_settings(settings))
     # Imported here: only a process that runs neonize loads its Go library.
     from services.whatsapp.neonize import NeonizeTransport, bridge_from_env
 
     return NeonizeTransport(
         bus, settings.whatsapp_store, settings.neonize, bridge=bridge_from_env()
     )
+
+
+def cloud_settings(settings: Settings) -> CloudSettings:
+    """The Cloud API settings (loaded with WHATSAPP_TRANSPORT=cloud)."""
+    if settings.cloud is None:
+        raise ConfigError("WHATSAPP_TRANSPORT=cloud but no Cloud API settings were loaded")
+    return settings.cloud
 
 
 def neonize_executor(accounts: int) -> ThreadPoolExecutor:
@@ -127,6 +138,8 @@ def check_role(settings: Settings, role: Role) -> None:
         make_llm(settings)
     if role in ("all", "whatsapp", "whatsapp-egress") and settings.transport == "sim":
         check_send_cover(settings.lease_ttl, sim_send_timeout(settings.sim), "sim")
+    if role in ("all", "whatsapp", "whatsapp-egress") and settings.transport == "cloud":
+        check_send_cover(settings.lease_ttl, cloud_settings(settings).send_timeout, "cloud")
     if role in ("all", "whatsapp", "whatsapp-egress") and settings.transport == "neonize":
         check_send_cover(settings.lease_ttl, settings.neonize.send_timeout, "neonize")
         store = settings.whatsapp_store
@@ -212,6 +225,13 @@ async def _run_role(
                     watch=settings.session,
                 )
                 tasks.append(asyncio.create_task(owner.run(stop), name=f"owner-{account}"))
+            if settings.transport == "cloud":
+                # A reply the network refused later for the 24-hour window gets the
+                # account's template (ADR 0028); one shared consumer, any replica.
+                from services.whatsapp.cloud_window import CloudWindow
+
+                window = CloudWindow(bus, cloud_settings(settings), transport.channel)
+                tasks.append(asyncio.create_task(window.run(stop), name="cloud-window"))
         if settings.http.port is not None:
             routes = _http_routes(bus, settings, role)
             server = await stack.enter_async_context(

@@ -178,7 +178,8 @@ class Egress:
                 case "sending":
                     why = "outcome unknown: the sender stopped mid-send"
                     fence = Fence(record.holder, record.lease_token)
-                    if await self._uncertain(job, record.attempt, fence, why, errors):
+                    began = (d.stream_seq, record.sent_at)
+                    if await self._uncertain(job, record.attempt, fence, why, errors, began):
                         return
                 case "failed":
                     pass
@@ -198,7 +199,8 @@ class Egress:
                 self.lost.set()
                 raise AbandonError("lease not proven; the job waits for the next owner")
             fence = Fence(holder=self.lease.holder, token=self.lease.token)
-            sending = self._record(job, "sending", attempt, fence, errors)
+            # When the attempt began, proven: what a send confirmed later is recorded with.
+            sending = self._record(job, "sending", attempt, fence, errors, sent_at=utcnow())
             revision = await self.ledger.put(sending)
             # The proof again, after the write and with nothing awaited before the call.
             if not self.lease.covers(cover):
@@ -239,7 +241,8 @@ class Egress:
                 # The transport cannot tell whether the message went out (timed out waiting
                 # for the server's ack): say so now, then resend or skip by the policy.
                 why = f"outcome unknown: {exc}"
-                if await self._uncertain(job, attempt, fence, why, errors):
+                began = (d.stream_seq, sent_at)
+                if await self._uncertain(job, attempt, fence, why, errors, began):
                     return
                 current = self._record(job, "failed", attempt, fence, errors)
                 await self.ledger.put(current)
@@ -266,10 +269,14 @@ class Egress:
         fence: Fence,
         why: str,
         errors: list[AttemptError],
+        began: tuple[int, datetime | None],
     ) -> bool:
         """Record that `attempt`'s outcome is unknown (`why`, added to the job's errors);
-        True if the policy skips the job (its record then says `skipped`)."""
-        resolution = self.settings.uncertain
+        True if the job is settled: the network confirmed it (recorded `MessageSent` under
+        the attempt's fence), or the policy skips it (its record then says `skipped`).
+        `began` is the job's OUTBOUND seq and when the attempt's send began."""
+        confirmed = await self._confirmed(job)
+        resolution = "confirmed" if confirmed else self.settings.uncertain
         log.warning(
             "delivery uncertain",
             extra={
@@ -287,12 +294,36 @@ class Egress:
             lease_token=fence.token,
             resolution=resolution,
         )
+        if confirmed:
+            # The network says it went out (a status webhook named the job): the attempt
+            # that looked unsure was the send. Recorded as it happened -- its holder, token
+            # and start -- and never sent again.
+            job_seq, sent_at = began
+            fence = Fence(fence.holder, fence.token)
+            await self._sent(job, attempt, fence, confirmed, job_seq, sent_at)
+            return True
         errors.append(AttemptError(attempt=attempt, error=why))
         if resolution == "skip":
             skipped = Fence(fence.holder, fence.token)
             await self.ledger.put(self._record(job, "skipped", attempt, skipped, errors))
             return True
         return False
+
+    async def _confirmed(self, job: SendMessage) -> str | None:
+        """The transport message id the network confirmed for `job`, when the session can
+        tell (the optional `confirmed` capability; None otherwise or on trouble)."""
+        probe = getattr(self.session, "confirmed", None)
+        if not callable(probe):
+            return None
+        try:
+            found = await probe(job.job_id)
+        except Exception as exc:  # a capability's trouble must not decide the job's outcome
+            log.warning(
+                "could not ask whether the network confirmed the send",
+                extra={"job_id": job.job_id, "error": repr(exc)},
+            )
+            return None
+        return found if isinstance(found, str) and found else None
 
     async def _report(
         self, job: SendMessage, kind: type[DeliveryEvent], id_parts: tuple[str, ...], **fields: Any
@@ -326,7 +357,7 @@ class Egress:
         fence: Fence,
         transport_id: str,
         job_seq: int,
-        sent_at: datetime,
+        sent_at: datetime | None,
     ) -> None:
         record = self._record(job, "sent", attempt, fence, [], transport_id)
         writes = [
@@ -394,6 +425,8 @@ class Egress:
         fence: Fence,
         errors: list[AttemptError],
         transport_id: str = "",
+        *,
+        sent_at: datetime | None = None,
     ) -> SendRecord:
         return SendRecord(
             job_id=job.job_id,
@@ -403,6 +436,7 @@ class Egress:
             lease_token=fence.token,
             transport_message_id=transport_id,
             errors=errors[-20:],
+            sent_at=sent_at,
         )
 
     async def dead_lettered(self, d: Delivery, reason: str) -> None:

@@ -12,8 +12,10 @@ workers may run without the lease.
 Everything here is channel-agnostic: the channel name comes from `Transport.channel`.
 
 Optional session capabilities (ADR 0025), looked up with `getattr` so a transport that
-cannot simply lacks them: `last_heard()` (the zombie watchdog's input) and `presence()`
-(read receipts and typing). `SessionCapabilities` documents their shape.
+cannot simply lacks them: `last_heard()` (the zombie watchdog's input), `presence()`
+(read receipts and typing) and `confirmed(job_id)` (the network's own word that a job
+went out: resolves an uncertain send, ADR 0028). `SessionCapabilities` documents their
+shape.
 """
 
 from __future__ import annotations
@@ -244,6 +246,13 @@ class SessionCapabilities(Protocol):
     ) -> None:
         """Show `chat` an action: `read` marks `message_ids` (by `sender`) read, `typing`
         shows "typing...", `paused` clears it. Best effort: bounded in time, never raises."""
+        ...
+
+    async def confirmed(self, job_id: str) -> str | None:
+        """The transport message id under which the network confirmed `job_id` went out
+        (e.g. a Cloud API status webhook echoing the job id), or None. The egress asks it
+        before applying DELIVERY_UNCERTAIN: a confirmed job is recorded sent, not resent.
+        Bounded in time (it may wait a little for a confirmation in flight)."""
         ...
 
 

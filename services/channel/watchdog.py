@@ -169,6 +169,12 @@ class RecyclableSession:
         if show is not None:
             await show(chat, action, message_ids, sender)
 
+    async def confirmed(self, job_id: str) -> str | None:
+        """The current session's `confirmed` (ADR 0028), or None when it has none."""
+        probe = getattr(self._inner, "confirmed", None)
+        found = await probe(job_id) if probe is not None else None
+        return found if isinstance(found, str) else None
+
 
 class ZombieWatch:
     """Watches one owned session for silence; reports it and recycles it (capped)."""

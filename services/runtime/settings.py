@@ -186,6 +186,11 @@ class NeonizeSettings:
 
 # With neonize the send timeout is 10 s: a TTL of 30 s proves 24 s, two sends' worth.
 NEONIZE_DEFAULT_LEASE_TTL = 30
+# The same for the Cloud API (WHATSAPP_CLOUD_SEND_TIMEOUT, also 10 s by default).
+CLOUD_DEFAULT_LEASE_TTL = 30
+# A Cloud API number's default throughput is 80 messages/s (more answers 130429): the
+# budget default with cloud, as per-minute rate and burst (ADR 0028).
+CLOUD_DEFAULT_LIMIT = RateLimit(per_minute=4800, burst=80)
 
 
 # A real WhatsApp number gets banned for bulk sending. With no official figure, stay at a
@@ -239,6 +244,12 @@ class CloudSettings:
     api_url: str = DEFAULT_CLOUD_API_URL
     api_version: str = DEFAULT_CLOUD_API_VERSION
     accounts: tuple[tuple[str, CloudAccount], ...] = ()
+    # WHATSAPP_CLOUD_SEND_TIMEOUT: a send with no answer by then is reported uncertain
+    # (ADR 0028); the lease proof covers it, so the lease TTL must cover twice this.
+    send_timeout: float = 10.0
+    # WHATSAPP_CLOUD_CONFIRM_WAIT: how long an uncertain send waits for a status webhook
+    # to confirm it (SendLedger.confirmed) before DELIVERY_UNCERTAIN decides.
+    confirm_wait: float = 5.0
 
     def account(self, name: str) -> CloudAccount:
         """The Cloud API configuration of account `name` (KeyError if it has none)."""
@@ -330,7 +341,13 @@ def load_cloud_settings(env: Mapping[str, str], accounts: tuple[str, ...]) -> Cl
                 ),
             )
         )
-    return CloudSettings(api_url=api_url, api_version=version, accounts=tuple(configured))
+    return CloudSettings(
+        api_url=api_url,
+        api_version=version,
+        accounts=tuple(configured),
+        send_timeout=get.get_float("WHATSAPP_CLOUD_SEND_TIMEOUT", 10.0, minimum=0.1, maximum=600),
+        confirm_wait=get.get_float("WHATSAPP_CLOUD_CONFIRM_WAIT", 5.0, minimum=0, maximum=600),
+    )
 
 
 def _read_cloud_file(path: Path) -> dict[str, dict[str, str]]:
@@ -481,6 +498,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, role: str | None = No
     llm = get.get_choice("SVC_LLM", "echo", ("echo", "openai"))
     data_dir = Path(get.get_str("SVC_DATA_DIR", ".svc"))
     neonize = env.get("WHATSAPP_TRANSPORT", "").strip().lower() == "neonize"
+    cloud = env.get("WHATSAPP_TRANSPORT", "").strip().lower() == "cloud"
     settings = Settings(
         nats_url=get.get_url("NATS_URL"),
         role=cast(Role, _choice("SVC_ROLE", role_value, ROLES)),
@@ -492,9 +510,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, role: str | None = No
         whatsapp_store=get.get_store("WHATSAPP_STORE", data_dir / "whatsapp.sqlite"),
         lease_ttl=get.get_int(
             "WHATSAPP_LEASE_TTL",
-            NEONIZE_DEFAULT_LEASE_TTL
-            if env.get("WHATSAPP_TRANSPORT", "").strip().lower() == "neonize"
-            else 10,
+            NEONIZE_DEFAULT_LEASE_TTL if neonize else CLOUD_DEFAULT_LEASE_TTL if cloud else 10,
             minimum=2,
             maximum=3600,
         ),
@@ -533,9 +549,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, role: str | None = No
             ),
             rate_limit=get.get_rate(
                 "WHATSAPP_RATE_LIMIT",
-                NEONIZE_DEFAULT_LIMIT
-                if env.get("WHATSAPP_TRANSPORT", "sim") == "neonize"
-                else None,
+                NEONIZE_DEFAULT_LIMIT if neonize else CLOUD_DEFAULT_LIMIT if cloud else None,
             ),
             rate_limits=get.get_rates("WHATSAPP_RATE_LIMITS"),
             first_contact=get.get_first_contact(
