@@ -38,6 +38,7 @@ from contracts.events import (
     LeaseAcquired,
     MessageReceived,
     MessageSent,
+    TurnCompleted,
 )
 from services.runtime.bus import Bus, connect
 from tests.conftest import Processes, assert_audit_clean, read_stream, stream_raw, wait_until
@@ -65,6 +66,7 @@ NUMBERS = {ACME: "1000000000001", BARE: "1000000000002"}  # Phone number IDs
 APP_SECRET = "e2e-app-secret-not-a-secret"
 VERIFY_TOKEN = "e2e-verify-token-not-a-secret"
 TEMPLATE = "reengage_v1"
+GROUP = "120363000000000001"  # a Cloud API group id
 API_VERSION = "v21.0"
 MAX_BODY = 4096  # SVC_WEBHOOK_MAX_BYTES: small, so an oversize body is cheap to build
 
@@ -380,6 +382,32 @@ async def test_cloud_messages_statuses_templates_and_retries_through_real_proces
         ]
         assert sent_order == dave_jobs
 
+        # -- A group message (Cloud API groups carry no mentions): recorded, not answered
+        # under SVC_GROUP_REPLIES=mention (the default)
+        member = user(8)
+        body = message_body(NUMBERS[ACME], "wamid.in.group.1", member, "hello group")
+        body["entry"][0]["changes"][0]["value"]["messages"][0]["group_id"] = GROUP
+        assert (await fleet.hook(1).post(ACME, body)).status == 200
+        (in_group,) = [
+            e
+            for e in await events(bus, "INBOUND", MessageReceived)
+            if e.message_id == "wamid.in.group.1"
+        ]
+        assert (in_group.chat, in_group.sender, in_group.is_group, in_group.mentioned) == (
+            f"{GROUP}@g.us",
+            jid(member),
+            True,
+            False,
+        )
+        await wait_until(
+            lambda: _has_turn(bus, in_group.id), timeout=30, what="the group's turn record"
+        )
+        turn = await _turn_of(bus, in_group.id)
+        assert turn is not None
+        assert turn.skipped
+        assert turn.reply_ids == []
+        assert not [r for r in graph.requests if r.to in (member, GROUP)]
+
         # -- Refusals through the real processes: nothing stored, the server keeps serving -
         before = await _stored(bus)
         body = message_body(NUMBERS[ACME], "wamid.in.mallory.1", user(9), "let me in")
@@ -436,6 +464,15 @@ async def test_cloud_messages_statuses_templates_and_retries_through_real_proces
             assert APP_SECRET not in log
             assert DEFAULT_TOKEN not in log
             assert VERIFY_TOKEN not in log
+
+
+async def _turn_of(bus: Bus, inbound_id: str) -> TurnCompleted | None:
+    found = [e for e in await events(bus, "AGENT", TurnCompleted) if e.inbound_id == inbound_id]
+    return found[0] if found else None
+
+
+async def _has_turn(bus: Bus, inbound_id: str) -> bool:
+    return await _turn_of(bus, inbound_id) is not None
 
 
 async def _sent(bus: Bus, job_id: str) -> bool:
