@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -186,10 +187,18 @@ def user_jid(wa_id: str) -> str:
 
 
 def parse_webhook(raw_body: bytes, *, phone_number_id: str) -> list[WebhookEvent]:
-    """Map one webhook POST body to port events, in the order they appear.
+    """Map one webhook POST body, all of it addressed to `phone_number_id`, to port events
+    in the order they appear (see `route_webhook`; WebhookError for anything else)."""
+    return [event for _, event in route_webhook(raw_body, {phone_number_id: phone_number_id})]
 
-    Raises WebhookError (one line) for a body that is not the Graph webhook shape, or that
-    is addressed to another phone number id than the account's `phone_number_id`."""
+
+def route_webhook(raw_body: bytes, numbers: Mapping[str, str]) -> list[tuple[str, WebhookEvent]]:
+    """Map one webhook POST body to (account, event) pairs in the order they appear, each
+    item routed by its `metadata.phone_number_id` through `numbers` (phone number id ->
+    account): one Meta app has one callback URL for all its numbers.
+
+    Raises WebhookError (one line) for a body that is not the Graph webhook shape, or with
+    an item for a phone number id none of `numbers` has."""
     try:
         body = _DECODER.decode(raw_body)
     except msgspec.ValidationError as exc:
@@ -201,22 +210,24 @@ def parse_webhook(raw_body: bytes, *, phone_number_id: str) -> list[WebhookEvent
             f"webhook object {body.object!r} is not whatsapp_business_account:"
             " subscribe the app to the WhatsApp Business Account's messages field"
         )
-    events: list[WebhookEvent] = []
+    routed: list[tuple[str, WebhookEvent]] = []
     for entry in body.entry:
         for change in entry.changes:
             value = change.value
             if not (value.messages or value.statuses):
                 continue
             got = value.metadata.phone_number_id
-            if got != phone_number_id:
+            account = numbers.get(got)
+            if account is None:
+                known = ", ".join(repr(n) for n in sorted(numbers)) or "none"
                 raise WebhookError(
-                    f"webhook is for phone number id {got!r} but this account is configured"
-                    f" with {phone_number_id!r}: check the account's phone_number_id"
+                    f"webhook is for phone number id {got!r}, which no account here has"
+                    f" (configured: {known}): check the accounts' phone_number_id"
                 )
             names = {c.wa_id: c.profile.name for c in value.contacts}
-            events.extend(message(m, names.get(m.from_, "")) for m in value.messages)
-            events.extend(status(s) for s in value.statuses)
-    return events
+            routed.extend((account, message(m, names.get(m.from_, ""))) for m in value.messages)
+            routed.extend((account, status(s)) for s in value.statuses)
+    return routed
 
 
 def message(msg: _Message, sender_name: str = "") -> Incoming | Dropped:

@@ -3,7 +3,9 @@
 `CloudWebhooks` is the logic, testable without HTTP; `webhook_routes` puts it behind
 Litestar (served by `services.runtime.http`). A POST is answered only after everything in
 it is stored: size cap (413), signature over the raw bytes (missing 401, bad 403), the
-Graph shape (400), then per item a dedupe check in the KV bucket `webhooks` (Meta retries
+Graph shape (400; each item is routed by its phone number id to the account with that
+number among those sharing the signing app's secret -- one Meta app, one callback URL),
+then per item a dedupe check in the KV bucket `webhooks` (Meta retries
 for up to 7 days; the streams' duplicate window is 2 minutes), the publish (its
 `Nats-Msg-Id` is the event's derived id, so two replicas racing store it once), and the
 mark. NATS down or slow past `deadline`: 503 and nothing marked, so Meta's retry stores
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import logging
 from dataclasses import dataclass
 from typing import Any, assert_never
@@ -53,7 +56,7 @@ from services.whatsapp.cloud_map import (
     StatusReport,
     WebhookError,
     WebhookEvent,
-    parse_webhook,
+    route_webhook,
     signature_ok,
     verify_handshake,
 )
@@ -178,7 +181,7 @@ class CloudWebhooks:
                 " WHATSAPP_CLOUD_APP_SECRET (the Meta app's secret)",
             )
         try:
-            events = parse_webhook(raw, phone_number_id=config.phone_number_id)
+            events = route_webhook(raw, self._numbers(config))
         except WebhookError as exc:
             line = str(exc).splitlines()[0]
             log.warning("webhook refused: bad body", extra={"account": account, "error": line})
@@ -187,7 +190,7 @@ class CloudWebhooks:
             return self._unavailable(account, "not connected to NATS")
         try:
             async with asyncio.timeout(self.deadline):
-                stored = await self._store(account, events)
+                stored = await self._store(events)
         except _UNAVAILABLE as exc:
             return self._unavailable(account, f"{type(exc).__name__}: {exc}".strip(" :"))
         log.info(
@@ -196,9 +199,20 @@ class CloudWebhooks:
         )
         return Answer(200, "ok")
 
-    async def _store(self, account: str, events: list[WebhookEvent]) -> int:
+    def _numbers(self, config: CloudAccount) -> dict[str, str]:
+        """Phone number id -> account for the accounts a body signed with `config`'s app
+        secret may carry: one Meta app has one callback URL for all its numbers, and its
+        signature proves only that app."""
+        secret = config.app_secret.value
+        return {
+            other.phone_number_id: name
+            for name, other in self.accounts.items()
+            if hmac.compare_digest(other.app_secret.value.encode(), secret.encode())
+        }
+
+    async def _store(self, events: list[tuple[str, WebhookEvent]]) -> int:
         stored = 0
-        for event in events:
+        for account, event in events:
             item = await self._item(account, event)
             if item is None:
                 continue

@@ -489,3 +489,45 @@ async def test_a_publish_that_fails_after_the_dedupe_check_marks_nothing_and_ans
     assert (await hook.client.post(ACCOUNT, body)).status == 200
     assert [m.message_id for m in await received(bus)] == ["wamid.NOSTREAM"]
     assert len(await marks(bus)) == 1
+
+
+SECOND = "second"  # another number of the same Meta app (same app secret)
+OTHER_APP = "otherapp"  # a number of another Meta app (its own secret)
+
+
+def _number(phone_number_id: str, secret: str) -> CloudAccount:
+    return CloudAccount(
+        phone_number_id=phone_number_id,
+        token=Secret(TOKEN),
+        app_secret=Secret(secret),
+        verify_token=Secret(VERIFY),
+    )
+
+
+async def test_one_callback_url_serves_every_number_of_the_app(bus: Bus) -> None:
+    """A Meta app has one callback URL for all its numbers: an item for another number of
+    the same app is stored under that number's account; a number of another app (whose
+    secret did not sign the body) is refused with nothing stored."""
+    cloud = CloudSettings(
+        api_url="http://127.0.0.1:9",
+        accounts=(
+            (ACCOUNT, _number(DEFAULT_PHONE_NUMBER_ID, SECRET)),
+            (SECOND, _number("222000", SECRET)),
+            (OTHER_APP, _number("333000", "another-app-secret")),
+        ),
+    )
+    hooks = CloudWebhooks(bus, cloud, max_bytes=MAX_BYTES, deadline=2.0)
+    async with serve(http_app([webhook_routes(hooks)]), "127.0.0.1", 0) as server:
+        client = WebhookClient(server.url, SECRET, timeout=20)
+        body = message_body("222000", "wamid.TWO", USER, "to the second number")
+        assert (await client.post(ACCOUNT, json.dumps(body).encode())).status == 200
+        [msg] = await received(bus)
+        assert (msg.account, msg.message_id) == (SECOND, "wamid.TWO")
+        assert msg.id == derived_id("inbound", "whatsapp", SECOND, "wamid.TWO")
+
+        foreign = message_body("333000", "wamid.THREE", USER, "signed by the wrong app")
+        refused = await client.post(ACCOUNT, json.dumps(foreign).encode())
+        assert refused.status == 400
+        assert b"phone number id '333000'" in refused.body
+        assert b"another-app-secret" not in refused.body
+        assert [m.message_id for m in await received(bus)] == ["wamid.TWO"]
