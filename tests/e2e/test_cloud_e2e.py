@@ -419,8 +419,8 @@ async def test_cloud_messages_statuses_templates_and_retries_through_real_proces
             "missing signature": await fleet.hook(1).post(ACME, raw, sign=False),
             "malformed": await fleet.hook(0).post(ACME, b'{"object": "whatsapp_business_'),
             "not the Graph shape": await fleet.hook(1).post(ACME, b'{"entry": 7}'),
-            "another number": await fleet.hook(0).post(
-                ACME, message_body(NUMBERS[BARE], "wamid.in.mallory.2", user(9), "hi")
+            "a number no account has": await fleet.hook(0).post(
+                ACME, message_body("1000000000099", "wamid.in.mallory.2", user(9), "hi")
             ),
             "oversize": await fleet.hook(1).post(
                 ACME, message_body(NUMBERS[ACME], "wamid.in.mallory.3", user(9), "x" * MAX_BODY)
@@ -439,7 +439,7 @@ async def test_cloud_messages_statuses_templates_and_retries_through_real_proces
             "missing signature": 401,
             "malformed": 400,
             "not the Graph shape": 400,
-            "another number": 400,
+            "a number no account has": 400,
             "oversize": 413,
             "unknown account": 404,
             "wrong verify token": 403,
