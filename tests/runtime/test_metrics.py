@@ -16,10 +16,13 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from contracts import subjects
+from contracts.codec import encode
 from contracts.events import TokenUsage, TurnCompleted, TurnFailed
+from contracts.payloads import SimControl
 from services.core.llm import ToolCall, ToolSpec
 from services.core.tools import BoundTool, ToolBox
 from services.core.worker import count_turn
+from services.ops.accounts import handover
 from services.runtime import metrics
 from services.runtime.bus import Bus
 from services.runtime.errors import ConfigError
@@ -33,6 +36,7 @@ from services.runtime.metrics import (
     labels,
     prometheus_text,
 )
+from tests.conftest import role, wait_until
 from tests.whatsapp.fake_graph import http_request
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def measured(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], str]]:
     """The process's instruments on a private provider; yields a render of what they hold."""
+    metrics.setup_metrics("test", {})  # done first: a role started later must not redo it
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
     state = GaugeState()
@@ -259,3 +264,36 @@ def test_the_grafana_dashboard_is_valid_json_and_queries_only_real_metrics() -> 
     assert used <= exposed_series(), used - exposed_series()
     # Every metric has a panel.
     assert {re.sub(r"_(bucket|sum|count)$", "", u) for u in used} == metric_names()
+
+
+async def test_an_owner_counts_acquisitions_operator_handovers_and_its_parked_account(
+    bus: Bus, measured: Callable[[], str]
+) -> None:
+    where = 'channel="whatsapp",account="default"'
+
+    def counted(series: str) -> float:
+        text = measured()
+        return value(text, series) if series in text else 0
+
+    async with role(bus, "whatsapp"):
+        acquired = f"switchboard_lease_acquisitions_total{{{where}}}"
+        await wait_until(lambda: counted(acquired) == 1, 20, "the lease acquired")
+
+        await handover(bus, "default", timeout=10)
+
+        handed = f'switchboard_lease_handovers_total{{{where},reason="operator"}}'
+        assert counted(handed) == 1
+        await wait_until(lambda: counted(acquired) == 2, 30, "the lease taken again")
+
+        # The network logs the session out: the account is parked, labelled by its state.
+        logout = SimControl(event="logged_out", reason="bye from +4915550001")
+        await bus.nc.publish(subjects.sim_control("default"), encode(logout))
+        await wait_until(
+            lambda: "switchboard_parked_accounts{" in measured(), 20, "the account parked"
+        )
+        text = measured()
+        [parked] = [ln for ln in text.splitlines() if ln.startswith("switchboard_parked_")]
+        assert parked.startswith('switchboard_parked_accounts{channel="whatsapp",reason="')
+        assert parked.endswith(" 1")
+        assert "bye from" not in text
+        assert "4915550001" not in text
