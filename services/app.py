@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -11,6 +12,10 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import nats.errors
+import nats.js.errors
+
+from contracts.streams import PLUGINS
 from services.channel.dispatch import EventDispatch
 from services.channel.fleet import Fleet, LeaseBoard
 from services.channel.ingress import Ingress
@@ -24,7 +29,9 @@ from services.plugins.runner import ToolRunner
 from services.plugins.tools import ProjectedTools
 from services.runtime.bus import Bus, connect
 from services.runtime.errors import ConfigError
+from services.runtime.health import READINESS, Flag, connected, tasks_alive
 from services.runtime.lease import check_send_cover, new_holder_id
+from services.runtime.metrics import LagSampler, projection_running, setup_metrics
 from services.runtime.nats_server import EmbeddedNats
 from services.runtime.provisioning import ensure_streams, raise_on_conflict, warn_on_differences
 from services.runtime.settings import CloudSettings, Role, Settings
@@ -108,7 +115,10 @@ async def nats_url(
         " or point NATS_URL at the running server"
     )
     async with EmbeddedNats(
-        settings.data_dir / "nats", port=embedded_port, port_hint=hint
+        settings.data_dir / "nats",
+        port=embedded_port,
+        port_hint=hint,
+        monitor_port=settings.nats_monitor_port,
     ) as server:
         yield server.url, server
 
@@ -118,6 +128,39 @@ async def provision(bus: Bus, settings: Settings) -> None:
     results = await ensure_streams(bus.js, replicas=settings.stream_replicas)
     raise_on_conflict(results)
     warn_on_differences(results)
+
+
+# JetStream not answering yet: no JetStream on the server (yet), a cluster still electing
+# its meta leader, the connection between servers. Waited out (not ready meanwhile); a
+# conflicting stream or a refused permission still ends the process.
+_NOT_YET = (
+    nats.errors.NoRespondersError,
+    nats.errors.TimeoutError,
+    nats.js.errors.ServiceUnavailableError,
+    TimeoutError,
+)
+PROVISION_RETRY_MAX = 5.0
+
+
+async def provision_when_able(bus: Bus, settings: Settings, streams: Flag) -> None:
+    """`provision`, retried (backing off to PROVISION_RETRY_MAX s) while JetStream does not
+    answer; `streams` says why meanwhile (`/readyz`). Ends if the connection is lost."""
+    delay = 0.25
+    while True:
+        try:
+            await provision(bus, settings)
+        except _NOT_YET as exc:
+            why = f"JetStream is not answering ({type(exc).__name__}: {exc})"
+            streams.unmet(f"not provisioned yet: {why}")
+            log.warning("streams not provisioned yet; retrying", extra={"error": why})
+        else:
+            streams.met()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(bus.lost.wait(), delay)
+        if bus.lost.is_set():
+            raise bus.lost_error()
+        delay = min(delay * 2, PROVISION_RETRY_MAX)
 
 
 def check_role(settings: Settings, role: Role) -> None:
@@ -161,11 +204,14 @@ async def run_role(
     stop: asyncio.Event,
     *,
     watch: Sequence[Callable[[], Awaitable[None]]] = (),
+    http: HttpServer | None = None,
 ) -> None:
     """Run `role`'s workers on `bus` until `stop` is set (then drain). The role ends with
-    an error when its connection is closed for good or a `watch` awaitable raises."""
+    an error when its connection is closed for good or a `watch` awaitable raises. With
+    `http` the role uses that running server (started by `system` before provisioning);
+    else it serves its own when SVC_HTTP_PORT is set."""
     try:
-        await _run_role(bus, settings, role, stop, watch)
+        await _run_role(bus, settings, role, stop, watch, http)
     except Exception:
         if bus.lost.is_set():  # whatever failed, the cause is the dead connection
             raise bus.lost_error() from None
@@ -178,11 +224,16 @@ async def _run_role(
     role: Role,
     stop: asyncio.Event,
     watch: Sequence[Callable[[], Awaitable[None]]],
+    http: HttpServer | None,
 ) -> None:
     # Idempotent; makes sure every message published below carries a traceparent even
     # when the caller (a test, an embedding program) did not set tracing up.
     setup_tracing(f"switchboard-{role}")
+    setup_metrics(f"switchboard-{role}")
     async with AsyncExitStack() as stack:
+        stack.callback(READINESS.add("nats", connected(bus)))
+        started = Flag("starting")
+        stack.callback(READINESS.add(f"role {role}", started.check))
         tasks: list[asyncio.Task[None]] = []
         if role in ("all", "core"):
             plugins = discover()
@@ -190,6 +241,7 @@ async def _run_role(
                 PluginProjection(bus, plugin_db(settings), manifests(plugins))
             )
             await projection.catch_up()  # the first turn already sees installed plugins
+            stack.callback(projection_running("plugins", PLUGINS.name, lambda: projection.position))
             tasks.append(asyncio.create_task(projection.run(stop), name="plugin-projection"))
             # Worker processes for CPU-bound tools, warm before the first turn (ADR 0014).
             runner = await stack.enter_async_context(ToolRunner())
@@ -232,7 +284,9 @@ async def _run_role(
 
                 window = CloudWindow(bus, cloud_settings(settings), transport.channel)
                 tasks.append(asyncio.create_task(window.run(stop), name="cloud-window"))
-        if settings.http.port is not None:
+        if http is not None:
+            watch = [*watch, http.until_failed]
+        elif settings.http.port is not None:
             routes = _http_routes(bus, settings, role)
             server = await stack.enter_async_context(
                 serve_http(settings.http.host, settings.http.port, routes)
@@ -256,6 +310,10 @@ async def _run_role(
                     EventDispatch(ingress, name=f"{transport.channel}.{account}")
                 )
                 await stack.enter_async_context(inbox.receiver(account, events))
+        # Lag gauges: one consumer-info read per consumer per interval, never per scrape.
+        tasks.append(asyncio.create_task(LagSampler(bus).run(stop), name="lag-sampler"))
+        stack.callback(READINESS.add("workers", tasks_alive(tasks)))
+        started.met()
         log.info("running", extra={"role": role})
         await _supervise(tasks, stop, watchers=[bus.until_lost, *watch])
 
@@ -320,6 +378,7 @@ async def system(
 ) -> AsyncIterator[tuple[Bus, asyncio.Event, asyncio.Task[None]]]:
     """Start `role` (with an embedded server if NATS_URL is unset); yield (bus, stop, task)."""
     check_role(settings, role)
+    setup_metrics(f"switchboard-{role}")  # a missing OTLP exporter is refused before connecting
     # A relative SVC_DATA_DIR resolves against the working directory: say which one.
     log.info("starting", extra={"role": role, "data_dir": str(settings.data_dir.resolve())})
     async with (
@@ -330,12 +389,24 @@ async def system(
             timeout=settings.connect_timeout,
             security=settings.nats_security,
         ) as bus,
+        AsyncExitStack() as stack,
     ):
-        await provision(bus, settings)
+        # Served from before provisioning, so /readyz can say what is missing (ADR 0029).
+        stack.callback(READINESS.add("nats", connected(bus)))
+        streams = Flag("not provisioned yet")
+        stack.callback(READINESS.add("streams", streams.check))
+        http = None
+        if settings.http.port is not None:
+            http = await stack.enter_async_context(
+                serve_http(
+                    settings.http.host, settings.http.port, _http_routes(bus, settings, role)
+                )
+            )
+        await provision_when_able(bus, settings, streams)
         stop = asyncio.Event()
         watch = [server.until_exited] if server is not None else []
         task = asyncio.create_task(
-            run_role(bus, settings, role, stop, watch=watch), name=f"role-{role}"
+            run_role(bus, settings, role, stop, watch=watch, http=http), name=f"role-{role}"
         )
         try:
             yield bus, stop, task

@@ -21,6 +21,7 @@ from services.runtime.errors import (
     ServiceError,
 )
 from services.runtime.logs import setup_logging
+from services.runtime.metrics import shutdown_metrics
 from services.runtime.settings import ROLES, Settings, load_settings
 from services.runtime.telemetry import setup_tracing, shutdown_tracing
 
@@ -137,6 +138,7 @@ def _run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
         raise typer.Exit(130) from None
     finally:
         shutdown_tracing()
+        shutdown_metrics()
 
 
 @app.command()
@@ -241,6 +243,15 @@ def nats_serve(
     store_dir: Annotated[
         Path | None, typer.Option(help="JetStream store (default: $SVC_DATA_DIR/nats).")
     ] = None,
+    monitor_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Open the server's HTTP monitoring port (/varz, /jsz; 0 picks a free one)."
+            " Default: $SVC_NATS_MONITOR_PORT, else closed.",
+        ),
+    ] = None,
 ) -> None:
     """Run the embedded JetStream nats-server in the foreground until SIGTERM/SIGINT."""
     from services.runtime.lifecycle import install_stop_signals
@@ -251,10 +262,16 @@ def nats_serve(
     async def main() -> None:
         stop = asyncio.Event()
         async with EmbeddedNats(
-            store_dir or settings.data_dir / "nats", host=host, port=port
+            store_dir or settings.data_dir / "nats",
+            host=host,
+            port=port,
+            monitor_port=settings.nats_monitor_port if monitor_port is None else monitor_port,
         ) as server:
             install_stop_signals(stop)
             typer.echo(f"nats-server ready at {server.url} (store {server.store_dir})")
+            if server.monitor_url:
+                typer.echo(f"monitoring at {server.monitor_url}")
+            typer.echo(f"log at {server.log_path}")
             sys.stdout.flush()
             # The server is our child: if it dies (kill -9, a crash) we exit with it
             # rather than stand in front of nothing (exit 4; ADR 0012).

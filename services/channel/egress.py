@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from datetime import datetime
 from typing import Any
 
@@ -57,6 +58,7 @@ from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerSpec, Delivery
 from services.runtime.errors import AbandonError, PermanentError
 from services.runtime.lease import Lease
+from services.runtime.metrics import instruments, labels
 from services.runtime.settings import Delivery as DeliverySettings
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,15 @@ log = logging.getLogger(__name__)
 # A session between connections: look again after 0.5 s, doubling up to 5 s.
 OFFLINE_WAIT_FIRST = 0.5
 OFFLINE_WAIT_MAX = 5.0
+
+# switchboard_jobs_total's outcome per DELIVERY fact, and the in-place retries' label.
+_OUTCOMES: dict[type[DeliveryEvent], str] = {
+    MessageSent: "sent",
+    DeliveryFailed: "failed",
+    DeliveryDeadLettered: "dead_lettered",
+    DeliveryUncertain: "uncertain",
+}
+_SEND_RETRY = labels(("stream", "OUTBOUND"), ("consumer", "send"))
 
 MAX_IN_FLIGHT = 256  # jobs held per account: one per chat at a time, chats in parallel
 
@@ -215,7 +226,7 @@ class Egress:
             fence = Fence(fence.holder, fence.token, deadline=self.lease.deadline)
             sent_at = utcnow()  # proven and recorded as `sending`: the send starts now
             try:
-                transport_id = await self.session.send(outgoing(job, fence))
+                transport_id = await self._send(job, fence)
             except StaleFenceError as exc:
                 # Refused before reaching the network: nothing was sent, and the lease is
                 # gone (paused past the deadline, or taken over). No `sending` left behind.
@@ -261,6 +272,26 @@ class Egress:
                 continue
             await self._sent(job, attempt, fence, transport_id, d.stream_seq, sent_at)
             return
+
+    async def _send(self, job: SendMessage, fence: Fence) -> str:
+        """The transport call, timed (switchboard_send_duration_seconds by outcome)."""
+        began = time.perf_counter()
+        outcome = "error"
+        try:
+            transport_id = await self.session.send(outgoing(job, fence))
+            outcome = "ok"
+            return transport_id
+        except (StaleFenceError, NotConnectedError):
+            outcome = "not_sent"
+            raise
+        except UncertainSendError:
+            outcome = "uncertain"
+            raise
+        finally:
+            instruments().send_duration.record(
+                time.perf_counter() - began,
+                labels(("channel", job.channel), ("account", job.account), ("outcome", outcome)),
+            )
 
     async def _uncertain(
         self,
@@ -338,7 +369,12 @@ class Egress:
             chat=job.chat,
             **fields,
         )
-        await self.bus.publish(subjects.delivery(job.channel, job.account, job.chat), event)
+        ack = await self.bus.publish(subjects.delivery(job.channel, job.account, job.chat), event)
+        if not ack.duplicate:  # the same fact reported again (a redelivery) counts once
+            outcome = _OUTCOMES[kind]
+            instruments().jobs.add(
+                1, labels(("channel", job.channel), ("account", job.account), ("outcome", outcome))
+            )
 
     async def _failed(self, job: SendMessage, attempt: int, error: str, permanent: bool) -> None:
         await self._report(
@@ -404,6 +440,7 @@ class Egress:
 
     async def _backoff(self, attempt: int) -> None:
         """Wait before the next attempt, keeping the job ours; give it back on stop/loss."""
+        instruments().retries.add(1, _SEND_RETRY)
         await self._wait(self.settings.retry.delay(attempt))
 
     async def _wait(self, delay: float) -> None:

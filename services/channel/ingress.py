@@ -36,6 +36,7 @@ from services.channel.port import (
     end_of,
 )
 from services.runtime.bus import Bus
+from services.runtime.metrics import instruments, labels
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class Ingress:
         # Told of every Connected / Disconnected (the owner's status board); it must not
         # block: it runs on the session's event pump.
         self.on_connection = on_connection
+        self._labels = labels(("channel", channel), ("account", account))
 
     async def __call__(self, event: SessionEvent) -> None:
         """Record one session event (raises to get it delivered again)."""
@@ -116,7 +118,11 @@ class Ingress:
         match event:
             case Incoming():
                 msg = inbound_event(self.channel, self.account, event)
-                await self.bus.publish(subjects.inbound(msg.channel, msg.account, msg.chat), msg)
+                ack = await self.bus.publish(
+                    subjects.inbound(msg.channel, msg.account, msg.chat), msg
+                )
+                if not ack.duplicate:  # a redelivered session event is not a new message
+                    instruments().messages_received.add(1, self._labels)
             case Receipt():
                 await self._receipt(event)
             case Connected():

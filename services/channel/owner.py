@@ -19,6 +19,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
 
 import msgspec
 import nats.errors
@@ -61,11 +62,29 @@ from services.channel.watchdog import RecyclableSession, ZombieWatch
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerLoop
 from services.runtime.lease import Lease, LeaseValue, read_lease
+from services.runtime.metrics import Labels, account_parked, instruments, labels
 from services.runtime.reader import read
 from services.runtime.settings import Delivery as DeliverySettings
 from services.runtime.settings import SessionWatch
 
 log = logging.getLogger(__name__)
+
+
+def _park_reason(value: LeaseValue) -> str:
+    """A parked lease's reason label: its state (needs_pairing, banned, ...), never the
+    free-text reason (unbounded)."""
+    return value.state or "parked"
+
+
+def _handover(reason: str) -> Callable[[Labels], Labels]:
+    def by(where: Labels) -> Labels:
+        return labels(*where.items(), ("reason", reason))
+
+    return by
+
+
+# Release reasons that hand the account to another owner -> the handover label.
+_HANDOVERS = {"operator handover": _handover("operator"), "rebalance": _handover("rebalance")}
 
 
 async def _first(*events: asyncio.Event, timeout: float | None = None) -> None:
@@ -112,6 +131,7 @@ class AccountOwner:
         self.board = board
         self.fleet = fleet
         self.channel = transport.channel
+        self._labels = labels(("channel", self.channel), ("account", account))
         self.lease = Lease(bus, self.channel, account, holder, lease_ttl)
         self.delivery = delivery or DeliverySettings()
         self.ledger = SendLedger(bus, account)
@@ -157,6 +177,7 @@ class AccountOwner:
         lease's end, or a timer."""
         delay = self.retry_interval * random.uniform(0.5, 1.0)
         parked = await self._parked()
+        account_parked(self.channel, self.account, _park_reason(parked[0]) if parked else None)
         if parked is not None:
             value, revision = parked
             until = value.parked_until()
@@ -365,6 +386,7 @@ class AccountOwner:
                 await self._record(LeaseLost, token, reason)
                 return
             await self.status.write(end.state, end.reason, until=end.until)
+            account_parked(self.channel, self.account, end.state or "parked")
             if end.state == "banned":
                 await self._cut_budget(end)
             log.error(
@@ -496,8 +518,22 @@ class AccountOwner:
         fields = {"account": self.account, "holder": self.holder, "token": token}
         if kind is not LeaseAcquired:
             fields["reason"] = reason
+        self._count_lease(kind, reason)
         event = kind(id=derived_id(kind.__name__, self.account, str(token)), **fields)  # type: ignore[arg-type]
         await self._note(event, "lease event")
+
+    def _count_lease(
+        self, kind: type[LeaseAcquired | LeaseLost | LeaseReleased], reason: str
+    ) -> None:
+        """The lease metrics (the lease, not its best-effort event, is the fact)."""
+        metrics, where = instruments(), self._labels
+        if kind is LeaseAcquired:
+            metrics.lease_acquisitions.add(1, where)
+            account_parked(self.channel, self.account, None)
+        elif kind is LeaseLost:
+            metrics.lease_losses.add(1, where)
+        elif reason in _HANDOVERS:  # released for another owner, not at shutdown
+            metrics.lease_handovers.add(1, _HANDOVERS[reason](where))
 
     async def _note(self, event: Event, what: str) -> None:
         """Record `event` on the account's ACCOUNTS subject, best effort: the lease and the

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from contracts.events import ToolCallRecord
 from services.core.llm import LLM, ChatMessage, Completion
 from services.core.tools import ToolBox
+from services.runtime.metrics import instruments, labels
 
 
 @dataclass
@@ -26,9 +28,20 @@ async def run_turn(
     (it is offered no tools any more). Raises LLMError from the provider."""
     result = TurnResult(text="")
     messages = list(messages)
+    latency = instruments().model_duration
+    ok, failed = (
+        labels(("model", llm.model), ("outcome", "ok")),
+        labels(("model", llm.model), ("outcome", "error")),
+    )
     for round_ in range(max_rounds + 1):
         offered = tools.specs() if round_ < max_rounds else []
-        completion: Completion = await llm.complete(messages, offered)
+        started = time.perf_counter()
+        try:
+            completion: Completion = await llm.complete(messages, offered)
+        except Exception:
+            latency.record(time.perf_counter() - started, failed)
+            raise
+        latency.record(time.perf_counter() - started, ok)
         result.prompt_tokens += completion.prompt_tokens
         result.completion_tokens += completion.completion_tokens
         if not completion.tool_calls or not offered:

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from contracts.events import ToolCallRecord
 from services.core.llm import ToolCall, ToolSpec
+from services.runtime.metrics import instruments, labels
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ class ToolBox:
         except Exception as exc:  # a tool bug must not end the turn
             error = f"{call.name} failed: {type(exc).__name__}: {exc}"
         text = f"error: {error}" if error is not None else result
+        # Labelled by the tools offered only: a name the model made up is not a label.
+        known = call.name if tool is not None else "unknown"
+        outcome = "ok" if error is None else "error" if tool is not None else "unknown_tool"
+        instruments().tool_calls.add(1, labels(("tool", known), ("outcome", outcome)))
         record = ToolCallRecord(
             name=call.name,
             arguments=call.arguments,

@@ -23,7 +23,7 @@ import nats.js.errors
 
 from contracts import subjects
 from contracts.errors import ContractError
-from contracts.events import MessageReceived
+from contracts.events import MessageReceived, TurnCompleted, TurnFailed
 from contracts.payloads import ChatState, HistoryEntry
 from contracts.streams import CORE_CONSUMER, INBOUND
 from services.core import flood, turn
@@ -36,6 +36,7 @@ from services.core.tools import ToolSource
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerLoop, ConsumerSpec, Delivery
 from services.runtime.errors import AbandonError, PermanentError, TransientError
+from services.runtime.metrics import instruments, labels
 from services.runtime.retry import RetryPolicy
 from services.runtime.settings import CoreSettings
 
@@ -80,6 +81,32 @@ def check_inbound(subject: str, inbound: MessageReceived) -> None:
     subjects.check_agrees(subject, "inbound", inbound.channel, inbound.account, inbound.chat)
     subjects.check_jid(inbound.sender, "sender JID")
     subjects.check_message_id(inbound.message_id)
+
+
+def count_turn(record: TurnCompleted | TurnFailed) -> None:
+    """The turn metrics of a recorded turn: outcome, model, latency, tokens."""
+    if isinstance(record, TurnFailed):
+        outcome = "failed"
+    else:
+        outcome = "skipped" if record.skipped is not None else "completed"
+    metrics = instruments()
+    by = labels(
+        ("channel", record.channel),
+        ("account", record.account),
+        ("outcome", outcome),
+        ("model", record.model),
+    )
+    metrics.turns.add(1, by)
+    if isinstance(record, TurnCompleted) and outcome == "completed":
+        metrics.turn_duration.record(record.latency_ms / 1000, by)
+        if record.usage is not None:
+            model = record.model
+            metrics.tokens.add(
+                record.usage.prompt_tokens, labels(("model", model), ("kind", "prompt"))
+            )
+            metrics.tokens.add(
+                record.usage.completion_tokens, labels(("model", model), ("kind", "completion"))
+            )
 
 
 class CoreWorker:
@@ -142,6 +169,7 @@ class CoreWorker:
             await self.bus.publish(subjects.outbound(job.channel, job.account, job.chat), job)
         record = output.record
         await self.bus.publish(subjects.agent(record.channel, record.account, record.chat), record)
+        count_turn(record)
         await self._settle(key, where.chat, d.stream_seq, entries, state, revision, rate_tat)
 
     async def _refused_access(self, inbound: MessageReceived, d: Delivery) -> bool:

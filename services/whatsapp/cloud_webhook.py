@@ -42,6 +42,7 @@ from contracts.events import (
     DeliveryFailed,
     DeliveryReceipt,
     Event,
+    MessageReceived,
     derived_id,
 )
 from contracts.streams import WEBHOOKS
@@ -50,6 +51,7 @@ from services.channel.ledger import SendLedger
 from services.channel.port import Incoming
 from services.runtime.bus import Bus
 from services.runtime.http import text
+from services.runtime.metrics import instruments, labels
 from services.runtime.settings import CloudAccount, CloudSettings
 from services.whatsapp.cloud_map import (
     Dropped,
@@ -223,11 +225,23 @@ class CloudWebhooks:
             except nats.js.errors.KeyNotFoundError:
                 pass
             ack = await self.bus.publish(item.subject, item.event, timeout=self.deadline)
+            if not ack.duplicate:
+                self._count(account, item.event)
             if item.confirm is not None:
                 await self._ledger(account).confirm(*item.confirm)
             await kv.put(item.key, item.event.id.encode())
             stored += 0 if ack.duplicate else 1  # a replica racing us may have stored it
         return stored
+
+    def _count(self, account: str, event: Event) -> None:
+        """Metrics of what was just stored: a message received, or a job the network
+        refused after accepting it (a failed job, as egress counts its own failures)."""
+        if isinstance(event, MessageReceived):
+            where = labels(("channel", self.channel), ("account", account))
+            instruments().messages_received.add(1, where)
+        elif isinstance(event, DeliveryFailed):
+            where = labels(("channel", self.channel), ("account", account), ("outcome", "failed"))
+            instruments().jobs.add(1, where)
 
     async def _item(self, account: str, event: WebhookEvent) -> _Item | None:
         """The event to store for one webhook item, or None (logged) when there is none."""
