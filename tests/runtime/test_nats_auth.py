@@ -3,6 +3,8 @@ configured that way; a refused login ends every `svc` command at once with one l
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
 import subprocess
@@ -43,6 +45,61 @@ def nkey_seed(tmp_path: Path, name: str) -> tuple[Path, str]:
     path.write_bytes(seed + b"\n")
     path.chmod(0o600)
     return path, nkeys.from_seed(seed).public_key.decode()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _keypair(prefix: int) -> tuple[bytes, nkeys.KeyPair, str]:
+    seed = nkeys.encode_seed(os.urandom(32), prefix)
+    pair = nkeys.from_seed(seed)
+    return seed, pair, pair.public_key.decode()
+
+
+def _jwt(signer: nkeys.KeyPair, issuer: str, subject: str, nats_claims: dict[str, object]) -> str:
+    """A NATS JWT (ed25519-nkey) signed by `signer`, as `nsc` would write it."""
+    claims = {"iat": int(time.time()), "iss": issuer, "sub": subject, "name": subject[:8]}
+    claims["jti"] = _b64(os.urandom(16))
+    claims["nats"] = {**nats_claims, "version": 2}
+    head = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    body = _b64(json.dumps(claims).encode())
+    return f"{head}.{body}.{_b64(signer.sign(f'{head}.{body}'.encode()))}"
+
+
+_UNLIMITED = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+              "wildcards": True, "conn": -1, "leaf": -1}  # fmt: skip
+
+
+def operator_mode(tmp_path: Path) -> tuple[str, Path, Path]:
+    """Decentralized auth: (server config, a user's .creds, a .creds of an unknown account)."""
+    _, operator, op_pub = _keypair(nkeys.PREFIX_BYTE_OPERATOR)
+    _, account, acct_pub = _keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    _, _, sys_pub = _keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    _, stranger, stranger_pub = _keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    jetstream = {"mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}
+    account_jwt = _jwt(operator, op_pub, acct_pub,
+                       {"type": "account", "limits": {**_UNLIMITED, **jetstream}})  # fmt: skip
+    system_jwt = _jwt(operator, op_pub, sys_pub, {"type": "account", "limits": _UNLIMITED})
+    config = (
+        f"operator: {_jwt(operator, op_pub, op_pub, {'type': 'operator'})}\n"
+        f"system_account: {sys_pub}\n"
+        "resolver: MEMORY\n"
+        f"resolver_preload: {{ {acct_pub}: {account_jwt}, {sys_pub}: {system_jwt} }}\n"
+    )
+
+    def creds(signer: nkeys.KeyPair, issuer: str, name: str) -> Path:
+        seed, _, user_pub = _keypair(nkeys.PREFIX_BYTE_USER)
+        limits = {"subs": -1, "data": -1, "payload": -1}
+        user = _jwt(signer, issuer, user_pub, {"type": "user", "pub": {}, "sub": {}, **limits})
+        path = tmp_path / f"{name}.creds"
+        path.write_text(
+            f"-----BEGIN NATS USER JWT-----\n{user}\n------END NATS USER JWT------\n\n"
+            f"-----BEGIN USER NKEY SEED-----\n{seed.decode()}\n------END USER NKEY SEED------\n"
+        )
+        return path
+
+    return config, creds(account, acct_pub, "user"), creds(stranger, stranger_pub, "stranger")
 
 
 def openssl(*args: str) -> None:
@@ -108,6 +165,30 @@ async def test_an_nkey_seed_logs_in(tmp_path: Path) -> None:
         tmp_path, f"authorization {{ users = [ {{nkey: {public}}} ] }}\n"
     ) as url:
         await assert_logs_in(url, NatsSecurity(nkey_seed=seed))
+
+
+async def test_a_creds_file_logs_in_and_one_of_an_unknown_account_is_refused(
+    tmp_path: Path, processes: Processes
+) -> None:
+    config, creds, stranger = operator_mode(tmp_path)
+    async with server_with(tmp_path, config) as url:
+        await assert_logs_in(url, NatsSecurity(creds=creds))
+        ensured = run_svc(
+            "streams", "ensure", env=processes.env(NATS_URL=url, NATS_CREDS=str(creds))
+        )
+        assert ensured.returncode == 0, ensured.stderr.decode()
+        refused = run_svc(
+            "status",
+            env=processes.env(
+                NATS_URL=url, NATS_CREDS=str(stranger), NATS_CONNECT_TIMEOUT=CONNECT_TIMEOUT
+            ),
+        )
+    stderr = refused.stderr.decode()
+    assert refused.returncode != 0
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert "refused the connection: authorization failed" in stderr
+    seed = stranger.read_text().split("-----BEGIN USER NKEY SEED-----\n")[1].split()[0]
+    assert seed not in stderr
 
 
 async def test_tls_with_our_ca_logs_in(tmp_path: Path) -> None:
