@@ -21,12 +21,29 @@ import pytest
 from nats.aio.client import Client
 
 from contracts import subjects
+from contracts.events import DeliveryReceipt, MessageReceived
 from services.ops.simclient import SimUser
 from services.runtime.bus import Bus, connect
 from services.runtime.nats_server import EmbeddedNats, nats_server_binary
 from services.runtime.settings import NatsSecurity, Secret
-from tests.conftest import REPO, Processes, assert_audit_clean, run_svc, wait_until
+from tests.conftest import (
+    REPO,
+    Processes,
+    assert_audit_clean,
+    read_stream,
+    run_svc,
+    wait_until,
+)
 from tests.e2e.conftest import consumers_ready
+from tests.e2e.test_cloud_ingress import ACCOUNT as CLOUD_ACCOUNT
+from tests.e2e.test_cloud_ingress import SECRET as CLOUD_SECRET
+from tests.e2e.test_cloud_ingress import cloud_env, listening_url
+from tests.whatsapp.fake_graph import (
+    DEFAULT_PHONE_NUMBER_ID,
+    WebhookClient,
+    message_body,
+    status_body,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -242,6 +259,36 @@ async def test_a_role_does_not_create_streams_and_says_who_does(
     assert result.returncode != 0
     assert len(lines) == 1, result.stderr.decode()
     assert "svc streams ensure' as the operator" in lines[0]
+
+
+async def test_the_cloud_ingress_stores_webhooks_as_its_own_user(
+    secured: SecuredServer, operator: Bus, processes: Processes
+) -> None:
+    # Given a Cloud API ingress run as whatsapp-ingress
+    env = cloud_env(secured.url, SVC_HTTP_PORT="0")
+    env.pop("NATS_URL")
+    ingress = processes.start(
+        "run", "whatsapp-ingress", **env, **secured.env(processes, "whatsapp-ingress")
+    )
+    client = WebhookClient(await listening_url(processes, ingress), CLOUD_SECRET)
+    # When Meta delivers a message and a status of one of our sends
+    bodies = [
+        message_body(DEFAULT_PHONE_NUMBER_ID, "wamid.LP1", "15550004444", "hello"),
+        status_body(DEFAULT_PHONE_NUMBER_ID, "wamid.S1", "delivered", job_id="job-lp-1"),
+    ]
+    answers = [await client.post(CLOUD_ACCOUNT, body) for body in bodies]
+    # Then both are stored (before the 200s), with nothing outside the user's permissions
+    assert [a.status for a in answers] == [200, 200], [a.body for a in answers]
+    inbound = [
+        e for _, e in await read_stream(operator, "INBOUND") if isinstance(e, MessageReceived)
+    ]
+    assert [m.message_id for m in inbound] == ["wamid.LP1"]
+    receipts = [
+        e for _, e in await read_stream(operator, "DELIVERY") if isinstance(e, DeliveryReceipt)
+    ]
+    assert [r.job_id for r in receipts] == ["job-lp-1"]
+    assert processes.stop(ingress) == 0, processes.log(ingress)
+    assert secured.violations() == []
 
 
 @pytest.mark.parametrize("node", ["cluster-node1.conf", "cluster-node2.conf", "cluster-node3.conf"])
