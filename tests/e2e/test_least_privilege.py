@@ -166,7 +166,11 @@ async def assert_denied(server: SecuredServer, user: str, subject: str) -> None:
 async def test_each_role_runs_as_its_own_user_and_a_message_is_answered(
     secured: SecuredServer, operator: Bus, processes: Processes
 ) -> None:
-    # Given streams made by the operator, and each role started as its own user
+    # Given streams made by the operator, an access policy and a plugin recorded (so the
+    # core's projections read ACCESS and PLUGINS), and each role started as its own user
+    for command in (("access", "mode", "open"), ("plugins", "install", "memory")):
+        done = run_svc(*command, env=secured.env(processes, "operator"))
+        assert done.returncode == 0, done.stderr.decode()
     roles = {
         role: processes.start("run", role, **secured.env(processes, role))
         for role in ("core", "whatsapp-ingress", "whatsapp-egress")
