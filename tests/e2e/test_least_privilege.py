@@ -21,7 +21,7 @@ import pytest
 from nats.aio.client import Client
 
 from contracts import subjects
-from contracts.events import DeliveryReceipt, MessageReceived
+from contracts.events import DeliveryDeadLettered, DeliveryReceipt, MessageReceived
 from services.ops.simclient import SimUser
 from services.runtime.bus import Bus, connect
 from services.runtime.nats_server import EmbeddedNats, nats_server_binary
@@ -171,8 +171,10 @@ async def test_each_role_runs_as_its_own_user_and_a_message_is_answered(
     for command in (("access", "mode", "open"), ("plugins", "install", "memory")):
         done = run_svc(*command, env=secured.env(processes, "operator"))
         assert done.returncode == 0, done.stderr.decode()
+    # (the sim refuses sends to one chat for good, and confirms the others with receipts)
+    faults = {"SIM_FAILING_CHATS": "doomed@s.whatsapp.net", "SIM_AUTO_RECEIPTS": "1"}
     roles = {
-        role: processes.start("run", role, **secured.env(processes, role))
+        role: processes.start("run", role, **secured.env(processes, role, **faults))
         for role in ("core", "whatsapp-ingress", "whatsapp-egress")
     }
     await wait_until(
@@ -192,14 +194,33 @@ async def test_each_role_runs_as_its_own_user_and_a_message_is_answered(
         answered = await user.wait_replies(30)
         logs = "\n".join(processes.log(proc) for proc in roles.values())
         assert answered, logs
+        # And a reply the network refuses for good is dead-lettered
+        await user.send("doomed@s.whatsapp.net", "nobody will get this")
+        await wait_until(
+            lambda: _dead_lettered(operator), timeout=30, what="the refused reply dead-lettered"
+        )
     assert exchange.reply is not None
     assert exchange.reply.text == "echo: hello, least privilege"
+    job_id = exchange.reply.job_id
+    await wait_until(
+        lambda: _receipted(operator, job_id), timeout=30, what="the sim's receipts recorded"
+    )
     for role, proc in roles.items():
         assert processes.stop(proc) == 0, f"{role}: {processes.log(proc)}"
     # And nothing any role did was outside its permissions
     assert secured.violations() == []
     audit = run_svc("audit", env=secured.env(processes, "operator"))
     assert audit.returncode == 0, audit.stdout.decode() + audit.stderr.decode()
+
+
+async def _dead_lettered(bus: Bus) -> bool:
+    events = [e for _, e in await read_stream(bus, "DELIVERY")]
+    return any(isinstance(e, DeliveryDeadLettered) for e in events)
+
+
+async def _receipted(bus: Bus, job_id: str) -> bool:
+    events = [e for _, e in await read_stream(bus, "DELIVERY")]
+    return any(isinstance(e, DeliveryReceipt) and e.job_id == job_id for e in events)
 
 
 async def test_the_combined_whatsapp_role_runs_as_its_own_user(
@@ -216,19 +237,28 @@ async def test_the_combined_whatsapp_role_runs_as_its_own_user(
     assert secured.violations() == []
 
 
-async def test_the_core_cannot_write_a_lease(secured: SecuredServer, operator: Bus) -> None:
-    await assert_denied(secured, "core", f"$KV.leases.{subjects.lease_key('whatsapp', 'a')}")
-    assert (await operator.js.stream_info("KV_leases")).state.messages == 0
-
-
-async def test_ingress_cannot_enqueue_a_job(secured: SecuredServer, operator: Bus) -> None:
-    await assert_denied(secured, "whatsapp-ingress", "outbound.whatsapp.default.x")
-    assert (await operator.js.stream_info("OUTBOUND")).state.messages == 0
-
-
-async def test_web_cannot_write_a_lease(secured: SecuredServer, operator: Bus) -> None:
-    await assert_denied(secured, "web", "$KV.leases.whatsapp.default")
-    assert (await operator.js.stream_info("KV_leases")).state.messages == 0
+@pytest.mark.parametrize(
+    ("user", "subject", "stream"),
+    [
+        ("core", f"$KV.leases.{subjects.lease_key('whatsapp', 'default')}", "KV_leases"),
+        ("whatsapp-ingress", "outbound.whatsapp.default.x", "OUTBOUND"),
+        ("whatsapp-ingress", "$KV.leases.whatsapp.default", "KV_leases"),
+        ("web", "$KV.leases.whatsapp.default", "KV_leases"),
+        ("web", "$JS.API.CONSUMER.CREATE.OUTBOUND", None),
+        ("core", "$JS.API.STREAM.CREATE.INBOUND", None),
+        ("whatsapp", "$JS.API.STREAM.DELETE.INBOUND", None),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+async def test_each_role_is_refused_outside_its_rights(
+    secured: SecuredServer, operator: Bus, user: str, subject: str, stream: str | None
+) -> None:
+    # When a plain client with the role's credentials publishes where it may not
+    await assert_denied(secured, user, subject)
+    # Then the server refused it, and nothing was stored
+    if stream is not None:
+        assert (await operator.js.stream_info(stream)).state.messages == 0
+    assert (await operator.js.stream_info("INBOUND")).config.name == "INBOUND"
 
 
 async def test_a_role_denied_what_it_needs_exits_with_one_line_naming_it(
