@@ -287,7 +287,14 @@ async def test_a_wrong_password_ends_every_svc_command_within_a_second_with_one_
 
 @pytest.mark.parametrize(
     "login",
-    ["unknown user", "bad token", "password in NATS_URL", "unknown nkey", "no credentials"],
+    [
+        "unknown user",
+        "bad token",
+        "password in NATS_URL",
+        "unknown nkey",
+        "no credentials",
+        "a cluster URL list with a node down",
+    ],
 )
 async def test_every_refused_login_is_one_line_naming_the_authorization_failure(
     tmp_path: Path, processes: Processes, login: str
@@ -303,6 +310,11 @@ async def test_every_refused_login_is_one_line_naming_the_authorization_failure(
             "password in NATS_URL": {"NATS_URL": f"nats://a:{PASSWORD}@{host}"},
             "unknown nkey": {"NATS_URL": url, "NATS_NKEY_SEED": str(stranger)},
             "no credentials": {"NATS_URL": url},
+            "a cluster URL list with a node down": {
+                "NATS_URL": f"nats://127.0.0.1:1,{url}",
+                "NATS_USER": "a",
+                "NATS_PASSWORD": PASSWORD,
+            },
         }[login]
         started = time.monotonic()
         result = run_svc(
