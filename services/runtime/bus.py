@@ -27,10 +27,10 @@ from nats.js.api import PubAck
 from contracts.codec import encode
 from contracts.events import Message
 from services.runtime.errors import (
+    ConfigError,
     NatsConnectionLostError,
     NatsRefusedError,
     NatsUnavailableError,
-    ServiceError,
 )
 from services.runtime.settings import NatsSecurity
 from services.runtime.telemetry import publish_span
@@ -114,10 +114,13 @@ _AUTH_WORDS = ("authorization", "authentication")
 # nats-py reports a denied publish or subscribe (lower-cased) through error_cb only: the
 # connection stays up and a request to the denied subject just times out.
 _DENIED_RE = re.compile(r'permissions violation for (publish|subscription) to "([^"]*)"', re.I)
+# A timeout this long after a denial is not blamed on it (requests time out after 5 s).
+_DENIAL_BLAMED_FOR = 30.0
 
 
-class NatsPermissionError(ServiceError):
-    """The server denied this NATS user a publish or subscribe the process needed."""
+class NatsPermissionError(ConfigError):
+    """The server denied this NATS user a publish or subscribe the process needed: like a
+    refused login, retrying cannot help until the user or its permissions change."""
 
 
 def denial(exc: BaseException) -> tuple[str, str] | None:
@@ -235,17 +238,20 @@ class _ErrorReporter:
         self.refused_event = asyncio.Event()
         self.bus: Bus | None = None
         self.denied: tuple[str, str] | None = None  # the last permissions violation
+        self.denied_at = 0.0
         self._last: tuple[str, float] = ("", 0.0)
 
     async def error(self, exc: Exception) -> None:
         if (denied := denial(exc)) is not None:
             # Not a connection problem: the server keeps the connection and drops the
             # message; what waited for an answer times out and is reported with this.
-            self.denied = denied
-            log.error(
-                "nats permission denied",
-                extra={"client": self.name, "operation": denied[0], "subject": denied[1]},
-            )
+            repeated = denied == self.denied and time.monotonic() - self.denied_at < 30
+            self.denied, self.denied_at = denied, time.monotonic()
+            if not repeated:
+                log.error(
+                    "nats permission denied",
+                    extra={"client": self.name, "operation": denied[0], "subject": denied[1]},
+                )
             return
         kind = refusal(exc)
         if not self.connected:
@@ -398,7 +404,7 @@ async def connect(
     try:
         yield bus
     except TimeoutError:  # nats-py's timeouts too: what waited may have been denied
-        if reporter.denied is None:
+        if reporter.denied is None or time.monotonic() - reporter.denied_at > _DENIAL_BLAMED_FOR:
             raise
         user = security.user if security else ""
         raise NatsPermissionError(permission_message(reporter.denied, user)) from None
