@@ -27,6 +27,7 @@ from nats.js.api import PubAck
 from contracts.codec import encode
 from contracts.events import Message
 from services.runtime.errors import (
+    ConfigError,
     NatsConnectionLostError,
     NatsRefusedError,
     NatsUnavailableError,
@@ -110,6 +111,40 @@ class Bus:
 
 
 _AUTH_WORDS = ("authorization", "authentication")
+# nats-py reports a denied publish or subscribe (lower-cased) through error_cb only: the
+# connection stays up and a request to the denied subject just times out.
+_DENIED_RE = re.compile(r'permissions violation for (publish|subscription) to "([^"]*)"', re.I)
+# A timeout this long after a denial is not blamed on it (requests time out after 5 s).
+_DENIAL_BLAMED_FOR = 30.0
+
+
+class NatsPermissionError(ConfigError):
+    """The server denied this NATS user a publish or subscribe the process needed: like a
+    refused login, retrying cannot help until the user or its permissions change."""
+
+
+def denial(exc: BaseException) -> tuple[str, str] | None:
+    """(`publish` | `subscription`, subject) when `exc` is a permissions violation."""
+    found = _DENIED_RE.search(str(exc))
+    return (found.group(1).lower(), found.group(2)) if found else None
+
+
+def permission_message(denied: tuple[str, str], user: str) -> str:
+    """One line: what was denied to whom, and what to do about it."""
+    op, subject = denied
+    who = f"NATS user {user!r}" if user else "this NATS user"
+    action = "publish to" if op == "publish" else "subscribe to"
+    if subject.startswith(("$js.api.stream.create.", "$js.api.stream.update.")):
+        fix = (
+            "a role's user does not create streams (ADR 0031): run 'svc streams ensure'"
+            " as the operator user first"
+        )
+    else:
+        fix = (
+            "the process needs it: grant it to this user in the server's permissions"
+            " (deploy/nats/auth.conf), or run the process as the user of its role"
+        )
+    return f"NATS denied {who} permission to {action} {subject!r}: {fix}"
 
 
 def refusal(exc: BaseException) -> str | None:
@@ -202,9 +237,22 @@ class _ErrorReporter:
         self.refused: tuple[str, BaseException] | None = None
         self.refused_event = asyncio.Event()
         self.bus: Bus | None = None
+        self.denied: tuple[str, str] | None = None  # the last permissions violation
+        self.denied_at = 0.0
         self._last: tuple[str, float] = ("", 0.0)
 
     async def error(self, exc: Exception) -> None:
+        if (denied := denial(exc)) is not None:
+            # Not a connection problem: the server keeps the connection and drops the
+            # message; what waited for an answer times out and is reported with this.
+            repeated = denied == self.denied and time.monotonic() - self.denied_at < 30
+            self.denied, self.denied_at = denied, time.monotonic()
+            if not repeated:
+                log.error(
+                    "nats permission denied",
+                    extra={"client": self.name, "operation": denied[0], "subject": denied[1]},
+                )
+            return
         kind = refusal(exc)
         if not self.connected:
             if kind is not None and self.refused is None:
@@ -355,6 +403,11 @@ async def connect(
     bus = reporter.bus = Bus(nc, nc.jetstream(), lost)
     try:
         yield bus
+    except TimeoutError:  # nats-py's timeouts too: what waited may have been denied
+        if reporter.denied is None or time.monotonic() - reporter.denied_at > _DENIAL_BLAMED_FOR:
+            raise
+        user = security.user if security else ""
+        raise NatsPermissionError(permission_message(reporter.denied, user)) from None
     finally:
         reporter.closing = True
         if not nc.is_closed and not nc.is_connected:
