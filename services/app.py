@@ -150,6 +150,8 @@ async def provision_when_able(bus: Bus, settings: Settings, streams: Flag) -> No
         try:
             await provision(bus, settings)
         except _NOT_YET as exc:
+            if (denied := bus.permission_error()) is not None:
+                raise denied from None  # a refused permission, not a JetStream still starting
             why = f"JetStream is not answering ({type(exc).__name__}: {exc})"
             streams.unmet(f"not provisioned yet: {why}")
             log.warning("streams not provisioned yet; retrying", extra={"error": why})

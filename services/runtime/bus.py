@@ -60,9 +60,22 @@ class Bus:
         self.js = js
         self.lost = lost or asyncio.Event()  # set once the connection is closed for good
         self.lost_reason = ""
+        # Set by the connection's error callback: nats-py reports a denied publish or
+        # subscribe only there, and what waited on it just times out.
+        self.denials: _ErrorReporter | None = None
         # Called with "disconnected", "reconnected" or "lost": an interactive command shows
         # these as one human line instead of log records.
         self.on_state: list[Callable[[str], None]] = []
+
+    def permission_error(self, user: str = "") -> NatsPermissionError | None:
+        """The error to end with when a timeout just now followed a permissions violation
+        (retrying cannot help), else None."""
+        reporter = self.denials
+        if reporter is None or reporter.denied is None:
+            return None
+        if time.monotonic() - reporter.denied_at > _DENIAL_BLAMED_FOR:
+            return None
+        return NatsPermissionError(permission_message(reporter.denied, user or reporter.user))
 
     def _state(self, state: str) -> None:
         for listener in self.on_state:
@@ -239,6 +252,7 @@ class _ErrorReporter:
         self.bus: Bus | None = None
         self.denied: tuple[str, str] | None = None  # the last permissions violation
         self.denied_at = 0.0
+        self.user = ""  # the NATS user named in a permissions error
         self._last: tuple[str, float] = ("", 0.0)
 
     async def error(self, exc: Exception) -> None:
@@ -401,13 +415,14 @@ async def connect(
         ) from None
     reporter.connected = True
     bus = reporter.bus = Bus(nc, nc.jetstream(), lost)
+    bus.denials = reporter
+    reporter.user = security.user if security else ""
     try:
         yield bus
     except TimeoutError:  # nats-py's timeouts too: what waited may have been denied
-        if reporter.denied is None or time.monotonic() - reporter.denied_at > _DENIAL_BLAMED_FOR:
+        if (denied := bus.permission_error()) is None:
             raise
-        user = security.user if security else ""
-        raise NatsPermissionError(permission_message(reporter.denied, user)) from None
+        raise denied from None
     finally:
         reporter.closing = True
         if not nc.is_closed and not nc.is_connected:
