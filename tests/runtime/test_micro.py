@@ -9,6 +9,7 @@ from typing import Any
 
 from nats.micro.service import Service, ServiceConfig
 
+from services.ops.simclient import SimUser
 from services.ops.status import collect_status, collect_workers, render_status
 from services.runtime.bus import Bus
 from services.runtime.micro import (
@@ -149,3 +150,13 @@ async def test_status_lists_the_owner_and_the_standby_of_an_account_and_each_cor
         assert "owns default" in text
         assert "owns none; standby for default" in text
         assert text.count("consumer INBOUND/core") == 2
+        # the status is live: a message answered shows as handled by one core replica
+        async with SimUser(bus, "default") as user:
+            await user.send("alice@s.whatsapp.net", "counted?")
+            assert await user.wait_replies(20)
+
+        async def one_handled() -> bool:
+            cores = [w for w in await collect_workers(bus, first=0.5) if w["role"] == "core"]
+            return sorted(w["core"]["handled"] for w in cores) == [0, 1]
+
+        await wait_until(one_handled, what="one core replica counting the message handled")
