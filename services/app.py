@@ -9,6 +9,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ from services.runtime.errors import ConfigError
 from services.runtime.health import READINESS, Flag, connected, tasks_alive
 from services.runtime.lease import check_send_cover, new_holder_id
 from services.runtime.metrics import LagSampler, projection_running, setup_metrics
+from services.runtime.micro import micro_service
 from services.runtime.nats_server import EmbeddedNats
 from services.runtime.provisioning import ensure_streams, raise_on_conflict, warn_on_differences
 from services.runtime.settings import CloudSettings, Role, Settings
@@ -237,6 +239,10 @@ async def _run_role(
         started = Flag("starting")
         stack.callback(READINESS.add(f"role {role}", started.check))
         tasks: list[asyncio.Task[None]] = []
+        # What the role's NATS micro service says about it (ADR 0030): static metadata,
+        # and the parts of its live state each worker below adds.
+        metadata: dict[str, str] = {}
+        live: list[Callable[[], dict[str, Any]]] = []
         if role in ("all", "core"):
             plugins = discover()
             projection = await stack.enter_async_context(
@@ -252,6 +258,7 @@ async def _run_role(
             )
             worker = CoreWorker(bus, make_llm(settings), settings.core, tools=tools)
             tasks.append(asyncio.create_task(worker.loop.run(stop), name="core"))
+            live.append(partial(_core_state, worker))
         if role in ("all", "whatsapp", "whatsapp-egress"):
             if settings.transport == "neonize":
                 executor = neonize_executor(len(settings.accounts))
@@ -264,6 +271,8 @@ async def _run_role(
             board = await stack.enter_async_context(LeaseBoard(bus))
             fleet = Fleet(bus, holder, settings.accounts, settings.lease_ttl)
             tasks.append(asyncio.create_task(fleet.run(stop), name="fleet"))
+            metadata.update(holder=holder, transport=settings.transport)
+            live.append(partial(_owner_state, fleet))
             log.info("owner started", extra={"holder": holder, "accounts": list(settings.accounts)})
             for account in settings.accounts:
                 owner = AccountOwner(
@@ -315,9 +324,48 @@ async def _run_role(
         # Lag gauges: one consumer-info read per consumer per interval, never per scrape.
         tasks.append(asyncio.create_task(LagSampler(bus).run(stop), name="lag-sampler"))
         stack.callback(READINESS.add("workers", tasks_alive(tasks)))
+        if role == "whatsapp-ingress":
+            metadata.update(transport=settings.transport)
+            live.append(lambda: {"ingress": list(settings.accounts)})
+        # Entered last, so unregistered first when the role stops.
+        await stack.enter_async_context(
+            micro_service(bus, role, metadata=metadata, status=partial(_merged, live))
+        )
         started.met()
         log.info("running", extra={"role": role})
         await _supervise(tasks, stop, watchers=[bus.until_lost, *watch])
+
+
+def _core_state(worker: CoreWorker) -> dict[str, Any]:
+    """A core replica's live state: its share of the one durable consumer."""
+    loop = worker.loop
+    return {
+        "core": {
+            "stream": loop.spec.stream,
+            "consumer": loop.spec.durable,
+            "handled": loop.handled,
+            "dead_lettered": loop.dead_lettered,
+        }
+    }
+
+
+def _owner_state(fleet: Fleet) -> dict[str, Any]:
+    """A whatsapp worker's live state: the accounts it holds now and the ones it stands
+    by for (all of them on a standby)."""
+    owned = sorted(fleet.owned)
+    return {
+        "accounts": list(fleet.accounts),
+        "owned": owned,
+        "standby": [a for a in fleet.accounts if a not in owned],
+        "workers": fleet.workers,
+    }
+
+
+def _merged(parts: Sequence[Callable[[], dict[str, Any]]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for part in parts:
+        merged.update(part())
+    return merged
 
 
 def serves_webhooks(settings: Settings, role: Role) -> bool:

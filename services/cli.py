@@ -220,7 +220,8 @@ def chat(
 
 @app.command()
 def status(as_json: JsonOpt = False) -> None:
-    """Streams, consumers (pending / ack pending / redelivered), leases, dead letters."""
+    """Streams, consumers (pending / ack pending / redelivered), leases, accounts, live
+    workers (NATS micro: owner, standbys, core replicas), dead letters."""
     from services.ops.status import collect_status, render_status, to_json
 
     settings = _settings(quiet=True)

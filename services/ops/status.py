@@ -7,10 +7,15 @@ its phone digits masked, and the time of the last message on the account's INBOU
 DELIVERY subjects (one last-by-subject get each, never a scan), and the send budget the
 owner runs (`budget`: reply and first-contact budgets, the factor a ban cut it to, and
 `waiting`: jobs held for budget now; ADR 0024).
+
+Per live worker (`workers`, ADR 0030): every `switchboard-<role>` NATS micro instance
+that answers `$SRV.INFO` (standbys and core replicas included), with what its `status`
+endpoint says now: the accounts it holds and stands by for, its consumer counts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from datetime import datetime
@@ -35,11 +40,13 @@ from contracts.subjects import DEADLETTER_OPS_SUBJECT
 from services.ops.dlq import discarded
 from services.runtime.bus import Bus
 from services.runtime.lease import read_lease
+from services.runtime.micro import discover, live_status
 from services.runtime.provisioning import retention_name
 
 
-async def collect_status(bus: Bus) -> dict[str, Any]:
-    """Everything `svc status` shows, as plain data."""
+async def collect_status(bus: Bus, **discovery: float) -> dict[str, Any]:
+    """Everything `svc status` shows, as plain data (`discovery`: how long to gather the
+    workers' `$SRV.INFO` answers, see `services.runtime.micro.scatter`)."""
     js = bus.js
     streams: list[dict[str, Any]] = []
     names = [s.name for s in STREAMS] + [f"KV_{b.name}" for b in BUCKETS]
@@ -90,7 +97,37 @@ async def collect_status(bus: Bus) -> dict[str, Any]:
         "accounts": accounts,
         "dead_letters": max(0, letters),
         "dead_letters_dropped": gone,
+        "workers": await collect_workers(bus, **discovery),
     }
+
+
+async def collect_workers(bus: Bus, **discovery: float) -> list[dict[str, Any]]:
+    """One row per live worker found by NATS micro discovery, with its live state."""
+    found = await discover(bus.nc, **discovery)
+    answers = await asyncio.gather(*(live_status(bus.nc, f) for f in found))
+    rows = []
+    for instance, live in zip(found, answers, strict=True):
+        meta = instance.metadata
+        row: dict[str, Any] = {
+            "name": instance.name,
+            "role": meta.get("role", instance.name.removeprefix("switchboard-")),
+            "id": instance.id,
+            "version": instance.version,
+            "host": meta.get("host", ""),
+            "pid": meta.get("pid", ""),
+            "holder": meta.get("holder", ""),
+            "answered": live is not None,
+        }
+        if live is not None:
+            row.update(
+                {
+                    key: live[key]
+                    for key in ("started", "accounts", "owned", "standby", "ingress", "core")
+                    if key in live
+                }
+            )
+        rows.append(row)
+    return rows
 
 
 async def _leases(bus: Bus) -> list[dict[str, Any]]:
@@ -316,6 +353,7 @@ def render_status(status: dict[str, Any]) -> str:
                 lines.append(f"  {state}: {a['reason'] or '-'}{_recovery(a['state'])}")
             if a.get("budget"):
                 lines.append(f"  budget: {_budget(a['budget'])}, {a['waiting']} waiting")
+    lines.extend(_render_workers(status.get("workers", [])))
     lines.append(f"\nDEAD LETTERS: {status['dead_letters']} open ('svc dlq ls')")
     if status.get("dead_letters_dropped"):
         lines.append(
@@ -323,6 +361,41 @@ def render_status(status: dict[str, Any]) -> str:
             " DEADLETTER limits (max age / bytes)"
         )
     return "\n".join(lines)
+
+
+def _render_workers(workers: list[dict[str, Any]]) -> list[str]:
+    """The WORKERS table: one line per live micro instance (`nats micro ls` shows them)."""
+    if not workers:
+        return ["", "WORKERS: none answered $SRV.INFO (NATS micro)"]
+    lines = ["", "WORKER             ID                      HOST              PID  STATE"]
+    for w in workers:
+        lines.append(
+            f"{w['role']:<18} {w['id']:<23} {w['host'][:16]:<16} {w['pid']:>5}  {_worker_state(w)}"
+        )
+        if w["holder"]:
+            lines.append(f"  holder {w['holder']}")
+    return lines
+
+
+def _worker_state(worker: dict[str, Any]) -> str:
+    """What a worker does now, in a few words."""
+    if not worker["answered"]:
+        return "(no answer from its status endpoint)"
+    parts = []
+    if "owned" in worker:
+        owned = ", ".join(worker["owned"]) or "none"
+        parts.append(f"owns {owned}")
+        if worker.get("standby"):
+            parts.append(f"standby for {', '.join(worker['standby'])}")
+    if "ingress" in worker:
+        parts.append(f"receives {', '.join(worker['ingress']) or 'none'}")
+    if "core" in worker:
+        core = worker["core"]
+        parts.append(
+            f"consumer {core['stream']}/{core['consumer']}: {core['handled']} handled,"
+            f" {core['dead_lettered']} dead-lettered"
+        )
+    return "; ".join(parts) or "-"
 
 
 def _budget(budget: dict[str, Any]) -> str:
