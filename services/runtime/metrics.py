@@ -263,7 +263,8 @@ def _exporter(name: str) -> MetricExporter:
                 "OTEL_METRICS_EXPORTER='otlp' needs the OTLP exporter, which is not installed:"
                 " pip install 'switchboard[otlp]' (or unset OTEL_METRICS_EXPORTER)"
             ) from None
-        return OTLPMetricExporter()  # type: ignore[no-any-return]
+        exporter: MetricExporter = OTLPMetricExporter()
+        return exporter
     raise ConfigError(
         f"OTEL_METRICS_EXPORTER={name!r} is invalid: expected none, prometheus, console or otlp"
     )

@@ -199,13 +199,31 @@ def _installed(module: str) -> bool:
         return False
 
 
+# Imported first by the child (PYTHONPATH): makes the OTLP exporter missing, as in an
+# install without the `otlp` extra, whether or not this venv has it.
+_HIDE_OTLP = """
+import importlib.abc, sys
+class _NoOtlp(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith("opentelemetry.exporter.otlp"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+sys.meta_path.insert(0, _NoOtlp())
+"""
+
+
 def test_an_otlp_metrics_exporter_that_is_not_installed_is_refused_at_start(
-    processes: Processes,
+    processes: Processes, tmp_path: Path
 ) -> None:
-    if _installed("opentelemetry.exporter.otlp.proto.http"):
-        pytest.skip("the OTLP exporter is installed here")
+    hide = tmp_path / "no-otlp"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(_HIDE_OTLP)
     # Nothing listens at NATS_URL: the refusal must come before any connect attempt.
-    env = processes.env(OTEL_METRICS_EXPORTER="otlp", NATS_URL=f"nats://127.0.0.1:{free_port()}")
+    env = processes.env(
+        OTEL_METRICS_EXPORTER="otlp",
+        NATS_URL=f"nats://127.0.0.1:{free_port()}",
+        PYTHONPATH=str(hide),
+    )
     done = run_svc("run", "core", env=env, timeout=60)
     assert done.returncode == 2
     lines = done.stderr.decode().strip().splitlines()
