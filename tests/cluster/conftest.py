@@ -134,9 +134,11 @@ class Cluster:
 
         async def known() -> bool:
             nonlocal name
-            with contextlib.suppress(Exception):
-                info = await bus.js.stream_info(stream)
-                name = info.cluster.leader if info.cluster and info.cluster.leader else ""
+            with contextlib.suppress(Exception):  # no responders / timeout mid-election
+                # A short timeout of our own (the JetStream context's is 5 s), so the time
+                # a new leader is first seen is close to when it was elected.
+                reply = await bus.nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=0.5)
+                name = json.loads(reply.data).get("cluster", {}).get("leader", "")
             return bool(name)
 
         await wait_until(known, timeout=30, what=f"a leader for {stream}")

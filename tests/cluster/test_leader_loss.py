@@ -88,7 +88,9 @@ def _longest_gap(times: list[datetime], after: datetime) -> float:
     return max(gaps, default=0.0)
 
 
-@pytest.mark.parametrize("victim", ["OUTBOUND", "INBOUND", "KV_leases"])
+@pytest.mark.parametrize(
+    "victim", ["OUTBOUND", "INBOUND", "KV_leases", "DELIVERY", "KV_sends", "KV_chats"]
+)
 async def test_the_system_serves_through_a_sigkill_of_the_leader(
     cluster: Cluster, cluster_bus: Bus, processes: Processes, victim: str
 ) -> None:
