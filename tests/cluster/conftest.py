@@ -199,7 +199,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
             c.start_node(node)
         started = time.monotonic()
         await asyncio.gather(*(c.wait_ready(n) for n in nodes))
-        print(f"\ncluster formed in {time.monotonic() - started:.2f}s")  # noqa: T201
+        print(f"\ncluster formed in {time.monotonic() - started:.2f}s")
         yield c
     finally:
         c.stop_all()

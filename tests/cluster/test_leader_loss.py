@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections import Counter
 from datetime import datetime
@@ -82,9 +83,7 @@ async def _answered(bus: Bus) -> int:
 def _longest_gap(times: list[datetime], after: datetime) -> float:
     """Seconds of the longest pause between consecutive answers around and after the kill."""
     ordered = sorted(times)
-    gaps = [
-        (b - a).total_seconds() for a, b in zip(ordered, ordered[1:], strict=False) if b >= after
-    ]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(ordered) if b >= after]
     return max(gaps, default=0.0)
 
 
@@ -107,7 +106,11 @@ async def test_the_system_serves_through_a_sigkill_of_the_leader(
     await wait_until(lambda: consumers_ready(bus, ("INBOUND", "core")), 60, "the core's consumer")
     owners = [processes.start("run", "whatsapp", **env) for _ in range(2)]
     await wait_until(lambda: consumers_ready(bus), 60, "the owner's consumers")
-    await wait_until(lambda: holder_of(bus, ACCOUNT), 60, "a lease holder")
+
+    async def held() -> bool:
+        return await holder_of(bus, ACCOUNT) is not None
+
+    await wait_until(held, 60, "a lease holder")
     for name in [s.name for s in STREAMS] + [f"KV_{b.name}" for b in BUCKETS]:
         info = await bus.js.stream_info(name)
         assert info.config.num_replicas == 3, f"{name} has {info.config.num_replicas} replicas"
@@ -167,7 +170,7 @@ async def test_the_system_serves_through_a_sigkill_of_the_leader(
     assert all(p.poll() is None for p in processes.procs), logs[-3000:]
     assert any(p.poll() is None for p in owners)
     stall = _longest_gap([t for t, _ in answers if t is not None], killed_at)
-    print(  # noqa: T201  (the measured figure this test reports, not asserts)
+    print(  # the measured figure this test reports, not asserts
         f"\n{victim}: leader {leader.name} killed; new leader {new_leader.name} seen after"
         f" {elected:.1f}s; longest gap between answers after the kill {stall:.1f}s;"
         f" {len(repeated)} resent, {len(uncertain)} uncertain"
