@@ -29,7 +29,7 @@ typecheck:
 test *ARGS:
     {{python}} -m pytest {{ARGS}}
 
-# Run a benchmark: `just bench pipeline --messages 300`
+# Run a benchmark: `just bench pipeline --messages 300`, `just bench fsync` (ADR 0032)
 bench NAME="pipeline" *ARGS:
     {{python}} bench/{{NAME}}.py {{ARGS}}
 

@@ -366,7 +366,8 @@ async def connect(
         ) from None
     connecting = asyncio.create_task(
         nc.connect(
-            servers=url.split(","),
+            # The settings accept "a, b" (spaces around the commas): nats-py does not.
+            servers=[server.strip() for server in url.split(",") if server.strip()],
             name=name,
             error_cb=reporter.error,
             disconnected_cb=reporter.disconnected,
