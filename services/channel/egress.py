@@ -188,22 +188,18 @@ class Egress:
         if d.num_delivered > 1 or d.attempt > 1 or d.stream_seq <= self.in_flight_upto:
             record = await self.ledger.get(job.job_id)
         attempt, errors = (record.attempt, list(record.errors)) if record else (0, [])
-        if record is not None:
-            match record.state:
-                case "sent" | "skipped" | "dead":
-                    log.info(
-                        "job already settled", extra={"job_id": job.job_id, "state": record.state}
-                    )
-                    return
-                case "sending":
-                    why = "outcome unknown: the sender stopped mid-send"
-                    fence = Fence(record.holder, record.lease_token)
-                    began = (d.stream_seq, record.sent_at)
-                    if await self._uncertain(job, record.attempt, fence, why, errors, began):
-                        return
-                case "failed":
-                    pass
+        if record is not None and record.state in _SETTLED:
+            log.info("job already settled", extra={"job_id": job.job_id, "state": record.state})
+            return
+        # Nothing of the chat goes out before its earlier jobs, a resend of an uncertain
+        # one neither.
         await self._wait_turn(job, d)
+        if record is not None and record.state == "sending":  # ("failed": count on)
+            why = "outcome unknown: the sender stopped mid-send"
+            fence = Fence(record.holder, record.lease_token)
+            began = (d.stream_seq, record.sent_at)
+            if await self._uncertain(job, record.attempt, fence, why, errors, began):
+                return
         current = record  # the job's record as it stands before each attempt
         retry = self.settings.retry
         reproofs = 0
