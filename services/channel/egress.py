@@ -317,6 +317,9 @@ class Egress:
                 record = await self.ledger.get(earlier) if earlier else None
             except ContractError:  # an id out of bounds: that job is being dead-lettered
                 record = None
+            except (nats.errors.Error, TimeoutError) as exc:  # e.g. an election: look again
+                log.warning("cannot read an earlier job's record", extra={"error": repr(exc)})
+                return False
             if record is None or record.state not in _SETTLED:
                 return False
             after = raw.seq + 1
