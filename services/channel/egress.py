@@ -25,6 +25,8 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
+import nats.errors
+import nats.js.errors
 
 from contracts import subjects
 from contracts.codec import decode
@@ -66,6 +68,10 @@ log = logging.getLogger(__name__)
 # A session between connections: look again after 0.5 s, doubling up to 5 s.
 OFFLINE_WAIT_FIRST = 0.5
 OFFLINE_WAIT_MAX = 5.0
+# A job whose chat has an earlier job still queued and unsettled looks again after this.
+TURN_POLL = 0.2
+# A job record in one of these states is settled: the job is sent or never will be.
+_SETTLED = frozenset({"sent", "skipped", "dead"})
 
 # switchboard_jobs_total's outcome per DELIVERY fact, and the in-place retries' label.
 _OUTCOMES: dict[type[DeliveryEvent], str] = {
@@ -98,6 +104,9 @@ def egress_consumer_spec(
         # the SendRecord across owners, and the loop's in-place retries of other errors
         # (NATS trouble, a bug), so a poison job cannot hold its chat forever.
         retry=(delivery or DeliverySettings()).retry,
+        # Deleted under us = taken over (the new owner deletes it, ADR 0033): recreating it
+        # would pull jobs beside the new owner. The loop stops instead.
+        recreate=False,
         letter_job=letter_job,
         ack_wait=30.0,
         fetch_timeout=0.25,  # a handover waits for the idle fetch to end
@@ -179,21 +188,18 @@ class Egress:
         if d.num_delivered > 1 or d.attempt > 1 or d.stream_seq <= self.in_flight_upto:
             record = await self.ledger.get(job.job_id)
         attempt, errors = (record.attempt, list(record.errors)) if record else (0, [])
-        if record is not None:
-            match record.state:
-                case "sent" | "skipped" | "dead":
-                    log.info(
-                        "job already settled", extra={"job_id": job.job_id, "state": record.state}
-                    )
-                    return
-                case "sending":
-                    why = "outcome unknown: the sender stopped mid-send"
-                    fence = Fence(record.holder, record.lease_token)
-                    began = (d.stream_seq, record.sent_at)
-                    if await self._uncertain(job, record.attempt, fence, why, errors, began):
-                        return
-                case "failed":
-                    pass
+        if record is not None and record.state in _SETTLED:
+            log.info("job already settled", extra={"job_id": job.job_id, "state": record.state})
+            return
+        # Nothing of the chat goes out before its earlier jobs, a resend of an uncertain
+        # one neither.
+        await self._wait_turn(job, d)
+        if record is not None and record.state == "sending":  # ("failed": count on)
+            why = "outcome unknown: the sender stopped mid-send"
+            fence = Fence(record.holder, record.lease_token)
+            began = (d.stream_seq, record.sent_at)
+            if await self._uncertain(job, record.attempt, fence, why, errors, began):
+                return
         current = record  # the job's record as it stands before each attempt
         retry = self.settings.retry
         reproofs = 0
@@ -272,6 +278,51 @@ class Egress:
                 continue
             await self._sent(job, attempt, fence, transport_id, d.stream_seq, sent_at)
             return
+
+    async def _wait_turn(self, job: SendMessage, d: Delivery) -> None:
+        """Hold the job until every earlier job of its chat still queued is settled (ADR
+        0033): whoever holds an earlier one -- a stale owner's late pull, a consumer a
+        stale owner recreated -- a later one never reaches the network first. An earlier
+        job that comes back to this process goes first (the job steps aside)."""
+        waiting = False
+        while not await self._my_turn(d):
+            if d.overtaken():
+                raise AbandonError("an earlier job of the chat is back; it goes first")
+            if not waiting:
+                waiting = True
+                log.info(
+                    "job waits for an earlier job of its chat",
+                    extra={"job_id": job.job_id, "seq": d.stream_seq},
+                )
+            await d.in_progress()
+            await self._wait(TURN_POLL)
+
+    async def _my_turn(self, d: Delivery) -> bool:
+        """True if no earlier job of the chat is still queued unsettled: each stored one
+        before it (read from the stream leader, in order) has a settled SendRecord -- sent
+        and acked, its ack not yet applied."""
+        after = 1
+        while True:
+            try:
+                raw = await self.bus.js.get_msg(OUTBOUND.name, after, subject=d.subject, next=True)
+            except nats.js.errors.NotFoundError:
+                return True  # nothing stored from `after` on (this job was settled meanwhile)
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.warning("cannot read the chat's queue", extra={"error": repr(exc)})
+                return False  # look again: never send out of turn on a read failure
+            if raw.seq is None or raw.seq >= d.stream_seq:
+                return True
+            earlier = (raw.headers or {}).get("Nats-Msg-Id", "")
+            try:
+                record = await self.ledger.get(earlier) if earlier else None
+            except ContractError:  # an id out of bounds: that job is being dead-lettered
+                record = None
+            except (nats.errors.Error, TimeoutError) as exc:  # e.g. an election: look again
+                log.warning("cannot read an earlier job's record", extra={"error": repr(exc)})
+                return False
+            if record is None or record.state not in _SETTLED:
+                return False
+            after = raw.seq + 1
 
     async def _send(self, job: SendMessage, fence: Fence) -> str:
         """The transport call, timed (switchboard_send_duration_seconds by outcome)."""

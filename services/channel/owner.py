@@ -348,7 +348,7 @@ class AccountOwner:
                 await sub.unsubscribe()
             if self.fleet is not None:
                 self.fleet.released(self.account)
-        await self._finish(token, lost, end, shed, handover, handover_replies)
+        await self._finish(token, lost, end, shed, handover, handover_replies, gone=loop.gone)
 
     async def _finish(
         self,
@@ -358,6 +358,8 @@ class AccountOwner:
         shed: asyncio.Event,
         handover: asyncio.Event,
         replies: list[str],
+        *,
+        gone: bool = False,
     ) -> None:
         if lost.is_set() or not self.lease.valid():
             reason = self._lost_reason or "lease deadline passed before a renewal succeeded"
@@ -404,6 +406,8 @@ class AccountOwner:
             if handover.is_set()
             else "rebalance"
             if shed.is_set()
+            else "egress consumer deleted"
+            if gone
             else "shutdown"
         )
         # Before the release: once released, the next owner's `connecting` must win.
@@ -414,7 +418,7 @@ class AccountOwner:
                 "lease released", extra={"account": self.account, "token": token, "reason": reason}
             )
             await self._record(LeaseReleased, token, reason)
-        if reason != "shutdown":
+        if reason not in ("shutdown", "egress consumer deleted"):
             # Step aside long enough for a standby to take it; compete again afterwards.
             self._cooldown_until = time.monotonic() + 3 * self.retry_interval
         reply = msgspec.json.encode(

@@ -113,6 +113,10 @@ class ConsumerSpec:
     # The job a dead letter names (`DeadLettered.job_id`), if the stream's messages are
     # jobs; None: letters name none. The stream's owner says how (e.g. the egress).
     letter_job: Callable[[Delivery], str | None] | None = None
+    # A fetch that finds the consumer gone recreates it (deleted under us, e.g. by an
+    # operator). False: the loop stops instead -- for a consumer only one process may pull
+    # from (the egress, ADR 0033), whose deletion means another process took it over.
+    recreate: bool = True
 
     def config(self) -> ConsumerConfig:
         """The nats-py consumer config."""
@@ -211,6 +215,7 @@ class ConsumerLoop(Generic[T]):
         self.suspects = asyncio.Lock()
         self._attempts_kv: KeyValue | None = None
         self._labels = labels(("stream", spec.stream), ("consumer", spec.durable))
+        self.gone = False  # the consumer was deleted under us and not recreated (spec)
 
     async def ensure(self) -> None:
         """Create or update the durable consumer."""
@@ -266,7 +271,25 @@ class ConsumerLoop(Generic[T]):
             return list(await sub.fetch(batch, timeout=self.spec.fetch_timeout))
         except (TimeoutError, nats.errors.TimeoutError):
             return []
-        except nats.js.errors.NotFoundError:
+        except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError) as exc:
+            # A pull request to a deleted consumer has no responder (503), as has one sent
+            # during a leader election: only the consumer's info tells them apart.
+            if not await self._deleted():
+                log.warning(
+                    "fetch failed", extra={"consumer": self.spec.durable, "error": repr(exc)}
+                )
+                await _wait(stop, 1.0)
+                return []
+            if not self.spec.recreate:
+                # Deleted by whoever took it over (or an operator): recreating it would pull
+                # beside the new puller. Stop; the messages in hand are finished or handed back.
+                log.warning(
+                    "consumer deleted under us; stopping without recreating it",
+                    extra={"stream": self.spec.stream, "consumer": self.spec.durable},
+                )
+                self.gone = True
+                stop.set()
+                return []
             # The consumer was deleted under us (e.g. by an operator): recreate it.
             await _wait(stop, 1.0)
             with contextlib.suppress(*_NATS_TRANSIENT):
@@ -276,6 +299,16 @@ class ConsumerLoop(Generic[T]):
             log.warning("fetch failed", extra={"consumer": self.spec.durable, "error": repr(exc)})
             await _wait(stop, 1.0)
             return []
+
+    async def _deleted(self) -> bool:
+        """True if the consumer is gone (False when that cannot be told now)."""
+        try:
+            await self.bus.js.consumer_info(self.spec.stream, self.spec.durable)
+        except nats.js.errors.NotFoundError:
+            return True
+        except _NATS_TRANSIENT:
+            return False
+        return False
 
     async def _handle_once(self, d: Delivery) -> None:
         """Sequential mode: one attempt; a retry is a nak(delay) (server-side redelivery)."""
