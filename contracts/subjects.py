@@ -275,6 +275,12 @@ def confirm_key(account: str, job_id: str) -> str:
     return f"{check_account(account)}.ok.{check_job_id(job_id)}"
 
 
+def followup_key(account: str, job_id: str) -> str:
+    """Key in the `sends` bucket recording that a job's refusal was followed up by another
+    job (the Cloud API's template after a 24-hour-window failure): enqueued once, ever."""
+    return f"{check_account(account)}.tpl.{check_job_id(job_id)}"
+
+
 def chat_key(channel: str, account: str, chat: str) -> str:
     """Key of a chat's ChatState in the `chats` bucket (KV keys cannot hold a JID's
     characters, so the chat is hashed; the value keeps the JID)."""

@@ -380,8 +380,7 @@ def _http_routes(bus: Bus, settings: Settings, role: Role) -> list[Any]:
     # Imported here: only a process that serves webhooks loads the Cloud API modules.
     from services.whatsapp.cloud_webhook import CloudWebhooks, webhook_routes
 
-    assert settings.cloud is not None  # loaded with WHATSAPP_TRANSPORT=cloud
-    hooks = CloudWebhooks(bus, settings.cloud, max_bytes=settings.http.webhook_max_bytes)
+    hooks = CloudWebhooks(bus, cloud_settings(settings), max_bytes=settings.http.webhook_max_bytes)
     return [webhook_routes(hooks)]
 
 

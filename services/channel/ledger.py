@@ -95,13 +95,26 @@ class SendLedger:
         (a Cloud API status webhook echoes the job id in `biz_opaque_callback_data`): what
         resolves a send whose outcome the egress could not tell. Written by any receiver,
         read by the owner (`confirmed`); kept apart from the owner's SendRecord."""
-        key = subjects.confirm_key(self.account, job_id)
-        await (await self._bucket()).put(key, transport_message_id.encode())
+        await self._mark(subjects.confirm_key(self.account, job_id), transport_message_id)
 
     async def confirmed(self, job_id: str) -> str | None:
         """The transport message id the network confirmed for `job_id`, or None."""
+        return await self._marked(subjects.confirm_key(self.account, job_id))
+
+    async def followed_up(self, job_id: str, follow_up: str) -> None:
+        """Record that `job_id`'s refusal was followed up by the job `follow_up` (enqueued)."""
+        await self._mark(subjects.followup_key(self.account, job_id), follow_up)
+
+    async def follow_up_of(self, job_id: str) -> str | None:
+        """The job that followed up `job_id`'s refusal, if one was enqueued."""
+        return await self._marked(subjects.followup_key(self.account, job_id))
+
+    async def _mark(self, key: str, value: str) -> None:
+        await (await self._bucket()).put(key, value.encode())
+
+    async def _marked(self, key: str) -> str | None:
         try:
-            entry = await (await self._bucket()).get(subjects.confirm_key(self.account, job_id))
+            entry = await (await self._bucket()).get(key)
         except nats.js.errors.KeyNotFoundError:
             return None
         return entry.value.decode() if entry.value else None

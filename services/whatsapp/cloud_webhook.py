@@ -113,6 +113,19 @@ class CloudWebhooks:
     ) -> None:
         self.bus = bus
         self.accounts: dict[str, CloudAccount] = dict(cloud.accounts)
+        # Per account: phone number id -> account for every account a body signed with its
+        # app secret may carry (one Meta app, one callback URL for all its numbers; the
+        # signature proves only that app). Computed once: the accounts are fixed at start.
+        self._numbers: dict[str, dict[str, str]] = {
+            name: {
+                other.phone_number_id: other_name
+                for other_name, other in cloud.accounts
+                if hmac.compare_digest(
+                    other.app_secret.value.encode(), config.app_secret.value.encode()
+                )
+            }
+            for name, config in cloud.accounts
+        }
         self.max_bytes = max_bytes
         self.deadline = deadline
         self.channel = channel
@@ -183,7 +196,7 @@ class CloudWebhooks:
                 " WHATSAPP_CLOUD_APP_SECRET (the Meta app's secret)",
             )
         try:
-            events = route_webhook(raw, self._numbers(config))
+            events = route_webhook(raw, self._numbers[account])
         except WebhookError as exc:
             line = str(exc).splitlines()[0]
             log.warning("webhook refused: bad body", extra={"account": account, "error": line})
@@ -200,17 +213,6 @@ class CloudWebhooks:
             extra={"account": account, "items": len(events), "stored": stored},
         )
         return Answer(200, "ok")
-
-    def _numbers(self, config: CloudAccount) -> dict[str, str]:
-        """Phone number id -> account for the accounts a body signed with `config`'s app
-        secret may carry: one Meta app has one callback URL for all its numbers, and its
-        signature proves only that app."""
-        secret = config.app_secret.value
-        return {
-            other.phone_number_id: name
-            for name, other in self.accounts.items()
-            if hmac.compare_digest(other.app_secret.value.encode(), secret.encode())
-        }
 
     async def _store(self, events: list[tuple[str, WebhookEvent]]) -> int:
         stored = 0

@@ -7,8 +7,10 @@ webhook, that it was outside the window (131047). The ingress records that as
 (least privilege). This consumer -- one shared durable consumer, run by the roles that
 send with cloud (whatsapp, whatsapp-egress, all) -- turns each such failure, for an
 account with a template, into one follow-up job: `SendMessage(template=<name>)` whose id
-derives from the failed job (`derived_id("template", job_id)`, also its Nats-Msg-Id), so
-a redelivered or re-recorded failure publishes it once; its `cause_id` is the failed job.
+derives from the failed job (`derived_id("template", job_id)`, also its Nats-Msg-Id), and
+once published it is marked in the `sends` bucket (`SendLedger.followed_up`), so a failure
+read again -- redelivered, re-recorded, or re-read days later by a recreated consumer, long
+past OUTBOUND's duplicate window -- publishes it once; its `cause_id` is the failed job.
 Without a template nothing more happens: the permanent failure is already on record.
 """
 
@@ -23,6 +25,7 @@ from contracts import subjects
 from contracts.errors import ContractError
 from contracts.events import SendMessage, derived_id
 from contracts.streams import DELIVERY
+from services.channel.ledger import SendLedger
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerLoop, ConsumerSpec, Delivery
 from services.runtime.settings import CloudSettings
@@ -80,6 +83,7 @@ class CloudWindow:
     def __init__(self, bus: Bus, settings: CloudSettings, channel: str = "whatsapp") -> None:
         self.bus = bus
         self.templates = {name: number.template for name, number in settings.accounts}
+        self.ledgers = {name: SendLedger(bus, name) for name, _ in settings.accounts}
         self.loop = ConsumerLoop(bus, window_spec(channel), DeliveryFact, self.handle)
         self.published = 0
 
@@ -106,9 +110,14 @@ class CloudWindow:
         except ContractError as exc:
             log.warning("window failure not followed up", extra={**where, "error": str(exc)})
             return
+        ledger = self.ledgers[fact.account]
+        if await ledger.follow_up_of(fact.job_id) is not None:
+            return  # followed up before (this failure read again)
         job = template_job(fact.job_id, chat, template)
         target = subjects.outbound(chat.channel, chat.account, chat.chat)
-        ack = await self.bus.publish(target, job)  # Nats-Msg-Id = the job id: once
+        # Nats-Msg-Id = the job id: a crash before the mark below is deduped on redelivery.
+        ack = await self.bus.publish(target, job)
+        await ledger.followed_up(fact.job_id, job.job_id)
         if not ack.duplicate:
             self.published += 1
             log.info(

@@ -85,8 +85,15 @@ async def test_after_a_kill_9_of_the_owner_mid_traffic_the_audit_finds_no_violat
             if i == 20:
                 owner = await holder_of(bus, "default")
                 assert owner is not None
+                # Mid traffic: the owner has sent, so its grant is on record. Killed
+                # between taking the lease and recording it, it would have sent nothing
+                # and left no LeaseAcquired (allowed, and no takeover to see here).
+                await net.wait(
+                    lambda: any(s.holder == owner for s in net.seen), 30, "a first send"
+                )
                 os.kill(pid_of(owner), signal.SIGKILL)
         await net.wait(lambda: len(net.job_ids()) >= 60, 60, "60 replies")
+    assert len({s.holder for s in net.seen}) == 2  # sends before and after the kill
     env = processes.env(NATS_URL=url)
     result = await arun_svc("audit", "--json", "--grace", "0", env=env)
     report = json.loads(result.stdout)

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import signal
-import socket
 import time
 import urllib.parse
 from collections import Counter
@@ -41,7 +40,14 @@ from contracts.events import (
     TurnCompleted,
 )
 from services.runtime.bus import Bus, connect
-from tests.conftest import Processes, assert_audit_clean, read_stream, stream_raw, wait_until
+from tests.conftest import (
+    Processes,
+    assert_audit_clean,
+    free_ports,
+    read_stream,
+    stream_raw,
+    wait_until,
+)
 from tests.e2e.conftest import consumers_ready, holder_of, pid_of, read_url, turn_records
 from tests.whatsapp.fake_graph import (
     DEFAULT_TOKEN,
@@ -120,18 +126,6 @@ def wamid_of(request: GraphRequest) -> str:
 
 def text_of(request: GraphRequest) -> str:
     return str(request.body.get("text", {}).get("body", ""))
-
-
-def free_ports(n: int) -> list[int]:
-    """`n` distinct free TCP ports on 127.0.0.1 (bound together, then released)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def cloud_env(url: str, graph: FakeGraph, tmp_path: Path, **extra: str) -> dict[str, str]:

@@ -4,7 +4,6 @@ tunables that differ (replicas, limits) -- applied by `svc streams ensure --upda
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from services.runtime.bus import Bus, connect
 from services.runtime.errors import ProvisioningError
 from services.runtime.nats_server import EmbeddedNats
 from services.runtime.provisioning import ensure_streams, raise_on_conflict
-from tests.conftest import Processes, run_svc, wait_until
+from tests.conftest import Processes, free_ports, run_svc, wait_until
 
 
 async def test_provisioning_twice_creates_once_and_changes_nothing(
@@ -79,22 +78,10 @@ async def test_svc_streams_ensure_exits_1_on_conflict_and_a_role_refuses_to_star
     assert "stream AGENT conflicts: subjects are ['agent.>']" in role.stderr.decode()
 
 
-def _free_ports(n: int) -> list[int]:
-    """n free loopback ports (bound then released; the cluster binds them at once)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[list[EmbeddedNats]]:
     """Three JetStream nodes on loopback routed into one cluster."""
-    ports = _free_ports(3)
+    ports = free_ports(3)
     routes = ",".join(f"nats://127.0.0.1:{p}" for p in ports)
     async with contextlib.AsyncExitStack() as stack:
         nodes = [

@@ -158,6 +158,12 @@ async def lease_value(bus: Bus) -> LeaseValue | None:
     return found[0] if found else None
 
 
+async def parked(bus: Bus) -> bool:
+    """The account's lease key says it is parked."""
+    value = await lease_value(bus)
+    return value is not None and bool(value.parked)
+
+
 async def queued(bus: Bus) -> int:
     return (await bus.js.stream_info(OUTBOUND.name)).state.messages
 
@@ -317,11 +323,7 @@ async def test_an_expired_token_parks_the_account_and_the_job_waits_for_the_resu
         async with owned(bus, transport):
             await enqueue(bus, waiting)
 
-            async def parked() -> bool:
-                value = await lease_value(bus)
-                return value is not None and bool(value.parked)
-
-            await wait_until(parked, what="the account parked")
+            await wait_until(lambda: parked(bus), what="the account parked")
             value = await lease_value(bus)
             assert value is not None
             # Then the account is parked connect_failed, saying what to do
@@ -350,11 +352,7 @@ async def test_a_restricted_account_is_parked_banned_with_the_reason(bus: Bus) -
         async with owned(bus, transport):
             await enqueue(bus, job("15550008888@s.whatsapp.net", 1))
 
-            async def parked() -> bool:
-                value = await lease_value(bus)
-                return value is not None and bool(value.parked)
-
-            await wait_until(parked, what="the account parked")
+            await wait_until(lambda: parked(bus), what="the account parked")
         value = await lease_value(bus)
     assert value is not None
     assert value.state == "banned"

@@ -187,3 +187,40 @@ async def test_an_egress_role_with_cloud_sends_the_template_after_a_window_failu
 async def _sent(bus: Bus, job_id: str) -> bool:
     events = [e for _, e in await read_stream(bus, DELIVERY.name)]
     return any(isinstance(e, MessageSent) and e.job_id == job_id for e in events)
+
+
+async def _outlived_duplicate_window(bus: Bus, probe: SendMessage) -> bool:
+    """True once OUTBOUND no longer remembers `probe`'s id (its duplicate window passed):
+    what it stored before the probe it has forgotten too."""
+    subject = subjects.outbound("whatsapp", probe.account, probe.chat)
+    return not (await bus.publish(subject, probe)).duplicate
+
+
+async def test_a_failure_read_again_after_the_duplicate_window_makes_no_second_job(
+    bus: Bus,
+) -> None:
+    # Given a window failure followed up once
+    job_id = await a_sent_job(bus)
+    await fail(bus, job_id)
+    async with window(bus, "we_are_back"):
+        await wait_until(lambda: _count(bus, 1), what="the template job")
+    # When OUTBOUND's duplicate window has passed (shortened here from its 2 minutes)
+    config = (await bus.js.stream_info(OUTBOUND.name)).config
+    config.duplicate_window = 0.5
+    await bus.js.update_stream(config)
+    probe_id = derived_id("window-test", "probe")
+    probe = SendMessage(
+        id=probe_id, job_id=probe_id, account="probe", chat=CHAT, text="duplicate window probe"
+    )
+    await bus.publish(subjects.outbound("whatsapp", "probe", CHAT), probe)
+    await wait_until(
+        lambda: _outlived_duplicate_window(bus, probe), what="the duplicate window passed"
+    )
+    # and the consumer reads every failure again (recreated, as after an operator's delete)
+    await bus.js.delete_consumer(DELIVERY.name, DURABLE)
+    async with window(bus, "we_are_back"):
+        await wait_until(lambda: read_all(bus), what="everything read again")
+    # Then still one template job for the failure: a job already enqueued is not enqueued
+    # again, however late the failure is read again
+    follow_ups = [j for j in await queued_jobs(bus) if j.account == ACCOUNT]
+    assert [j.job_id for j in follow_ups] == [derived_id("template", job_id)]
