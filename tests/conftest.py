@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -26,6 +27,7 @@ from services.runtime.provisioning import ensure_streams
 from services.whatsapp.neonize_store import neonize_module
 
 REPO = Path(__file__).resolve().parent.parent
+_PR_SET_PDEATHSIG = 1
 
 
 # neonize's import leaks a pipe and reconfigures the root logger: import it once, up
@@ -173,6 +175,13 @@ async def role(bus: Bus, name: str, **env: str) -> AsyncIterator[None]:
             await task
 
 
+def die_with_test() -> None:
+    """In a test's child before exec: SIGKILL when the test process dies, however it dies
+    (an interrupted or killed run leaves no stray `svc` or `nats-server` behind)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def svc_argv(*args: str) -> list[str]:
     """The argv of a real `svc` process (the console script of this environment)."""
     script = Path(sys.executable).parent / "svc"
@@ -210,6 +219,7 @@ class Processes:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 cwd=self.tmp_path,
+                preexec_fn=die_with_test,
             )
         self.logs[proc.pid] = path
         self.procs.append(proc)

@@ -20,7 +20,7 @@ import pytest
 
 from services.runtime.bus import Bus, connect
 from services.runtime.nats_server import nats_server_binary
-from tests.conftest import assert_audit_clean, wait_until
+from tests.conftest import assert_audit_clean, die_with_test, wait_until
 
 CLUSTER_NAME = "switchboard-test"
 
@@ -101,6 +101,7 @@ class Cluster:
                 stderr=log,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=die_with_test,
             )
 
     def kill(self, node: Node) -> None:

@@ -89,7 +89,7 @@ async def test_after_a_kill_9_of_the_owner_mid_traffic_the_audit_finds_no_violat
                 # between taking the lease and recording it, it would have sent nothing
                 # and left no LeaseAcquired (allowed, and no takeover to see here).
                 await net.wait(
-                    lambda: any(s.holder == owner for s in net.seen), 30, "a first send"
+                    lambda held=owner: any(s.holder == held for s in net.seen), 30, "a first send"
                 )
                 os.kill(pid_of(owner), signal.SIGKILL)
         await net.wait(lambda: len(net.job_ids()) >= 60, 60, "60 replies")

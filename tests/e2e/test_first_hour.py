@@ -15,7 +15,7 @@ import pytest
 from services.runtime.bus import Bus
 from services.runtime.nats_server import EmbeddedNats
 from services.runtime.provisioning import ensure_streams
-from tests.conftest import Processes, arun_svc, role, run_svc, svc_argv
+from tests.conftest import Processes, arun_svc, die_with_test, role, run_svc, svc_argv
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +58,7 @@ def _start_on_a_terminal(
         stderr=writer,
         cwd=processes.tmp_path,
         start_new_session=True,
+        preexec_fn=die_with_test,
     )
     os.close(writer)
     processes.procs.append(proc)
@@ -134,6 +135,7 @@ class Chat:
             stderr=subprocess.PIPE,
             cwd=processes.tmp_path,
             start_new_session=True,
+            preexec_fn=die_with_test,
         )
         os.close(slave)
         processes.procs.append(self.proc)
