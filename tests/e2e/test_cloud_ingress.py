@@ -46,7 +46,9 @@ def cloud_env(url: str, **extra: str) -> dict[str, str]:
 
 
 async def listening_url(processes: Processes, proc: subprocess.Popen[bytes]) -> str:
-    """The URL a process logged in its `http listening` line."""
+    """The URL a process logged in its `http listening` line, once it is ready (/readyz
+    200: the streams and the `webhooks` bucket exist). Before that a webhook is answered
+    503 and Meta retries it, as a load balancer would not route to it yet."""
     found: list[str] = []
 
     def logged() -> bool:
@@ -58,6 +60,12 @@ async def listening_url(processes: Processes, proc: subprocess.Popen[bytes]) -> 
         return False
 
     await wait_until(logged, timeout=60, what="the ingress to listen")
+
+    async def ready() -> bool:
+        answer = await asyncio.to_thread(http_request, f"{found[0]}/readyz")
+        return answer.status == 200
+
+    await wait_until(ready, timeout=60, what="the ingress to be ready (/readyz 200)")
     return found[0]
 
 
