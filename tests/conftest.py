@@ -19,8 +19,10 @@ from typing import Any
 
 import pytest
 
-from contracts.codec import decode_any
+from contracts.codec import decode, decode_any
 from contracts.events import AnyMessage
+from contracts.payloads import SessionStatus
+from contracts.streams import SESSIONS
 from services.runtime.bus import Bus, connect
 from services.runtime.nats_server import EmbeddedNats
 from services.runtime.provisioning import ensure_streams
@@ -137,6 +139,15 @@ async def raw_publish(
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+
+
+async def session_board(bus: Bus, account: str) -> SessionStatus | None:
+    """What the account's owner last wrote on the session status board, or None."""
+    try:
+        entry = await (await bus.js.key_value(SESSIONS.name)).get(f"whatsapp.{account}")
+    except Exception:  # no bucket yet, or no key
+        return None
+    return decode(entry.value, SessionStatus) if entry.value else None
 
 
 async def read_stream(bus: Bus, stream: str, subject: str = ">") -> list[tuple[str, AnyMessage]]:

@@ -15,7 +15,6 @@ import asyncio
 from datetime import datetime, timedelta
 
 from contracts import subjects
-from contracts.codec import decode
 from contracts.events import (
     AccountResumed,
     LeaseAcquired,
@@ -23,8 +22,7 @@ from contracts.events import (
     SessionBanned,
     utcnow,
 )
-from contracts.payloads import SessionStatus
-from contracts.streams import LEASES, SESSIONS
+from contracts.streams import LEASES
 from services.channel.owner import AccountOwner
 from services.channel.port import (
     SessionEvent,
@@ -34,7 +32,7 @@ from services.channel.port import (
 from services.runtime.bus import Bus
 from services.runtime.lease import Lease, LeaseValue, read_lease
 from tests.channel.scripted import ScriptedTransport
-from tests.conftest import read_stream, wait_until
+from tests.conftest import read_stream, session_board, wait_until
 
 
 def owners(bus: Bus, transport: ScriptedTransport, account: str, n: int) -> list[AccountOwner]:
@@ -47,15 +45,6 @@ def owners(bus: Bus, transport: ScriptedTransport, account: str, n: int) -> list
 async def lease_value(bus: Bus, account: str) -> LeaseValue | None:
     found = await read_lease(await bus.js.key_value(LEASES.name), f"whatsapp.{account}")
     return found[0] if found else None
-
-
-async def board(bus: Bus, account: str) -> SessionStatus | None:
-    kv = await bus.js.key_value(SESSIONS.name)
-    try:
-        entry = await kv.get(f"whatsapp.{account}")
-    except Exception:
-        return None
-    return decode(entry.value, SessionStatus) if entry.value else None
 
 
 async def account_events(bus: Bus, account: str) -> list[object]:
@@ -94,11 +83,11 @@ async def test_a_temporary_ban_parks_until_its_end_then_one_standby_resumes_by_i
         )
 
         async def board_says_banned() -> bool:
-            status = await board(bus, "banned")
+            status = await session_board(bus, "banned")
             return status is not None and status.state == "banned"
 
         await wait_until(board_says_banned, what="the board showing the ban")
-        status = await board(bus, "banned")
+        status = await session_board(bus, "banned")
         assert status is not None
         assert (status.reason, status.until) == ("banned: code 101", ends[0])
 
@@ -110,7 +99,7 @@ async def test_a_temporary_ban_parks_until_its_end_then_one_standby_resumes_by_i
         await wait_until(acquired_twice, timeout=20, what="the banned account re-acquired")
 
         async def board_connected_again() -> bool:
-            status = await board(bus, "banned")
+            status = await session_board(bus, "banned")
             return status is not None and status.state == "connected"
 
         await wait_until(board_connected_again, what="the board showing the new session")

@@ -36,7 +36,7 @@ from services.runtime.metrics import (
     labels,
     prometheus_text,
 )
-from tests.conftest import role, wait_until
+from tests.conftest import role, session_board, wait_until
 from tests.whatsapp.fake_graph import http_request
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -285,6 +285,13 @@ async def test_an_owner_counts_acquisitions_operator_handovers_and_its_parked_ac
         assert counted(handed) == 1
         await wait_until(lambda: counted(acquired) == 2, 30, "the lease taken again")
 
+        # Once the new session is up (the sim's control subject is plain NATS: a signal
+        # published before the session subscribes reaches nobody)
+        async def connected() -> bool:
+            status = await session_board(bus, "default")
+            return status is not None and status.state == "connected"
+
+        await wait_until(connected, 20, "the new session connected")
         # The network logs the session out: the account is parked, labelled by its state.
         logout = SimControl(event="logged_out", reason="bye from +4915550001")
         await bus.nc.publish(subjects.sim_control("default"), encode(logout))
