@@ -444,6 +444,9 @@ async def system(
         stack.callback(READINESS.add("nats", connected(bus)))
         streams = Flag("not provisioned yet")
         stack.callback(READINESS.add("streams", streams.check))
+        # Unmet until run_role replaces it with the role's own check (same name): without
+        # it, /readyz would say ready between provisioning and the role's first step.
+        stack.callback(READINESS.add(f"role {role}", Flag("starting").check))
         http = None
         if settings.http.port is not None:
             http = await stack.enter_async_context(

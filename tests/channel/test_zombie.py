@@ -34,8 +34,8 @@ from services.runtime.bus import Bus
 from services.runtime.settings import SessionWatch, SimFaults
 from services.whatsapp.sim import SimSession, SimTransport
 from tests.channel.scripted import ScriptedTransport
-from tests.channel.test_owner_park import account_events, board, lease_value
-from tests.conftest import wait_until
+from tests.channel.test_owner_park import account_events, lease_value
+from tests.conftest import session_board, wait_until
 from tests.e2e.conftest import SimNetwork, job
 
 ACCOUNT = "zombie"
@@ -129,7 +129,7 @@ async def test_a_silent_session_is_recycled_once_under_the_same_lease_then_only_
         await wait_until(lambda: _count(bus, 2), timeout=AFTER * 10, what="a second report")
         second = (await zombies(bus))[1]
         assert not second.recycled
-        status = await board(bus, ACCOUNT)
+        status = await session_board(bus, ACCOUNT)
         assert status is not None
         assert status.state == "zombie"
         assert "recycle cap reached" in status.reason
@@ -151,7 +151,7 @@ async def test_a_silent_session_is_recycled_once_under_the_same_lease_then_only_
 
 
 async def _state(bus: Bus, state: str) -> bool:
-    status = await board(bus, ACCOUNT)
+    status = await session_board(bus, ACCOUNT)
     return status is not None and status.state == state
 
 

@@ -9,6 +9,7 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig
@@ -19,6 +20,7 @@ from contracts import subjects
 from contracts.codec import encode
 from contracts.events import TokenUsage, TurnCompleted, TurnFailed
 from contracts.payloads import SimControl
+from services import app
 from services.core.llm import ToolCall, ToolSpec
 from services.core.tools import BoundTool, ToolBox
 from services.core.worker import count_turn
@@ -26,7 +28,7 @@ from services.ops.accounts import handover
 from services.runtime import metrics
 from services.runtime.bus import Bus
 from services.runtime.errors import ConfigError
-from services.runtime.health import Flag, Readiness
+from services.runtime.health import READINESS, Flag, Readiness
 from services.runtime.http import http_app, serve
 from services.runtime.metrics import (
     ConsumerLag,
@@ -36,6 +38,8 @@ from services.runtime.metrics import (
     labels,
     prometheus_text,
 )
+from services.runtime.nats_server import EmbeddedNats
+from services.runtime.settings import load_settings
 from tests.conftest import role, session_board, wait_until
 from tests.whatsapp.fake_graph import http_request
 
@@ -304,3 +308,25 @@ async def test_an_owner_counts_acquisitions_operator_handovers_and_its_parked_ac
         assert parked.endswith(" 1")
         assert "bye from" not in text
         assert "4915550001" not in text
+
+
+async def test_a_role_is_not_ready_between_provisioning_and_its_first_step(
+    nats_server: EmbeddedNats, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a role started by `system` against a fresh server: what /readyz would answer
+    # at the role task's first step, when provisioning is done and nothing else has run
+    seen: list[list[str]] = []
+    real_run_role = app.run_role
+
+    async def first_step(*args: Any, **kwargs: Any) -> None:
+        seen.append(READINESS.unmet())
+        await real_run_role(*args, **kwargs)
+
+    monkeypatch.setattr(app, "run_role", first_step)
+    settings = load_settings({"NATS_URL": nats_server.url, "SVC_DATA_DIR": str(tmp_path)})
+    async with app.system(settings, "core") as (_, stop, task):
+        await wait_until(lambda: READINESS.unmet() == [], 30, "the role ready")
+        stop.set()
+        await task
+    # Then it was not ready yet: the role's own check said so (not a 200 in between)
+    assert seen == [["role core: starting"]]
