@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import warnings
@@ -64,18 +65,23 @@ def add_device(store: SessionStore, jid: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real PostgreSQL (the pgserver wheel) in a temp dir; its Unix-socket DSN."""
-    with warnings.catch_warnings():
-        # platformdirs warns once that XDG_RUNTIME_DIR is unset (it falls back to /tmp).
-        warnings.simplefilter("ignore")
-        import pgserver
+def postgres() -> Iterator[str]:
+    """A real PostgreSQL (the pgserver wheel) in a temp dir; its Unix-socket DSN.
 
-        server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
-    try:
-        yield server.get_uri()
-    finally:
-        server.cleanup()
+    Not under pytest's temp tree: as root, pgserver runs postgres as the user `pgserver`,
+    and any other pytest session starting on the machine sets `pytest-of-root` back to
+    0700, which made initdb fail with "Permission denied" halfway."""
+    with tempfile.TemporaryDirectory(prefix="svc-pg-") as data:
+        with warnings.catch_warnings():
+            # platformdirs warns once that XDG_RUNTIME_DIR is unset (it falls back to /tmp).
+            warnings.simplefilter("ignore")
+            import pgserver
+
+            server = pgserver.get_server(data, cleanup_mode="stop")
+        try:
+            yield server.get_uri()
+        finally:
+            server.cleanup()
 
 
 def pg_store(uri: str, database: str) -> SessionStore:
