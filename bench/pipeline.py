@@ -3,26 +3,26 @@
 Both runs use a fresh embedded nats-server, the same streams and the same five hops:
 SIM -> INBOUND -> (OUTBOUND + AGENT) -> (SIM_OUT + DELIVERY). Each stage is a durable
 pull consumer with max_ack_pending=1 and synchronous acks, the ordering guarantee both
-give. The baseline is the least nats-py code for those hops: no decoding, tracing,
-lease, fencing or dead-letter handling. Prints msg/s and send->reply latency for both,
-and the ratio.
+give. The baselines are the least nats-py code for those hops (no decoding, tracing, lease,
+fencing or dead-letter handling), weak and strong (bench/_raw.py, ADR 0037); the three run
+interleaved. Prints msg/s and send->reply latency (p50, p99) for each, and both ratios.
 
-    python bench/pipeline.py --messages 300 --chats 10
+    python bench/pipeline.py --messages 300 --chats 10 --reps 3
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import nats
+from _harness import info, interleave, parser, report, run
+from _raw import by_template, strong_stage, weak_stage
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
 
 from services.app import system
 from services.ops.simclient import SimUser
@@ -31,7 +31,20 @@ from services.runtime.provisioning import ensure_streams
 from services.runtime.settings import load_settings
 
 
-async def ours(messages: int, chats: int) -> tuple[float, list[float]]:
+def figures(rate: float, latencies: list[float]) -> dict[str, float]:
+    """msg/s and send->reply p50/p99 in ms."""
+    return {"msg/s": rate, "p50 latency": pct(latencies, 0.5), "p99 latency": pct(latencies, 0.99)}
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+UNITS = {"msg/s": ("msg/s", True), "p50 latency": ("ms", False), "p99 latency": ("ms", False)}
+
+
+async def ours(messages: int, chats: int) -> dict[str, float]:
     """The real system (role `all`, sim transport, echo LLM) in this process."""
     with tempfile.TemporaryDirectory() as tmp:
         async with EmbeddedNats(Path(tmp) / "nats", port=0) as server:
@@ -49,43 +62,31 @@ async def ours(messages: int, chats: int) -> tuple[float, list[float]]:
                 if not await user.wait_replies(600):
                     raise SystemExit("switchboard: replies missing")
                 elapsed = time.perf_counter() - started
-            return messages / elapsed, [e.latency_ms for e in user.exchanges.values()]
+            return figures(messages / elapsed, [e.latency_ms for e in user.exchanges.values()])
 
 
-async def _stage(
-    js: JetStreamContext,
-    stream: str,
-    durable: str,
-    subject: str,
-    forward: list[str],
-    stop: asyncio.Event,
-    work: float = 0.0,
-) -> None:
-    """Consume one at a time, (spend `work` seconds on it,) publish to each next subject,
-    then ack synchronously."""
-    config = ConsumerConfig(
-        durable_name=durable,
-        filter_subject=subject,
-        ack_policy=AckPolicy.EXPLICIT,
-        max_ack_pending=1,
-    )
-    await js.add_consumer(stream, config)
-    sub = await js.pull_subscribe_bind(durable=durable, stream=stream)
-    while not stop.is_set():
-        try:
-            msgs = await sub.fetch(1, timeout=0.5)
-        except TimeoutError:
-            continue
-        for msg in msgs:
-            if work:
-                await asyncio.sleep(work)  # the turn's model time
-            chat = msg.data.split(b"|", 1)[0].decode()
-            for target in forward:
-                await js.publish(target.format(chat=chat), msg.data)
-            await msg.ack_sync()
+def raw_stages(
+    js: JetStreamContext, strong: bool, stop: asyncio.Event, work: float = 0.0
+) -> list[Any]:
+    """SIM -> INBOUND -> (OUTBOUND + AGENT) -> (SIM_OUT + DELIVERY), weak or strong;
+    `work` seconds of model time in the core stage."""
+    account = "whatsapp.default"
+    hops = [
+        ("SIM", "b-sim", "sim.whatsapp.default.in", [f"inbound.{account}.{{chat}}"], 0.0),
+        ("INBOUND", "b-core", "inbound.>",
+         [f"outbound.{account}.{{chat}}", f"agent.{account}.{{chat}}"], work),
+        ("OUTBOUND", "b-egress", f"outbound.{account}.*",
+         ["sim.whatsapp.default.out", f"delivery.{account}.{{chat}}"], 0.0),
+    ]  # fmt: skip
+    if strong:
+        return [
+            strong_stage(js, stream, durable, subject, by_template(targets), stop, work=w)
+            for stream, durable, subject, targets, w in hops
+        ]
+    return [weak_stage(js, *hop[:4], stop, work=hop[4]) for hop in hops]
 
 
-async def raw(messages: int, chats: int) -> tuple[float, list[float]]:
+async def raw(messages: int, chats: int, strong: bool) -> dict[str, float]:
     """The same hops in plain nats-py."""
     with tempfile.TemporaryDirectory() as tmp:
         async with EmbeddedNats(Path(tmp) / "nats", port=0) as server:
@@ -103,16 +104,7 @@ async def raw(messages: int, chats: int) -> tuple[float, list[float]]:
                     all_replied.set()
 
             await nc.subscribe("sim.whatsapp.default.out", cb=on_out)
-            account = "whatsapp.default"
-            stages = [
-                _stage(js, "SIM", "b-sim", "sim.whatsapp.default.in",
-                       [f"inbound.{account}.{{chat}}"], stop),
-                _stage(js, "INBOUND", "b-core", "inbound.>",
-                       [f"outbound.{account}.{{chat}}", f"agent.{account}.{{chat}}"], stop),
-                _stage(js, "OUTBOUND", "b-egress", f"outbound.{account}.*",
-                       ["sim.whatsapp.default.out", f"delivery.{account}.{{chat}}"], stop),
-            ]  # fmt: skip
-            tasks = [asyncio.create_task(s) for s in stages]
+            tasks = [asyncio.create_task(s) for s in raw_stages(js, strong, stop)]
             started = time.perf_counter()
             for i in range(messages):
                 body = f"chat{i % chats}|message {i}".encode()
@@ -123,27 +115,23 @@ async def raw(messages: int, chats: int) -> tuple[float, list[float]]:
             stop.set()
             await asyncio.gather(*tasks)
             await nc.close()
-            return messages / elapsed, [(replied[k] - sent[k]) * 1000 for k in sent]
-
-
-def _latency(values: list[float]) -> str:
-    values = sorted(values)
-    p99 = values[min(len(values) - 1, int(len(values) * 0.99))]
-    return f"(send->reply p50 {statistics.median(values):.1f} ms, p99 {p99:.1f} ms)"
+            return figures(messages / elapsed, [(replied[k] - sent[k]) * 1000 for k in sent])
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description="End-to-end pipeline: ours vs raw nats-py")
-    parser.add_argument("--messages", type=int, default=300)
-    parser.add_argument("--chats", type=int, default=10)
-    args = parser.parse_args()
-    raw_rate, raw_lat = await raw(args.messages, args.chats)
-    our_rate, our_lat = await ours(args.messages, args.chats)
-    print(f"pipeline: {args.messages} messages over {args.chats} chats, 1 account, 5 hops")
-    print(f"  raw nats-py, same hops : {raw_rate:8.1f} msg/s  {_latency(raw_lat)}")
-    print(f"  switchboard            : {our_rate:8.1f} msg/s  {_latency(our_lat)}")
-    print(f"  ratio switchboard/raw  : {our_rate / raw_rate:8.2f}")
+    p = parser("End-to-end pipeline: ours vs raw nats-py (weak and strong)")
+    p.add_argument("--messages", type=int, default=300)
+    p.add_argument("--chats", type=int, default=10)
+    args = p.parse_args()
+    m, c = args.messages, args.chats
+    runs = {
+        "ours": lambda: ours(m, c),
+        "weak": lambda: raw(m, c, strong=False),
+        "strong": lambda: raw(m, c, strong=True),
+    }
+    found = await interleave(args.reps, runs, UNITS, log=info)
+    report("pipeline", f"{m} messages over {c} chats, 1 account, 5 hops", found, args)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run(main)

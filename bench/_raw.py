@@ -1,0 +1,141 @@
+"""Raw nats-py stages the benchmarks compare against (ADR 0037).
+
+`weak_stage` is the old baseline: a pull consumer with max_ack_pending=1, one message at
+a time, every publish and ack awaited. `strong_stage` is the best plain nats-py shape for
+the same hop and the same guarantees: a durable push consumer (delivered as soon as it
+is stored, no idle-fetch hold) with many messages in flight, per-chat order kept (each
+chat's messages handled in arrival order, chats in parallel), forwards pipelined with
+`publish_async` and awaited before the message is acked, dedupe ids on every forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
+
+# (subject, data, headers) published for one consumed message, in order.
+Forward = Callable[[Msg], list[tuple[str, bytes, dict[str, str] | None]]]
+
+
+def chat_token(msg: Msg) -> str:
+    """The chat of a pipeline-style body `chat|text`."""
+    return msg.data.split(b"|", 1)[0].decode()
+
+
+def by_template(targets: list[str]) -> Forward:
+    """Forward the body to each `target.format(chat=...)`, with a derived dedupe id."""
+
+    def forward(msg: Msg) -> list[tuple[str, bytes, dict[str, str] | None]]:
+        chat = chat_token(msg)
+        seq = msg.metadata.sequence.stream
+        return [(t.format(chat=chat), msg.data, {"Nats-Msg-Id": f"{t}:{seq}"}) for t in targets]
+
+    return forward
+
+
+async def weak_stage(
+    js: JetStreamContext,
+    stream: str,
+    durable: str,
+    subject: str,
+    forward: list[str],
+    stop: asyncio.Event,
+    work: float = 0.0,
+) -> None:
+    """Consume one at a time, (spend `work` seconds on it,) publish to each next subject,
+    then ack synchronously."""
+    config = ConsumerConfig(
+        durable_name=durable,
+        filter_subject=subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        max_ack_pending=1,
+    )
+    await js.add_consumer(stream, config)
+    sub = await js.pull_subscribe_bind(durable=durable, stream=stream)
+    while not stop.is_set():
+        try:
+            msgs = await sub.fetch(1, timeout=0.5)
+        except TimeoutError:
+            continue
+        for msg in msgs:
+            if work:
+                await asyncio.sleep(work)  # the turn's model time
+            chat = chat_token(msg)
+            for target in forward:
+                await js.publish(target.format(chat=chat), msg.data)
+            await msg.ack_sync()
+
+
+async def strong_stage(
+    js: JetStreamContext,
+    stream: str,
+    durable: str,
+    subject: str,
+    forward: Forward,
+    stop: asyncio.Event,
+    *,
+    chat_of: Callable[[Msg], str] = chat_token,
+    work: float = 0.0,
+    in_flight: int = 1024,
+    core: Callable[[Msg], Any] | None = None,
+) -> None:
+    """Per-chat serial, chats in parallel, forwards pipelined; `core(msg)` is an extra
+    plain (non-JetStream) publish, like a transport send."""
+    queues: dict[str, asyncio.Queue[Msg]] = {}
+    workers: list[asyncio.Task[None]] = []
+
+    async def chat_worker(queue: asyncio.Queue[Msg]) -> None:
+        while True:
+            batch = [await queue.get()]
+            while not queue.empty():  # what has piled up for this chat, in order
+                batch.append(queue.get_nowait())
+            acks: list[asyncio.Future[PubAck]] = []
+            for msg in batch:
+                if work:
+                    await asyncio.sleep(work)  # the turn's model time
+                for subj, data, headers in forward(msg):
+                    acks.append(await js.publish_async(subj, data, headers=headers))
+                if core is not None:
+                    await core(msg)
+            await asyncio.gather(*acks)
+            for msg in batch:
+                await msg.ack()
+
+    async def on_msg(msg: Msg) -> None:
+        chat = chat_of(msg)
+        queue = queues.get(chat)
+        if queue is None:
+            queue = queues[chat] = asyncio.Queue()
+            workers.append(asyncio.create_task(chat_worker(queue)))
+        queue.put_nowait(msg)
+
+    config = ConsumerConfig(
+        ack_policy=AckPolicy.EXPLICIT,
+        max_ack_pending=in_flight,
+        deliver_policy=DeliverPolicy.ALL,
+    )
+    sub = await js.subscribe(
+        subject,
+        stream=stream,
+        durable=durable,
+        cb=on_msg,
+        manual_ack=True,
+        config=config,
+        pending_msgs_limit=-1,
+        pending_bytes_limit=-1,
+    )
+    try:
+        await stop.wait()
+    finally:
+        await sub.unsubscribe()
+        for task in workers:
+            task.cancel()
+        for task in workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
