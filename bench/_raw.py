@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 
+_KEY = re.compile(r"[^-\w=]")
 # (subject, data, headers) published for one consumed message, in order.
 Forward = Callable[[Msg], list[tuple[str, bytes, dict[str, str] | None]]]
 
@@ -83,27 +85,44 @@ async def strong_stage(
     chat_of: Callable[[Msg], str] = chat_token,
     work: float = 0.0,
     in_flight: int = 1024,
+    before: Forward | None = None,
     core: Callable[[Msg], Any] | None = None,
+    state_bucket: str | None = None,
 ) -> None:
-    """Per-chat serial, chats in parallel, forwards pipelined; `core(msg)` is an extra
-    plain (non-JetStream) publish, like a transport send."""
+    """Per-chat serial, chats in parallel, writes pipelined. Per run of a chat's waiting
+    messages: `before(msg)` writes stored first (a ledger's "sending"), then `core(msg)`
+    (a plain publish, like a transport send), then `forward(msg)` and, with
+    `state_bucket`, one revision-checked KV write of the chat's state (the revision is
+    kept in memory: this worker is the chat's only writer), all awaited before the acks."""
     queues: dict[str, asyncio.Queue[Msg]] = {}
     workers: list[asyncio.Task[None]] = []
 
-    async def chat_worker(queue: asyncio.Queue[Msg]) -> None:
+    async def pipelined(writes: list[tuple[str, bytes, dict[str, str] | None]]) -> list[PubAck]:
+        acks = [await js.publish_async(subj, data, headers=h) for subj, data, h in writes]
+        return list(await asyncio.gather(*acks))
+
+    async def chat_worker(chat: str, queue: asyncio.Queue[Msg]) -> None:
+        key = f"$KV.{state_bucket}.raw.{_KEY.sub('_', chat)}"
+        revision = 0
         while True:
             batch = [await queue.get()]
             while not queue.empty():  # what has piled up for this chat, in order
                 batch.append(queue.get_nowait())
-            acks: list[asyncio.Future[PubAck]] = []
+            if before is not None:
+                await pipelined([w for msg in batch for w in before(msg)])
+            writes = []
             for msg in batch:
                 if work:
                     await asyncio.sleep(work)  # the turn's model time
-                for subj, data, headers in forward(msg):
-                    acks.append(await js.publish_async(subj, data, headers=headers))
                 if core is not None:
                     await core(msg)
-            await asyncio.gather(*acks)
+                writes += forward(msg)
+            if state_bucket:
+                expect = {"Nats-Expected-Last-Subject-Sequence": str(revision)}
+                writes.append((key, batch[-1].data, expect))
+            acks = await pipelined(writes)
+            if state_bucket:
+                revision = acks[-1].seq
             for msg in batch:
                 await msg.ack()
 
@@ -112,7 +131,7 @@ async def strong_stage(
         queue = queues.get(chat)
         if queue is None:
             queue = queues[chat] = asyncio.Queue()
-            workers.append(asyncio.create_task(chat_worker(queue)))
+            workers.append(asyncio.create_task(chat_worker(chat, queue)))
         queue.put_nowait(msg)
 
     config = ConsumerConfig(
