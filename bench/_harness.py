@@ -22,9 +22,10 @@ from typing import Any
 SIDES = ("ours", "weak", "strong")
 # What each side means, for the table's legend and docs/benchmarks.md.
 LEGEND = (
-    "weak = the old raw baseline (one in flight, every publish/ack awaited); "
-    "strong = the best plain nats-py for the same hops and guarantees (pipelined "
-    "publish_async, batched/pushed delivery or an ordered consumer, per-chat order kept)"
+    "weak = the old raw shape (writes: one in flight, each publish/ack awaited; reads: "
+    "fetch(500)); strong = the best plain nats-py for the same hops and guarantees "
+    "(pipelined publish_async, pushed delivery, per-chat order kept; reads: ordered "
+    "consumer); ratios are ours/raw on the medians"
 )
 
 Run = Callable[[], Awaitable[dict[str, float]]]

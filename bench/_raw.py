@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -158,3 +159,59 @@ async def strong_stage(
         for task in workers:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def ordered_read(js: JetStreamContext, streams: list[tuple[str, str]]) -> float:
+    """events/s of counting callbacks on pushed ordered consumers, stream after stream
+    ((stream, filter) pairs): the fastest nats-py read (the strong read baseline)."""
+    total = 0
+    started = time.perf_counter()
+    for stream, subject in streams:
+        last = (await js.stream_info(stream)).state.last_seq
+        if not last:
+            continue
+        done = asyncio.Event()
+        count = 0
+
+        async def on_msg(msg: Msg, last: int = last, done: asyncio.Event = done) -> None:
+            nonlocal count
+            count += 1
+            if msg.metadata.sequence.stream >= last:
+                done.set()
+
+        sub = await js.subscribe(
+            subject,
+            stream=stream,
+            cb=on_msg,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+            pending_msgs_limit=-1,
+            pending_bytes_limit=-1,
+        )
+        await asyncio.wait_for(done.wait(), 600)
+        await sub.unsubscribe()
+        total += count
+    return total / (time.perf_counter() - started)
+
+
+async def fetch_read(
+    js: JetStreamContext, streams: list[tuple[str, str]], batch: int = 500
+) -> float:
+    """events/s of an ephemeral pull consumer read with fetch(batch), no acks (AckNone):
+    the usual nats-py read, slower than an ordered consumer (the weak read baseline)."""
+    total = 0
+    started = time.perf_counter()
+    for stream, subject in streams:
+        last = (await js.stream_info(stream)).state.last_seq
+        if not last:
+            continue
+        config = ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL)
+        sub = await js.pull_subscribe(subject, stream=stream, config=config)
+        seen = 0
+        while seen < last:
+            # never ask for more than is left: a short fetch would wait for its expiry
+            msgs = await sub.fetch(min(batch, last - seen), timeout=5)
+            total += len(msgs)
+            seen = msgs[-1].metadata.sequence.stream
+        await sub.unsubscribe()
+    return total / (time.perf_counter() - started)
