@@ -151,10 +151,22 @@ def table(body: list[list[str]], markdown: bool) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in lines)
 
 
+def single(figures: list[Figure], markdown: bool) -> str:
+    """A table of one-sided figures (the physical limits): figure, unit, min/median/max."""
+    lines = [["figure", "unit", "min / median / max"]]
+    lines += [[f.name, f.unit, f.spread("ours")] for f in figures]
+    if markdown:
+        out = ["| " + " | ".join(lines[0]) + " |", "|---|---|---|"]
+        return "\n".join(out + ["| " + " | ".join(r) + " |" for r in lines[1:]])
+    widths = [max(len(r[i]) for r in lines) for i in range(3)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in lines)
+
+
 def report(
     bench: str, setup: str, figures: list[Figure], args: argparse.Namespace, notes: str = ""
 ) -> None:
-    """Print the figures in the format the options ask for."""
+    """Print the figures in the format the options ask for (one-sided figures, measured
+    as "ours" only, print as a plain table: the physical limits)."""
     if args.json:
         print(
             json.dumps(
@@ -169,10 +181,13 @@ def report(
         )
         return
     print(f"{bench}: {setup} ({args.reps} interleaved reps each; min / median / max)")
-    print(table(rows(bench, figures), args.markdown))
+    one_sided = all(set(f.samples) == {"ours"} for f in figures)
+    print(
+        single(figures, args.markdown) if one_sided else table(rows(bench, figures), args.markdown)
+    )
     if notes:
         print(notes)
-    if not args.markdown:
+    if not args.markdown and not one_sided:
         print(LEGEND)
 
 
