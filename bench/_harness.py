@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import statistics
@@ -211,3 +212,40 @@ def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted: servers and processes stopped", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def machine() -> dict[str, str]:
+    """What the figures were measured on."""
+    import importlib.metadata
+    import os
+    import platform
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    ram = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                ram = f"{int(line.split()[1]) / 1024 / 1024:.0f} GiB"
+    server = shutil.which("nats-server") or str(Path(sys.executable).parent / "nats-server")
+    try:
+        version = subprocess.run(
+            [server, "--version"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        version = "?"
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "ram": ram,
+        "nats-server": version.removeprefix("nats-server: "),
+        "nats-py": importlib.metadata.version("nats-py"),
+        "python": platform.python_version(),
+    }
