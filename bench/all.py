@@ -27,7 +27,7 @@ from _harness import LEGEND, Figure, machine, rows, single, table
 HERE = Path(__file__).parent
 # name -> the short default size `just bench` runs (a few minutes in all on 2 cores).
 DEFAULT: dict[str, list[str]] = {
-    "pipeline": ["--messages", "200", "--chats", "10"],
+    "pipeline": ["--messages", "200", "--chats", "10", "--paced", "150", "--rate", "50"],
     "core": ["--turns", "1000", "--chats", "100", "--share", "100"],
     "delivery": ["--jobs", "400", "--accounts", "1", "10", "--rate", "200"],
     "projection": ["--events", "50000"],
@@ -41,7 +41,7 @@ DEFAULT: dict[str, list[str]] = {
 }
 # The smallest run of each that still goes through every path (tests/test_bench.py).
 SMOKE: dict[str, list[str]] = {
-    "pipeline": ["--messages", "20", "--chats", "4"],
+    "pipeline": ["--messages", "20", "--chats", "4", "--paced", "10", "--rate", "100"],
     "core": ["--turns", "60", "--chats", "6", "--share", "10"],
     "delivery": ["--jobs", "30", "--accounts", "1", "2", "--rate", "500"],
     "projection": ["--events", "2000"],
