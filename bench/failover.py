@@ -103,16 +103,16 @@ async def _measure(bus: Bus, procs: list[subprocess.Popen[bytes]], how: signal.S
     sub = await bus.nc.subscribe(subjects.sim_out("default"), cb=on_send)
     stop = asyncio.Event()
     traffic = asyncio.create_task(_traffic(bus, stop))
-    # Steady traffic first, for a random while: the fault lands anywhere between renewals.
-    await asyncio.sleep(random.uniform(1.0, 2.0))
-    pid = int(re.search(r"-(\d+)-whatsapp-", first).group(1))  # type: ignore[union-attr]
-    signalled = time.monotonic()
-    os.kill(pid, how)
     try:
+        # Steady traffic first, for a random while: the fault lands anywhere between renewals.
+        await asyncio.sleep(random.uniform(1.0, 2.0))
+        pid = int(re.search(r"-(\d+)-whatsapp-", first).group(1))  # type: ignore[union-attr]
+        signalled = time.monotonic()
+        os.kill(pid, how)
         return float(await asyncio.wait_for(takeover, 60)) - signalled
     finally:
         stop.set()
-        await traffic
+        await traffic  # interrupted or not: no publish outlives the connection
         await sub.unsubscribe()
 
 
