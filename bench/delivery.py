@@ -128,7 +128,11 @@ async def strong(bus: Bus, accts: list[str], stop: asyncio.Event) -> None:
 
     def after(msg: Msg) -> list[tuple[str, bytes, dict[str, str] | None]]:
         account = msg.subject.split(".")[2]
-        event = (f"delivery.whatsapp.{account}.x", msg.data, {"Nats-Msg-Id": f"s{msg.reply}"})
+        event = (
+            f"delivery.whatsapp.{account}.x",
+            msg.data,
+            {"Nats-Msg-Id": f"s{msg.metadata.sequence.stream}"},
+        )
         return [event, *ledger("sent")(msg)]
 
     async def send(msg: Msg) -> None:
