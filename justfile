@@ -29,9 +29,16 @@ typecheck:
 test *ARGS:
     {{python}} -m pytest {{ARGS}}
 
-# Run a benchmark: `just bench pipeline --messages 300`, `just bench fsync` (ADR 0032)
-bench NAME="pipeline" *ARGS:
-    {{python}} bench/{{NAME}}.py {{ARGS}}
+# Benchmarks (docs/benchmarks.md): `just bench` runs them all and prints one table
+# (`just bench --markdown` for the doc); `just bench core --turns 2000 --reps 5` runs one;
+# `just bench limits` measures the physical limits of plain nats-py on this machine.
+bench NAME="all" *ARGS:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    case "{{NAME}}" in
+        -*) exec {{python}} bench/all.py {{NAME}} {{ARGS}} ;;
+        *) exec {{python}} bench/{{NAME}}.py {{ARGS}} ;;
+    esac
 
 # Run the embedded JetStream server in the foreground
 nats *ARGS:

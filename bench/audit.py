@@ -1,14 +1,14 @@
 """Audit benchmark: `svc audit` over >= 1M events (conversations: inbound, turn, sent,
-receipt, with lease changes and some failed attempts), next to a raw nats-py
-ordered-consumer read of the same streams in the same run, with peak memory; then the
-projection replay (bench/replay.py) against its own raw read.
+receipt, with lease changes and some failed attempts), next to raw nats-py reads of the
+same streams in the same run, interleaved (weak = fetch(500) pulls, strong = ordered push
+consumers, the old baseline), with peak memory; then, unless --no-replay, the projection
+replay (bench/replay.py) in its own process.
 
-    python bench/audit.py --events 1000000
+    python bench/audit.py --events 1000000 --reps 3
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import subprocess
 import sys
@@ -17,8 +17,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
+from _harness import info, interleave, parser, report, run
+from _raw import fetch_read, ordered_read
 from peak import peak_rss_mib
 
 from contracts import subjects
@@ -140,42 +140,13 @@ async def stored(bus: Bus) -> int:
     return sum([(await bus.js.stream_info(s)).state.messages for s in STREAMS])
 
 
-async def raw_read(bus: Bus) -> float:
-    """Counting callbacks on pushed ordered consumers, stream after stream, like the audit."""
-    total = 0
-    started = time.perf_counter()
-    for stream in STREAMS:
-        last = (await bus.js.stream_info(stream)).state.last_seq
-        done = asyncio.Event()
-        count = 0
-
-        async def on_msg(msg: Msg, last: int = last, done: asyncio.Event = done) -> None:
-            nonlocal count
-            count += 1
-            if msg.metadata.sequence.stream >= last:
-                done.set()
-
-        sub = await bus.js.subscribe(
-            ">",
-            stream=stream,
-            cb=on_msg,
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.ALL,
-            pending_msgs_limit=-1,
-            pending_bytes_limit=-1,
-        )
-        await asyncio.wait_for(done.wait(), 600)
-        await sub.unsubscribe()
-        total += count
-    return total / (time.perf_counter() - started)
-
-
 async def main() -> None:
-    parser = argparse.ArgumentParser(description="svc audit and projection replay rates")
-    parser.add_argument("--events", type=int, default=1_000_000)
-    parser.add_argument("--replay-events", type=int, default=None, help="default: --events")
-    parser.add_argument("--no-replay", action="store_true", help="only the audit")
-    args = parser.parse_args()
+    p = parser("svc audit vs raw reads (weak and strong), then the projection replay")
+    p.add_argument("--events", type=int, default=1_000_000)
+    p.add_argument("--replay-events", type=int, default=None, help="default: --events")
+    p.add_argument("--no-replay", action="store_true", help="only the audit")
+    args = p.parse_args()
+    streams = [(s, ">") for s in STREAMS]
     with tempfile.TemporaryDirectory() as tmp:
         async with (
             EmbeddedNats(Path(tmp) / "nats", port=0) as server,
@@ -184,33 +155,36 @@ async def main() -> None:
             await ensure_streams(bus.js)
             started = time.perf_counter()
             published = await generate(bus, args.events)
-            made = time.perf_counter() - started
-            raw_rate = await raw_read(bus)
-            rss_before = peak_rss_mib()
-            report, elapsed = await audit(bus, Scope(grace=0))
-            rss_after = peak_rss_mib()
-            rate = sum(report.counts.values()) / elapsed
-            print(f"audit: {published:,} events generated in {made:.1f} s")
-            print(f"  raw nats-py ordered-consumer read : {raw_rate:9,.0f} events/s")
-            print(
-                f"  svc audit (every rule + summary)  : {rate:9,.0f} events/s"
-                f"  ({elapsed:.1f} s for {sum(report.counts.values()):,} events;"
-                f" goal <= 30 s for 1M)"
-            )
-            print(f"  ratio audit/raw                   : {rate / raw_rate:9.2f}")
-            print(
-                f"  violations {len(report.violations)}; peak RSS {rss_after:.0f} MiB"
-                f" (before the audit {rss_before:.0f} MiB)"
-            )
-            del report
+            info(f"audit: {published:,} events generated in {time.perf_counter() - started:.1f} s")
+            seen: list[str] = []
+
+            async def ours() -> dict[str, float]:
+                report_, elapsed = await audit(bus, Scope(grace=0))
+                seen.append(
+                    f"{sum(report_.counts.values()):,} events in {elapsed:.1f} s,"
+                    f" {len(report_.violations)} violations"
+                )
+                return {"events/s": sum(report_.counts.values()) / elapsed}
+
+            async def weak() -> dict[str, float]:
+                return {"events/s": await fetch_read(bus.js, streams)}
+
+            async def strong() -> dict[str, float]:
+                return {"events/s": await ordered_read(bus.js, streams)}
+
+            runs = {"ours": ours, "weak": weak, "strong": strong}
+            found = await interleave(args.reps, runs, {"events/s": ("events/s", True)}, log=info)
+    notes = f"last audit: {seen[-1]} (goal <= 30 s for 1M); peak RSS {peak_rss_mib():.0f} MiB"
+    report(
+        "audit", f"svc audit (every rule + summary) over {published:,} events", found, args, notes
+    )
     if not args.no_replay:
         # Its own process (and server), so its peak memory is its own.
         replay = Path(__file__).with_name("replay.py")
-        events = str(args.replay_events or args.events)
-        await asyncio.to_thread(
-            subprocess.run, [sys.executable, str(replay), "--events", events], check=True
-        )
+        argv = [sys.executable, str(replay), "--events", str(args.replay_events or args.events)]
+        argv += ["--reps", str(args.reps)] + ["--markdown"] * args.markdown
+        await asyncio.to_thread(subprocess.run, argv, check=True)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run(main)

@@ -4,19 +4,21 @@ core's share of the whole pipeline's latency.
 Throughput: a backlog of MessageReceived events over many chats is stored on INBOUND, then
 the consumer starts; we time until every turn is recorded on AGENT. Switchboard's core
 does per-chat ordering across replicas (chat record read, predecessor check, revision-
-checked write), history, the agent loop and two publishes per turn; the raw baseline
-consumes, publishes two messages and acks.
+checked write), history, the agent loop and two publishes per turn. The raw baselines
+consume, publish the two messages and ack: weak = fetch(64), each publish and ack
+awaited; strong = a push consumer, per-chat serial with chats in parallel, the two
+publishes and one revision-checked write of the chat's record in the `chats` bucket
+pipelined (`publish_async`), then the acks (bench/_raw.py). Interleaved reps.
 
 Latency: the whole system (role `all`) answers paced sim messages; for each, the core's
 part is AGENT's store time minus INBOUND's (server timestamps), next to the sim send ->
 reply time.
 
-    python bench/core.py --turns 2000 --chats 100
+    python bench/core.py --turns 2000 --chats 100 --reps 3
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import tempfile
@@ -25,6 +27,8 @@ from collections.abc import Awaitable
 from pathlib import Path
 
 import nats.errors
+from _harness import info, interleave, parser, report, run
+from _raw import strong_stage
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
@@ -86,7 +90,30 @@ async def raw(bus: Bus, stop: asyncio.Event) -> None:
             await msg.ack_sync()
 
 
-async def throughput(runner: object, turns: int, chats: int) -> float:
+def _turn(msg: Msg) -> list[tuple[str, bytes, dict[str, str] | None]]:
+    token = msg.subject.rsplit(".", 1)[1]
+    seq = msg.metadata.sequence.stream
+    return [
+        (f"outbound.whatsapp.default.{token}", msg.data, {"Nats-Msg-Id": f"o{seq}"}),
+        (f"agent.whatsapp.default.{token}", msg.data, {"Nats-Msg-Id": f"a{seq}"}),
+    ]
+
+
+async def strong(bus: Bus, stop: asyncio.Event) -> None:
+    await strong_stage(
+        bus.js,
+        "INBOUND",
+        "strong",
+        "inbound.>",
+        _turn,
+        stop,
+        chat_of=lambda m: m.subject.rsplit(".", 1)[1],
+        in_flight=4096,  # the core's max_ack_pending
+        state_bucket="chats",  # like the core's revision-checked chat record
+    )
+
+
+async def throughput(runner: object, turns: int, chats: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         async with (
             EmbeddedNats(Path(tmp) / "nats", port=0) as server,
@@ -111,7 +138,7 @@ async def throughput(runner: object, turns: int, chats: int) -> float:
             elapsed = time.perf_counter() - started
             stop.set()
             await task
-            return turns / elapsed
+            return {"turns/s": turns / elapsed}
 
 
 async def pipeline_share(messages: int, chats: int) -> tuple[list[float], list[float]]:
@@ -153,24 +180,30 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description="Core turns/s vs raw nats-py")
-    parser.add_argument("--turns", type=int, default=2000)
-    parser.add_argument("--chats", type=int, default=100)
-    args = parser.parse_args()
-    raw_rate = await throughput(raw, args.turns, args.chats)
-    our_rate = await throughput(ours, args.turns, args.chats)
-    core, total = await pipeline_share(300, 30)
-    print(f"core: {args.turns} turns over {args.chats} chats, echo provider, one process")
-    print(f"  raw nats-py (consume, publish 2, ack) : {raw_rate:8.0f} turns/s")
-    print(f"  switchboard core                      : {our_rate:8.0f} turns/s")
-    print(f"  ratio switchboard/raw                 : {our_rate / raw_rate:8.2f}")
-    share = statistics.median(core) / statistics.median(total)
-    print(
-        f"  pipeline (300 sim messages, role all): end to end p50 {statistics.median(total):.1f} ms"
-        f" p99 {pct(total, 0.99):.1f} ms; core part p50 {statistics.median(core):.1f} ms"
-        f" p99 {pct(core, 0.99):.1f} ms ({share:.0%} of p50)"
-    )
+    p = parser("Core turns/s vs raw nats-py (weak and strong)")
+    p.add_argument("--turns", type=int, default=2000)
+    p.add_argument("--chats", type=int, default=100)
+    p.add_argument("--share", type=int, default=300, help="sim messages for the share line")
+    args = p.parse_args()
+    t, c = args.turns, args.chats
+    runs = {
+        "ours": lambda: throughput(ours, t, c),
+        "weak": lambda: throughput(raw, t, c),
+        "strong": lambda: throughput(strong, t, c),
+    }
+    found = await interleave(args.reps, runs, {"turns/s": ("turns/s", True)}, log=info)
+    notes = ""
+    if args.share:
+        core, total = await pipeline_share(args.share, 30)
+        share = statistics.median(core) / statistics.median(total)
+        notes = (
+            f"core share of the pipeline ({args.share} paced sim messages, role all): end to end"
+            f" p50 {statistics.median(total):.1f} ms p99 {pct(total, 0.99):.1f} ms; core part"
+            f" p50 {statistics.median(core):.1f} ms p99 {pct(core, 0.99):.1f} ms"
+            f" ({share:.0%} of p50)"
+        )
+    report("core", f"{t} turns over {c} chats, echo provider, one process", found, args, notes)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run(main)

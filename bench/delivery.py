@@ -6,24 +6,27 @@ rate while the senders run; we time each from its publish to its send.
 
 Switchboard's path per job: per-chat ordered consumer, ledger record before the send,
 lease proof, the sim transport send, MessageSent + ledger + receipt index, ack.
-The raw baseline does the same hops in plain nats-py: consume from the work queue,
-publish an event, ack -- one consumer per account, no ordering, fencing or ledger.
+The raw baselines do the same hops in plain nats-py, one consumer per account. Weak (the
+old one): fetch(64), publish the event, send, ack each awaited -- no ordering, fencing or
+ledger. Strong (bench/_raw.py): a push consumer, per-chat serial with chats in parallel,
+the ledger's "sending" record stored before the send, then the send, the event and the
+"sent" record pipelined (`publish_async`), then the ack. Interleaved reps.
 
-    python bench/delivery.py --jobs 2000 --accounts 1 50
+    python bench/delivery.py --jobs 2000 --accounts 1 50 --reps 3
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import nats.js.errors
+from _harness import Figure, info, interleave, parser, report, run
+from _raw import strong_stage
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
@@ -113,9 +116,51 @@ async def raw(bus: Bus, accts: list[str], stop: asyncio.Event) -> None:
     await asyncio.sleep(0.3)  # let the last pulls expire before the server goes
 
 
-async def measure(
-    runner: Runner, accts: list[str], jobs: int, rate: float
-) -> tuple[float, list[float]]:
+async def strong(bus: Bus, accts: list[str], stop: asyncio.Event) -> None:
+    def ledger(state: str) -> Callable[[Msg], list[tuple[str, bytes, dict[str, str] | None]]]:
+        def write(msg: Msg) -> list[tuple[str, bytes, dict[str, str] | None]]:
+            job = decode(msg.data, SendMessage)
+            key = subjects.send_key(job.account, job.job_id)
+            record = f'{{"state":"{state}","job":"{job.job_id}"}}'.encode()
+            return [(f"$KV.sends.{key}", record, None)]
+
+        return write
+
+    def after(msg: Msg) -> list[tuple[str, bytes, dict[str, str] | None]]:
+        account = msg.subject.split(".")[2]
+        event = (
+            f"delivery.whatsapp.{account}.x",
+            msg.data,
+            {"Nats-Msg-Id": f"s{msg.metadata.sequence.stream}"},
+        )
+        return [event, *ledger("sent")(msg)]
+
+    async def send(msg: Msg) -> None:
+        job = decode(msg.data, SendMessage)
+        await bus.nc.publish(subjects.sim_out(job.account), job.job_id.encode())
+
+    await asyncio.gather(
+        *(
+            strong_stage(
+                bus.js,
+                "OUTBOUND",
+                f"strong-{account}",
+                f"outbound.whatsapp.{account}.*",
+                after,
+                stop,
+                chat_of=lambda m: m.subject.rsplit(".", 1)[1],
+                before=ledger("sending"),
+                core=send,
+            )
+            for account in accts
+        )
+    )
+
+
+PREFIX = {"raw": "raw", "strong": "strong", "ours": "egress-whatsapp"}
+
+
+async def measure(runner: Runner, accts: list[str], jobs: int, rate: float) -> dict[str, float]:
     """(jobs/s on a backlog, enqueue->sent latencies in ms at `rate` jobs/s)."""
     with tempfile.TemporaryDirectory() as tmp:
         async with (
@@ -127,7 +172,7 @@ async def measure(
             await bus.nc.subscribe("sim.whatsapp.*.out", cb=sent.on)
             stop = asyncio.Event()
             task = asyncio.create_task(runner(bus, accts, stop))
-            await ready(bus, accts, "raw" if runner is raw else "egress-whatsapp")
+            await ready(bus, accts, PREFIX[runner.__name__])
             started = time.perf_counter()
             await enqueue(bus, accts, jobs, None)
             await asyncio.wait_for(sent.done.wait(), 600)
@@ -142,16 +187,22 @@ async def measure(
             await asyncio.wait_for(paced.done.wait(), 600)
             stop.set()
             await task
-            return throughput, [(paced.at[j] - t) * 1000 for j, t in stamps.items()]
+            latencies = sorted((paced.at[j] - t) * 1000 for j, t in stamps.items())
+            return {
+                "jobs/s": throughput,
+                "p50 latency": pct(latencies, 0.5),
+                "p99 latency": pct(latencies, 0.99),
+            }
 
 
 async def ready(bus: Bus, accts: list[str], prefix: str) -> None:
-    """Wait until every account's consumer has a pull request waiting (senders attached)."""
+    """Wait until every account's consumer has a pull request waiting or a push
+    subscriber bound (senders attached)."""
     for account in accts:
         while True:
             try:
                 info = await bus.js.consumer_info("OUTBOUND", f"{prefix}-{account}")
-                if info.num_waiting:
+                if info.num_waiting or info.push_bound:
                     break
             except nats.js.errors.NotFoundError:
                 pass
@@ -164,26 +215,32 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description="Delivery: ours vs raw nats-py")
-    parser.add_argument("--jobs", type=int, default=2000)
-    parser.add_argument("--accounts", type=int, nargs="+", default=[1, 50])
-    parser.add_argument("--rate", type=float, default=200.0, help="jobs/s for the latency run")
-    args = parser.parse_args()
+    p = parser("Delivery: ours vs raw nats-py (weak and strong)")
+    p.add_argument("--jobs", type=int, default=2000)
+    p.add_argument("--accounts", type=int, nargs="+", default=[1, 50])
+    p.add_argument("--rate", type=float, default=200.0, help="jobs/s for the latency run")
+    args = p.parse_args()
+    units = {
+        "jobs/s": ("jobs/s", True),
+        "p50 latency": ("ms", False),
+        "p99 latency": ("ms", False),
+    }
+    found: list[Figure] = []
     for n in args.accounts:
         accts = accounts(n)
-        raw_tp, raw_lat = await measure(raw, accts, args.jobs, args.rate)
-        our_tp, our_lat = await measure(ours, accts, args.jobs, args.rate)
-        print(f"delivery: {args.jobs} jobs, {n} account(s), {CHATS} chats each")
-        print(
-            f"  raw nats-py (consume, publish event, ack): {raw_tp:8.0f} jobs/s   "
-            f"latency p50 {statistics.median(raw_lat):6.1f} ms  p99 {pct(raw_lat, 0.99):6.1f} ms"
-        )
-        print(
-            f"  switchboard                               : {our_tp:8.0f} jobs/s   "
-            f"latency p50 {statistics.median(our_lat):6.1f} ms  p99 {pct(our_lat, 0.99):6.1f} ms"
-        )
-        print(f"  ratio switchboard/raw (throughput)        : {our_tp / raw_tp:8.2f}")
+        j, r = args.jobs, args.rate
+        runs = {
+            "ours": lambda a=accts, j=j, r=r: measure(ours, a, j, r),
+            "weak": lambda a=accts, j=j, r=r: measure(raw, a, j, r),
+            "strong": lambda a=accts, j=j, r=r: measure(strong, a, j, r),
+        }
+        figures = await interleave(args.reps, runs, units, log=info)
+        for f in figures:
+            f.name = f"{n} account(s) {f.name}"
+        found += figures
+    setup = f"{args.jobs} jobs, {CHATS} chats per account, latency at {args.rate:g} jobs/s"
+    report("delivery", setup, found, args)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run(main)

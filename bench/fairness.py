@@ -15,7 +15,6 @@ chats would see if the flood did not exist. The ratio says what the flood costs 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import signal
@@ -27,8 +26,9 @@ import time
 from pathlib import Path
 
 import nats
+from _harness import info, interleave, parser, report, run
 from nats.aio.msg import Msg
-from pipeline import _stage
+from pipeline import raw_stages
 
 from services.ops.simclient import SimUser
 from services.runtime.bus import connect
@@ -48,8 +48,9 @@ def _svc(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-async def raw_floor(turn_ms: int, others: int) -> list[float]:
-    """Send->reply seconds of `others` chats through the raw hops, nothing else queued."""
+async def raw_run(turn_ms: int, others: int, flood: int, strong: bool) -> dict[str, float]:
+    """The other chats' send->reply seconds through the raw hops (weak: nothing else
+    queued; strong: after the same flood), and how long the flood took."""
     with tempfile.TemporaryDirectory() as tmp:
         async with EmbeddedNats(Path(tmp) / "nats", port=0) as server:
             nc = await nats.connect(server.url)
@@ -57,37 +58,47 @@ async def raw_floor(turn_ms: int, others: int) -> list[float]:
             await ensure_streams(js)
             stop = asyncio.Event()
             replied: dict[bytes, asyncio.Event] = {}
+            flood_done = asyncio.Event()
+            order: list[bytes] = []
 
             async def on_out(msg: Msg) -> None:
                 replied[msg.data].set()
+                if msg.data.startswith(b"flood|"):
+                    order.append(msg.data)
+                    if len(order) == flood:
+                        flood_done.set()
 
             await nc.subscribe("sim.whatsapp.default.out", cb=on_out)
-            account = "whatsapp.default"
-            stages = [
-                _stage(js, "SIM", "b-sim", "sim.whatsapp.default.in",
-                       [f"inbound.{account}.{{chat}}"], stop),
-                _stage(js, "INBOUND", "b-core", "inbound.>",
-                       [f"outbound.{account}.{{chat}}", f"agent.{account}.{{chat}}"], stop,
-                       work=turn_ms / 1000),
-                _stage(js, "OUTBOUND", "b-egress", f"outbound.{account}.*",
-                       ["sim.whatsapp.default.out", f"delivery.{account}.{{chat}}"], stop),
-            ]  # fmt: skip
-            tasks = [asyncio.create_task(s) for s in stages]
+            tasks = [asyncio.create_task(s) for s in raw_stages(js, strong, stop, turn_ms / 1000)]
+            started = time.perf_counter()
+            flooded = [f"flood|flood {n}".encode() for n in range(flood if strong else 0)]
+            for n, body in enumerate(flooded):
+                replied[body] = asyncio.Event()
+                await js.publish("sim.whatsapp.default.in", body, headers={"Nats-Msg-Id": f"f{n}"})
+            while flooded and (await js.stream_info("INBOUND")).state.messages < flood:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # polling the server's count, like ours
             latencies = []
             for n in range(others):
                 body = f"other{n}|hi".encode()
                 replied[body] = asyncio.Event()
-                started = time.perf_counter()
+                sent = time.perf_counter()
                 await js.publish("sim.whatsapp.default.in", body, headers={"Nats-Msg-Id": str(n)})
-                await asyncio.wait_for(replied[body].wait(), 60)
-                latencies.append(time.perf_counter() - started)
+                await asyncio.wait_for(replied[body].wait(), 600)
+                latencies.append(time.perf_counter() - sent)
+            if flooded:
+                await asyncio.wait_for(flood_done.wait(), 3600)
+                assert order == flooded, "raw strong stages broke the flood's order"
+            took = time.perf_counter() - started
             stop.set()
             await asyncio.gather(*tasks)
             await nc.close()
-            return latencies
+    out = {"others p50": statistics.median(latencies) * 1000, "others max": max(latencies) * 1000}
+    return out | ({"flood answered": took * 1000} if flooded else {})
 
 
-async def run(flood: int, turn_ms: int, others: int, rate: str, cores: int = 2) -> None:
+async def ours(
+    flood: int, turn_ms: int, others: int, rate: str, cores: int = 2
+) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         async with EmbeddedNats(Path(tmp) / "nats", port=0) as server:
             env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "SVC_"))} | {
@@ -113,7 +124,7 @@ async def run(flood: int, turn_ms: int, others: int, rate: str, cores: int = 2) 
                         while (await bus.js.stream_info("INBOUND")).state.messages < flood:  # noqa: ASYNC110
                             await asyncio.sleep(0.05)  # polling the server's count
                         ingested = time.perf_counter() - started
-                        print(f"flood of {flood} in INBOUND after {ingested:.1f}s")
+                        info(f"flood of {flood} in INBOUND after {ingested:.1f}s")
                         latencies = []
                         for n in range(others):
                             e = await user.send(f"other{n}@s.whatsapp.net", "hi")
@@ -122,7 +133,7 @@ async def run(flood: int, turn_ms: int, others: int, rate: str, cores: int = 2) 
                             latencies.append(e.latency_ms / 1000)
                         answered = sum(x.reply is not None for x in flooded)
                         p50, top = statistics.median(latencies), max(latencies)
-                        print(
+                        info(
                             f"other chats during the flood: p50 {p50:.2f}s max {top:.2f}s"
                             f" (flood answered so far: {answered})"
                         )
@@ -130,23 +141,18 @@ async def run(flood: int, turn_ms: int, others: int, rate: str, cores: int = 2) 
                         took = time.perf_counter() - started
                         ordered = [x.text for x in sorted(flooded, key=lambda x: x.replied_at)]
                         in_order = ordered == [f"flood {n}" for n in range(flood)]
-                        print(
-                            f"flood answered in {took:.1f}s ({flood / took:.1f}/s;"
-                            f" serial floor {flood * turn_ms / 1000:.1f}s), in order: {in_order}"
-                        )
+                        assert in_order, "the flood was answered out of order"
+                        return {
+                            "others p50": p50 * 1e3,
+                            "others max": top * 1e3,
+                            "flood answered": took * 1e3,
+                        }
             finally:
                 for p in procs:
                     os.killpg(p.pid, signal.SIGTERM)
                 for p in procs:
                     p.wait(30)
-    # The baseline runs alone, after our processes are gone: nothing competes with it.
-    floor = await raw_floor(turn_ms, others)
-    raw_p50, raw_top = statistics.median(floor), max(floor)
-    print(
-        f"raw nats-py, same hops, no flood at all: p50 {raw_p50:.2f}s max {raw_top:.2f}s\n"
-        f"ratio ours (during the flood) / raw (no flood): p50 {p50 / raw_p50:.2f}x,"
-        f" max {top / raw_top:.2f}x"
-    )
+    raise AssertionError("unreachable")
 
 
 async def _ready(bus: object) -> None:
@@ -160,16 +166,32 @@ async def _ready(bus: object) -> None:
     raise SystemExit("roles did not start")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--flood", type=int, default=400)
-    parser.add_argument("--turn-ms", type=int, default=100)
-    parser.add_argument("--others", type=int, default=10)
-    parser.add_argument("--rate", default="off", help="SVC_CHAT_RATE for the run")
-    parser.add_argument("--cores", type=int, default=2, help="core replicas")
-    args = parser.parse_args()
-    asyncio.run(run(args.flood, args.turn_ms, args.others, args.rate, args.cores))
+async def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--flood", type=int, default=400)
+    p.add_argument("--turn-ms", type=int, default=100)
+    p.add_argument("--others", type=int, default=10)
+    p.add_argument("--rate", default="off", help="SVC_CHAT_RATE for the run")
+    p.add_argument("--cores", type=int, default=2, help="core replicas")
+    a = p.parse_args()
+    runs = {
+        "ours": lambda: ours(a.flood, a.turn_ms, a.others, a.rate, a.cores),
+        "weak": lambda: raw_run(a.turn_ms, a.others, a.flood, strong=False),
+        "strong": lambda: raw_run(a.turn_ms, a.others, a.flood, strong=True),
+    }
+    units = {
+        "others p50": ("ms", False),
+        "others max": ("ms", False),
+        "flood answered": ("ms", False),
+    }
+    found = await interleave(a.reps, runs, units, log=info)
+    setup = (
+        f"flood of {a.flood} in one chat, {a.others} other chats one by one, turn {a.turn_ms} ms,"
+        f" {a.cores} core replicas (weak raw: no flood; serial floor"
+        f" {a.flood * a.turn_ms / 1000:.1f} s)"
+    )
+    report("fairness", setup, found, a)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

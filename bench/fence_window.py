@@ -11,12 +11,15 @@
    loss first: not sent either), and jobs sent twice (published, not yet recorded when
    paused: each recorded DeliveryUncertain -- the delivery window, not ownership).
 
-    python bench/fence_window.py --sends 2000 --runs 3
+The raw baselines for 1., interleaved with ours: the same publish to the sim's subject
+in plain nats-py, timed from the call to the ack -- weak: `js.publish` awaited (8 in flight
+as 8 awaited publishes gathered); strong: `publish_async` and its ack future.
+
+    python bench/fence_window.py --sends 2000 --runs 3 --reps 3
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
@@ -29,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _harness import info, interleave, parser, report, run
 
 from contracts import subjects
 from contracts.codec import decode
@@ -46,17 +51,18 @@ from services.whatsapp.sim import SimTransport
 SVC = str(Path(sys.executable).parent / "svc")
 
 
-def _ms(values: list[float]) -> str:
-    ordered = sorted(values)
+def _figures(spans: list[float], parallel: int) -> dict[str, float]:
+    ordered = sorted(spans)
     p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-    return (
-        f"median {statistics.median(ordered) * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms,"
-        f" max {ordered[-1] * 1000:.2f} ms"
-    )
+    return {
+        f"{parallel} in flight median": statistics.median(ordered) * 1000,
+        f"{parallel} in flight p99": p99 * 1000,
+    }
 
 
-async def check_to_stored(sends: int) -> None:
+async def check_to_stored(sends: int) -> dict[str, float]:
     """Time from the sim's last check to the network's ack, per send."""
+    figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         async with (
             EmbeddedNats(Path(tmp) / "nats", port=0) as server,
@@ -95,8 +101,41 @@ async def check_to_stored(sends: int) -> None:
 
                     for start in range(0, sends, parallel):
                         await asyncio.gather(*(one(n) for n in range(start, start + parallel)))
-                    print(f"  check -> stored, {parallel} in flight: {_ms(spans)}")
+                    figures |= _figures(spans, parallel)
             await lease.release()
+    return figures
+
+
+async def raw_to_stored(sends: int, strong: bool) -> dict[str, float]:
+    """The same publishes in plain nats-py, call -> ack per publish."""
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        async with (
+            EmbeddedNats(Path(tmp) / "nats", port=0) as server,
+            connect(server.url, name="bench-fence-raw") as bus,
+        ):
+            await ensure_streams(bus.js)
+            js, subject, body = bus.js, subjects.sim_out("default"), b"x" * 200
+            for parallel in (1, 8):
+                spans: list[float] = []
+
+                async def one(n: int, run: int = parallel, spans: list[float] = spans) -> None:
+                    started = time.perf_counter()
+                    headers = {"Nats-Msg-Id": f"j{run}-{n}"}
+                    if strong:
+                        await await_ack(await js.publish_async(subject, body, headers=headers))
+                    else:
+                        await js.publish(subject, body, headers=headers)
+                    spans.append(time.perf_counter() - started)
+
+                for start in range(0, sends, parallel):
+                    await asyncio.gather(*(one(n) for n in range(start, start + parallel)))
+                figures |= _figures(spans, parallel)
+    return figures
+
+
+async def await_ack(future: asyncio.Future[Any]) -> None:
+    await future
 
 
 def _start_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -191,16 +230,25 @@ async def _pause(bus: Bus) -> dict[str, int]:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description="The lease window under a slow send")
-    parser.add_argument("--sends", type=int, default=2000)
-    parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
-    print(f"fence window: {args.sends} sim sends, no injected latency")
-    await check_to_stored(args.sends)
-    print(f"pause past the TTL: {args.runs} runs, TTL 2 s, 400 ms sim latency, 8 chats")
+    p = parser("The lease window under a slow send")
+    p.add_argument("--sends", type=int, default=2000)
+    p.add_argument("--runs", type=int, default=3, help="pause-past-the-TTL runs")
+    args = p.parse_args()
+    n = args.sends
+    runs = {
+        "ours": lambda: check_to_stored(n),
+        "weak": lambda: raw_to_stored(n, strong=False),
+        "strong": lambda: raw_to_stored(n, strong=True),
+    }
+    units = {f"{k} in flight {q}": ("ms", False) for k in (1, 8) for q in ("median", "p99")}
+    found = await interleave(args.reps, runs, units, log=info)
+    for f in found:
+        f.name = f"check->stored {f.name}"
+    lines = [f"pause past the TTL: {args.runs} runs, TTL 2 s, 400 ms sim latency, 8 chats"]
     for _ in range(args.runs):
-        print("  " + ", ".join(f"{k}: {v}" for k, v in (await pause_run(2, 400)).items()))
+        lines.append("  " + ", ".join(f"{k}: {v}" for k, v in (await pause_run(2, 400)).items()))
+    report("fence_window", f"{n} sim sends, no injected latency", found, args, "\n".join(lines))
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run(main)

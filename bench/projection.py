@@ -1,21 +1,22 @@
 """Projection benchmark: rebuild the plugin projection from PLUGINS (>= 200k events of
-every plugin type, mostly memory facts) into a fresh SQLite file, next to a raw nats-py
-ordered-consumer read of the same stream in the same run.
+every plugin type, mostly memory facts) into a fresh SQLite file, next to raw nats-py
+reads of the same stream in the same run, interleaved: weak = a pull consumer with
+fetch(500); strong = an ordered push consumer (the old baseline, already the strong one).
 
-    python bench/projection.py --events 200000
+    python bench/projection.py --events 200000 --reps 3
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy, PubAck
+from _harness import info, interleave, parser, report, run
+from _raw import fetch_read, ordered_read
+from nats.js.api import PubAck
 from peak import peak_rss_mib
 
 from contracts import subjects
@@ -83,37 +84,13 @@ async def generate(bus: Bus, events: int, window: int = 5000) -> None:
     await asyncio.gather(*acks)
 
 
-async def raw_read(bus: Bus, last: int) -> float:
-    """A counting callback on a pushed ordered consumer: the fastest nats-py read."""
-    done = asyncio.Event()
-    count = 0
-
-    async def on_msg(msg: Msg) -> None:
-        nonlocal count
-        count += 1
-        if msg.metadata.sequence.stream >= last:
-            done.set()
-
-    started = time.perf_counter()
-    sub = await bus.js.subscribe(
-        "plugins.>",
-        stream="PLUGINS",
-        cb=on_msg,
-        ordered_consumer=True,
-        deliver_policy=DeliverPolicy.ALL,
-        pending_msgs_limit=-1,
-        pending_bytes_limit=-1,
-    )
-    await asyncio.wait_for(done.wait(), 300)
-    elapsed = time.perf_counter() - started
-    await sub.unsubscribe()
-    return count / elapsed
+STREAM = [("PLUGINS", "plugins.>")]
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description="Projection rebuild vs raw ordered read")
-    parser.add_argument("--events", type=int, default=200_000)
-    args = parser.parse_args()
+    p = parser("Projection rebuild vs raw reads (weak and strong)")
+    p.add_argument("--events", type=int, default=200_000)
+    args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         async with (
             EmbeddedNats(Path(tmp) / "nats", port=0) as server,
@@ -122,27 +99,32 @@ async def main() -> None:
             await ensure_streams(bus.js)
             started = time.perf_counter()
             await generate(bus, args.events)
-            made = time.perf_counter() - started
-            last = (await bus.js.stream_info("PLUGINS")).state.last_seq
-            raw_rate = await raw_read(bus, last)
-            rss_before = peak_rss_mib()
-            async with PluginProjection(
-                bus, Path(tmp) / "plugins.sqlite", manifests(discover())
-            ) as p:
-                started = time.perf_counter()
-                applied = await p.catch_up()
-                our_rate = applied / (time.perf_counter() - started)
-                rows = await p.dump()
-            rss_after = peak_rss_mib()
-    print(f"projection: {applied} PLUGINS events ({args.events} generated in {made:.1f} s)")
-    print(f"  raw nats-py ordered-consumer read : {raw_rate:9.0f} events/s")
-    print(
-        f"  plugin projection rebuild (SQLite): {our_rate:9.0f} events/s"
-        f"  -> {len(rows['facts'])} facts, {len(rows['installed'])} installs"
+            info(f"{args.events} events generated in {time.perf_counter() - started:.1f} s")
+            rebuilt: list[dict[str, int]] = []
+
+            async def ours() -> dict[str, float]:
+                out = Path(tmp) / f"plugins-{len(rebuilt)}.sqlite"
+                async with PluginProjection(bus, out, manifests(discover())) as p:
+                    started = time.perf_counter()
+                    applied = await p.catch_up()
+                    rate = applied / (time.perf_counter() - started)
+                    rows = await p.dump()
+                rebuilt.append({"facts": len(rows["facts"]), "installs": len(rows["installed"])})
+                return {"events/s": rate}
+
+            async def weak() -> dict[str, float]:
+                return {"events/s": await fetch_read(bus.js, STREAM)}
+
+            async def strong() -> dict[str, float]:
+                return {"events/s": await ordered_read(bus.js, STREAM)}
+
+            runs = {"ours": ours, "weak": weak, "strong": strong}
+            found = await interleave(args.reps, runs, {"events/s": ("events/s", True)}, log=info)
+    notes = f"rebuilt: {rebuilt[-1]}; peak RSS {peak_rss_mib():.0f} MiB (goal >= 0.6x strong)"
+    report(
+        "projection", f"rebuild of {args.events:,} PLUGINS events into SQLite", found, args, notes
     )
-    print(f"  ratio rebuild/raw                 : {our_rate / raw_rate:9.2f}")
-    print(f"  peak RSS {rss_after:.0f} MiB (before the rebuild {rss_before:.0f} MiB)")
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run(main)
