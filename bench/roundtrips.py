@@ -18,6 +18,7 @@ fetch carries one message, so they are per message here (under load one fetch ca
 many). A warm-up of a few messages runs first (bucket handles, first-contact checks).
 
     python bench/roundtrips.py --messages 50 --chats 5
+    python bench/roundtrips.py --messages 300 --chats 10 --flood   # all sent at once
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def _patch() -> None:
     Client.publish = counted_publish  # type: ignore[method-assign]
 
 
-async def run(messages: int, chats: int, warmup: int) -> None:
+async def run(messages: int, chats: int, warmup: int, flood: bool) -> None:
     global _counting
     _patch()
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,11 +113,16 @@ async def run(messages: int, chats: int, warmup: int) -> None:
                     if i == warmup:
                         _counting = True
                     await user.send(f"chat{i % chats}@s.whatsapp.net", f"message {i}")
+                    if flood and i >= warmup:
+                        continue
                     if not await user.wait_replies(60):
                         raise SystemExit("replies missing")
                     # The egress's DELIVERY/ledger writes and acks follow the send: let
                     # them land inside this message's count.
                     await asyncio.sleep(0.05)
+                if flood and not await user.wait_replies(600):
+                    raise SystemExit("replies missing")
+                await asyncio.sleep(0.5)  # the last writes and acks after the last reply
                 _counting = False
     table: dict[str, list[tuple[str, float, float]]] = collections.defaultdict(list)
     for name in sorted(set(_requests) | set(_publishes)):
@@ -124,7 +130,8 @@ async def run(messages: int, chats: int, warmup: int) -> None:
             continue  # the user's own message, not the system's
         rows = table[stage(name)]
         rows.append((name, _requests[name] / messages, _publishes[name] / messages))
-    print(f"per message, {messages} messages over {chats} chats, one at a time")
+    how = "all sent at once" if flood else "one at a time"
+    print(f"per message, {messages} messages over {chats} chats, {how}")
     print(f"{'stage':8} {'call':28} {'round trips':>11} {'one-way':>8}")
     for st in STAGES:
         total_r = total_p = 0.0
@@ -141,8 +148,9 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=50)
     parser.add_argument("--chats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--flood", action="store_true", help="send all, then wait")
     args = parser.parse_args()
-    asyncio.run(run(args.messages, args.chats, args.warmup))
+    asyncio.run(run(args.messages, args.chats, args.warmup, args.flood))
 
 
 if __name__ == "__main__":
