@@ -235,15 +235,17 @@ class CoreWorker:
         cached = self.chats.cached(key) if d.num_delivered == 1 and d.attempt == 1 else None
         try:
             while True:
+                # Taken before the read: an anchor meanwhile (here or in another chat's
+                # turn) may cover a settle the read did not see yet.
+                epoch = self.seen.epoch
                 mine = cached or await self.chats.get(key, chat)
                 state = mine[0]
                 if state.last_seq >= d.stream_seq:
                     return None
-                epoch = self.seen.epoch
                 if await self._accounted(d):
                     if self.seen.epoch == epoch:
                         return mine
-                    cached = None  # an anchor just now: what was read may be behind
+                    cached = None  # an anchor since: what was read may be behind
                     continue
                 try:
                     first = await self.bus.js.get_msg(
