@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 
 import nats.js.errors
@@ -28,11 +29,14 @@ class ChatStore:
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self._kv: KeyValue | None = None
+        self._opening = asyncio.Lock()
         self._cache: OrderedDict[str, tuple[ChatState, int]] = OrderedDict()
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
-            self._kv = await self.bus.js.key_value(CHATS.name)
+            async with self._opening:  # a first batch's turns open it once, not each
+                if self._kv is None:
+                    self._kv = await self.bus.js.key_value(CHATS.name)
         return self._kv
 
     def cached(self, key: str) -> tuple[ChatState, int] | None:
