@@ -19,6 +19,10 @@ many). A warm-up of a few messages runs first (bucket handles, first-contact che
 
     python bench/roundtrips.py --messages 50 --chats 5
     python bench/roundtrips.py --messages 300 --chats 10 --flood   # all sent at once
+    python bench/roundtrips.py --backlog 1000 --chats 100  # the core alone, on a backlog
+
+`--backlog N` stores N MessageReceived on INBOUND first, then one core worker (echo LLM)
+takes them in batches, many chats at once: the core's round trips per turn under load.
 """
 
 from __future__ import annotations
@@ -32,10 +36,18 @@ from typing import Any
 
 from nats.aio.client import Client
 
+from contracts import subjects
+from contracts.events import MessageReceived
 from services.app import system
+from services.core.llm import EchoLLM
+from services.core.worker import CoreWorker
 from services.ops.simclient import SimUser
+from services.plugins.registry import discover
+from services.plugins.tools import ProjectedTools
+from services.runtime.bus import connect
 from services.runtime.nats_server import EmbeddedNats
-from services.runtime.settings import load_settings
+from services.runtime.provisioning import ensure_streams
+from services.runtime.settings import CoreSettings, load_settings
 
 STAGES = ("receive", "core", "egress", "other")
 
@@ -143,14 +155,52 @@ async def run(messages: int, chats: int, warmup: int, flood: bool) -> None:
             print(f"{st:8} {'= total':28} {total_r:11.2f} {total_p:8.2f}")
 
 
+async def backlog(turns: int, chats: int) -> None:
+    """The core alone: `turns` stored first, then one worker; requests per turn by subject."""
+    global _counting
+    _patch()
+    with tempfile.TemporaryDirectory() as tmp:
+        async with (
+            EmbeddedNats(Path(tmp) / "nats", port=0) as server,
+            connect(server.url, name="roundtrips") as bus,
+        ):
+            await ensure_streams(bus.js)
+            for i in range(turns):
+                chat = f"chat{i % chats}@s.whatsapp.net"
+                msg = MessageReceived(
+                    account="default", chat=chat, sender=chat, message_id=f"m{i}", text=f"{i}"
+                )
+                await bus.publish(subjects.inbound("whatsapp", "default", chat), msg)
+            settings = CoreSettings(chat_rate=None)
+            tools = ProjectedTools(bus, discover(), None, timeout=settings.tool_timeout)
+            worker = CoreWorker(bus, EchoLLM(), settings, tools=tools)
+            stop = asyncio.Event()
+            _counting = True
+            running = asyncio.create_task(worker.loop.run(stop))
+            # The loop counts what it handled and has no event for it: poll it.
+            while worker.loop.handled < turns:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+            stop.set()
+            await running
+            _counting = False
+    print(f"core round trips per turn, {turns} turns over {chats} chats stored first")
+    for name in sorted(_requests):
+        print(f"  {name:28} {_requests[name] / turns:8.3f}")
+    print(f"  {'= total':28} {sum(_requests.values()) / turns:8.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=50)
     parser.add_argument("--chats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--flood", action="store_true", help="send all, then wait")
+    parser.add_argument("--backlog", type=int, default=0, help="the core alone on N turns")
     args = parser.parse_args()
-    asyncio.run(run(args.messages, args.chats, args.warmup, args.flood))
+    if args.backlog:
+        asyncio.run(backlog(args.backlog, args.chats))
+    else:
+        asyncio.run(run(args.messages, args.chats, args.warmup, args.flood))
 
 
 if __name__ == "__main__":
