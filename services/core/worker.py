@@ -281,7 +281,11 @@ class CoreWorker:
         if not seen.gap() or time.monotonic() - self._anchored_at < ANCHOR_EVERY:
             return False
         self._anchored_at = time.monotonic()
-        info = await self.bus.js.consumer_info(INBOUND.name, CORE_CONSUMER)
+        try:
+            info = await self.bus.js.consumer_info(INBOUND.name, CORE_CONSUMER)
+        except _NATS as exc:  # only a shortcut: read the stream instead
+            log.debug("cannot read the consumer's ack floor", extra={"error": repr(exc)})
+            return False
         floor = info.ack_floor.consumer_seq if info.ack_floor else 0
         if seen.anchor(floor or 0):
             # Deliveries handed elsewhere were settled there: any chat's cached record
