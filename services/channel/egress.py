@@ -61,6 +61,7 @@ from services.runtime.consumer import ConsumerSpec, Delivery
 from services.runtime.errors import AbandonError, PermanentError
 from services.runtime.lease import Lease
 from services.runtime.metrics import instruments, labels
+from services.runtime.seen import Seen
 from services.runtime.settings import Delivery as DeliverySettings
 
 log = logging.getLogger(__name__)
@@ -174,9 +175,18 @@ class Egress:
         # Jobs the previous owner's consumer had delivered (stream seq <= this) may have
         # been mid-send when it stopped: only those need a look at their SendRecord.
         self.in_flight_upto = in_flight_upto
+        # The consumer's deliveries this owner was handed (ADR 0035). The owner made the
+        # consumer anew (the takeover deletes it), so its deliveries count from 1: while
+        # every one came here, a chat's earlier jobs are known without reading the queue.
+        self.seen = Seen(known_upto=0)
 
     async def handle(self, job: SendMessage, d: Delivery) -> None:
         """Deliver one job (with its retries); return when it is settled either way."""
+        self.seen.handed(d)
+        await self._handle(job, d)
+        self.seen.settled(d)  # returned: its record says sent or skipped
+
+    async def _handle(self, job: SendMessage, d: Delivery) -> None:
         try:
             check_job(d.subject, job)
         except ContractError as exc:
@@ -284,6 +294,14 @@ class Egress:
         0033): whoever holds an earlier one -- a stale owner's late pull, a consumer a
         stale owner recreated -- a later one never reaches the network first. An earlier
         job that comes back to this process goes first (the job steps aside)."""
+        if (
+            d.num_delivered == 1
+            and d.stream_seq > self.in_flight_upto
+            and self.seen.clear_before(d)
+        ):
+            # Every delivery of the consumer up to this one came to this owner, and the
+            # chat's earlier ones are settled here: no other puller holds one (ADR 0035).
+            return
         waiting = False
         while not await self._my_turn(d):
             if d.overtaken():
@@ -550,3 +568,4 @@ class Egress:
         )
         with contextlib.suppress(ContractError):
             await self.ledger.put(self._record(job, "dead", d.attempt, Fence("", 0), d.errors))
+            self.seen.settled(d)  # its record says dead: settled

@@ -38,6 +38,7 @@ from services.runtime.consumer import ConsumerLoop, ConsumerSpec, Delivery
 from services.runtime.errors import AbandonError, PermanentError, TransientError
 from services.runtime.metrics import instruments, labels
 from services.runtime.retry import RetryPolicy
+from services.runtime.seen import Seen
 from services.runtime.settings import CoreSettings
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ _NATS = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
 
 # Waits before the 2nd..6th attempt of a turn (a model server's Retry-After may ask more).
 TURN_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0)
+# How often, at most, a replica that cannot account for every delivery of the shared
+# consumer asks for its ack floor (one round trip; ADR 0035).
+ANCHOR_EVERY = 2.0
 
 
 def core_consumer_spec(settings: CoreSettings) -> ConsumerSpec:
@@ -127,6 +131,10 @@ class CoreWorker:
         self.tools = tools  # the core's port; the wiring (services.app) picks the adapter
         self.turn_wait = turn_wait
         self.chats = ChatStore(bus)
+        # The deliveries of the shared consumer this replica was handed (ADR 0035): when
+        # it can account for all of them, a chat's turn needs no read of the stream.
+        self.seen = Seen()
+        self._anchored_at = -ANCHOR_EVERY
         self.access = AccessGate(
             bus,
             waiting_text=self.settings.access_waiting_text,
@@ -143,6 +151,11 @@ class CoreWorker:
 
     async def handle(self, inbound: MessageReceived, d: Delivery) -> None:
         """Run one turn when it is this message's turn; settle it; publish its outputs."""
+        self.seen.handed(d)
+        await self._handle(inbound, d)
+        self.seen.settled(d)  # returned: the chat's record is past this message
+
+    async def _handle(self, inbound: MessageReceived, d: Delivery) -> None:
         try:
             where = subjects.parse_chat_subject(d.subject)
         except ContractError as exc:
@@ -209,14 +222,31 @@ class CoreWorker:
         return verdict.tat_after
 
     async def _my_turn(self, d: Delivery, key: str, chat: str) -> tuple[ChatState, int] | None:
-        """Wait until every earlier message of the chat is settled; None if this one is."""
+        """Wait until every earlier message of the chat is settled; None if this one is.
+
+        Round trips (ADR 0035): the chat's record is taken from this replica's cache on a
+        first delivery, and the stream is not read when this replica accounts for every
+        delivery before this one (`Seen`). A cached record is checked by the stream read
+        otherwise (another replica's settle leaves its message between the cached position
+        and this one), and by the revision check of the settle in every case.
+        """
         deadline = time.monotonic() + self.turn_wait
         delay = 0.01
+        cached = self.chats.cached(key) if d.num_delivered == 1 and d.attempt == 1 else None
         try:
             while True:
-                state, revision = await self.chats.get(key, chat)
+                # Taken before the read: an anchor meanwhile (here or in another chat's
+                # turn) may cover a settle the read did not see yet.
+                epoch = self.seen.epoch
+                mine = cached or await self.chats.get(key, chat)
+                state = mine[0]
                 if state.last_seq >= d.stream_seq:
                     return None
+                if await self._accounted(d):
+                    if self.seen.epoch == epoch:
+                        return mine
+                    cached = None  # an anchor since: what was read may be behind
+                    continue
                 try:
                     first = await self.bus.js.get_msg(
                         INBOUND.name, seq=state.last_seq + 1, subject=d.subject, next=True
@@ -225,7 +255,10 @@ class CoreWorker:
                 except nats.js.errors.NotFoundError:
                     head = d.stream_seq
                 if head >= d.stream_seq:
-                    return state, revision
+                    return mine
+                if cached is not None:  # perhaps settled by another replica since: read it
+                    cached = None
+                    continue
                 if d.overtaken():  # the earlier one is queued right behind us: let it go first
                     raise AbandonError(f"message {head} of this chat came back; it goes first")
                 if time.monotonic() > deadline:
@@ -237,6 +270,28 @@ class CoreWorker:
                 delay = min(delay * 2, 0.25)
         except _NATS as exc:
             raise AbandonError(f"cannot read the chat's position: {exc!r}", delay=1.0) from None
+
+    async def _accounted(self, d: Delivery) -> bool:
+        """True if every earlier message of the chat is known settled without a read
+        (`Seen.clear_before`); asks the consumer's ack floor now and then when this
+        replica was not handed every delivery (another replica, a restart)."""
+        seen = self.seen
+        if seen.clear_before(d):
+            return True
+        if not seen.gap() or time.monotonic() - self._anchored_at < ANCHOR_EVERY:
+            return False
+        self._anchored_at = time.monotonic()
+        try:
+            info = await self.bus.js.consumer_info(INBOUND.name, CORE_CONSUMER)
+        except _NATS as exc:  # only a shortcut: read the stream instead
+            log.debug("cannot read the consumer's ack floor", extra={"error": repr(exc)})
+            return False
+        floor = info.ack_floor.consumer_seq if info.ack_floor else 0
+        if seen.anchor(floor or 0):
+            # Deliveries handed elsewhere were settled there: any chat's cached record
+            # may be behind.
+            self.chats.forget()
+        return seen.clear_before(d)
 
     async def _turn(
         self, inbound: MessageReceived, state: ChatState, d: Delivery
@@ -335,6 +390,11 @@ class CoreWorker:
         in its own turn: advancing the chat past it while an earlier message is in flight
         would let later ones overtake that one and drop its history. Not yet its turn: a
         TransientError, and the loop tries the letter again later."""
+        self.seen.handed(d)
+        await self._dead_lettered(d)
+        self.seen.settled(d)
+
+    async def _dead_lettered(self, d: Delivery) -> None:
         try:
             where = subjects.parse_chat_subject(d.subject)
         except ContractError:
