@@ -298,14 +298,10 @@ async def test_an_owner_counts_acquisitions_operator_handovers_and_its_parked_ac
         await wait_until(connected, 20, "the new session connected")
         # The network logs the session out: the account is parked, labelled by its state.
         logout = SimControl(event="logged_out", reason="bye from +4915550001")
-
-        async def logged_out() -> bool:
-            # Sent again until it lands: the new holder counts its lease before its
-            # session listens, and a plain NATS publish before that reaches nobody.
-            await bus.nc.publish(subjects.sim_control("default"), encode(logout))
-            return "switchboard_parked_accounts{" in measured()
-
-        await wait_until(logged_out, 20, "the account parked")
+        await bus.nc.publish(subjects.sim_control("default"), encode(logout))
+        await wait_until(
+            lambda: "switchboard_parked_accounts{" in measured(), 20, "the account parked"
+        )
         text = measured()
         [parked] = [ln for ln in text.splitlines() if ln.startswith("switchboard_parked_")]
         assert parked.startswith('switchboard_parked_accounts{channel="whatsapp",reason="')
