@@ -242,12 +242,6 @@ class AccountOwner:
         log.info(
             "lease acquired", extra={"account": self.account, "holder": self.holder, "token": token}
         )
-        await self._record(LeaseAcquired, token)
-        self.status.token = token
-        self.status.device = await self._device()
-        self.status.connected_at = None
-        self.status.post("connecting")
-        shed = self.fleet.owning(self.account) if self.fleet else asyncio.Event()
         handover = asyncio.Event()
         handover_replies: list[str] = []
 
@@ -256,9 +250,22 @@ class AccountOwner:
                 handover_replies.append(msg.reply)
             handover.set()
 
+        # Listening before the acquisition is recorded (and counted): whoever sees it may
+        # ask for a handover at once, and must not be told that nobody holds the account.
         sub = await self.bus.nc.subscribe(
             subjects.lease_handover(self.channel, self.account), cb=on_handover
         )
+        try:
+            await self._record(LeaseAcquired, token)
+            self.status.token = token
+            self.status.device = await self._device()
+        except BaseException:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+            raise
+        self.status.connected_at = None
+        self.status.post("connecting")
+        shed = self.fleet.owning(self.account) if self.fleet else asyncio.Event()
         ingress = Ingress(
             self.bus,
             self.channel,
