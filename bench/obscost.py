@@ -70,6 +70,8 @@ def _patch(variant: str) -> None:
             yield _Span()
 
         bus_module.publish_span = no_publish_span  # type: ignore[assignment]
+        if hasattr(bus_module, "trace_context"):  # the propagate-only fast path (ADR 0036)
+            bus_module.trace_context = dict  # type: ignore[attr-defined]
         consumer_module.consume_span = no_consume_span  # type: ignore[assignment]
     elif variant == "full":
 
