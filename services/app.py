@@ -32,6 +32,7 @@ from services.runtime.bus import Bus, connect
 from services.runtime.errors import ConfigError
 from services.runtime.health import READINESS, Flag, connected, tasks_alive
 from services.runtime.lease import check_send_cover, new_holder_id
+from services.runtime.lifecycle import loop_name
 from services.runtime.metrics import LagSampler, projection_running, setup_metrics
 from services.runtime.micro import micro_service
 from services.runtime.nats_server import EmbeddedNats
@@ -429,7 +430,14 @@ async def system(
     check_role(settings, role)
     setup_metrics(f"switchboard-{role}")  # a missing OTLP exporter is refused before connecting
     # A relative SVC_DATA_DIR resolves against the working directory: say which one.
-    log.info("starting", extra={"role": role, "data_dir": str(settings.data_dir.resolve())})
+    log.info(
+        "starting",
+        extra={
+            "role": role,
+            "data_dir": str(settings.data_dir.resolve()),
+            "loop": loop_name(),  # uvloop unless SVC_UVLOOP=off (ADR 0036)
+        },
+    )
     async with (
         nats_url(settings, role, embedded_port=embedded_port) as (url, server),
         connect(

@@ -121,9 +121,12 @@ def _settings(
 def _run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine; turn service errors into one line and an exit code."""
     from services.app import EXIT_CONNECTION_LOST, EXIT_EMBEDDED_SERVER_DIED
+    from services.runtime.lifecycle import loop_factory
 
     try:
-        return asyncio.run(main())
+        # uvloop unless SVC_UVLOOP=off (ADR 0036); a bad value is one line, exit 2.
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            return runner.run(main())
     except ConfigError as exc:  # includes a refused login or TLS handshake
         raise _fail(str(exc), 2) from None
     except NatsConnectionLostError as exc:

@@ -24,6 +24,7 @@ from contracts.events import AnyMessage
 from contracts.payloads import SessionStatus
 from contracts.streams import SESSIONS
 from services.runtime.bus import Bus, connect
+from services.runtime.lifecycle import loop_factory
 from services.runtime.nats_server import EmbeddedNats
 from services.runtime.provisioning import ensure_streams
 from services.whatsapp.neonize_store import neonize_module
@@ -35,6 +36,14 @@ _PR_SET_PDEATHSIG = 1
 # neonize's import leaks a pipe and reconfigures the root logger: import it once, up
 # front, through the one function that undoes both (services/whatsapp/neonize_store.py).
 neonize_module("neonize")
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """In-process tests run on the loop `svc` runs on: uvloop unless SVC_UVLOOP=off
+    (ADR 0036), so the embedded server, subprocesses, signals and uvicorn are proven on it."""
+    return {"loop": loop_factory()}
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from services.runtime.errors import (
     NatsUnavailableError,
 )
 from services.runtime.settings import NatsSecurity
-from services.runtime.telemetry import publish_span
+from services.runtime.telemetry import publish_span, spans_enabled, trace_context
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,18 @@ class Bus:
         timeout: float = 5.0,
     ) -> PubAck:
         """Store raw `data` with trace context and `Nats-Msg-Id` headers."""
-        with publish_span(subject, msg_id) as trace_headers:
-            all_headers = {**trace_headers, **(headers or {}), "Nats-Msg-Id": msg_id}
+        if not spans_enabled():  # the default (ADR 0036): headers only, no span, no generator
+            all_headers = trace_context()
+            if headers:
+                all_headers.update(headers)
+            all_headers["Nats-Msg-Id"] = msg_id
             ack: PubAck = await self.js.publish(subject, data, headers=all_headers, timeout=timeout)
+            return ack
+        with publish_span(subject, msg_id) as all_headers:
+            if headers:
+                all_headers.update(headers)
+            all_headers["Nats-Msg-Id"] = msg_id
+            ack = await self.js.publish(subject, data, headers=all_headers, timeout=timeout)
             return ack
 
 

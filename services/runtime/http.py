@@ -199,5 +199,9 @@ async def serve(
             log.warning("http server did not stop in time; cancelled", extra={"port": bound})
         elif not task.cancelled() and task.exception() is not None:
             log.warning("http server ended with an error", extra={"error": repr(task.exception())})
+        # A server task that was cancelled or failed never closed its listener: under
+        # uvloop an open listener makes closing the loop hang (ADR 0036).
+        for listener in server.servers:
+            listener.close()
         sock.close()
         log.info("http stopped", extra={"port": bound})

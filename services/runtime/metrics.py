@@ -25,12 +25,12 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import nats.errors
 from opentelemetry import metrics as otel_metrics
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
     Gauge,
@@ -67,11 +67,49 @@ def labels(*pairs: tuple[str, str]) -> Labels:
     return MappingProxyType(dict(pairs))
 
 
+class FastCounter:
+    """A monotonic counter summed in plain Python and read by an observable counter when
+    metrics are collected: `add` is a dict lookup and an addition, not an SDK measurement
+    (which builds a Measurement, cleans and hashes its attributes and takes a lock on every
+    call; ADR 0036). Renders exactly like an SDK counter (`..._total`)."""
+
+    __slots__ = ("_by_id", "_totals")
+
+    def __init__(self, meter: Meter, name: str, description: str) -> None:
+        # attribute set -> [attributes, total]. Label sets from `labels()` (cached, read-only)
+        # are also found by identity, so the hot path hashes nothing.
+        self._totals: dict[frozenset[tuple[str, object]], list[Any]] = {}
+        self._by_id: dict[int, tuple[Labels, list[Any]]] = {}
+        meter.create_observable_counter(name, callbacks=[self._observe], description=description)
+
+    def add(self, amount: float, attributes: Labels | None = None) -> None:
+        """Count `amount` (>= 0) under `attributes`."""
+        hit = self._by_id.get(id(attributes))
+        entry = hit[1] if hit is not None and hit[0] is attributes else self._entry(attributes)
+        entry[1] += amount
+
+    def _entry(self, attributes: Labels | None) -> list[Any]:
+        key = frozenset((attributes or {}).items())
+        entry = self._totals.get(key)
+        if entry is None:
+            entry = self._totals.setdefault(key, [MappingProxyType(dict(attributes or {})), 0])
+        if isinstance(attributes, MappingProxyType):  # immutable: safe to know by identity
+            self._by_id[id(attributes)] = (attributes, entry)  # the reference keeps the id
+        return entry
+
+    def _observe(self, _: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(total, attributes) for attributes, total in list(self._totals.values())]
+
+
 class Instruments:
     """Every switchboard instrument, made once on one meter."""
 
     def __init__(self, meter: Meter, state: GaugeState) -> None:
-        counter, histogram = meter.create_counter, meter.create_histogram
+        histogram = meter.create_histogram
+
+        def counter(name: str, *, description: str) -> FastCounter:
+            return FastCounter(meter, name, description)
+
         self.messages_received = counter(
             PREFIX + "messages_received",
             description="Inbound messages recorded on INBOUND, by channel and account.",
@@ -235,6 +273,11 @@ def setup_metrics(service_name: str, env: Mapping[str, str] | None = None) -> No
     provider = MeterProvider(
         metric_readers=[prometheus, *readers],
         resource=Resource.create({"service.name": name}),
+        # Exemplars cost an offer per measurement in a sampled trace and /metrics never
+        # shows them: off unless OTEL_METRICS_EXEMPLAR_FILTER asks (ADR 0036).
+        exemplar_filter=None
+        if env.get("OTEL_METRICS_EXEMPLAR_FILTER")
+        else AlwaysOffExemplarFilter(),
     )
     otel_metrics.set_meter_provider(provider)
     _provider, _prometheus = provider, prometheus

@@ -32,6 +32,7 @@ from services.runtime.health import READINESS, Flag, Readiness
 from services.runtime.http import http_app, serve
 from services.runtime.metrics import (
     ConsumerLag,
+    FastCounter,
     GaugeState,
     Instruments,
     LagSampler,
@@ -330,3 +331,22 @@ async def test_a_role_is_not_ready_between_provisioning_and_its_first_step(
         await task
     # Then it was not ready yet: the role's own check said so (not a 200 in between)
     assert seen == [["role core: starting"]]
+
+
+def test_a_fast_counter_sums_by_label_set_whatever_mapping_carries_it() -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    counter = FastCounter(provider.get_meter("t"), "switchboard_things", "Things.")
+    cached = labels(("channel", "whatsapp"), ("account", "a"))
+    counter.add(1, cached)
+    counter.add(2, cached)
+    counter.add(1, {"account": "a", "channel": "whatsapp"})  # same set, another mapping
+    counter.add(5, labels(("channel", "whatsapp"), ("account", "b")))
+    text = prometheus_text(reader.get_metrics_data())
+    assert "# TYPE switchboard_things_total counter" in text
+    assert value(text, 'switchboard_things_total{channel="whatsapp",account="a"}') == 4
+    assert value(text, 'switchboard_things_total{channel="whatsapp",account="b"}') == 5
+    counter.add(1, cached)  # cumulative across collections, like an SDK counter
+    text = prometheus_text(reader.get_metrics_data())
+    assert value(text, 'switchboard_things_total{channel="whatsapp",account="a"}') == 5
+    provider.shutdown()
