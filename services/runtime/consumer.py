@@ -268,7 +268,7 @@ class ConsumerLoop(Generic[T]):
     ) -> list[Msg]:
         """Up to `batch` messages; [] on a quiet interval or a connection problem."""
         try:
-            return list(await sub.fetch(batch, timeout=self.spec.fetch_timeout))
+            return await pull(sub, batch, self.spec.fetch_timeout)
         except (TimeoutError, nats.errors.TimeoutError):
             return []
         except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError) as exc:
@@ -602,6 +602,91 @@ def _bounded_headers(headers: dict[str, str]) -> dict[str, str]:
             break
         kept[k] = v
     return kept
+
+
+# Pull-request statuses that end a request without an error: 404 no messages, 408 request
+# expired, 409 conflicts (max waiting, leadership change, consumer deleted); 100 is a heartbeat.
+_END_OF_REQUEST = frozenset({"404", "408", "409"})
+_HEARTBEAT = "100"
+
+
+async def pull(sub: JetStreamContext.PullSubscription, batch: int, timeout: float) -> list[Msg]:
+    """Up to `batch` messages, handed over as soon as one exists (ADR 0034).
+
+    nats-py 2.16's `fetch(batch > 1)` on an idle consumer sends `no_wait` *with* `expires`,
+    which the server treats as a lingering pull, and then waits for the rest of the batch;
+    the server ends that request only on its next event, so a lone message waits for the
+    next one to arrive (the latency tail equals the gap between messages). Instead:
+    what is already here, else one `no_wait` request without `expires` (the server answers
+    at once with what it has, up to `batch`: batching under load), else a lingering
+    request for exactly one message (fulfilled, hence ended, by the first that arrives).
+    Raises TimeoutError (nats.errors) when nothing came in `timeout`; an error status
+    (e.g. 503: no consumer) as nats-py's fetch does.
+    """
+    msgs = _drain(sub, batch)
+    if msgs:
+        return msgs
+    msgs = await _request(sub, {"batch": batch, "no_wait": True}, batch, timeout)
+    if msgs:
+        return msgs
+    expires = max(int(timeout * 1e9) - 1_000_000, 1_000_000)
+    return await _request(sub, {"batch": 1, "expires": expires}, 1, timeout)
+
+
+def _drain(sub: JetStreamContext.PullSubscription, limit: int) -> list[Msg]:
+    """Messages already in the inbox (late answers to earlier requests); stale statuses
+    are dropped."""
+    msgs: list[Msg] = []
+    while len(msgs) < limit and (msg := _drain_one(sub._sub)) is not None:
+        if not (msg.headers and msg.headers.get("Status")):
+            msgs.append(msg)
+    return msgs
+
+
+async def _request(
+    sub: JetStreamContext.PullSubscription, request: dict[str, Any], batch: int, timeout: float
+) -> list[Msg]:
+    """Send one pull request; collect its messages until it ends, is filled or times out."""
+    raw = sub._sub
+    assert raw is not None
+    await sub._nc.publish(sub._nms, msgspec.json.encode(request), sub._deliver)
+    deadline = time.monotonic() + timeout
+    msgs: list[Msg] = []
+    while len(msgs) < batch:
+        # What has already arrived first, without a wait (a full batch comes in one read).
+        got = _drain_one(raw)
+        if got is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                got = await raw.next_msg(timeout=remaining)
+            except nats.errors.TimeoutError:
+                if msgs:
+                    break
+                raise
+        status = got.headers.get("Status") if got.headers else None
+        if not status:
+            msgs.append(got)
+        elif status == _HEARTBEAT:
+            continue
+        elif status in _END_OF_REQUEST or msgs:
+            break
+        else:
+            nats.js.errors.APIError.from_msg(got)
+    return msgs
+
+
+def _drain_one(raw: Any) -> Msg | None:
+    """The next message already in the inbox subscription's queue (nats-py 2.16 internals,
+    as its own fetch reads them), or None."""
+    queue = raw._pending_queue
+    if queue.empty():
+        return None
+    msg: Msg = queue.get_nowait()
+    raw._pending_size -= len(msg.data)
+    queue.task_done()  # as next_msg does: a drain on close waits for the queue to be done
+    return msg
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> bool:
