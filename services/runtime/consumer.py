@@ -17,7 +17,8 @@ Two ways to run:
 - `ordered_by_subject`: one message at a time *per subject*, subjects in parallel (up to
   `max_ack_pending` held). A retry waits in place, keeping the message alive with
   `in_progress()`, because a nak would let the next message of the same subject overtake
-  it. This is how per-chat order holds without one chat blocking the others.
+  it. This is how per-chat order holds without one chat blocking the others. The spec's
+  `key` may order by something else than the subject (e.g. the chat in the payload).
 
   With `max_per_subject` (fairness, ADR 0015) one subject holds at most that many
   messages here; the rest are handed back with a delay sized to the subject's pace
@@ -117,6 +118,10 @@ class ConsumerSpec:
     # operator). False: the loop stops instead -- for a consumer only one process may pull
     # from (the egress, ADR 0033), whose deletion means another process took it over.
     recreate: bool = True
+    # Ordered-by-subject only: what messages are ordered by (one queue per key); None:
+    # the subject. A key read from the payload must not raise (an undecodable payload
+    # gets any key: its attempt dead-letters it).
+    key: Callable[[Msg], str] | None = None
 
     def config(self) -> ConsumerConfig:
         """The nats-py consumer config."""
@@ -216,6 +221,12 @@ class ConsumerLoop(Generic[T]):
         self._attempts_kv: KeyValue | None = None
         self._labels = labels(("stream", spec.stream), ("consumer", spec.durable))
         self.gone = False  # the consumer was deleted under us and not recreated (spec)
+        self._keyed: _KeyedRun | None = None
+
+    def holds(self, seq: int) -> bool:
+        """Ordered mode: True while this loop holds (has fetched, not yet settled) the
+        message at stream sequence `seq`."""
+        return self._keyed is not None and seq in self._keyed.held
 
     async def ensure(self) -> None:
         """Create or update the durable consumer."""
@@ -246,7 +257,11 @@ class ConsumerLoop(Generic[T]):
         )
         try:
             if self.spec.ordered_by_subject:
-                await _KeyedRun(self, sub, stop).run()
+                self._keyed = _KeyedRun(self, sub, stop)
+                try:
+                    await self._keyed.run()
+                finally:
+                    self._keyed = None
             else:
                 await self._run_sequential(sub, stop)
         finally:
@@ -761,10 +776,11 @@ class _KeyedRun:
         if seq in self.held:  # a redelivery of one we still hold: keep the newest handle
             self.held[seq] = msg
             return
+        key = self.spec.key(msg) if self.spec.key is not None else msg.subject
         if self.spec.max_per_subject:
-            delay, evicted = self._over_cap(msg.subject, seq)
+            delay, evicted = self._over_cap(key, seq)
             if evicted is not None:
-                await self._hand_back(msg.subject, evicted)
+                await self._hand_back(key, evicted)
             if delay:
                 self.deferred += 1
                 await self.loop.settle(msg.nak(delay=delay))
@@ -772,10 +788,10 @@ class _KeyedRun:
         self.held[seq] = msg
         # Sorted: a redelivered earlier message goes before later ones (not before the one
         # in progress, which may step aside: see Delivery.overtaken).
-        queue = self.queues.setdefault(msg.subject, [])
-        bisect.insort(queue, seq, lo=1 if msg.subject in self.workers else 0)
-        if msg.subject not in self.workers:
-            self.workers[msg.subject] = asyncio.create_task(self._work(msg.subject))
+        queue = self.queues.setdefault(key, [])
+        bisect.insort(queue, seq, lo=1 if key in self.workers else 0)
+        if key not in self.workers:
+            self.workers[key] = asyncio.create_task(self._work(key))
 
     def _over_cap(self, subject: str, seq: int) -> tuple[float, int | None]:
         """(0, _) if the message may be held now, else how long to hand it back for; and
