@@ -330,6 +330,7 @@ class ChatOrder:
         self.durable = durable
         self.key = _chat_key(account)
         self.loop: ConsumerLoop[SimInbound] | None = None
+        self.stop = asyncio.Event()  # the receiver stops: waiting messages are handed back
         self.floor = 0  # every SIM seq of this account up to here was acked
         self._floor_fresh = False  # read since the last fetch
         self._floor_read: asyncio.Future[None] | None = None
@@ -356,11 +357,14 @@ class ChatOrder:
         while (blocker := await self._earlier(d.stream_seq, chat)) is not None:
             if d.overtaken():
                 raise AbandonError(f"sim seq {blocker} of the chat came back; it goes first")
+            if self.stop.is_set():
+                raise AbandonError("the receiver stops; another one relays it in turn")
             log.debug(
                 "sim message waits for an earlier one of its chat",
                 extra={"seq": d.stream_seq, "earlier": blocker},
             )
-            await asyncio.sleep(poll)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), poll)
             poll = min(poll * 2, BLOCKED_POLL_MAX_S)
 
     async def _earlier(self, seq: int, chat: str) -> int | None:
@@ -469,7 +473,7 @@ async def _receive(bus: Bus, account: str, events: Events) -> AsyncIterator[None
     loop = ConsumerLoop(bus, spec, SimInbound, handle)
     order.loop = loop
     await loop.ensure()
-    stop = asyncio.Event()
+    stop = order.stop
     task = asyncio.create_task(loop.run(stop), name=f"sim-receive-{account}")
     try:
         yield
