@@ -64,7 +64,9 @@ async def test_one_receiver_relays_chats_in_parallel_each_in_arrival_order(bus: 
     # Given one receiver whose relay of the slow chat's first message hangs
     gate = asyncio.Event()
     events = GatedEvents(bus, {"c0-0": gate})
-    async with SimInbox(bus).receiver(ACCOUNT, events):  # type: ignore[arg-type]
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(SimInbox(bus).receiver(ACCOUNT, events))  # type: ignore[arg-type]
+        stack.callback(gate.set)  # a failing test must not leave the receiver stuck
         # When 8 chats x 10 messages arrive, interleaved
         for i in range(10):
             for c in range(8):
@@ -118,13 +120,15 @@ async def test_a_later_message_waits_for_an_earlier_one_of_its_chat_held_by_anot
 
         await wait_until(other_chat_relayed, timeout=30, what="B to relay the other chat")
 
-        async def b_holds_x1() -> bool:
+        async def b_took_x1() -> bool:
+            if texts_of(await inbound(bus), chat(1)):
+                return True  # relayed: wrong, asserted below
             info = await bus.js.consumer_info(SIM.name, sim_consumer(ACCOUNT))
-            return info.num_ack_pending == 2  # x-0 in A, x-1 in B (fetched before y-0)
+            return info.num_ack_pending == 2  # x-0 in A, x-1 held in B
 
         # Then B holds x-1 without relaying it while x-0 is unrelayed in A
-        await wait_until(b_holds_x1, timeout=30, what="B to take x-1")
-        assert texts_of(await inbound(bus), chat(1)) == []
+        await wait_until(b_took_x1, timeout=30, what="B to take x-1")
+        assert texts_of(await inbound(bus), chat(1)) == [], "x-1 overtook x-0"
         assert "x-1" not in b_events.entered
         # And once A relays x-0, x-1 follows it
         gate.set()
