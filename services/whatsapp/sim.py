@@ -293,8 +293,8 @@ def _control_relay(session: SimSession, events: Events) -> Callable[[Msg], Await
 SIM_RECEIVE_WINDOW = 128
 # A message whose earlier same-chat message is still unrelayed elsewhere looks again
 # after this long, doubling up to the max (each look is one stream read).
-BLOCKED_POLL_S = 0.02
-BLOCKED_POLL_MAX_S = 0.5
+BLOCKED_POLL_S = 0.005
+BLOCKED_POLL_MAX_S = 0.05
 
 
 def _chat_key(account: str) -> Callable[[Msg], str]:
