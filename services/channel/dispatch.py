@@ -8,8 +8,11 @@ Transports hand every event of a session to one `EventDispatch`, from wherever i
   events in the order posted.
 - `await deliver(event)` delivers one now and raises what the handler raised, so a
   caller with its own redelivery (a JetStream queue) gets at-least-once from it.
+- `await relay(message)` handles a received message at once, beside the queue: for a
+  caller that keeps per-chat order itself and relays chats in parallel (the sim
+  receiver, ADR 0034).
 
-Both go through one queue and one pump, so the handler runs for one event at a time, in
+The first two go through one queue and one pump, so the handler runs for one event at a time, in
 the order events were posted or delivered. A posted event whose handler fails is
 retried with backoff; after the last attempt it is logged with the error and dropped,
 so one poison event never stalls the session's later events.
@@ -22,7 +25,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
-from services.channel.port import EventHandler, SessionEvent
+from services.channel.port import EventHandler, Incoming, SessionEvent
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,11 @@ class EventDispatch:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((event, done))
         await done
+
+    async def relay(self, event: Incoming) -> None:
+        """Handle a received message now, concurrently with the queue (the caller keeps
+        per-chat order); raise what the handler raised."""
+        await self._handle(event)
 
     async def _run(self) -> None:
         while True:

@@ -276,6 +276,12 @@ class Events(Protocol):
         raised (for callers with their own redelivery, like a durable queue)."""
         ...
 
+    async def relay(self, event: Incoming) -> None:
+        """Handle a received message now, beside other events (not after them); raise
+        what the handler raised. For a caller that keeps per-chat order itself and
+        relays several chats at once (the sim receiver, ADR 0034)."""
+        ...
+
 
 class InboundSource(Protocol):
     """Receives an account's inbound messages without a session (receive-only workers)."""

@@ -17,7 +17,8 @@ Two ways to run:
 - `ordered_by_subject`: one message at a time *per subject*, subjects in parallel (up to
   `max_ack_pending` held). A retry waits in place, keeping the message alive with
   `in_progress()`, because a nak would let the next message of the same subject overtake
-  it. This is how per-chat order holds without one chat blocking the others.
+  it. This is how per-chat order holds without one chat blocking the others. The spec's
+  `key` may order by something else than the subject (e.g. the chat in the payload).
 
   With `max_per_subject` (fairness, ADR 0015) one subject holds at most that many
   messages here; the rest are handed back with a delay sized to the subject's pace
@@ -117,6 +118,10 @@ class ConsumerSpec:
     # operator). False: the loop stops instead -- for a consumer only one process may pull
     # from (the egress, ADR 0033), whose deletion means another process took it over.
     recreate: bool = True
+    # Ordered-by-subject only: what messages are ordered by (one queue per key); None:
+    # the subject. A key read from the payload must not raise (an undecodable payload
+    # gets any key: its attempt dead-letters it).
+    key: Callable[[Msg], str] | None = None
 
     def config(self) -> ConsumerConfig:
         """The nats-py consumer config."""
@@ -216,6 +221,12 @@ class ConsumerLoop(Generic[T]):
         self._attempts_kv: KeyValue | None = None
         self._labels = labels(("stream", spec.stream), ("consumer", spec.durable))
         self.gone = False  # the consumer was deleted under us and not recreated (spec)
+        self._keyed: _KeyedRun | None = None
+
+    def holds(self, seq: int) -> bool:
+        """Ordered mode: True while this loop holds (has fetched, not yet settled) the
+        message at stream sequence `seq`."""
+        return self._keyed is not None and seq in self._keyed.held
 
     async def ensure(self) -> None:
         """Create or update the durable consumer."""
@@ -246,7 +257,11 @@ class ConsumerLoop(Generic[T]):
         )
         try:
             if self.spec.ordered_by_subject:
-                await _KeyedRun(self, sub, stop).run()
+                self._keyed = _KeyedRun(self, sub, stop)
+                try:
+                    await self._keyed.run()
+                finally:
+                    self._keyed = None
             else:
                 await self._run_sequential(sub, stop)
         finally:
@@ -268,7 +283,7 @@ class ConsumerLoop(Generic[T]):
     ) -> list[Msg]:
         """Up to `batch` messages; [] on a quiet interval or a connection problem."""
         try:
-            return list(await sub.fetch(batch, timeout=self.spec.fetch_timeout))
+            return await pull(sub, batch, self.spec.fetch_timeout)
         except (TimeoutError, nats.errors.TimeoutError):
             return []
         except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError) as exc:
@@ -604,6 +619,91 @@ def _bounded_headers(headers: dict[str, str]) -> dict[str, str]:
     return kept
 
 
+# Pull-request statuses that end a request without an error: 404 no messages, 408 request
+# expired, 409 conflicts (max waiting, leadership change, consumer deleted); 100 is a heartbeat.
+_END_OF_REQUEST = frozenset({"404", "408", "409"})
+_HEARTBEAT = "100"
+
+
+async def pull(sub: JetStreamContext.PullSubscription, batch: int, timeout: float) -> list[Msg]:
+    """Up to `batch` messages, handed over as soon as one exists (ADR 0034).
+
+    nats-py 2.16's `fetch(batch > 1)` on an idle consumer sends `no_wait` *with* `expires`,
+    which the server treats as a lingering pull, and then waits for the rest of the batch;
+    the server ends that request only on its next event, so a lone message waits for the
+    next one to arrive (the latency tail equals the gap between messages). Instead:
+    what is already here, else one `no_wait` request without `expires` (the server answers
+    at once with what it has, up to `batch`: batching under load), else a lingering
+    request for exactly one message (fulfilled, hence ended, by the first that arrives).
+    Raises TimeoutError (nats.errors) when nothing came in `timeout`; an error status
+    (e.g. 503: no consumer) as nats-py's fetch does.
+    """
+    msgs = _drain(sub, batch)
+    if msgs:
+        return msgs
+    msgs = await _request(sub, {"batch": batch, "no_wait": True}, batch, timeout)
+    if msgs:
+        return msgs
+    expires = max(int(timeout * 1e9) - 1_000_000, 1_000_000)
+    return await _request(sub, {"batch": 1, "expires": expires}, 1, timeout)
+
+
+def _drain(sub: JetStreamContext.PullSubscription, limit: int) -> list[Msg]:
+    """Messages already in the inbox (late answers to earlier requests); stale statuses
+    are dropped."""
+    msgs: list[Msg] = []
+    while len(msgs) < limit and (msg := _drain_one(sub._sub)) is not None:
+        if not (msg.headers and msg.headers.get("Status")):
+            msgs.append(msg)
+    return msgs
+
+
+async def _request(
+    sub: JetStreamContext.PullSubscription, request: dict[str, Any], batch: int, timeout: float
+) -> list[Msg]:
+    """Send one pull request; collect its messages until it ends, is filled or times out."""
+    raw = sub._sub
+    assert raw is not None
+    await sub._nc.publish(sub._nms, msgspec.json.encode(request), sub._deliver)
+    deadline = time.monotonic() + timeout
+    msgs: list[Msg] = []
+    while len(msgs) < batch:
+        # What has already arrived first, without a wait (a full batch comes in one read).
+        got = _drain_one(raw)
+        if got is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                got = await raw.next_msg(timeout=remaining)
+            except nats.errors.TimeoutError:
+                if msgs:
+                    break
+                raise
+        status = got.headers.get("Status") if got.headers else None
+        if not status:
+            msgs.append(got)
+        elif status == _HEARTBEAT:
+            continue
+        elif status in _END_OF_REQUEST or msgs:
+            break
+        else:
+            nats.js.errors.APIError.from_msg(got)
+    return msgs
+
+
+def _drain_one(raw: Any) -> Msg | None:
+    """The next message already in the inbox subscription's queue (nats-py 2.16 internals,
+    as its own fetch reads them), or None."""
+    queue = raw._pending_queue
+    if queue.empty():
+        return None
+    msg: Msg = queue.get_nowait()
+    raw._pending_size -= len(msg.data)
+    queue.task_done()  # as next_msg does: a drain on close waits for the queue to be done
+    return msg
+
+
 async def _wait(stop: asyncio.Event, seconds: float) -> bool:
     """Wait up to `seconds` for `stop`; True if it was set."""
     with contextlib.suppress(TimeoutError):
@@ -676,10 +776,11 @@ class _KeyedRun:
         if seq in self.held:  # a redelivery of one we still hold: keep the newest handle
             self.held[seq] = msg
             return
+        key = self.spec.key(msg) if self.spec.key is not None else msg.subject
         if self.spec.max_per_subject:
-            delay, evicted = self._over_cap(msg.subject, seq)
+            delay, evicted = self._over_cap(key, seq)
             if evicted is not None:
-                await self._hand_back(msg.subject, evicted)
+                await self._hand_back(key, evicted)
             if delay:
                 self.deferred += 1
                 await self.loop.settle(msg.nak(delay=delay))
@@ -687,10 +788,10 @@ class _KeyedRun:
         self.held[seq] = msg
         # Sorted: a redelivered earlier message goes before later ones (not before the one
         # in progress, which may step aside: see Delivery.overtaken).
-        queue = self.queues.setdefault(msg.subject, [])
-        bisect.insort(queue, seq, lo=1 if msg.subject in self.workers else 0)
-        if msg.subject not in self.workers:
-            self.workers[msg.subject] = asyncio.create_task(self._work(msg.subject))
+        queue = self.queues.setdefault(key, [])
+        bisect.insort(queue, seq, lo=1 if key in self.workers else 0)
+        if key not in self.workers:
+            self.workers[key] = asyncio.create_task(self._work(key))
 
     def _over_cap(self, subject: str, seq: int) -> tuple[float, int | None]:
         """(0, _) if the message may be held now, else how long to hand it back for; and

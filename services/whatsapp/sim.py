@@ -24,6 +24,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import NoReturn, assert_never
 
 import nats.errors
+import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
@@ -58,6 +59,7 @@ from services.channel.port import (
 )
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerLoop, ConsumerSpec, Delivery
+from services.runtime.errors import AbandonError
 from services.runtime.lease import read_lease
 from services.runtime.settings import SimFaults
 from services.whatsapp import jids
@@ -286,21 +288,182 @@ def _control_relay(session: SimSession, events: Events) -> Callable[[Msg], Await
     return relay
 
 
+# The sim receiver's window (ADR 0034): messages one receiver holds at once, fetched in
+# one pull; chats are relayed in parallel, each chat's messages one after another.
+SIM_RECEIVE_WINDOW = 128
+# A message whose earlier same-chat message is still unrelayed elsewhere looks again
+# after this long, doubling up to the max (each look is one stream read).
+BLOCKED_POLL_S = 0.005
+BLOCKED_POLL_MAX_S = 0.05
+
+
+def _chat_key(account: str) -> Callable[[Msg], str]:
+    """The order key of a SIM message: the chat it belongs to (as relayed)."""
+
+    def key(msg: Msg) -> str:
+        try:
+            return incoming(account, decode(msg.data, SimInbound)).chat
+        except (DecodeError, ValueError):
+            return ""  # undecodable: its attempt dead-letters it, in any queue
+
+    return key
+
+
+class ChatOrder:
+    """Per-chat arrival order across receivers of one account's SIM durable (ADR 0034).
+
+    Before relaying SIM seq `s` of chat `c`, a receiver makes sure no earlier SIM message
+    of `c` is still unrelayed anywhere: every seq between the consumer's ack floor and `s`
+    is resolved from what is known here first -- messages this receiver fetched (their
+    chat known from the payload), relayed, or read before -- and only the rest is read
+    from SIM by seq. SIM is a work queue: an acked (relayed) message is gone, so a message
+    still there, of `c`, earlier, not relayed here, is unrelayed: `s` waits (the loop's
+    heartbeat keeps it alive) and looks again. With one receiver every earlier message is
+    one it fetched itself: no reads at all. The floor is re-read (one consumer-info read)
+    only when a seq must be read, at most once per fetch.
+    """
+
+    def __init__(self, bus: Bus, account: str, durable: str) -> None:
+        self.bus = bus
+        self.account = account
+        self.subject = subjects.sim_in(account)
+        self.durable = durable
+        self.key = _chat_key(account)
+        self.loop: ConsumerLoop[SimInbound] | None = None
+        self.stop = asyncio.Event()  # the receiver stops: waiting messages are handed back
+        self.floor = 0  # every SIM seq of this account up to here was acked
+        self._floor_fresh = False  # read since the last fetch
+        self._floor_read: asyncio.Future[None] | None = None
+        # seq -> its chat, or None when it can never block (gone, or another account's)
+        self.chat_of: dict[int, str | None] = {}
+        self.reads = 0  # stream reads made (seqs and floors), for figures and tests
+
+    def fetched(self, msg: Msg) -> str:
+        """The consumer loop's key: records the fetched message's chat (and that the
+        floor may have moved since it was read)."""
+        chat = self.key(msg)
+        self.chat_of[msg.metadata.sequence.stream] = chat
+        self._floor_fresh = False
+        return chat
+
+    def relayed(self, seq: int) -> None:
+        """`seq` is in INBOUND: it can no longer hold anything back."""
+        self.chat_of[seq] = None
+
+    async def wait_turn(self, d: Delivery, chat: str) -> None:
+        """Return once no earlier message of `chat` is unrelayed; AbandonError if an
+        earlier one of it came back to this receiver (it goes first: see overtaken)."""
+        poll = BLOCKED_POLL_S
+        while (blocker := await self._earlier(d.stream_seq, chat)) is not None:
+            if d.overtaken():
+                raise AbandonError(f"sim seq {blocker} of the chat came back; it goes first")
+            if self.stop.is_set():
+                raise AbandonError("the receiver stops; another one relays it in turn")
+            log.debug(
+                "sim message waits for an earlier one of its chat",
+                extra={"seq": d.stream_seq, "earlier": blocker},
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), poll)
+            poll = min(poll * 2, BLOCKED_POLL_MAX_S)
+
+    async def _earlier(self, seq: int, chat: str) -> int | None:
+        """An earlier seq of `chat` still unrelayed, or None."""
+        refreshed = False
+        if seq - self.floor > 4 * SIM_RECEIVE_WINDOW:
+            # Keep the scan short (what is known here is forgotten below the floor).
+            refreshed = True
+            await self._refresh_floor()
+        q = self.floor + 1
+        while q < seq:
+            known = self.chat_of.get(q, "?unknown")
+            holds = self.loop is not None and self.loop.holds(q)
+            if known is None or (known != chat and known != "?unknown"):
+                q += 1
+                continue
+            if known == chat and holds:
+                return q  # fetched here and unrelayed: it runs (or is queued) here
+            if not refreshed:
+                # A read is needed: first move the floor (one read per fetch at most).
+                refreshed = True
+                if await self._refresh_floor():
+                    q = max(q, self.floor + 1)
+                    continue
+            if await self._read(q) == chat:
+                return q
+            q += 1
+        return None
+
+    async def _refresh_floor(self) -> bool:
+        """Re-read the ack floor unless read since the last fetch; True if it moved."""
+        if self._floor_fresh:
+            return False
+        if self._floor_read is None:
+            self._floor_read = asyncio.ensure_future(self._read_floor())
+        read = self._floor_read
+        before = self.floor
+        try:
+            await asyncio.shield(read)
+        finally:
+            if self._floor_read is read and read.done():
+                self._floor_read = None
+        return self.floor > before
+
+    async def _read_floor(self) -> None:
+        self._floor_fresh = True  # a fetch during the read makes it stale again
+        self.reads += 1
+        info = await self.bus.js.consumer_info(SIM.name, self.durable)
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        if floor > self.floor:
+            self.floor = floor
+            for old in [s for s in self.chat_of if s <= floor]:
+                del self.chat_of[old]
+
+    async def _read(self, seq: int) -> str | None:
+        """The chat of SIM `seq` if it is a message of this account still in SIM; None
+        (remembered: it can never block) otherwise."""
+        self.reads += 1
+        try:
+            raw = await self.bus.js.get_msg(SIM.name, seq)
+        except nats.js.errors.NotFoundError:
+            self.chat_of[seq] = None  # acked (work queue) or never this account's
+            return None
+        if raw.subject != self.subject or raw.data is None:
+            self.chat_of[seq] = None
+            return None
+        try:
+            chat: str | None = incoming(self.account, decode(raw.data, SimInbound)).chat
+        except (DecodeError, ValueError):
+            chat = None  # dead-lettered when its turn comes; it never blocks a chat
+        if chat is None:
+            self.chat_of[seq] = None
+        return chat
+
+
 @asynccontextmanager
 async def _receive(bus: Bus, account: str, events: Events) -> AsyncIterator[None]:
-    async def handle(payload: SimInbound, d: Delivery) -> None:
-        # Delivered now and acked only after: a failure is redelivered (at least once).
-        await events.deliver(incoming(account, payload))
+    durable = sim_consumer(account)
+    order = ChatOrder(bus, account, durable)
 
-    # max_ack_pending=1 keeps arrival order into INBOUND even with several receivers.
+    async def handle(payload: SimInbound, d: Delivery) -> None:
+        message = incoming(account, payload)
+        await order.wait_turn(d, message.chat)
+        # Relayed now and acked only after: a failure is redelivered (at least once).
+        await events.relay(message)
+        order.relayed(d.stream_seq)
+
+    # A window of messages, one queue per chat: chats in parallel, each chat in arrival
+    # order, also across receivers (ChatOrder). ADR 0034.
     spec = ConsumerSpec(
         stream=SIM.name,
-        durable=sim_consumer(account),
+        durable=durable,
         filter_subject=subjects.sim_in(account),
-        max_ack_pending=1,
-        batch=1,
-        # Relaying is one publish: a receiver killed mid-message blocks the account's
-        # inbound (max_ack_pending=1) only this long.
+        max_ack_pending=SIM_RECEIVE_WINDOW,
+        batch=SIM_RECEIVE_WINDOW,
+        ordered_by_subject=True,
+        key=order.fetched,
+        # A receiver killed mid-message holds its messages (and the later ones of their
+        # chats, waiting in other receivers) only this long.
         ack_wait=5.0,
         # Closing the session waits for the idle fetch: keep handovers well under 1 s.
         fetch_timeout=0.25,
@@ -308,8 +471,9 @@ async def _receive(bus: Bus, account: str, events: Events) -> AsyncIterator[None
         sync_ack=False,
     )
     loop = ConsumerLoop(bus, spec, SimInbound, handle)
+    order.loop = loop
     await loop.ensure()
-    stop = asyncio.Event()
+    stop = order.stop
     task = asyncio.create_task(loop.run(stop), name=f"sim-receive-{account}")
     try:
         yield
