@@ -109,9 +109,7 @@ class AccessGate:
             reconnects = nc.stats["reconnects"]
             if self._changes is None:
                 # Subscribed before the read: a change the read misses arrives here.
-                self._changes = await nc.subscribe(
-                    ACCESS.subjects[0], pending_msgs_limit=_BUFFERED
-                )
+                self._changes = await nc.subscribe(ACCESS.subjects[0], pending_msgs_limit=_BUFFERED)
             elif (
                 not self._changes.pending_msgs
                 and reconnects == self._reconnects
