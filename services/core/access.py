@@ -80,8 +80,20 @@ async def catch_up(bus: Bus, view: AccessView, *, upto: int | None = None) -> in
     return applied
 
 
+def _discard_pending(sub: Subscription) -> None:
+    """Empty a callback-less subscription's queue without waiting, keeping nats-py's
+    byte count right (its own next_msg does the same; there is no public non-blocking
+    take): a count that only grows would end in dropped messages."""
+    queue = sub._pending_queue
+    while not queue.empty():
+        msg = queue.get_nowait()
+        sub._pending_size -= len(msg.data)
+        queue.task_done()
+
+
 class AccessGate:
-    """Decides, per inbound message, whether it may reach the model."""
+    """Decides, per inbound message, whether it may reach the model. Its subscription to
+    ACCESS lives as long as the connection (one per core process)."""
 
     def __init__(
         self,
@@ -117,17 +129,10 @@ class AccessGate:
             ):
                 return
             self._checked_at = -math.inf  # stale until the read below succeeds
-            while self._changes.pending_msgs:  # what the read below covers
-                self._changes._pending_queue.get_nowait()  # no public non-blocking take
+            _discard_pending(self._changes)  # what the read below covers
             checked_at = time.monotonic()
             await catch_up(self.bus, self.view)
             self._checked_at, self._reconnects = checked_at, reconnects
-
-    async def close(self) -> None:
-        """Stop following ACCESS (the next check subscribes again)."""
-        changes, self._changes = self._changes, None
-        if changes is not None and not self.bus.nc.is_closed:
-            await changes.unsubscribe()
 
     async def refused(self, inbound: MessageReceived, inbound_seq: int) -> bool:
         """True if the policy refused `inbound` (and its outcome is recorded)."""

@@ -259,3 +259,8 @@ async def test_a_policy_change_applies_to_the_next_message_without_a_periodic_re
     # Then the change, seen on the gate's subscription, refused the second message
     assert llm.asked == ["hi"]
     assert await outcomes(bus) == {first.id: "turn", second.id: "access:block"}
+    # and the subscription's buffer was emptied with its byte count (a count that only
+    # grew would end in nats-py dropping changes as a slow consumer)
+    changes = worker.access._changes
+    assert changes is not None
+    assert (changes.pending_msgs, changes.pending_bytes) == (0, 0)
