@@ -7,6 +7,7 @@ separator, so chats travel as one escaped token: bytes outside the safe set are 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from typing import Literal
@@ -21,6 +22,9 @@ _ACCOUNT_RE = re.compile(ACCOUNT_PATTERN)
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789@-_:+=!")
 _ESCAPE = "~"
 _TOKEN_RE = re.compile(r"(?:[A-Za-z0-9@\-_:+=!]|~[0-9A-F]{2})+")
+# Chats whose token (and back) is remembered: every event of a turn names its chat several
+# times, and the encoding is pure (a refused JID raises and is not remembered).
+_CHATS_CACHED = 8192
 
 Kind = Literal["inbound", "agent", "outbound", "delivery"]
 
@@ -76,6 +80,7 @@ def check_message_id(message_id: str) -> str:
     return _check_text_id("message id", message_id, MAX_ID_CHARS, "3EB0C431C2A1")
 
 
+@functools.lru_cache(maxsize=_CHATS_CACHED)
 def encode_chat(jid: str) -> str:
     """Encode a chat JID as one subject token (reversible, deterministic); raise
     InvalidSubjectError for a JID outside the bounds (length, characters, encoding)."""
@@ -95,6 +100,7 @@ def encode_chat(jid: str) -> str:
     return token
 
 
+@functools.lru_cache(maxsize=_CHATS_CACHED)
 def decode_chat(token: str) -> str:
     """Invert `encode_chat`; raise InvalidSubjectError for a token it could not produce."""
     if len(token) > MAX_CHAT_TOKEN_BYTES or not _TOKEN_RE.fullmatch(token):

@@ -7,12 +7,26 @@ the waiting message's INBOUND sequence so `svc access approve` can send it back 
 answered) and gets the waiting reply -- a normal SendMessage job -- at most once per
 period; the period is derived from the recorded requests, so it holds across restarts
 and core replicas (a chat's turns run one at a time across replicas).
+
+Freshness without a round trip per message (ADR 0038): the gate subscribes to ACCESS's
+subjects before its first read, so every change stored after that read also arrives on the
+subscription -- on this connection, ahead of any inbound message published after the
+change was acknowledged. The view is read again (one STREAM.INFO, then what is new) only
+when the subscription holds something, after a reconnect (changes may have passed while
+the subscription was gone), or when it was last checked more than `RECHECK` seconds ago
+(a backstop for a cluster, where the change and the message may reach this server by
+different routes).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+import time
 from datetime import timedelta
+
+from nats.aio.subscription import Subscription
 
 from contracts import subjects
 from contracts.codec import decode_any
@@ -35,6 +49,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WAITING_TEXT = CoreSettings.access_waiting_text
 DEFAULT_WAITING_PERIOD = CoreSettings.access_waiting_period
+# Seconds after which the view is read again even when no change was seen (a backstop).
+RECHECK = 1.0
+# Changes buffered between two checks; more are dropped by nats-py, harmlessly: the
+# buffer is not empty, so the next check reads the stream anyway.
+_BUFFERED = 1024
 
 
 async def catch_up(bus: Bus, view: AccessView, *, upto: int | None = None) -> int:
@@ -61,8 +80,20 @@ async def catch_up(bus: Bus, view: AccessView, *, upto: int | None = None) -> in
     return applied
 
 
+def _discard_pending(sub: Subscription) -> None:
+    """Empty a callback-less subscription's queue without waiting, keeping nats-py's
+    byte count right (its own next_msg does the same; there is no public non-blocking
+    take): a count that only grows would end in dropped messages."""
+    queue = sub._pending_queue
+    while not queue.empty():
+        msg = queue.get_nowait()
+        sub._pending_size -= len(msg.data)
+        queue.task_done()
+
+
 class AccessGate:
-    """Decides, per inbound message, whether it may reach the model."""
+    """Decides, per inbound message, whether it may reach the model. Its subscription to
+    ACCESS lives as long as the connection (one per core process)."""
 
     def __init__(
         self,
@@ -70,15 +101,42 @@ class AccessGate:
         *,
         waiting_text: str = DEFAULT_WAITING_TEXT,
         waiting_period: float = DEFAULT_WAITING_PERIOD,
+        recheck: float = RECHECK,
     ) -> None:
         self.bus = bus
+        self.recheck = recheck
         self.view = AccessView()
         self.waiting_text = waiting_text
         self.waiting_period = timedelta(seconds=waiting_period)
+        self._changes: Subscription | None = None
+        self._checked_at = -math.inf
+        self._reconnects = 0
+        self._checking = asyncio.Lock()
+
+    async def fresh(self) -> None:
+        """Fold every ACCESS event stored before now into the view; a read of the stream
+        only when something may have changed since the last one."""
+        async with self._checking:  # one read at a time; a waiter then finds it fresh
+            nc = self.bus.nc
+            reconnects = nc.stats["reconnects"]
+            if self._changes is None:
+                # Subscribed before the read: a change the read misses arrives here.
+                self._changes = await nc.subscribe(ACCESS.subjects[0], pending_msgs_limit=_BUFFERED)
+            elif (
+                not self._changes.pending_msgs
+                and reconnects == self._reconnects
+                and time.monotonic() - self._checked_at < self.recheck
+            ):
+                return
+            self._checked_at = -math.inf  # stale until the read below succeeds
+            _discard_pending(self._changes)  # what the read below covers
+            checked_at = time.monotonic()
+            await catch_up(self.bus, self.view)
+            self._checked_at, self._reconnects = checked_at, reconnects
 
     async def refused(self, inbound: MessageReceived, inbound_seq: int) -> bool:
         """True if the policy refused `inbound` (and its outcome is recorded)."""
-        await catch_up(self.bus, self.view)
+        await self.fresh()
         decision = self.view.resolve(
             inbound.channel,
             inbound.account,

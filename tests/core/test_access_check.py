@@ -233,3 +233,34 @@ async def test_a_group_is_let_in_by_its_jid_and_inside_it_the_mention_rule_appli
     ]  # fmt: skip
     assert skipped == ["group message without a mention"]
     assert await jobs_to(bus, other) == []
+
+
+async def test_a_policy_change_applies_to_the_next_message_without_a_periodic_read(
+    bus: Bus,
+) -> None:
+    # Given a running core that answered alice (its periodic re-read out of reach)
+    llm = CountingLLM()
+    worker = core_worker(bus, llm, SETTINGS)
+    worker.access.recheck = 3600.0
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.loop.run(stop))
+    try:
+        first = inbound(ALICE, "hi")
+        await send(bus, first)
+        await wait_until(lambda: worker.loop.handled == 1, 30, "alice's first turn")
+        # When alice is blocked (the change acknowledged) and then writes again
+        await policy(bus, AccessRuleAdded(account=ACCT, pattern=ALICE, kind="block"))
+        second = inbound(ALICE, "still there?")
+        await send(bus, second)
+        await wait_until(lambda: worker.loop.handled == 2, 30, "alice's second message")
+    finally:
+        stop.set()
+        await task
+    # Then the change, seen on the gate's subscription, refused the second message
+    assert llm.asked == ["hi"]
+    assert await outcomes(bus) == {first.id: "turn", second.id: "access:block"}
+    # and the subscription's buffer was emptied with its byte count (a count that only
+    # grew would end in nats-py dropping changes as a slow consumer)
+    changes = worker.access._changes
+    assert changes is not None
+    assert (changes.pending_msgs, changes.pending_bytes) == (0, 0)

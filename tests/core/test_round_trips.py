@@ -104,3 +104,28 @@ async def test_a_record_settled_by_another_replica_meanwhile_is_read_again(bus: 
     assert await history(bus) == ["one", "echo: one", "two", "echo: two", "three", "echo: three"]
     jobs = [j.text for _, j in await read_stream(bus, "OUTBOUND") if isinstance(j, SendMessage)]
     assert jobs == ["echo: one", "echo: two", "echo: three"]
+
+
+async def test_a_turn_reads_the_access_policy_only_after_it_changed(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a replica whose access gate read the policy for the chat's first turn (its
+    # periodic backstop pushed out of the test's reach)
+    worker = core_worker(bus, EchoLLM())
+    worker.access.recheck = 3600.0
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.loop.run(stop))
+    await send(bus, "one")
+    await wait_until(lambda: worker.loop.handled == 1, what="the first turn")
+
+    # When two more messages arrive with no policy change between
+    made = count_requests(bus, monkeypatch)
+    await send(bus, "two")
+    await send(bus, "three")
+    await wait_until(lambda: worker.loop.handled == 3, what="three turns")
+    stop.set()
+    await task
+
+    # Then neither turn asked for ACCESS's state (was one STREAM.INFO per message)
+    assert [s for s in made if s.endswith("STREAM.INFO.ACCESS")] == []
+    assert await history(bus) == ["one", "echo: one", "two", "echo: two", "three", "echo: three"]
