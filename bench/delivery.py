@@ -13,6 +13,10 @@ the ledger's "sending" record stored before the send, then the send, the event a
 "sent" record pipelined (`publish_async`), then the ack. Interleaved reps.
 
     python bench/delivery.py --jobs 2000 --accounts 1 50 --reps 3
+
+`--sim-send plain` gives ours strong raw's transport (a plain publish: no network lease
+check, nothing stored on SIM_OUT), to tell the egress's cost from the sim network's
+(ADR 0039).
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ from contracts.codec import decode
 from contracts.events import SendMessage, new_id
 from contracts.payloads import SimOutbound
 from services.app import run_role
+from services.channel.port import Outgoing
 from services.runtime.bus import Bus, connect
 from services.runtime.nats_server import EmbeddedNats
 from services.runtime.provisioning import ensure_streams
 from services.runtime.settings import load_settings
+from services.whatsapp.sim import SimSession
 
 CHATS = 20
 
@@ -80,6 +86,12 @@ class Sent:
 
 
 Runner = Callable[[Bus, list[str], asyncio.Event], Awaitable[None]]
+
+
+async def plain_send(self: SimSession, out: Outgoing) -> str:
+    """Strong raw's transport in place of the sim network's send (`--sim-send plain`)."""
+    await self.bus.nc.publish(self.subject, out.job_id.encode())
+    return f"sim-{out.job_id}"
 
 
 async def ours(bus: Bus, accts: list[str], stop: asyncio.Event) -> None:
@@ -219,7 +231,15 @@ async def main() -> None:
     p.add_argument("--jobs", type=int, default=2000)
     p.add_argument("--accounts", type=int, nargs="+", default=[1, 50])
     p.add_argument("--rate", type=float, default=200.0, help="jobs/s for the latency run")
+    p.add_argument(
+        "--sim-send",
+        choices=("network", "plain"),
+        default="network",
+        help="ours sends through the sim network (default) or with a plain publish, as raw",
+    )
     args = p.parse_args()
+    if args.sim_send == "plain":
+        SimSession.send = plain_send  # type: ignore[method-assign]
     units = {
         "jobs/s": ("jobs/s", True),
         "p50 latency": ("ms", False),
@@ -239,6 +259,8 @@ async def main() -> None:
             f.name = f"{n} account(s) {f.name}"
         found += figures
     setup = f"{args.jobs} jobs, {CHATS} chats per account, latency at {args.rate:g} jobs/s"
+    if args.sim_send == "plain":
+        setup += ", ours with a plain-publish send (--sim-send plain)"
     report("delivery", setup, found, args)
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextvars
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ STAGES = ("receive", "core", "egress", "other")
 
 _requests: collections.Counter[str] = collections.Counter()
 _publishes: collections.Counter[str] = collections.Counter()
+_in_request = contextvars.ContextVar("_in_request", default=False)
 _counting = False
 
 
@@ -93,12 +95,21 @@ def _patch() -> None:
     async def counted_request(self: Client, subject: str, *args: Any, **kwargs: Any) -> Any:
         if _counting:
             _requests[kind(subject)] += 1
-        return await request(self, subject, *args, **kwargs)
+        token = _in_request.set(True)
+        try:
+            return await request(self, subject, *args, **kwargs)
+        finally:
+            _in_request.reset(token)
 
     async def counted_publish(self: Client, subject: str, *args: Any, **kwargs: Any) -> Any:
-        # A request publishes through here too: counted once, as a request.
-        if _counting and not kwargs.get("reply", "").startswith("_INBOX."):
-            _publishes[kind(subject)] += 1
+        # A request publishes through here too: counted once, as a request. A write sent
+        # with `publish_async` (an ack comes back, waited for later with others) counts as
+        # a round trip of its own, marked "pipelined" (ADR 0039).
+        if _counting:
+            if not kwargs.get("reply", "").startswith("_INBOX."):
+                _publishes[kind(subject)] += 1
+            elif not _in_request.get():
+                _requests[kind(subject) + " (pipelined)"] += 1
         return await publish(self, subject, *args, **kwargs)
 
     Client.request = counted_request  # type: ignore[method-assign]

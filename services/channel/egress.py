@@ -27,6 +27,7 @@ from typing import Any
 import msgspec
 import nats.errors
 import nats.js.errors
+from nats.js.api import PubAck
 
 from contracts import subjects
 from contracts.codec import decode
@@ -56,7 +57,7 @@ from services.channel.port import (
     TransportError,
     UncertainSendError,
 )
-from services.runtime.bus import Bus
+from services.runtime.bus import Bus, acked
 from services.runtime.consumer import ConsumerSpec, Delivery
 from services.runtime.errors import AbandonError, PermanentError
 from services.runtime.lease import Lease
@@ -115,6 +116,30 @@ def egress_consumer_spec(
         # records of every job its predecessor had been handed: a lost ack resends nothing.
         sync_ack=False,
     )
+
+
+def _event(
+    job: SendMessage, kind: type[DeliveryEvent], id_parts: tuple[str, ...], **fields: Any
+) -> DeliveryEvent:
+    """A DELIVERY event about `job`; its id derives from the job and `id_parts`, so the
+    same fact reported twice dedupes."""
+    return kind(
+        id=derived_id(id_parts[0], job.job_id, *id_parts[1:]),
+        job_id=job.job_id,
+        channel=job.channel,
+        account=job.account,
+        chat=job.chat,
+        **fields,
+    )
+
+
+def _count(job: SendMessage, kind: type[DeliveryEvent], ack: PubAck) -> None:
+    """switchboard_jobs_total: the same fact reported again (a redelivery) counts once."""
+    if not ack.duplicate:
+        outcome = _OUTCOMES[kind]
+        instruments().jobs.add(
+            1, labels(("channel", job.channel), ("account", job.account), ("outcome", outcome))
+        )
 
 
 def letter_job(d: Delivery) -> str | None:
@@ -430,20 +455,9 @@ class Egress:
     ) -> None:
         """Publish a DELIVERY event about `job`; its id derives from the job and `id_parts`,
         so reporting the same fact twice dedupes."""
-        event = kind(
-            id=derived_id(id_parts[0], job.job_id, *id_parts[1:]),
-            job_id=job.job_id,
-            channel=job.channel,
-            account=job.account,
-            chat=job.chat,
-            **fields,
-        )
+        event = _event(job, kind, id_parts, **fields)
         ack = await self.bus.publish(subjects.delivery(job.channel, job.account, job.chat), event)
-        if not ack.duplicate:  # the same fact reported again (a redelivery) counts once
-            outcome = _OUTCOMES[kind]
-            instruments().jobs.add(
-                1, labels(("channel", job.channel), ("account", job.account), ("outcome", outcome))
-            )
+        _count(job, kind, ack)
 
     async def _failed(self, job: SendMessage, attempt: int, error: str, permanent: bool) -> None:
         await self._report(
@@ -464,31 +478,42 @@ class Egress:
         job_seq: int,
         sent_at: datetime | None,
     ) -> None:
+        event = _event(
+            job,
+            MessageSent,
+            ("sent",),
+            holder=fence.holder,
+            lease_token=fence.token,
+            transport_message_id=transport_id,
+            attempt=attempt,
+            job_seq=job_seq,
+            sent_at=sent_at,
+            text=job.text,
+            reply_to=job.reply_to,
+        )
         record = self._record(job, "sent", attempt, fence, [], transport_id)
+        # Independent writes, sent back to back and waited for once: one round trip, no
+        # task per write (ADR 0039). Both are stored before the job is acked (returned).
+        where = subjects.delivery(job.channel, job.account, job.chat)
         writes = [
-            self._report(
-                job,
-                MessageSent,
-                ("sent",),
-                holder=fence.holder,
-                lease_token=fence.token,
-                transport_message_id=transport_id,
-                attempt=attempt,
-                job_seq=job_seq,
-                sent_at=sent_at,
-                text=job.text,
-                reply_to=job.reply_to,
-            ),
-            self.ledger.put(record),
+            await self.bus.publish_async(where, event),
+            await self.ledger.put_async(record),
         ]
         if self.session.reports_receipts:
-            writes.append(self.ledger.index(transport_id, job.job_id, job.chat))
-        await asyncio.gather(*writes)  # independent writes, one round trip
+            await asyncio.gather(
+                acked(*writes), self.ledger.index(transport_id, job.job_id, job.chat)
+            )
+        else:
+            await acked(*writes)
+        _count(job, MessageSent, writes[0].result())
 
     async def _budget(self, job: SendMessage) -> Grant:
         """Spend the account's send budget for one send of `job`, waiting for it if it is
         spent; give the job back (AbandonError) on stop or loss instead of waiting it out.
         A first contact the budget refuses is permanent: the job is dead-lettered."""
+        if self.budget.unlimited:
+            # Nothing to wait for or look up (the default): no task per send (ADR 0039).
+            return Grant()
         taking = asyncio.ensure_future(self.budget.acquire(job))
         waiters = [asyncio.ensure_future(e.wait()) for e in (self.stop, self.lost)]
         try:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import nats.errors
 import nats.js.errors
+from nats.js.api import PubAck
 from nats.js.kv import KeyValue
 
 from contracts import subjects
@@ -49,6 +52,12 @@ class SendLedger:
         return await (await self._bucket()).put(
             subjects.send_key(self.account, record.job_id), encode(record)
         )
+
+    async def put_async(self, record: SendRecord) -> asyncio.Future[PubAck]:
+        """`put`, sent without waiting (the future resolves to the write's ack): what lets
+        the `sent` record go out with the job's other writes and be waited for once."""
+        key = subjects.send_key(self.account, record.job_id)
+        return await self.bus.js.publish_async(f"$KV.{SENDS.name}.{key}", encode(record))
 
     async def undo(self, job_id: str, revision: int, previous: SendRecord | None) -> bool:
         """Put back what the record was before the write at `revision` (a `sending` whose
