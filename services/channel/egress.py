@@ -62,6 +62,7 @@ from services.runtime.consumer import ConsumerSpec, Delivery
 from services.runtime.errors import AbandonError, PermanentError
 from services.runtime.lease import Lease
 from services.runtime.metrics import instruments, labels
+from services.runtime.reader import queued
 from services.runtime.seen import Seen
 from services.runtime.settings import Delivery as DeliverySettings
 
@@ -344,28 +345,27 @@ class Egress:
         """True if no earlier job of the chat is still queued unsettled: each stored one
         before it (read from the stream leader, in order) has a settled SendRecord -- sent
         and acked, its ack not yet applied."""
-        after = 1
-        while True:
-            try:
-                raw = await self.bus.js.get_msg(OUTBOUND.name, after, subject=d.subject, next=True)
-            except nats.js.errors.NotFoundError:
-                return True  # nothing stored from `after` on (this job was settled meanwhile)
-            except (nats.errors.Error, TimeoutError) as exc:
-                log.warning("cannot read the chat's queue", extra={"error": repr(exc)})
-                return False  # look again: never send out of turn on a read failure
-            if raw.seq is None or raw.seq >= d.stream_seq:
-                return True
-            earlier = (raw.headers or {}).get("Nats-Msg-Id", "")
-            try:
-                record = await self.ledger.get(earlier) if earlier else None
-            except ContractError:  # an id out of bounds: that job is being dead-lettered
-                record = None
-            except (nats.errors.Error, TimeoutError) as exc:  # e.g. an election: look again
-                log.warning("cannot read an earlier job's record", extra={"error": repr(exc)})
-                return False
-            if record is None or record.state not in _SETTLED:
-                return False
-            after = raw.seq + 1
+        try:
+            async with contextlib.aclosing(
+                queued(self.bus, OUTBOUND.name, subject=d.subject)
+            ) as jobs:
+                async for stored in jobs:
+                    if stored.seq >= d.stream_seq:
+                        return True
+                    if not await self._settled(stored.headers.get("Nats-Msg-Id", "")):
+                        return False
+        except (nats.errors.Error, TimeoutError) as exc:  # e.g. an election: look again
+            log.warning("cannot read the chat's queue", extra={"error": repr(exc)})
+            return False  # never send out of turn on a read failure
+        return True  # nothing stored before it (this job was settled meanwhile)
+
+    async def _settled(self, job_id: str) -> bool:
+        """True if the job's SendRecord says it is settled."""
+        try:
+            record = await self.ledger.get(job_id) if job_id else None
+        except ContractError:  # an id out of bounds: that job is being dead-lettered
+            return False
+        return record is not None and record.state in _SETTLED
 
     async def _send(self, job: SendMessage, fence: Fence) -> str:
         """The transport call, timed (switchboard_send_duration_seconds by outcome)."""

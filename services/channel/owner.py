@@ -255,17 +255,6 @@ class AccountOwner:
         sub = await self.bus.nc.subscribe(
             subjects.lease_handover(self.channel, self.account), cb=on_handover
         )
-        try:
-            await self._record(LeaseAcquired, token)
-            self.status.token = token
-            self.status.device = await self._device()
-        except BaseException:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
-            raise
-        self.status.connected_at = None
-        self.status.post("connecting")
-        shed = self.fleet.owning(self.account) if self.fleet else asyncio.Event()
         ingress = Ingress(
             self.bus,
             self.channel,
@@ -284,6 +273,12 @@ class AccountOwner:
             await ingress(event)
 
         try:
+            await self._record(LeaseAcquired, token)
+            self.status.token = token
+            self.status.device = await self._device()
+            self.status.connected_at = None
+            self.status.post("connecting")
+            shed = self.fleet.owning(self.account) if self.fleet else asyncio.Event()
             budget = self.budget = await self._send_budget()
             spec = egress_consumer_spec(self.channel, self.account, self.delivery)
             # A new owner starts from the first unacked job at once, instead of waiting for

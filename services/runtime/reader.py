@@ -15,7 +15,7 @@ import contextlib
 import json
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -177,7 +177,7 @@ async def _read(
             await bus.js.delete_consumer(stream, consumer.name)
 
 
-async def queued(bus: Bus, stream: str, *, subject: str = ">") -> AsyncIterator[Stored]:
+async def queued(bus: Bus, stream: str, *, subject: str = ">") -> AsyncGenerator[Stored, None]:
     """Every message still in a work-queue stream on `subject`, in order, by direct gets:
     a work queue admits no second consumer, and a get moves nothing."""
     seq = 1

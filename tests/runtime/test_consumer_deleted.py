@@ -14,7 +14,7 @@ from contracts.streams import OUTBOUND
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerLoop, Delivery
 from tests.conftest import wait_until
-from tests.runtime.test_consumer import SUBJECT, event, spec
+from tests.runtime.test_consumer import SUBJECT, event, running, spec
 
 
 async def test_a_consumer_deleted_under_its_loop_is_recreated_and_the_next_message_flows(
@@ -25,10 +25,7 @@ async def test_a_consumer_deleted_under_its_loop_is_recreated_and_the_next_messa
     async def handler(body: MessageReceived, d: Delivery) -> None:
         seen.append(body.text)
 
-    loop = ConsumerLoop(bus, spec(), MessageReceived, handler)
-    stop = asyncio.Event()
-    task = asyncio.create_task(loop.run(stop))
-    try:
+    async with running(bus, handler) as loop:
         await bus.publish(SUBJECT, event("a"))
         await wait_until(lambda: loop.handled == 1, 30, "the first handled")
         # When an operator deletes the consumer
@@ -36,9 +33,6 @@ async def test_a_consumer_deleted_under_its_loop_is_recreated_and_the_next_messa
         await bus.publish(SUBJECT, event("b"))
         # Then the loop makes it again and the next message is handled
         await wait_until(lambda: loop.handled == 2, 30, "the second handled")
-    finally:
-        stop.set()
-        await task
     assert seen == ["a", "b"]
     assert not loop.gone
 

@@ -99,6 +99,14 @@ async def read_all(bus: Bus) -> bool:
     return info.ack_floor.stream_seq >= stream.state.last_seq and info.num_ack_pending == 0
 
 
+async def read_everything_again(bus: Bus) -> None:
+    """The window consumer starts over (deleted, then made again as after an operator's
+    delete) and reads every failure DELIVERY holds once more."""
+    await bus.js.delete_consumer(DELIVERY.name, DURABLE)
+    async with window(bus, "we_are_back"):
+        await wait_until(lambda: read_all(bus), what="everything read again")
+
+
 async def test_a_window_failure_is_followed_by_one_template_job_even_when_read_again(
     bus: Bus,
 ) -> None:
@@ -110,9 +118,7 @@ async def test_a_window_failure_is_followed_by_one_template_job_even_when_read_a
         await fail(bus, job_id, n="again")
         await wait_until(lambda: read_all(bus), what="the window consumer caught up")
     # and the consumer starts over from the beginning (every failure delivered again)
-    await bus.js.delete_consumer(DELIVERY.name, DURABLE)
-    async with window(bus, "we_are_back"):
-        await wait_until(lambda: read_all(bus), what="everything read again")
+    await read_everything_again(bus)
     # Then exactly one job: the template, to the same chat, caused by the failed job
     (follow_up,) = await queued_jobs(bus)
     expected = derived_id("template", job_id)
@@ -217,9 +223,7 @@ async def test_a_failure_read_again_after_the_duplicate_window_makes_no_second_j
         lambda: _outlived_duplicate_window(bus, probe), what="the duplicate window passed"
     )
     # and the consumer reads every failure again (recreated, as after an operator's delete)
-    await bus.js.delete_consumer(DELIVERY.name, DURABLE)
-    async with window(bus, "we_are_back"):
-        await wait_until(lambda: read_all(bus), what="everything read again")
+    await read_everything_again(bus)
     # Then still one template job for the failure: a job already enqueued is not enqueued
     # again, however late the failure is read again
     follow_ups = [j for j in await queued_jobs(bus) if j.account == ACCOUNT]
