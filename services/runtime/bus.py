@@ -206,6 +206,22 @@ def refusal(exc: BaseException) -> str | None:
     return None
 
 
+# How long one cancellation of a task that swallowed the last is given before the next.
+_RECANCEL_AFTER = 0.05
+
+
+async def cancel_until_done(task: asyncio.Task[Any]) -> None:
+    """Cancel `task` and wait for it to end, cancelling again while it goes on. nats-py's
+    first connect retries forever, and a cancellation that lands as a connect attempt
+    fails is lost (Python 3.11's `wait_for` returns the attempt's error instead, which the
+    retry loop catches): one cancel() could leave it retrying, and its caller hanging."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=_RECANCEL_AFTER)
+    if not task.cancelled():
+        task.exception()  # retrieved: an error at the very end is not "never retrieved"
+
+
 _BACKGROUND: set[asyncio.Task[None]] = set()
 
 
@@ -420,9 +436,7 @@ async def connect(
         refused.cancel()
     failure: BaseException | None = None
     if not connecting.done():
-        connecting.cancel()
-        with contextlib.suppress(BaseException):
-            await connecting
+        await cancel_until_done(connecting)
         failure = reporter.refused[1] if reporter.refused else TimeoutError()
     elif connecting.exception() is not None:
         failure = connecting.exception()

@@ -3,6 +3,7 @@ configured that way; a refused login ends every `svc` command at once with one l
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -12,12 +13,13 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import nats.errors
 import nkeys
 import pytest
 
-from services.runtime.bus import connect, denial, permission_message
+from services.runtime.bus import TolerantClient, connect, denial, permission_message
 from services.runtime.errors import NatsRefusedError
 from services.runtime.nats_server import EmbeddedNats
 from services.runtime.settings import NatsSecurity, Secret
@@ -386,3 +388,40 @@ def test_a_denied_stream_create_says_to_provision_as_the_operator() -> None:
     other = permission_message(("subscription", "outbound.>"), "")
     assert "this NATS user permission to subscribe to 'outbound.>'" in other
     assert "deploy/nats/auth.conf" in other
+
+
+class LosesOneCancel(TolerantClient):
+    """A client whose first connect goes on retrying after one cancellation, as nats-py's
+    does when the cancel lands as an attempt fails (Python 3.11's `wait_for` then returns
+    the attempt's error, which the retry loop catches)."""
+
+    async def connect(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().connect(*args, **kwargs)
+        except asyncio.CancelledError:
+            await super().connect(*args, **kwargs)  # the cancellation is lost
+
+
+async def test_a_refused_login_ends_the_connect_even_when_a_cancellation_is_lost(
+    tmp_path: Path,
+) -> None:
+    # Given a server that refuses the login, and a client that swallows one cancellation
+    async with server_with(tmp_path, 'authorization { token: "right" }\n') as url:
+        security = NatsSecurity(token=Secret("wrong"))
+
+        async def log_in() -> None:
+            async with connect(
+                url, name="t", timeout=5, security=security, client_class=LosesOneCancel
+            ):
+                pass
+
+        # When it connects
+        attempt = asyncio.create_task(log_in())
+        try:
+            done, _ = await asyncio.wait([attempt], timeout=10)
+            # Then the connect attempt ends, with the refusal
+            assert done, "the connect went on retrying after the login was refused"
+            with pytest.raises(NatsRefusedError, match="authorization failed"):
+                attempt.result()
+        finally:
+            attempt.cancel()
