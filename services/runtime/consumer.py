@@ -751,15 +751,25 @@ class _KeyedRun:
     async def run(self) -> None:
         heartbeat = asyncio.create_task(self._heartbeat())
         limit = self.spec.max_held or self.spec.max_ack_pending
+        # Refill in runs: with nearly every slot taken, wait until this many are free
+        # rather than fetching one message per freed slot (a request per message). What is
+        # held keeps the workers busy meanwhile; an idle consumer is never made to wait,
+        # and one whose held messages do not move (e.g. each waits for an earlier one not
+        # yet fetched) fetches into whatever is free after a quiet `fetch_timeout`.
+        refill = max(1, min(self.spec.batch, limit) // 2)
+        stalled = False
         try:
             while not self.stop.is_set():
                 free = limit - len(self.held)
-                if free <= 0:
+                if free <= 0 or (free < refill and self.held and not stalled):
                     # fetch(batch > free) would block for the whole timeout: wait for a slot.
                     self.slot_freed.clear()
-                    with contextlib.suppress(TimeoutError):
+                    try:
                         await asyncio.wait_for(self.slot_freed.wait(), self.spec.fetch_timeout)
+                    except TimeoutError:
+                        stalled = True
                     continue
+                stalled = False
                 for msg in await self.loop.fetch(self.sub, min(self.spec.batch, free), self.stop):
                     await self._dispatch(msg)
         finally:
