@@ -740,6 +740,7 @@ class _KeyedRun:
         self.spec = loop.spec
         self.sub = sub
         self.stop = stop
+        self.limit = self.spec.max_held or self.spec.max_ack_pending  # held at most
         self.held: dict[int, Msg] = {}  # stream seq -> latest delivery, until settled
         self.queues: dict[str, list[int]] = {}  # per subject, sorted by stream sequence
         self.workers: dict[str, asyncio.Task[None]] = {}
@@ -750,7 +751,7 @@ class _KeyedRun:
 
     async def run(self) -> None:
         heartbeat = asyncio.create_task(self._heartbeat())
-        limit = self.spec.max_held or self.spec.max_ack_pending
+        limit = self.limit
         # Refill in runs: with nearly every slot taken, wait until this many are free
         # rather than fetching one message per freed slot (a request per message). What is
         # held keeps the workers busy meanwhile; an idle consumer is never made to wait,
@@ -824,12 +825,21 @@ class _KeyedRun:
                 del backlog.deferred[gone]
             earlier = sum(1 for s in backlog.deferred if s < seq)
         cap = self.spec.max_per_subject
-        if len(queue) < cap:
-            return 0.0, None
-        if seq < queue[-1]:
+        # The cap guards a crowded window: while less than half of it is held, a subject
+        # takes what comes (a burst in one chat is not handed back when nothing competes),
+        # and the other half stays free for the other subjects, each up to the cap.
+        roomy = len(self.held) < self.limit // 2
+        if queue and seq < queue[-1]:
+            if len(queue) < cap or roomy:
+                return 0.0, None  # room: it sorts before the later ones held
             # queue[0] is running: it steps aside by itself (Delivery.overtaken).
             return 0.0, queue[-1] if len(queue) > 1 else None
-        return self._defer(subject, seq, len(queue) + earlier - cap + 1), None
+        if (len(queue) < cap or roomy) and not earlier:
+            return 0.0, None
+        # Over the cap, or earlier messages of the subject were handed back and are not
+        # back yet: admitted now, this one would run before them and have to step aside
+        # when they return (a hand-back cascade); it goes back behind them instead.
+        return self._defer(subject, seq, max(len(queue) + earlier - cap + 1, 1)), None
 
     def _defer(self, subject: str, seq: int, position: int) -> float:
         """Record a hand-back of `seq`, `position` messages behind what the subject holds."""

@@ -84,3 +84,61 @@ async def test_a_flooding_subject_cannot_fill_the_window_and_the_flood_is_fully_
     # spin would fetch the backlog every few milliseconds, thousands of times)
     handed_back = sum(deliveries.values()) - len(deliveries)
     assert handed_back <= 4 * 40, f"{handed_back} hand-backs for 40 messages"  # measured: 68
+
+
+async def test_a_burst_in_one_subject_is_not_handed_back_while_the_window_is_roomy(
+    bus: Bus,
+) -> None:
+    # Given a burst of 10 messages on one subject and a window of 64, far from crowded
+    for n in range(10):
+        await bus.publish_bytes(FLOOD, encode(event(str(n))), msg_id=f"burst-{n}")
+    deliveries: Counter[int] = Counter()
+
+    async def handler(body: MessageReceived, d: Delivery) -> None:
+        deliveries[d.stream_seq] = d.num_delivered  # times the server handed it to us
+
+    loop = ConsumerLoop(bus, fair_spec(max_held=64, batch=64), MessageReceived, handler)
+    stop = asyncio.Event()
+    task = asyncio.create_task(loop.run(stop))
+    try:
+        # When the consumer runs
+        await wait_until(lambda: loop.handled == 10, timeout=20, what="the burst")
+    finally:
+        stop.set()
+        await task
+    # Then each message was delivered once: the cap (2) hands back only in a crowded window
+    # (before, 8 of the 10 were handed back, each coming back after >= 0.25 s)
+    assert len(deliveries) == 10
+    assert set(deliveries.values()) == {1}, deliveries
+
+
+async def test_a_subject_with_messages_handed_back_runs_them_before_its_later_ones(
+    bus: Bus,
+) -> None:
+    # Given 40 messages on one subject: the window (8) is crowded at 4, so the cap (2)
+    # hands most of them back
+    for n in range(40):
+        await bus.publish_bytes(FLOOD, encode(event(str(n))), msg_id=f"flood-{n}")
+    started: list[int] = []
+    redelivered: list[int] = []
+
+    async def handler(body: MessageReceived, d: Delivery) -> None:
+        started.append(int(body.text))
+        if d.num_delivered > 1:
+            redelivered.append(int(body.text))
+        await asyncio.sleep(WORK_S / 5)  # the work itself, not a wait for a condition
+
+    loop = ConsumerLoop(bus, fair_spec(), MessageReceived, handler)
+    stop = asyncio.Event()
+    task = asyncio.create_task(loop.run(stop))
+    try:
+        # When the consumer works through them
+        await wait_until(lambda: loop.handled == 40, timeout=60, what="the flood")
+    finally:
+        stop.set()
+        await task
+    # Then a later message never ran before an earlier one that was handed back: it goes
+    # back behind them (before, one admitted while earlier ones were away ran first, and
+    # the core had to make it step aside when they returned)
+    assert redelivered, "nothing was handed back: the test no longer crowds the window"
+    assert started == sorted(started), started
