@@ -57,6 +57,9 @@ def setup_tracing(service_name: str, env: Mapping[str, str] | None = None) -> No
     sampler, parent_based = sampler_from(env)
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" or exporter is None:
         # Nothing is exported: trace context still flows in headers, no span is built.
+        # The first context lookup loads OpenTelemetry's runtime context (entry points:
+        # milliseconds); done here, at start, not in the first message's path.
+        trace.get_current_span()
         _installed = True
         return
     name = env.get("OTEL_SERVICE_NAME") or service_name
