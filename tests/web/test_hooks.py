@@ -26,7 +26,7 @@ from contracts.streams import HOOK_JOBS
 from services.ops import webhooks as ops
 from services.runtime.bus import Bus, connect
 from services.runtime.nats_server import EmbeddedNats
-from services.web.hooks import DELIVER_DURABLE, HookSettings, Hooks, fanout_durable
+from services.web.hooks import DELIVER_DURABLE, Hooks, HookSettings, fanout_durable
 from tests.conftest import stream_raw, wait_until
 from tests.web.hooks_receiver import Receiver, receiving
 
