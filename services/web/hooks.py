@@ -33,6 +33,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -69,6 +70,7 @@ from services.runtime.reader import read
 from services.runtime.settings import _Reader
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ALLOW_PRIVATE_ENV = "SVC_WEBHOOKS_ALLOW_PRIVATE"
 SIGNATURE_HEADER = "X-Switchboard-Signature-256"
@@ -400,26 +402,28 @@ def fanout_durable(stream: str) -> str:
     return f"hooks-{stream.lower()}"
 
 
-class _StartingAt(ConsumerLoop[bytes]):
-    """A consumer created (when missing) to start at the earliest time a subscription
-    wants, not at the stream's beginning: older events match no subscription."""
+class _HookLoop(ConsumerLoop[T]):
+    """A consumer loop whose durable consumer, when missing, is created by name (the
+    `web` user may create consumers, not use the legacy durable API: deploy/nats) and,
+    with `start`, from the earliest time a subscription wants rather than the stream's
+    beginning (older events match no subscription)."""
 
     def __init__(
         self,
         bus: Bus,
         spec: ConsumerSpec,
-        handler: Callable[[bytes, Delivery], Awaitable[None]],
-        start: Callable[[], datetime | None],
+        payload: type[T],
+        handler: Callable[[T, Delivery], Awaitable[None]],
+        start: Callable[[], datetime | None] = lambda: None,
     ) -> None:
-        super().__init__(bus, spec, bytes, handler)
-        self.decode = _raw
+        super().__init__(bus, spec, payload, handler)
         self.start = start
 
     async def ensure(self) -> None:
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await self.bus.js.consumer_info(self.spec.stream, self.spec.durable)
             return
-        config = self.spec.config()
+        config = dataclasses.replace(self.spec.config(), name=self.spec.durable)
         start = self.start()
         if start is not None:
             config = dataclasses.replace(
@@ -450,7 +454,8 @@ class Fanout:
             fetch_timeout=1.0,
             recreate=False,  # deleted: no subscription wants it any more (see Hooks)
         )
-        self.loop = _StartingAt(bus, spec, self.handle, self._start)
+        self.loop: _HookLoop[bytes] = _HookLoop(bus, spec, bytes, self.handle, self._start)
+        self.loop.decode = _raw
 
     def _start(self) -> datetime | None:
         return self.book.view.streams_wanted().get(self.stream)
@@ -521,9 +526,7 @@ class Deliverer:
             batch=32,
             fetch_timeout=1.0,
         )
-        self.loop: ConsumerLoop[DeliverWebhook] = ConsumerLoop(
-            bus, spec, DeliverWebhook, self.handle
-        )
+        self.loop: _HookLoop[DeliverWebhook] = _HookLoop(bus, spec, DeliverWebhook, self.handle)
 
     async def last_record(self, subscription: str, delivery: str) -> DeliveryRecord | None:
         """The delivery's last record (its state), or None."""
