@@ -211,6 +211,9 @@ class WebhookBody(msgspec.Struct, frozen=True, kw_only=True):
     sent_at: UtcDatetime
     type: str
     event: msgspec.Raw
+    # Where the event is stored (its stream and sequence: the order within a stream).
+    stream: str = ""
+    seq: int = 0
 
 
 SubscriptionEvent = WebhookSubscribed | WebhookUnsubscribed | WebhookTestRequested

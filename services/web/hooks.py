@@ -215,6 +215,8 @@ def body_of(job: DeliverWebhook, subscription: str, attempt: int) -> bytes:
             sent_at=utcnow(),
             type=job.event_type,
             event=job.event,
+            stream=job.source_stream,
+            seq=job.source_seq,
         )
     )
 
@@ -659,6 +661,13 @@ class Hooks:
             await self.sender.aclose()
 
     async def _supervise(self, stop: asyncio.Event) -> None:
+        # A consumer no subscription wants (left by replicas that stopped while the last
+        # subscription of its stream was removed) would pile up pending events: delete it.
+        wanted = self.book.view.streams_wanted()
+        for stream in SOURCE_STREAMS:
+            if stream not in wanted:
+                with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+                    await self.bus.js.delete_consumer(stream, fanout_durable(stream))
         try:
             while not stop.is_set():
                 self.book.changed.clear()

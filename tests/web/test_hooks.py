@@ -113,6 +113,8 @@ async def test_a_delivery_is_signed_and_the_receiver_verifies_the_hmac(bus: Bus)
         assert body["type"] == "AccountRegistered"
         assert body["event"]["id"] == event.id
         assert body["event"]["account"] == "acct-1"
+        assert body["stream"] == "ACCOUNTS"
+        assert body["seq"] >= 1
         datetime.fromisoformat(body["sent_at"])
         # And the delivery is on record
         await wait_until(lambda: _has(bus, WebhookDelivered), 10, "the record")
@@ -422,3 +424,45 @@ async def test_a_userinfo_password_in_the_url_is_masked_in_the_listing(bus: Bus)
         added = await ops.add(bus, url, ["LeaseLost"], SECRET, settings=FAST)
         assert "hunter2" not in added.url
         assert "me:***@127.0.0.1" in (await ops.ls(bus))[0].url
+
+
+# --- what is read -------------------------------------------------------------------------
+
+
+async def consumer_exists(bus: Bus, stream: str) -> bool:
+    try:
+        await bus.js.consumer_info(stream, fanout_durable(stream))
+    except Exception:
+        return False
+    return True
+
+
+async def test_only_streams_a_subscription_wants_are_read(bus: Bus) -> None:
+    async with receiving() as receiver, hooks_running(bus):
+        # Given a subscription to an ACCOUNTS event only
+        sub = await subscribe(bus, receiver, "LeaseLost")
+        # Then only ACCOUNTS gets a fan-out consumer
+        await wait_until(lambda: consumer_exists(bus, "ACCOUNTS"), 20, "the ACCOUNTS fan-out")
+        for stream in ("INBOUND", "AGENT", "DELIVERY"):
+            assert not await consumer_exists(bus, stream)
+        # And when it is removed, nothing reads ACCOUNTS any more
+        await ops.rm(bus, sub)
+        await wait_until(lambda: _not(consumer_exists(bus, "ACCOUNTS")), 20, "the fan-out deleted")
+
+
+async def _not(check: object) -> bool:
+    return not await check  # type: ignore[misc]
+
+
+async def test_a_leftover_fan_out_consumer_is_deleted_at_start(bus: Bus) -> None:
+    from nats.js.api import ConsumerConfig
+
+    # Given a fan-out consumer left behind (its last subscription removed while no
+    # replica ran), piling up pending events
+    name = fanout_durable("ACCOUNTS")
+    await bus.js.add_consumer("ACCOUNTS", ConsumerConfig(name=name, durable_name=name))
+    await registered(bus)
+    # When a replica starts with no subscription wanting ACCOUNTS
+    async with hooks_running(bus):
+        # Then the consumer is deleted
+        await wait_until(lambda: _not(consumer_exists(bus, "ACCOUNTS")), 20, "it deleted")
