@@ -29,6 +29,7 @@ import ipaddress
 import logging
 import os
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -246,12 +247,18 @@ def _retry_after(value: str | None) -> float:
 class Sender:
     """POSTs signed bodies to checked addresses (one pooled client per process)."""
 
-    def __init__(self, settings: HookSettings, resolve: Resolve = system_resolve) -> None:
+    def __init__(
+        self,
+        settings: HookSettings,
+        resolve: Resolve = system_resolve,
+        verify: ssl.SSLContext | bool = True,
+    ) -> None:
         self.settings = settings
         self.resolve = resolve
         # No proxies from the environment: they would connect somewhere unchecked.
+        # `verify`: the system's CAs (a test's own CA in tests).
         self.client = httpx.AsyncClient(
-            follow_redirects=False, trust_env=False, timeout=settings.timeout
+            follow_redirects=False, trust_env=False, timeout=settings.timeout, verify=verify
         )
 
     async def aclose(self) -> None:
@@ -630,12 +637,17 @@ class Hooks:
     source stream some live subscription wants (started and stopped as the list changes)."""
 
     def __init__(
-        self, bus: Bus, settings: HookSettings, *, resolve: Resolve = system_resolve
+        self,
+        bus: Bus,
+        settings: HookSettings,
+        *,
+        resolve: Resolve = system_resolve,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         self.bus = bus
         self.settings = settings
         self.book = SubscriptionBook(bus)
-        self.sender = Sender(settings, resolve)
+        self.sender = Sender(settings, resolve, verify)
         self.deliverer = Deliverer(bus, self.book, settings, self.sender)
         self.fanouts: dict[str, _Running] = {}
 

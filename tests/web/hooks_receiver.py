@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -77,13 +78,16 @@ class Receiver:
 
 @asynccontextmanager
 async def receiving(
-    answer: Callable[[int], int] = lambda _n: 200, *, pause: float = 0.0
+    answer: Callable[[int], int] = lambda _n: 200,
+    *,
+    pause: float = 0.0,
+    tls: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Receiver]:
-    """A receiver on a free port of 127.0.0.1 for the block."""
+    """A receiver on a free port of 127.0.0.1 for the block (HTTPS with `tls`)."""
     receiver = Receiver(answer=answer, pause=pause)
-    server = await asyncio.start_server(receiver._serve, "127.0.0.1", 0)
+    server = await asyncio.start_server(receiver._serve, "127.0.0.1", 0, ssl=tls)
     port = server.sockets[0].getsockname()[1]
-    receiver.url = f"http://127.0.0.1:{port}/hook"
+    receiver.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/hook"
     try:
         yield receiver
     finally:

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -466,3 +470,64 @@ async def test_a_leftover_fan_out_consumer_is_deleted_at_start(bus: Bus) -> None
     async with hooks_running(bus):
         # Then the consumer is deleted
         await wait_until(lambda: _not(consumer_exists(bus, "ACCOUNTS")), 20, "it deleted")
+
+
+# --- HTTPS to the checked address ---------------------------------------------------------
+
+
+def make_cert(tmp_path: Path, name: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server context with a cert for DNS:`name` signed by a test CA, client context
+    trusting only that CA)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the TLS test makes its certificates with the openssl CLI: not found")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    d = tmp_path / "certs"
+    d.mkdir(exist_ok=True)
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl("req", "-x509", *ec, "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.pem",
+            "-days", "1", "-subj", "/CN=hooks test CA")  # fmt: skip
+    openssl("req", *ec, "-keyout", f"{d}/srv.key", "-out", f"{d}/srv.csr", "-subj", f"/CN={name}")
+    (d / "srv.ext").write_text(f"subjectAltName=DNS:{name}\n")
+    openssl("x509", "-req", "-in", f"{d}/srv.csr", "-CA", f"{d}/ca.pem", "-CAkey",
+            f"{d}/ca.key", "-CAcreateserial", "-days", "1", "-out", f"{d}/srv.pem",
+            "-extfile", f"{d}/srv.ext")  # fmt: skip
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(f"{d}/srv.pem", f"{d}/srv.key")
+    client = ssl.create_default_context(cafile=f"{d}/ca.pem")
+    return server, client
+
+
+@pytest.mark.parametrize(
+    ("cert_for", "delivered"), [("hooks.example.test", True), ("other.test", False)]
+)
+async def test_https_goes_to_the_checked_address_and_verifies_the_host_name(
+    bus: Bus, tmp_path: Path, cert_for: str, delivered: bool
+) -> None:
+    server_tls, client_tls = make_cert(tmp_path, cert_for)
+
+    async def resolve(host: str, port: int) -> list[str]:
+        assert host == "hooks.example.test"
+        return ["127.0.0.1"]
+
+    async with (
+        receiving(tls=server_tls) as receiver,
+        hooks_running(bus, FAST, resolve=resolve, verify=client_tls),
+    ):
+        port = receiver.url.split(":")[2].split("/")[0]
+        url = f"https://hooks.example.test:{port}/hook"
+        sub = await ops.add(bus, url, ["AccountRegistered"], SECRET, settings=FAST, resolve=resolve)
+        await registered(bus)
+        if delivered:
+            # The connection went to the address checked; TLS and Host named the host
+            await wait_until(lambda: _has(bus, WebhookDelivered), 20, "the HTTPS delivery")
+            assert receiver.requests[0].headers["host"] == f"hooks.example.test:{port}"
+            assert receiver.requests[0].signed_with(SECRET)
+        else:
+            # A certificate for another name is refused: the check is on the host name
+            await wait_until(lambda: _has(bus, WebhookDeadLettered), 20, "the dead letter")
+            (letter,) = await ops.dead_letters(bus, sub.id)
+            assert "CERTIFICATE_VERIFY_FAILED" in letter.errors[0].error
+            assert receiver.requests == []
