@@ -531,3 +531,25 @@ async def test_https_goes_to_the_checked_address_and_verifies_the_host_name(
             (letter,) = await ops.dead_letters(bus, sub.id)
             assert "CERTIFICATE_VERIFY_FAILED" in letter.errors[0].error
             assert receiver.requests == []
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+async def test_garbage_on_the_hook_subjects_is_set_aside_and_delivery_goes_on(bus: Bus) -> None:
+    async with receiving() as receiver, hooks_running(bus):
+        sub = await subscribe(bus, receiver)
+        # When someone stores garbage as a subscription event and as a job
+        await bus.js.publish("hooks.subscriptions.0123456789abcdef", b"{not json")
+        await bus.js.publish(f"hooks.jobs.{sub}.bogus", b'{"type":"DeliverWebhook"}')
+
+        # Then the job is dead-lettered like any undecodable message, with the reason
+        async def letter() -> bool:
+            found = await stream_raw(bus, "DEADLETTER")
+            return any(b"HOOK_JOBS" in data for _, data, _ in found)
+
+        await wait_until(letter, 20, "the bad job in DEADLETTER")
+        # And a real event is still delivered
+        await registered(bus)
+        await wait_until(lambda: receiver.requests, 20, "the delivery")
+        assert [s.id for s in await ops.ls(bus)] == [sub]
