@@ -125,3 +125,20 @@ async def test_svc_webhooks_add_without_a_secret_or_to_loopback_is_refused(
     assert line.count("\n") == 1
     assert "a private or loopback address" in line
     assert SECRET not in line + private.stdout.decode()
+
+
+def test_a_bad_webhook_setting_stops_the_role_before_connecting(processes: Processes) -> None:
+    # NATS_URL points nowhere: the setting is refused before any connection is tried
+    env = processes.env(NATS_URL="nats://127.0.0.1:9", SVC_WEBHOOKS_ATTEMPTS="0")
+    ran = run_svc("run", "all", env=env, timeout=60)
+    assert ran.returncode == 2
+    assert ran.stderr.decode().strip().splitlines()[-1] == (
+        "svc: SVC_WEBHOOKS_ATTEMPTS='0' is invalid: expected a whole number from 1 to 100"
+    )
+    env = processes.env(NATS_URL="nats://127.0.0.1:9", SVC_WEBHOOKS_ALLOW_PRIVATE="maybe")
+    added = run_svc(
+        "webhooks", "add", "http://x.test/", "--events", "LeaseLost", "--secret-stdin",
+        env=env, input_=SECRET.encode(),
+    )  # fmt: skip
+    assert added.returncode == 2
+    assert "SVC_WEBHOOKS_ALLOW_PRIVATE='maybe' is invalid" in added.stderr.decode()
