@@ -117,6 +117,34 @@ SIM_OUT = StreamSpec(
     max_age_s=7 * DAY,
 )
 
+# Outgoing webhooks (h-hooks, ADR 0042): subscriptions (kept forever, they are the list),
+# delivery jobs (a work queue) and what became of each delivery (kept 30 days).
+HOOKS = StreamSpec(
+    name="HOOKS",
+    subjects=("hooks.subscriptions.*", "hooks.tests.*"),
+    description="WebhookSubscribed, WebhookUnsubscribed, WebhookTestRequested",
+)
+HOOK_JOBS = StreamSpec(
+    name="HOOK_JOBS",
+    subjects=("hooks.jobs.*.*",),
+    retention=Retention.WORKQUEUE,
+    description="DeliverWebhook jobs: one per event x matching subscription",
+    max_msg_size=1 * MiB,
+    # A job's id derives from (event, subscription): a source event read again within
+    # this window makes no second job (beyond it, the delivery record says "delivered").
+    duplicate_window_s=600.0,
+    max_age_s=7 * DAY,
+    max_bytes=1 * GiB,
+)
+HOOK_DELIVERIES = StreamSpec(
+    name="HOOK_DELIVERIES",
+    subjects=("hooks.deliveries.*.*",),
+    description="WebhookDelivered, WebhookDeliveryFailed, WebhookDeadLettered",
+    max_msg_size=1 * MiB,
+    max_age_s=30 * DAY,
+    max_bytes=1 * GiB,
+)
+
 STREAMS: tuple[StreamSpec, ...] = (
     INBOUND,
     AGENT,
@@ -128,6 +156,10 @@ STREAMS: tuple[StreamSpec, ...] = (
     ACCESS,
     SIM,
     SIM_OUT,
+    # h-hooks (outgoing webhooks)
+    HOOKS,
+    HOOK_JOBS,
+    HOOK_DELIVERIES,
 )
 STREAMS_BY_NAME: dict[str, StreamSpec] = {s.name: s for s in STREAMS}
 

@@ -184,6 +184,10 @@ def check_role(settings: Settings, role: Role) -> None:
         )
     if role in ("all", "core"):
         make_llm(settings)
+    if role in ("all", "web"):  # outgoing webhooks' settings (h-hooks): one line if bad
+        from services.web.hooks import load_hook_settings
+
+        load_hook_settings()
     if role in ("all", "whatsapp", "whatsapp-egress") and settings.transport == "sim":
         check_send_cover(settings.lease_ttl, sim_send_timeout(settings.sim), "sim")
     if role in ("all", "whatsapp", "whatsapp-egress") and settings.transport == "cloud":
@@ -296,6 +300,12 @@ async def _run_role(
 
                 window = CloudWindow(bus, cloud_settings(settings), transport.channel)
                 tasks.append(asyncio.create_task(window.run(stop), name="cloud-window"))
+        if role in ("all", "web"):
+            # Outgoing webhooks (h-hooks, ADR 0042): shared consumers, any number of replicas.
+            from services.web.hooks import Hooks, load_hook_settings
+
+            hooks = Hooks(bus, load_hook_settings())
+            tasks.append(asyncio.create_task(hooks.run(stop), name="webhooks"))
         if http is not None:
             watch = [*watch, http.until_failed]
         elif settings.http.port is not None:

@@ -54,6 +54,7 @@ Commands:
   replay            services/ops/replay.py, services/ops/explain.py
   audit             services/ops/audit.py, projections/audit.py
   audit explain     services/ops/explain.py, projections/transcript.py
+  webhooks          services/ops/webhooks.py, services/web/hooks.py
 Everything else: docs/architecture.md, "Where things live"."""
 
 app = typer.Typer(
@@ -92,6 +93,12 @@ audit_app = typer.Typer(
     invoke_without_command=True,
 )
 app.add_typer(audit_app, name="audit")
+# Outgoing webhooks (h-hooks, ADR 0042); the commands are at the end of this file.
+webhooks_app = typer.Typer(
+    help="Outgoing webhooks (events on HOOKS): add, ls, rm, test, dead letters.",
+    no_args_is_help=True,
+)
+app.add_typer(webhooks_app, name="webhooks")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print data as JSON.")]
 
@@ -1048,6 +1055,163 @@ def _check_account(account: str) -> None:
         check_account(account)
     except ValueError as exc:
         raise _fail(str(exc), 2) from None
+
+
+# --- svc webhooks (h-hooks, ADR 0042) -------------------------------------------------------
+
+
+@webhooks_app.command("add")
+def webhooks_add(
+    url: Annotated[str, typer.Argument(help="Where to POST: http(s)://host[:port]/path.")],
+    events: Annotated[
+        str, typer.Option("--events", help="Comma-separated event names, e.g. MessageReceived.")
+    ],
+    secret_stdin: Annotated[
+        bool, typer.Option("--secret-stdin", help="Read the signing secret from stdin.")
+    ] = False,
+    description: Annotated[str, typer.Option(help="A note for operators.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Subscribe URL to events; bodies are signed with the secret (HMAC-SHA256)."""
+    import getpass
+
+    from services.ops.webhooks import add
+    from services.web.hooks import load_hook_settings
+
+    if not secret_stdin:
+        raise _fail(
+            "a webhook needs a signing secret: pipe it in with --secret-stdin"
+            " (e.g. openssl rand -hex 32 | svc webhooks add URL --events E --secret-stdin)",
+            2,
+        )
+    secret = sys.stdin.readline().rstrip("\r\n")
+    settings = _settings(quiet=True)
+    try:
+        hooks = load_hook_settings()
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+
+    async def main() -> Any:
+        async with _connect(settings, "svc-webhooks") as bus:
+            return await add(
+                bus,
+                url,
+                events.split(","),
+                secret,
+                settings=hooks,
+                actor=getpass.getuser(),
+                description=description,
+            )
+
+    added = _run(main)
+    if as_json:
+        typer.echo(msgspec.json.encode(added).decode())
+        return
+    typer.echo(f"added webhook {added.id}: {added.url} <- {', '.join(added.events)}")
+
+
+@webhooks_app.command("ls")
+def webhooks_ls(as_json: JsonOpt = False) -> None:
+    """Live subscriptions: id, URL, events (never the secret)."""
+    from services.ops.webhooks import ls
+
+    settings = _settings(quiet=True)
+
+    async def main() -> Any:
+        async with _connect(settings, "svc-webhooks") as bus:
+            return await ls(bus)
+
+    rows = _run(main)
+    if as_json:
+        typer.echo(msgspec.json.encode(rows).decode())
+        return
+    if not rows:
+        typer.echo("no webhooks")
+        return
+    typer.echo(f"{'ID':<17} {'SINCE':<26} {'SECRET':<7} URL / EVENTS")
+    for r in rows:
+        since = r.since.isoformat(timespec="seconds")
+        typer.echo(f"{r.id:<17} {since:<26} {r.secret:<7} {r.url}")
+        typer.echo(f"{'':<17} {', '.join(r.events)}")
+
+
+@webhooks_app.command("rm")
+def webhooks_rm(
+    webhook: Annotated[str, typer.Argument(help="The webhook's id (svc webhooks ls).")],
+    reason: Annotated[str, typer.Option(help="Why (recorded).")] = "",
+) -> None:
+    """Remove a subscription: nothing more is delivered to it."""
+    import getpass
+
+    from services.ops.webhooks import rm
+
+    settings = _settings(quiet=True)
+
+    async def main() -> Any:
+        async with _connect(settings, "svc-webhooks") as bus:
+            return await rm(bus, webhook, actor=getpass.getuser(), reason=reason)
+
+    removed = _run(main)
+    typer.echo(f"removed webhook {removed.id} ({removed.url})")
+
+
+@webhooks_app.command("test")
+def webhooks_test(
+    webhook: Annotated[str, typer.Argument(help="The webhook's id (svc webhooks ls).")],
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the attempt.")] = 15.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Send a test delivery (WebhookTestRequested) and say how its first attempt went."""
+    import getpass
+
+    from services.ops.webhooks import send_test
+
+    settings = _settings(quiet=True)
+
+    async def main() -> Any:
+        async with _connect(settings, "svc-webhooks") as bus:
+            return await send_test(bus, webhook, actor=getpass.getuser(), wait=timeout)
+
+    result = _run(main)
+    if as_json:
+        typer.echo(msgspec.json.encode(result).decode())
+    elif result.outcome == "delivered":
+        typer.echo(
+            f"delivered test {result.delivery}: HTTP {result.status} in {result.latency_ms:g} ms"
+        )
+    if result.outcome != "delivered":
+        if not as_json:
+            typer.echo(f"svc: test {result.delivery} {result.outcome}: {result.error}", err=True)
+        raise typer.Exit(1)
+
+
+@webhooks_app.command("deadletters")
+def webhooks_deadletters(
+    webhook: Annotated[str | None, typer.Argument(help="Only this webhook's.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Deliveries given up, with every attempt's error."""
+    from services.ops.webhooks import dead_letters
+
+    settings = _settings(quiet=True)
+
+    async def main() -> Any:
+        async with _connect(settings, "svc-webhooks") as bus:
+            return await dead_letters(bus, webhook)
+
+    rows = _run(main)
+    if as_json:
+        typer.echo(msgspec.json.encode(rows).decode())
+        return
+    if not rows:
+        typer.echo("no webhook dead letters")
+        return
+    for r in rows:
+        typer.echo(
+            f"{r.at.isoformat(timespec='seconds')} {r.subscription} {r.event_type} {r.delivery}"
+        )
+        for e in r.errors:
+            typer.echo(f"    attempt {e.attempt}: {e.error}")
 
 
 def _connect(settings: Settings, name: str) -> AbstractAsyncContextManager[Bus]:

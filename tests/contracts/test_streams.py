@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contracts import streams, subjects
+from contracts import hooks, streams, subjects
 from contracts.errors import InvalidSubjectError
 from contracts.streams import STREAMS, Retention, StreamSpec, stream_for_subject
 
@@ -112,14 +112,17 @@ def test_design_streams_exist(name: str) -> None:
     assert getattr(streams, name) is streams.STREAMS_BY_NAME[name]
 
 
-@pytest.mark.parametrize("spec", [streams.OUTBOUND, streams.SIM], ids=lambda s: s.name)
+JOB_STREAMS = (streams.OUTBOUND, streams.SIM, streams.HOOK_JOBS)
+
+
+@pytest.mark.parametrize("spec", JOB_STREAMS, ids=lambda s: s.name)
 def test_job_streams_are_work_queues(spec: StreamSpec) -> None:
     assert spec.retention is Retention.WORKQUEUE
 
 
 @pytest.mark.parametrize(
     "spec",
-    [s for s in STREAMS if s not in (streams.OUTBOUND, streams.SIM)],
+    [s for s in STREAMS if s not in JOB_STREAMS],
     ids=lambda s: s.name,
 )
 def test_event_streams_keep_history(spec: StreamSpec) -> None:
@@ -193,6 +196,11 @@ SAMPLE_SUBJECTS = [
     # Accounts named like the sim suffixes must not confuse the routing.
     (subjects.sim_in("out"), streams.SIM),
     (subjects.sim_out("in"), streams.SIM_OUT),
+    # Outgoing webhooks (h-hooks)
+    (hooks.subscription_subject("0123456789abcdef"), streams.HOOKS),
+    (hooks.probe_subject("0123456789abcdef"), streams.HOOKS),
+    (hooks.job_subject("0123456789abcdef", "d" * 32), streams.HOOK_JOBS),
+    (hooks.delivery_subject("0123456789abcdef", "d" * 32), streams.HOOK_DELIVERIES),
 ]
 
 

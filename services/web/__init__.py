@@ -1,0 +1,1 @@
+"""The web side: the operator console and HTTP API, and outgoing webhooks (hooks*.py)."""
