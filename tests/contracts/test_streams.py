@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contracts import streams, subjects
+from contracts import streams, subjects, web
 from contracts.errors import InvalidSubjectError
 from contracts.streams import STREAMS, Retention, StreamSpec, stream_for_subject
 
@@ -193,6 +193,10 @@ SAMPLE_SUBJECTS = [
     # Accounts named like the sim suffixes must not confuse the routing.
     (subjects.sim_in("out"), streams.SIM),
     (subjects.sim_out("in"), streams.SIM_OUT),
+    # h-web: the web side's audit trail (contracts/web.py).
+    (web.user_subject("alice"), streams.WEB),
+    (web.token_subject("0123456789ab"), streams.WEB),
+    (web.login_subject("not a name"), streams.WEB),
 ]
 
 
