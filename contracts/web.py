@@ -51,7 +51,7 @@ def check_role(role: str) -> WebRole:
     """`role` if it is one of viewer, operator, admin, else WebContractError."""
     if role not in WEB_ROLES:
         raise WebContractError(f"unknown role {role!r}: expected one of {', '.join(WEB_ROLES)}")
-    return role  # type: ignore[return-value]
+    return role
 
 
 def check_token_id(token_id: str) -> str:

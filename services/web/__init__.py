@@ -1,0 +1,1 @@
+"""The web side: the console and JSON API of `svc run web` (ADR 0040, 0041)."""
