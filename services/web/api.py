@@ -14,6 +14,7 @@ from litestar.params import Parameter
 
 from contracts.errors import ContractError
 from contracts.events import CHANNEL_WHATSAPP
+from contracts.web import NAME_PATTERN
 from services.runtime.bus import Bus
 from services.runtime.errors import ConfigError, ServiceError, StreamsMissingError
 from services.web import console
@@ -24,6 +25,7 @@ from services.web.identity import IdentityError, Principal
 
 Text = Annotated[str, msgspec.Meta(max_length=65_536)]
 Short = Annotated[str, msgspec.Meta(max_length=1024)]
+Patterns = Annotated[list[Short], msgspec.Meta(max_length=100)]
 Limit = Annotated[
     int | None, Parameter(ge=1, le=console.MAX_LIMIT, description="Items per page (default 50).")
 ]
@@ -303,8 +305,8 @@ class PolicyBody(msgspec.Struct, frozen=True, kw_only=True):
 
     channel: Short | None = None
     account: Short | None = None
-    allow: list[Short] = msgspec.field(default_factory=list)
-    deny: list[Short] = msgspec.field(default_factory=list)
+    allow: Patterns = msgspec.field(default_factory=list)
+    deny: Patterns = msgspec.field(default_factory=list)
 
 
 @put("/api/v1/plugins/policy", name="api.plugins.policy", status_code=200)
@@ -468,10 +470,13 @@ async def users(
         return page(await list_users(bus_of(request)), limit, cursor)
 
 
+WebName = Annotated[str, msgspec.Meta(pattern=f"^{NAME_PATTERN}$")]
+
+
 class UserBody(msgspec.Struct, frozen=True, kw_only=True):
     """A new console user."""
 
-    name: Annotated[str, msgspec.Meta(max_length=64)]
+    name: WebName
     role: Literal["viewer", "operator", "admin"]
     password: Annotated[str, msgspec.Meta(max_length=1024)]
 
@@ -519,7 +524,7 @@ async def tokens(
 class TokenBody(msgspec.Struct, frozen=True, kw_only=True):
     """A new API token."""
 
-    name: Annotated[str, msgspec.Meta(max_length=64)]
+    name: WebName
     role: Literal["viewer", "operator", "admin"]
 
 
