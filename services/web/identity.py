@@ -56,6 +56,7 @@ from contracts.web import (
 )
 from services.runtime.bus import Bus
 from services.runtime.errors import ServiceError
+from services.runtime.metrics import instruments
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,9 @@ _WRONG_SEQUENCE = 10071
 MAX_PASSWORD_CHARS = 1024  # argon2 hashes anything; a bound keeps a request cheap
 MIN_PASSWORD_CHARS = 8
 LAST_USED_EVERY = 60.0  # seconds between `last_used` writes of one token
+_LOGIN_OK = {"outcome": "ok"}
+_LOGIN_FAILED = {"outcome": "failed"}
+_LOGIN_THROTTLED = {"outcome": "throttled"}
 
 
 class IdentityError(ServiceError):
@@ -341,6 +345,7 @@ class Identity:
             for key in keys:
                 await self._fail(key)
             await self._record(login_subject(name), LoginFailed(user=name[:64], client=client))
+            instruments().web_logins.add(1, _LOGIN_FAILED)
             raise BadCredentialsError("wrong user name or password")
         user = found[0]
         await self._forget(keys[0])  # a success clears the user's counter, not the address's
@@ -356,6 +361,7 @@ class Identity:
         kv = await self._kv(WEB_SESSIONS.name)
         await kv.create(sha256_hex(cookie), encode(session), msg_ttl=self.session_ttl)
         await self._record(login_subject(user.name), LoginSucceeded(user=user.name, client=client))
+        instruments().web_logins.add(1, _LOGIN_OK)
         return cookie, session
 
     def _verify(self, hashed: str | None, password: str) -> bool:
@@ -421,6 +427,7 @@ class Identity:
             await self._record(
                 login_subject(name), LoginFailed(user=name[:64], client=client, reason="throttled")
             )
+            instruments().web_logins.add(1, _LOGIN_THROTTLED)
             what = "this user" if key.startswith("user.") else "this address"
             raise ThrottledError(
                 f"too many failed logins for {what}: try again in {retry} s", retry_after=retry
