@@ -162,7 +162,8 @@ class LoginSucceeded(Event, frozen=True, kw_only=True):
 
 
 class LoginFailed(Event, frozen=True, kw_only=True):
-    """A login was refused: `reason` is bad_credentials or throttled (never the password)."""
+    """A login was refused: `reason` is bad_credentials or throttled. `user` is `_` when
+    the name typed is no user's (it may be a password typed in the wrong field)."""
 
     user: str
     client: str = ""

@@ -33,6 +33,7 @@ from contracts.events import Event, new_id, utcnow
 from contracts.streams import WEB_SESSIONS, WEB_THROTTLE, WEB_TOKENS, WEB_USERS
 from contracts.web import (
     TOKEN_PREFIX,
+    UNKNOWN_USER,
     LoggedOut,
     LoginFailed,
     LoginSucceeded,
@@ -142,6 +143,14 @@ def check_password(password: str) -> str:
     if len(password) > MAX_PASSWORD_CHARS:
         raise InvalidError(f"the password is too long: at most {MAX_PASSWORD_CHARS} characters")
     return password
+
+
+def _valid(name: str) -> bool:
+    try:
+        check_name(name)
+    except WebContractError:
+        return False
+    return True
 
 
 def _checked(check: Callable[[str], str], value: str) -> str:
@@ -329,22 +338,22 @@ class Identity:
     async def login(self, name: str, password: str, client: str) -> tuple[str, SessionRecord]:
         """Check the password (throttled per user and per address); start a session.
         Returns the cookie value (shown once to the browser) and the session."""
-        keys = [throttle_key("addr", client or "unknown")]
-        valid_name = True
-        try:
-            check_name(name)
-            keys.insert(0, throttle_key("user", name))
-        except WebContractError:
-            valid_name = False
-        await self._refuse_if_throttled(name, client, keys)
-        found = await self._get(WEB_USERS.name, name, UserRecord) if valid_name else None
+        # A name that is no user's is never stored as typed, not even in a key: people type
+        # their password into the user field. It is recorded as `_`, counted under a hash.
+        keys = [
+            throttle_key("user", sha256_hex(name)[:32]),
+            throttle_key("addr", client or "unknown"),
+        ]
+        found = await self._get(WEB_USERS.name, name, UserRecord) if _valid(name) else None
+        shown = found[0].name if found else UNKNOWN_USER
+        await self._refuse_if_throttled(shown, client, keys)
         ok = await asyncio.to_thread(
             self._verify, found[0].password_hash if found else None, password[:MAX_PASSWORD_CHARS]
         )
         if found is None or not ok:
             for key in keys:
                 await self._fail(key)
-            await self._record(login_subject(name), LoginFailed(user=name[:64], client=client))
+            await self._record(login_subject(shown), LoginFailed(user=shown, client=client))
             instruments().web_logins.add(1, _LOGIN_FAILED)
             raise BadCredentialsError("wrong user name or password")
         user = found[0]
@@ -415,6 +424,7 @@ class Identity:
     # --- login throttling ----------------------------------------------------------------
 
     async def _refuse_if_throttled(self, name: str, client: str, keys: list[str]) -> None:
+        """429 when a key counted too many failures; `name` is what the event records."""
         now = utcnow()
         for key in keys:
             found = await self._get(WEB_THROTTLE.name, key, ThrottleRecord)
@@ -425,7 +435,7 @@ class Identity:
                 continue
             retry = max(1, math.ceil((until - now).total_seconds()))
             await self._record(
-                login_subject(name), LoginFailed(user=name[:64], client=client, reason="throttled")
+                login_subject(name), LoginFailed(user=name, client=client, reason="throttled")
             )
             instruments().web_logins.add(1, _LOGIN_THROTTLED)
             what = "this user" if key.startswith("user.") else "this address"
