@@ -55,7 +55,8 @@ Commands:
   replay            services/ops/replay.py, services/ops/explain.py
   audit             services/ops/audit.py, projections/audit.py
   audit explain     services/ops/explain.py, projections/transcript.py
-  users, tokens     services/ops/users.py, services/web/identity.py
+  users             services/ops/users.py, services/web/identity.py
+  tokens            services/ops/users.py, services/web/identity.py
 Everything else: docs/architecture.md, "Where things live"."""
 
 app = typer.Typer(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import nats.errors
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
 from litestar.response import Redirect
@@ -82,6 +83,15 @@ def on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
         if isinstance(exc.extra, dict) and isinstance(exc.extra.get("code"), str):
             code = exc.extra["code"]
         headers = dict(exc.headers or {})
+    elif isinstance(exc, nats.errors.Error | TimeoutError):
+        # NATS did not store or answer (down, a cluster electing, a denied permission):
+        # the request may be retried; the log says which.
+        log.warning(
+            "http handler: NATS did not answer",
+            extra={"path": request.url.path, "error": f"{type(exc).__name__}: {exc}"},
+        )
+        status, code, headers = 503, "unavailable", {"Retry-After": "5"}
+        detail = f"NATS did not answer ({type(exc).__name__}): retry shortly"
     else:
         log.error(
             "http handler failed",
