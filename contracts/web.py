@@ -114,8 +114,6 @@ class ThrottleRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 # --- Events (the audit trail, on WEB) ----------------------------------------------------
 
-Via = Literal["cli", "web"]
-
 
 class UserAdded(Event, frozen=True, kw_only=True):
     """A console user was created."""

@@ -7,12 +7,12 @@ from typing import Any
 
 from contracts.web import TokenRecord, UserRecord
 from services.runtime.bus import Bus
-from services.web.identity import Identity, age
+from services.web.identity import Identity, iso
 
 
 def user_row(user: UserRecord) -> dict[str, Any]:
     """What `svc users ls` shows of a user (never the hash)."""
-    return {"name": user.name, "role": user.role, "created_at": age(user.created_at)}
+    return {"name": user.name, "role": user.role, "created_at": iso(user.created_at)}
 
 
 def token_row(token: TokenRecord) -> dict[str, Any]:
@@ -21,8 +21,8 @@ def token_row(token: TokenRecord) -> dict[str, Any]:
         "id": token.id,
         "name": token.name,
         "role": token.role,
-        "created_at": age(token.created_at),
-        "last_used": age(token.last_used),
+        "created_at": iso(token.created_at),
+        "last_used": iso(token.last_used),
     }
 
 

@@ -230,7 +230,7 @@ class Identity:
     async def users(self) -> list[UserRecord]:
         """Every user, by name."""
         return sorted(
-            (r for r, _ in await self._all(WEB_USERS.name, UserRecord)), key=lambda u: u.name
+            (r for r, _ in await self._all_keyed(WEB_USERS.name, UserRecord)), key=lambda u: u.name
         )
 
     async def remove_user(self, name: str, *, actor: str, via: str = "cli") -> int:
@@ -281,7 +281,8 @@ class Identity:
     async def tokens(self) -> list[TokenRecord]:
         """Every live token, by name."""
         return sorted(
-            (r for r, _ in await self._all(WEB_TOKENS.name, TokenRecord)), key=lambda t: t.name
+            (r for r, _ in await self._all_keyed(WEB_TOKENS.name, TokenRecord)),
+            key=lambda t: t.name,
         )
 
     async def find_token(self, ref: str) -> TokenRecord:
@@ -504,10 +505,7 @@ class Identity:
                 found.append((got[0], key))
         return found
 
-    async def _all(self, bucket: str, kind: type[T]) -> list[tuple[T, str]]:
-        return await self._all_keyed(bucket, kind)
 
-
-def age(at: datetime | None) -> str:
+def iso(at: datetime | None) -> str:
     """`at` as RFC 3339 seconds, or an empty string."""
     return at.isoformat(timespec="seconds") if at else ""
