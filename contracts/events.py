@@ -94,8 +94,20 @@ class TokenUsage(msgspec.Struct, frozen=True, kw_only=True):
     completion_tokens: int = 0
 
 
+class OperatorOrigin(msgspec.Struct, frozen=True, kw_only=True):
+    """Who made an operator-originated turn (a proactive send from the console or API):
+    `actor` is the user or token name, `kind` says which, `client` the address it came
+    from, `via` the way in (`web`)."""
+
+    actor: str
+    kind: Literal["user", "token"] = "user"
+    client: str = ""
+    via: str = "web"
+
+
 class TurnCompleted(Event, frozen=True, kw_only=True):
-    """The agent answered one inbound message."""
+    """The agent answered one inbound message -- or, with `origin` set, an operator sent
+    `reply_ids` on their own (a proactive send: no inbound message, `inbound_id` empty)."""
 
     channel: str = CHANNEL_WHATSAPP
     account: str
@@ -110,6 +122,7 @@ class TurnCompleted(Event, frozen=True, kw_only=True):
     # PLUGINS stream position of the projection the turn's tools were resolved from
     # (0: no projection, plugin defaults), so an audit can rebuild the policy it saw.
     plugins_seq: int = 0
+    origin: OperatorOrigin | None = None  # set on an operator-originated turn (ADR 0041)
 
 
 class TurnFailed(Event, frozen=True, kw_only=True):

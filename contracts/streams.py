@@ -145,6 +145,14 @@ HOOK_DELIVERIES = StreamSpec(
     max_bytes=1 * GiB,
 )
 
+# h-web (issue 18): the web side's audit trail (ADR 0040): users added/removed, tokens
+# created/revoked, logins ok/failed, logouts. Never a secret.
+WEB = StreamSpec(
+    name="WEB",
+    subjects=("web.*.*",),
+    description="UserAdded/Removed, TokenCreated/Revoked, LoginSucceeded/Failed, LoggedOut",
+)
+
 STREAMS: tuple[StreamSpec, ...] = (
     INBOUND,
     AGENT,
@@ -160,6 +168,7 @@ STREAMS: tuple[StreamSpec, ...] = (
     HOOKS,
     HOOK_JOBS,
     HOOK_DELIVERIES,
+    WEB,  # h-web
 )
 STREAMS_BY_NAME: dict[str, StreamSpec] = {s.name: s for s in STREAMS}
 
@@ -199,6 +208,13 @@ SESSIONS = BucketSpec(name="sessions", description="account -> session state, fo
 WEBHOOKS = BucketSpec(
     name="webhooks", description="Cloud API webhook items already stored", max_age_s=8 * DAY
 )
+# h-web (issue 18, ADR 0040): console users (key `<name>`), API tokens (key `<id>`),
+# sessions (key: sha256 of the cookie; per-key TTL = lifetime) and failed-login counters
+# (key `user.<name>` / `addr.<address>`; per-key TTL = the throttle window).
+WEB_USERS = BucketSpec(name="web_users", description="console users: role, argon2id hash")
+WEB_TOKENS = BucketSpec(name="web_tokens", description="API tokens: role, sha256 of the secret")
+WEB_SESSIONS = BucketSpec(name="web_sessions", description="console sessions (per-key TTL)")
+WEB_THROTTLE = BucketSpec(name="web_throttle", description="failed logins per user and address")
 BUCKETS: tuple[BucketSpec, ...] = (
     LEASES,
     PRESENCE,
@@ -208,6 +224,10 @@ BUCKETS: tuple[BucketSpec, ...] = (
     DEVICES,
     SESSIONS,
     WEBHOOKS,
+    WEB_USERS,  # h-web
+    WEB_TOKENS,  # h-web
+    WEB_SESSIONS,  # h-web
+    WEB_THROTTLE,  # h-web
 )
 
 # Durable consumer names.

@@ -173,8 +173,21 @@ def tool_call(call: ToolCallRecord) -> str:
     return f"{call.name} {_args(call.arguments)} -> {outcome}{digest} {call.latency_ms:.1f} ms"
 
 
+def operator_line(turn: TurnCompleted) -> str:
+    """Who made an operator-originated turn: `operator send by alice (user) from 10.0.0.7
+    via web`."""
+    origin = turn.origin
+    if origin is None:
+        return ""
+    where = f" from {origin.client}" if origin.client else ""
+    return f"operator send by {origin.actor} ({origin.kind}){where} via {origin.via}"
+
+
 def turn_summary(turn: TurnCompleted | TurnFailed) -> str:
-    """`turn (echo, 1 tool: ...; 12.3 ms, 10+5 tokens)`, a skipped or a failed turn."""
+    """`turn (echo, 1 tool: ...; 12.3 ms, 10+5 tokens)`, a skipped or a failed turn, or
+    an operator's send."""
+    if isinstance(turn, TurnCompleted) and turn.origin is not None:
+        return f"{operator_line(turn)} ({len(turn.reply_ids)} job(s))"
     if isinstance(turn, TurnCompleted) and turn.skipped is not None:
         return f"turn skipped ({turn.skipped})"
     parts = [turn.model or "model unknown"]
@@ -446,7 +459,12 @@ def chain_notes(chain: Chain) -> list[str]:
     notes: list[str] = []
     if chain.turn is None and chain.job.requeued_from is None and chain.requeued_by is None:
         notes.append("no turn lists this job among its replies (a job not made by the core?)")
-    if chain.turn is not None and chain.inbound is None:
+    operator = (
+        isinstance(chain.turn.event, TurnCompleted) and chain.turn.event.origin is not None
+        if chain.turn
+        else False
+    )
+    if chain.turn is not None and chain.inbound is None and not operator:
         notes.append("the turn's inbound message is not on INBOUND (removed by limits?)")
     if len(chain.sent) > 1:
         notes.append(f"recorded as sent {len(chain.sent)} times (a resend)")
@@ -503,6 +521,8 @@ def chain_lines(chain: Chain, indent: str = "") -> list[str]:
         part = f"; this job is reply {job.part} of {job.parts}" if job.part else ""
         latency = f", {turn.latency_ms:.1f} ms" if isinstance(turn, TurnCompleted) else ""
         add("turn", chain.turn, f"{status} model {turn.model}{latency}{part}   [id {turn.id}]")
+        if isinstance(turn, TurnCompleted) and turn.origin is not None:
+            sub(operator_line(turn))  # a proactive send: no inbound message caused it
         if isinstance(turn, TurnFailed):
             sub(f"error: {one_line(turn.error, 200)}")
         for call in turn.tools_called:

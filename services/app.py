@@ -309,9 +309,8 @@ async def _run_role(
         if http is not None:
             watch = [*watch, http.until_failed]
         elif settings.http.port is not None:
-            routes = _http_routes(bus, settings, role)
             server = await stack.enter_async_context(
-                serve_http(settings.http.host, settings.http.port, routes)
+                serve_http(settings.http.host, settings.http.port, _http_app(bus, settings, role))
             )
             watch = [*watch, server.until_failed]
         elif serves_webhooks(settings, role):
@@ -395,12 +394,30 @@ def _http_routes(bus: Bus, settings: Settings, role: Role) -> list[Any]:
     return [webhook_routes(hooks)]
 
 
-@asynccontextmanager
-async def serve_http(host: str, port: int, routes: Sequence[Any]) -> AsyncIterator[HttpServer]:
-    """The role's HTTP server (Litestar is imported only by a process that serves HTTP)."""
-    from services.runtime.http import http_app, serve
+def serves_web(settings: Settings, role: Role) -> bool:
+    """Whether the process serves the console and API (ADR 0040): role web always (port
+    8080 unless SVC_HTTP_PORT says otherwise), role all only when SVC_HTTP_PORT is set."""
+    return role == "web" or (role == "all" and settings.http.port is not None)
 
-    async with serve(http_app(routes), host, port) as server:
+
+def _http_app(bus: Bus, settings: Settings, role: Role) -> Any:
+    """The role's Litestar app (imported only by a process that serves HTTP)."""
+    routes = _http_routes(bus, settings, role)
+    if serves_web(settings, role):
+        from services.web.app import web_app  # h-web
+
+        return web_app(bus, settings.web, public=routes)
+    from services.runtime.http import http_app
+
+    return http_app(routes)
+
+
+@asynccontextmanager
+async def serve_http(host: str, port: int, app: Any) -> AsyncIterator[HttpServer]:
+    """The role's HTTP server, serving `app` (a Litestar app)."""
+    from services.runtime.http import serve
+
+    async with serve(app, host, port) as server:
         yield server
 
 
@@ -468,9 +485,7 @@ async def system(
         http = None
         if settings.http.port is not None:
             http = await stack.enter_async_context(
-                serve_http(
-                    settings.http.host, settings.http.port, _http_routes(bus, settings, role)
-                )
+                serve_http(settings.http.host, settings.http.port, _http_app(bus, settings, role))
             )
         await provision_when_able(bus, settings, streams)
         stop = asyncio.Event()

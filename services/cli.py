@@ -37,6 +37,7 @@ Roles (svc run ROLE; wired in services/app.py):
   whatsapp          services/channel/ + a transport from services/whatsapp/
   whatsapp-egress   services/channel/owner.py, services/channel/egress.py
   whatsapp-ingress  services/channel/ingress.py, services/whatsapp/ (receiver)
+  web               services/web/ (console, JSON API, auth)
   all               all roles; no NATS_URL: services/runtime/nats_server.py
   (every role)      services/runtime/ (bus, consumer loop, lease, settings)
 Commands:
@@ -55,6 +56,8 @@ Commands:
   audit             services/ops/audit.py, projections/audit.py
   audit explain     services/ops/explain.py, projections/transcript.py
   webhooks          services/ops/webhooks.py, services/web/hooks.py
+  users             services/ops/users.py, services/web/identity.py
+  tokens            services/ops/users.py, services/web/identity.py
 Everything else: docs/architecture.md, "Where things live"."""
 
 app = typer.Typer(
@@ -1046,6 +1049,146 @@ def audit(
         typer.echo(render(report, elapsed, scope))
     if not report.ok:
         raise _fail(f"{len(report.violations)} violation(s) found (see above)", 1)
+
+
+# --- svc users / svc tokens (h-web, ADR 0040) ---------------------------------------------
+
+users_app = typer.Typer(help="Console users (stored hashed in JetStream).", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+tokens_app = typer.Typer(help="API bearer tokens (stored hashed).", no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
+WebRoleOpt = Annotated[str, typer.Option("--role", help="viewer | operator | admin")]
+
+
+def _identity(settings: Settings, work: Callable[[Bus], Coroutine[Any, Any, T]]) -> T:
+    """Run a users/tokens command; the streams and buckets are provisioned first (a fresh
+    server works on first use). A refused change is one line and exit 1."""
+    from services.runtime.provisioning import ensure_streams, raise_on_conflict
+
+    async def main() -> T:
+        async with _connect(settings, "svc-users") as bus:
+            raise_on_conflict(await ensure_streams(bus.js, replicas=settings.stream_replicas))
+            return await work(bus)
+
+    return _run(main)
+
+
+def _check_web(name: str, role: str | None = None) -> None:
+    from contracts.web import WebContractError, check_name, check_role
+
+    try:
+        check_name(name)
+        if role is not None:
+            check_role(role)
+    except WebContractError as exc:
+        raise _fail(str(exc), 2) from None
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="The user name (letters, digits, _ and -).")],
+    role: WebRoleOpt,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from stdin (required).")
+    ] = False,
+) -> None:
+    """Add a console user; the password is read from stdin and stored as an argon2id hash."""
+    import getpass
+
+    from services.ops.users import add_user
+    from services.web.identity import IdentityError, check_password
+
+    _check_web(name, role)
+    if not password_stdin:
+        raise _fail("give the password on stdin with --password-stdin", 2)
+    password = sys.stdin.read().removesuffix("\n").removesuffix("\r")
+    try:
+        check_password(password)
+    except IdentityError as exc:
+        raise _fail(str(exc), 2) from None
+    settings = _settings(quiet=True)
+    _identity(settings, lambda bus: add_user(bus, name, role, password, actor=getpass.getuser()))
+    typer.echo(f"added user {name} ({role})")
+
+
+@users_app.command("ls")
+def users_ls(as_json: JsonOpt = False) -> None:
+    """Console users: name, role, created (never a password hash)."""
+    from services.ops.users import list_users
+
+    rows = _identity(_settings(quiet=True), list_users)
+    if as_json:
+        typer.echo(msgspec.json.encode(rows).decode())
+        return
+    if not rows:
+        typer.echo("no users: add one with 'svc users add NAME --role admin --password-stdin'")
+    for r in rows:
+        typer.echo(f"{r['name']:<24} {r['role']:<9} {r['created_at']}")
+
+
+@users_app.command("rm")
+def users_rm(name: Annotated[str, typer.Argument(help="The user to remove.")]) -> None:
+    """Remove a console user and end their sessions on every replica."""
+    import getpass
+
+    from services.ops.users import remove_user
+
+    _check_web(name)
+    ended = _identity(
+        _settings(quiet=True), lambda bus: remove_user(bus, name, actor=getpass.getuser())
+    )
+    typer.echo(f"removed user {name} ({ended} session(s) ended)")
+
+
+@tokens_app.command("create")
+def tokens_create(
+    name: Annotated[str, typer.Argument(help="A name for the token (unique).")],
+    role: WebRoleOpt,
+) -> None:
+    """Create an API token and print it once (only its sha256 is stored)."""
+    import getpass
+
+    from services.ops.users import create_token
+
+    _check_web(name, role)
+    row, secret = _identity(
+        _settings(quiet=True), lambda bus: create_token(bus, name, role, actor=getpass.getuser())
+    )
+    typer.echo(secret)
+    typer.echo(
+        f"token {row['id']} ({name}, {role}): shown once, store it now;"
+        " send it as 'Authorization: Bearer <token>'",
+        err=True,
+    )
+
+
+@tokens_app.command("ls")
+def tokens_ls(as_json: JsonOpt = False) -> None:
+    """API tokens: id, name, role, created, last used (never the secret)."""
+    from services.ops.users import list_tokens
+
+    rows = _identity(_settings(quiet=True), list_tokens)
+    if as_json:
+        typer.echo(msgspec.json.encode(rows).decode())
+        return
+    if not rows:
+        typer.echo("no tokens")
+    for r in rows:
+        used = r["last_used"] or "never used"
+        typer.echo(f"{r['id']}  {r['name']:<24} {r['role']:<9} {r['created_at']}  {used}")
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(ref: Annotated[str, typer.Argument(help="The token's id or name.")]) -> None:
+    """Revoke a token: every replica refuses it from now on."""
+    import getpass
+
+    from services.ops.users import revoke_token
+
+    row = _identity(
+        _settings(quiet=True), lambda bus: revoke_token(bus, ref, actor=getpass.getuser())
+    )
+    typer.echo(f"revoked token {row['id']} ({row['name']})")
 
 
 def _check_account(account: str) -> None:

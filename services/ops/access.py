@@ -79,17 +79,26 @@ async def _record(bus: Bus, event: Message, channel: str, account: str) -> int:
     return int(ack.seq)
 
 
-async def set_mode(bus: Bus, mode: str, channel: str, account: str) -> tuple[AccessModeSet, int]:
+async def set_mode(
+    bus: Bus, mode: str, channel: str, account: str, *, actor: str | None = None
+) -> tuple[AccessModeSet, int]:
     """Record a scope's mode."""
     chosen = next((m for m in MODES if m == mode), None)
     if chosen is None:
         raise ConfigError(f"mode {mode!r} is invalid: use one of {', '.join(MODES)}")
-    event = AccessModeSet(channel=channel, account=account, mode=chosen, actor=getpass.getuser())
+    who = actor if actor is not None else getpass.getuser()
+    event = AccessModeSet(channel=channel, account=account, mode=chosen, actor=who)
     return event, await _record(bus, event, channel, account)
 
 
 async def add_rule(
-    bus: Bus, kind: AccessKind, pattern: str, channel: str, account: str
+    bus: Bus,
+    kind: AccessKind,
+    pattern: str,
+    channel: str,
+    account: str,
+    *,
+    actor: str | None = None,
 ) -> tuple[AccessRuleAdded, int]:
     """Record an allow or block pattern for a scope."""
     event = AccessRuleAdded(
@@ -97,7 +106,7 @@ async def add_rule(
         account=account,
         pattern=check_pattern(pattern),
         kind=kind,
-        actor=getpass.getuser(),
+        actor=actor if actor is not None else getpass.getuser(),
     )
     return event, await _record(bus, event, channel, account)
 
@@ -125,7 +134,7 @@ async def pending(bus: Bus, account: str | None = None) -> list[dict[str, Any]]:
 
 
 async def approve(
-    bus: Bus, jid: str, channel: str, account: str
+    bus: Bus, jid: str, channel: str, account: str, *, actor: str | None = None
 ) -> tuple[AccessApproved, int, list[str]]:
     """Approve `jid` on an account, then send its waiting messages back to the core (as
     new MessageReceived, ids derived from the originals) so each is answered in order.
@@ -138,7 +147,11 @@ async def approve(
     requests = sorted(waiting.requests, key=lambda r: r.inbound_seq) if waiting else []
     released = [r.inbound_id for r in requests if r.inbound_seq]
     event = AccessApproved(
-        channel=channel, account=account, jid=jid, released=released, actor=getpass.getuser()
+        channel=channel,
+        account=account,
+        jid=jid,
+        released=released,
+        actor=actor if actor is not None else getpass.getuser(),
     )
     seq = await _record(bus, event, channel, account)
     # After the approval is recorded: a core that sees a released message sees the approval.

@@ -123,7 +123,7 @@ async def uninstall(bus: Bus, name: str, scope: Scope) -> tuple[PluginUninstalle
 
 
 async def policy(
-    bus: Bus, scope: Scope, allow: list[str], deny: list[str]
+    bus: Bus, scope: Scope, allow: list[str], deny: list[str], *, actor: str | None = None
 ) -> tuple[ToolPolicySet, int]:
     """Record the allow/deny patterns of a scope (replacing its previous rules)."""
     for pattern in [*allow, *deny]:
@@ -131,7 +131,8 @@ async def policy(
             raise ConfigError(
                 f"pattern {pattern!r} is invalid: use plugin.tool globs like 'http_get.*'"
             )
-    event = ToolPolicySet(scope=scope, allow=allow, deny=deny, actor=getpass.getuser())
+    who = actor if actor is not None else getpass.getuser()
+    event = ToolPolicySet(scope=scope, allow=allow, deny=deny, actor=who)
     return event, await record(bus, event, subjects.PLUGIN_POLICY_SUBJECT)
 
 

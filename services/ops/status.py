@@ -236,6 +236,11 @@ async def _last_at(bus: Bus, stream: str, subject: str) -> str:
     return at.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+async def collect_accounts(bus: Bus) -> list[dict[str, Any]]:
+    """The accounts part of `svc status` alone (no stream or worker discovery)."""
+    return await _accounts(bus, await _leases(bus))
+
+
 async def _accounts(bus: Bus, leases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per account known to the leases, the board or the device records."""
     boards = await _bucket_values(bus, SESSIONS.name, SessionStatus)

@@ -40,13 +40,13 @@ class HttpServerError(ServiceError):
     """The HTTP server stopped while the role was running."""
 
 
-@get("/healthz", media_type=MediaType.TEXT, sync_to_thread=False)
+@get("/healthz", media_type=MediaType.TEXT, sync_to_thread=False, include_in_schema=False)
 def healthz() -> str:
     """The process is alive (and its event loop answers)."""
     return "ok"
 
 
-@get("/readyz", media_type=MediaType.TEXT, sync_to_thread=False)
+@get("/readyz", media_type=MediaType.TEXT, sync_to_thread=False, include_in_schema=False)
 def readyz() -> Response[str]:
     """200 when every readiness check of the process is met; else 503, one line each."""
     unmet = READINESS.unmet()
@@ -59,7 +59,7 @@ def readyz() -> Response[str]:
     )
 
 
-@get("/metrics", sync_to_thread=False)
+@get("/metrics", sync_to_thread=False, include_in_schema=False)
 def metrics() -> Response[str]:
     """The process's metrics as Prometheus text (collected now; no I/O)."""
     return Response(render(), media_type=PROMETHEUS_CONTENT_TYPE)

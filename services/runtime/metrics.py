@@ -169,6 +169,10 @@ class Instruments:
             description="Account leases released to another owner, by reason (operator,"
             " rebalance).",
         )
+        self.web_logins = counter(  # h-web (ADR 0040)
+            PREFIX + "web_logins",
+            description="Console logins by outcome (ok, failed, throttled).",
+        )
         meter.create_observable_gauge(
             PREFIX + "parked_accounts",
             callbacks=[state.parked_observations],

@@ -22,8 +22,16 @@ from contracts.subjects import ACCOUNT_PATTERN
 from services.runtime.errors import ConfigError
 from services.runtime.retry import RetryPolicy
 
-Role = Literal["all", "core", "whatsapp", "whatsapp-egress", "whatsapp-ingress"]
-ROLES: tuple[Role, ...] = ("all", "core", "whatsapp", "whatsapp-egress", "whatsapp-ingress")
+Role = Literal["all", "core", "whatsapp", "whatsapp-egress", "whatsapp-ingress", "web"]
+ROLES: tuple[Role, ...] = (
+    "all",
+    "core",
+    "whatsapp",
+    "whatsapp-egress",
+    "whatsapp-ingress",
+    "web",
+)
+WEB_DEFAULT_PORT = 8080  # role web serves HTTP even when SVC_HTTP_PORT is unset
 TransportName = Literal["sim", "neonize", "cloud"]
 LLMName = Literal["echo", "openai"]
 LogFormat = Literal["auto", "json", "text"]
@@ -451,6 +459,17 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    """The console and API (role web, and role all with SVC_HTTP_PORT; ADR 0040)."""
+
+    # SVC_WEB_INSECURE_COOKIES=1: session cookies without `Secure`, for plain-http dev only.
+    insecure_cookies: bool = False
+    session_ttl: int = 8 * 3600  # SVC_WEB_SESSION_TTL: seconds a login lasts
+    login_failures: int = 5  # SVC_WEB_LOGIN_FAILURES: failures per user/address before 429
+    login_window: int = 900  # SVC_WEB_LOGIN_WINDOW: seconds a failure is counted for
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a role needs, parsed and validated."""
 
@@ -481,6 +500,7 @@ class Settings:
     cloud: CloudSettings | None = None
     # SVC_HTTP_HOST / SVC_HTTP_PORT: the role's HTTP server (None: none; 0 picks a free port).
     http: HttpSettings = HttpSettings()
+    web: WebSettings = WebSettings()
 
     @property
     def effective_nats_url(self) -> str:
@@ -614,10 +634,20 @@ def load_settings(env: Mapping[str, str] | None = None, *, role: str | None = No
             host=get.get_str("SVC_HTTP_HOST", "127.0.0.1"),
             port=get.get_int("SVC_HTTP_PORT", 0, minimum=0, maximum=65535)
             if get.is_set("SVC_HTTP_PORT")
+            else WEB_DEFAULT_PORT
+            if role_value == "web"
             else None,
             webhook_max_bytes=get.get_int(
                 "SVC_WEBHOOK_MAX_BYTES", 1 << 20, minimum=1024, maximum=64 << 20
             ),
+        ),
+        web=WebSettings(
+            insecure_cookies=get.get_bool("SVC_WEB_INSECURE_COOKIES", False),
+            session_ttl=get.get_int(
+                "SVC_WEB_SESSION_TTL", 8 * 3600, minimum=60, maximum=30 * 86_400
+            ),
+            login_failures=get.get_int("SVC_WEB_LOGIN_FAILURES", 5, minimum=1, maximum=1000),
+            login_window=get.get_int("SVC_WEB_LOGIN_WINDOW", 900, minimum=1, maximum=86_400),
         ),
     )
     if settings.transport == "cloud":

@@ -96,6 +96,7 @@ SAMPLES: dict[type[ev.Message], ev.Message] = {
         usage=ev.TokenUsage(prompt_tokens=321, completion_tokens=54),
         skipped="message from a blocked sender",
         plugins_seq=17,
+        origin=ev.OperatorOrigin(actor="alice", kind="token", client="10.0.0.7", via="api"),
     ),
     ev.TurnFailed: ev.TurnFailed(
         id="00000000000000000000000000000003",
@@ -899,3 +900,12 @@ def test_events_written_before_the_audit_fields_still_decode(kind: type[ev.Messa
     new_fields = {f: getattr(event, f) for f in defaults if hasattr(event, f)}
     assert new_fields == {f: v for f, v in defaults.items() if f in new_fields}
     assert event.id == SAMPLES[kind].id
+
+
+def test_turns_written_before_the_operator_origin_still_decode() -> None:
+    # Given the bytes of a TurnCompleted written before `origin` (ADR 0041)
+    old = (GOLDEN_DIR / "TurnCompleted.v1.before-origin.json.compat").read_bytes().strip()
+    # When decoded, it is an agent turn (no origin) and everything else is kept
+    event = decode(old, ev.TurnCompleted)
+    assert event.origin is None
+    assert event == msgspec.structs.replace(SAMPLES[ev.TurnCompleted], origin=None)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contracts import hooks, streams, subjects
+from contracts import hooks, streams, subjects, web
 from contracts.errors import InvalidSubjectError
 from contracts.streams import STREAMS, Retention, StreamSpec, stream_for_subject
 
@@ -201,6 +201,10 @@ SAMPLE_SUBJECTS = [
     (hooks.probe_subject("0123456789abcdef"), streams.HOOKS),
     (hooks.job_subject("0123456789abcdef", "d" * 32), streams.HOOK_JOBS),
     (hooks.delivery_subject("0123456789abcdef", "d" * 32), streams.HOOK_DELIVERIES),
+    # h-web: the web side's audit trail (contracts/web.py).
+    (web.user_subject("alice"), streams.WEB),
+    (web.token_subject("0123456789ab"), streams.WEB),
+    (web.login_subject("not a name"), streams.WEB),
 ]
 
 

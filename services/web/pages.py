@@ -1,0 +1,141 @@
+"""Server-rendered pages of the console: for now logging in and out, and a home page
+(the integrator's pages are added through `web_app(extra=...)`). Every form carries a
+CSRF token: the login form a double-submit cookie's, the others the session's."""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from html import escape
+from typing import Any
+
+from litestar import MediaType, Request, Response, get, post
+from litestar.response import Redirect
+
+from services.web.auth import (
+    CSRF_FIELD,
+    LOGIN_CSRF_COOKIE,
+    SESSION_COOKIE,
+    CookiePolicy,
+    client_of,
+    identity_of,
+)
+from services.web.identity import BadCredentialsError, Principal, ThrottledError
+
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:32rem;margin:3rem auto;padding:0 1rem}"
+    "label{display:block;margin:.6rem 0}input{font:inherit;padding:.3rem;width:100%}"
+    "button{font:inherit;padding:.4rem 1.2rem;margin-top:.6rem}.error{color:#a00}"
+)
+
+
+def html_page(title: str, body: str, *, status: int = 200, csrf: str = "") -> Response[str]:
+    """A minimal HTML page (no script, no external resource)."""
+    meta = f'<meta name="csrf-token" content="{escape(csrf)}">' if csrf else ""
+    document = (
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"{meta}<title>{escape(title)} - Switchboard</title><style>{_STYLE}</style></head>"
+        f"<body>{body}</body></html>"
+    )
+    return Response(
+        document,
+        status_code=status,
+        media_type=MediaType.HTML,
+        headers={
+            "Cache-Control": "no-store",
+            "X-Frame-Options": "DENY",
+            "Content-Security-Policy": "default-src 'self'; style-src 'unsafe-inline'",
+        },
+    )
+
+
+def cookies(request: Request[Any, Any, Any]) -> CookiePolicy:
+    """The app's cookie policy."""
+    found: CookiePolicy = request.app.state["cookies"]
+    return found
+
+
+def _login_form(
+    request: Request[Any, Any, Any], *, error: str = "", status: int = 200
+) -> Response[str]:
+    token = secrets.token_urlsafe(24)
+    message = f'<p class="error" role="alert">{escape(error)}</p>' if error else ""
+    answer = html_page(
+        "Log in",
+        "<h1>Switchboard</h1>"
+        f"{message}"
+        '<form method="post" action="/login">'
+        f'<input type="hidden" name="{CSRF_FIELD}" value="{token}">'
+        '<label>User <input name="username" autocomplete="username" required autofocus></label>'
+        '<label>Password <input name="password" type="password"'
+        ' autocomplete="current-password" required></label>'
+        "<button type=submit>Log in</button></form>",
+        status=status,
+    )
+    answer.set_cookie(cookies(request).login_csrf(token))
+    return answer
+
+
+@get("/login", name="login.form", include_in_schema=False)
+async def login_form(request: Request[Any, Any, Any]) -> Response[str]:
+    """The login form."""
+    return _login_form(request)
+
+
+@post("/login", name="login.submit", include_in_schema=False, status_code=303)
+async def login_submit(request: Request[Any, Any, Any]) -> Response[Any]:
+    """Check the form's CSRF token and the password; start a session (cookie) and go home.
+    Wrong: 401 and the form again; too many failures: 429 with Retry-After."""
+    form = await request.form()
+    sent = form.get(CSRF_FIELD)
+    expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+    if not isinstance(sent, str) or not expected or not hmac.compare_digest(sent, expected):
+        return _login_form(
+            request, error="The form expired (missing CSRF token): try again.", status=403
+        )
+    name, password = form.get("username"), form.get("password")
+    if not isinstance(name, str) or not isinstance(password, str) or not name or not password:
+        return _login_form(request, error="Give a user name and a password.", status=400)
+    try:
+        cookie, _ = await identity_of(request).login(name.strip(), password, client_of(request))
+    except ThrottledError as exc:
+        answer = _login_form(request, error=str(exc), status=429)
+        answer.headers["Retry-After"] = str(exc.retry_after)
+        return answer
+    except BadCredentialsError:
+        return _login_form(request, error="Wrong user name or password.", status=401)
+    policy = cookies(request)
+    done: Response[Any] = Redirect("/", status_code=303)
+    done.set_cookie(policy.session(cookie))
+    done.set_cookie(policy.cleared(LOGIN_CSRF_COOKIE, "/login"))
+    return done
+
+
+@post("/logout", name="logout", include_in_schema=False, status_code=303)
+async def logout(request: Request[Any, Any, Any], principal: Principal) -> Response[Any]:
+    """End this session on every replica (the guard checked the form's CSRF token)."""
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        await identity_of(request).logout(cookie, client_of(request))
+    done: Response[Any] = Redirect("/login", status_code=303)
+    done.set_cookie(cookies(request).cleared(SESSION_COOKIE))
+    return done
+
+
+@get("/", name="home", include_in_schema=False)
+async def home(principal: Principal) -> Response[str]:
+    """Who is logged in, and the way out (the console's pages come next)."""
+    return html_page(
+        "Console",
+        "<h1>Switchboard</h1>"
+        f"<p>Logged in as <strong>{escape(principal.name)}</strong> ({principal.role}).</p>"
+        '<p>API: <a href="/api/v1/openapi.json">/api/v1/openapi.json</a></p>'
+        '<form method="post" action="/logout">'
+        f'<input type="hidden" name="{CSRF_FIELD}" value="{escape(principal.csrf)}">'
+        "<button type=submit>Log out</button></form>",
+        csrf=principal.csrf,
+    )
+
+
+PAGE_HANDLERS = [login_form, login_submit, logout, home]

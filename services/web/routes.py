@@ -1,0 +1,64 @@
+"""Every web route's minimum role, in one place (ADR 0040).
+
+Keys are route handler names (`name=` on the handler). The guard (services/web/auth.py)
+looks a handler up here on every request, and the app factory refuses to start when a
+handler of the web router has no entry, so a new page or endpoint cannot be served
+without a decision. `None` marks a public route. Roles nest: viewer < operator < admin.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from contracts.web import WebRole
+
+PUBLIC: Final = None
+
+ROUTE_ROLES: dict[str, WebRole | None] = {
+    # Logging in and out (server-rendered; services/web/pages.py).
+    "login.form": PUBLIC,
+    "login.submit": PUBLIC,
+    "logout": "viewer",
+    "home": "viewer",
+    # The OpenAPI document: public, it holds no data.
+    "api.openapi": PUBLIC,
+    # Read: viewer.
+    "api.me": "viewer",
+    "api.status": "viewer",
+    "api.accounts": "viewer",
+    "api.messages": "viewer",
+    "api.deadletters": "viewer",
+    "api.deadletter": "viewer",
+    "api.plugins": "viewer",
+    "api.plugins.resolve": "viewer",
+    "api.access": "viewer",
+    "api.access.pending": "viewer",
+    "api.audit": "viewer",
+    "api.audit.explain": "viewer",
+    # Day-to-day operation: operator.
+    "api.send": "operator",
+    "api.handover": "operator",
+    "api.resume": "operator",
+    "api.deadletter.requeue": "operator",
+    "api.deadletter.drop": "operator",
+    "api.access.approve": "operator",
+    # Policy and identity: admin.
+    "api.plugins.policy": "admin",
+    "api.access.mode": "admin",
+    "api.access.rule": "admin",
+    "api.users": "admin",
+    "api.users.add": "admin",
+    "api.users.remove": "admin",
+    "api.tokens": "admin",
+    "api.tokens.create": "admin",
+    "api.tokens.revoke": "admin",
+}
+
+MISSING: Final = "missing"
+
+
+def min_role(name: str | None) -> WebRole | str | None:
+    """The minimum role of the handler called `name`; MISSING when it has no entry."""
+    if name is None or name not in ROUTE_ROLES:
+        return MISSING
+    return ROUTE_ROLES[name]
