@@ -123,19 +123,52 @@ async def logout(request: Request[Any, Any, Any], principal: Principal) -> Respo
     return done
 
 
-@get("/", name="home", include_in_schema=False)
-async def home(principal: Principal) -> Response[str]:
-    """Who is logged in, and the way out (the console's pages come next)."""
-    return html_page(
-        "Console",
-        "<h1>Switchboard</h1>"
-        f"<p>Logged in as <strong>{escape(principal.name)}</strong> ({principal.role}).</p>"
-        '<p>API: <a href="/api/v1/openapi.json">/api/v1/openapi.json</a></p>'
+NAV = (("/", "Overview"), ("/deadletters", "Dead letters"))
+
+
+def console_page(title: str, principal: Principal, body: str) -> Response[str]:
+    """A console page: the navigation, who is logged in (name and role) and the way out on
+    every page, then `body` (already escaped by the caller)."""
+    links = " | ".join(f'<a href="{href}">{escape(label)}</a>' for href, label in NAV)
+    header = (
+        f"<nav>{links}</nav>"
+        f'<p class="who">Logged in as <strong>{escape(principal.name)}</strong>'
+        f" ({escape(principal.role)}).</p>"
         '<form method="post" action="/logout">'
         f'<input type="hidden" name="{CSRF_FIELD}" value="{escape(principal.csrf)}">'
-        "<button type=submit>Log out</button></form>",
-        csrf=principal.csrf,
+        "<button type=submit>Log out</button></form>"
+    )
+    return html_page(title, f"{header}<h1>{escape(title)}</h1>{body}", csrf=principal.csrf)
+
+
+@get("/", name="home", include_in_schema=False)
+async def home(principal: Principal) -> Response[str]:
+    """Who is logged in, and the way out."""
+    return console_page(
+        "Console",
+        principal,
+        '<p>API: <a href="/api/v1/openapi.json">/api/v1/openapi.json</a></p>',
     )
 
 
-PAGE_HANDLERS = [login_form, login_submit, logout, home]
+@get("/deadletters", name="page.deadletters", include_in_schema=False)
+async def deadletters_page(request: Request[Any, Any, Any], principal: Principal) -> Response[str]:
+    """Open dead letters, as GET /api/v1/deadletters lists them (the same function)."""
+    from services.ops.dlq import letters
+    from services.web.api import bus_of, ops_errors
+
+    with ops_errors():
+        found = await letters(bus_of(request))
+    rows = [x.summary() for x in found.values() if x.state == "open"]
+    if not rows:
+        return console_page("Dead letters", principal, "<p>No open dead letters.</p>")
+    keys = list(rows[0])
+    head = "".join(f"<th>{escape(str(k))}</th>" for k in keys)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{escape(str(row.get(k, '')))}</td>" for k in keys) + "</tr>"
+        for row in rows
+    )
+    return console_page("Dead letters", principal, f"<table><tr>{head}</tr>{body}</table>")
+
+
+PAGE_HANDLERS = [login_form, login_submit, logout, home, deadletters_page]
