@@ -123,7 +123,7 @@ async def logout(request: Request[Any, Any, Any], principal: Principal) -> Respo
     return done
 
 
-NAV = (("/", "Overview"), ("/deadletters", "Dead letters"))
+NAV = (("/", "Overview"), ("/accounts", "Accounts"), ("/deadletters", "Dead letters"))
 
 
 def console_page(title: str, principal: Principal, body: str) -> Response[str]:
@@ -160,15 +160,31 @@ async def deadletters_page(request: Request[Any, Any, Any], principal: Principal
     with ops_errors():
         found = await letters(bus_of(request))
     rows = [x.summary() for x in found.values() if x.state == "open"]
+    return console_page("Dead letters", principal, table(rows, "No open dead letters."))
+
+
+@get("/accounts", name="page.accounts", include_in_schema=False)
+async def accounts_page(request: Request[Any, Any, Any], principal: Principal) -> Response[str]:
+    """Every account (state, holder, token, budget), as GET /api/v1/accounts lists them."""
+    from services.ops.status import collect_accounts
+    from services.web.api import bus_of, ops_errors
+
+    with ops_errors():
+        rows = await collect_accounts(bus_of(request))
+    return console_page("Accounts", principal, table(rows, "No accounts yet."))
+
+
+def table(rows: list[dict[str, Any]], empty: str) -> str:
+    """Rows of plain data as an escaped HTML table (`empty` when there is none)."""
     if not rows:
-        return console_page("Dead letters", principal, "<p>No open dead letters.</p>")
+        return f"<p>{escape(empty)}</p>"
     keys = list(rows[0])
     head = "".join(f"<th>{escape(str(k))}</th>" for k in keys)
     body = "".join(
         "<tr>" + "".join(f"<td>{escape(str(row.get(k, '')))}</td>" for k in keys) + "</tr>"
         for row in rows
     )
-    return console_page("Dead letters", principal, f"<table><tr>{head}</tr>{body}</table>")
+    return f"<table><tr>{head}</tr>{body}</table>"
 
 
-PAGE_HANDLERS = [login_form, login_submit, logout, home, deadletters_page]
+PAGE_HANDLERS = [login_form, login_submit, logout, home, accounts_page, deadletters_page]

@@ -20,6 +20,7 @@ ROUTE_ROLES: dict[str, WebRole | None] = {
     "login.submit": PUBLIC,
     "logout": "viewer",
     "home": "viewer",
+    "page.accounts": "viewer",
     "page.deadletters": "viewer",
     # The OpenAPI document: public, it holds no data.
     "api.openapi": PUBLIC,

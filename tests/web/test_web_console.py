@@ -21,14 +21,17 @@ async def test_console_pages_show_nav_user_role_and_logout(
     web = await start_web(processes, nats_server.url)
     session = await login(web, "vera")
     async with web.client() as client:
-        for path in ("/", "/deadletters"):
+        for path in ("/", "/accounts", "/deadletters"):
             page = await client.get(path, headers=session.headers(csrf=False))
             assert page.status_code == 200, (path, page.text)
             assert "<strong>vera</strong> (viewer)" in page.text
             assert 'action="/logout"' in page.text
             assert 'href="/deadletters"' in page.text
+            assert 'href="/accounts"' in page.text
         letters = await client.get("/deadletters", headers=session.headers(csrf=False))
         assert "No open dead letters." in letters.text
+        accounts = await client.get("/accounts", headers=session.headers(csrf=False))
+        assert "No accounts yet." in accounts.text
         # Without a session the page sends the browser to the login form
         anonymous = await client.get("/deadletters")
         assert anonymous.status_code == 303
