@@ -1,0 +1,72 @@
+"""The console in real headless Chromium (issue 18, browser tests): log in, see the
+user's name and role and the pages, log out. Skips, saying why, without /usr/bin/chromium
+or Playwright. On failure a screenshot and the page's HTML are kept under the test's tmp
+dir (the path is printed)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.runtime.bus import Bus
+from services.runtime.nats_server import EmbeddedNats
+from tests.conftest import Processes
+from tests.web.conftest import PASSWORD, add_user, start_web
+
+CHROMIUM = "/usr/bin/chromium"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not os.access(CHROMIUM, os.X_OK),
+        reason=f"no browser at {CHROMIUM} (apt-get install -y chromium; .ci/run does it)",
+    ),
+]
+
+playwright_api = pytest.importorskip(
+    "playwright.async_api", reason="Playwright is not installed (pip install -e '.[dev]')"
+)
+
+
+@pytest.fixture
+async def page(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    """A Chromium page; on a failed test its screenshot and HTML are kept in tmp_path."""
+    async with playwright_api.async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        tab = await browser.new_page()
+        try:
+            yield tab
+        finally:
+            report = getattr(request.node, "rep_call", None)
+            if report is None or report.failed:
+                shot = tmp_path / "failure.png"
+                await tab.screenshot(path=str(shot), full_page=True)
+                (tmp_path / "failure.html").write_text(await tab.content())
+                print(f"browser artifacts: {shot} and {tmp_path / 'failure.html'}")
+            await browser.close()
+
+
+async def test_log_in_see_pages_and_log_out_in_a_browser(
+    bus: Bus, nats_server: EmbeddedNats, processes: Processes, page: Any
+) -> None:
+    await add_user(bus, "olga", "operator")
+    web = await start_web(processes, nats_server.url, SVC_WEB_INSECURE_COOKIES="1")
+    await page.goto(f"{web.url}/accounts")
+    assert page.url.endswith("/login")
+    await page.fill("input[name=username]", "olga")
+    await page.fill("input[name=password]", PASSWORD)
+    await page.click("button[type=submit]")
+    await page.wait_for_url(f"{web.url}/")
+    assert "olga" in await page.inner_text("p.who")
+    assert "operator" in await page.inner_text("p.who")
+    await page.click("nav >> text=Dead letters")
+    await page.wait_for_url(f"{web.url}/deadletters")
+    assert "No open dead letters." in await page.content()
+    await page.click("text=Log out")
+    await page.wait_for_url(f"{web.url}/login")
+    await page.goto(f"{web.url}/deadletters")
+    assert page.url.endswith("/login")
