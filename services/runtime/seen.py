@@ -99,10 +99,8 @@ class Seen:
         was not handed (what it remembers of such subjects may be stale: `epoch` moves)."""
         if self.upto is not None and acked_upto <= self.upto:
             return False
-        # Deliveries up to the floor not handed here: the range's size minus those handed
-        # here (every one in `above` is above `upto`), counted without walking the range.
-        handed_here = sum(1 for c in self.above if c <= acked_upto)
-        skipped = handed_here < acked_upto - (self.upto or 0)
+        # Stops at the first sequence not handed here; a full walk only covers what was.
+        skipped = any(c not in self.above for c in range((self.upto or 0) + 1, acked_upto + 1))
         self.upto = acked_upto
         self.above = {c for c in self.above if c > acked_upto}
         self._advance()
