@@ -92,4 +92,3 @@ def test_a_late_joiner_handed_every_delivery_up_to_the_floor_skipped_nothing() -
         seen.handed(D("chat.a", 10 + c, c))
     assert seen.anchor(3) is False  # each delivery up to the floor came here
     assert seen.epoch == 0  # what it remembers stays good
-
