@@ -29,23 +29,22 @@ from pathlib import Path
 import nats.errors
 from _harness import info, interleave, parser, report, run
 from _raw import strong_stage
+from _system import sim_system
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from contracts import subjects
 from contracts.codec import decode_any
 from contracts.events import MessageReceived, TurnCompleted
-from services.app import system
 from services.core.llm import EchoLLM
 from services.core.worker import CoreWorker
-from services.ops.simclient import SimUser
 from services.plugins.registry import discover
 from services.plugins.tools import ProjectedTools
 from services.runtime.bus import Bus, connect
 from services.runtime.nats_server import EmbeddedNats
 from services.runtime.provisioning import ensure_streams
 from services.runtime.reader import read
-from services.runtime.settings import CoreSettings, load_settings
+from services.runtime.settings import CoreSettings
 
 
 async def backlog(bus: Bus, turns: int, chats: int) -> None:
@@ -143,35 +142,21 @@ async def throughput(runner: object, turns: int, chats: int) -> dict[str, float]
 
 async def pipeline_share(messages: int, chats: int) -> tuple[list[float], list[float]]:
     """(core ms, end-to-end ms) per message in the whole system."""
-    with tempfile.TemporaryDirectory() as tmp:
-        async with EmbeddedNats(Path(tmp) / "nats", port=0) as server:
-            settings = load_settings(
-                {
-                    "NATS_URL": server.url,
-                    "SVC_LOG_LEVEL": "ERROR",
-                    "SVC_DATA_DIR": tmp,
-                    "SVC_CHAT_RATE": "off",
-                }
-            )
-            async with system(settings, "all") as (bus, _, _t), SimUser(bus, "default") as user:
-                for n in range(messages):
-                    await user.send(f"u{n % chats}@s.whatsapp.net", f"hi {n}")
-                    await asyncio.sleep(0.005)
-                assert await user.wait_replies(120)
-                stored_in = {}
-                async for s in read(bus, "INBOUND"):
-                    stored_in[decode_any(s.data).id] = s.time
-                core = []
-                async for s in read(bus, "AGENT"):
-                    turn = decode_any(s.data)
-                    if (
-                        isinstance(turn, TurnCompleted)
-                        and s.time
-                        and stored_in.get(turn.inbound_id)
-                    ):
-                        core.append((s.time - stored_in[turn.inbound_id]).total_seconds() * 1000)
-                total = [e.latency_ms for e in user.exchanges.values()]
-            return core, total
+    async with sim_system() as (bus, user):
+        for n in range(messages):
+            await user.send(f"u{n % chats}@s.whatsapp.net", f"hi {n}")
+            await asyncio.sleep(0.005)
+        assert await user.wait_replies(120)
+        stored_in = {}
+        async for s in read(bus, "INBOUND"):
+            stored_in[decode_any(s.data).id] = s.time
+        core = []
+        async for s in read(bus, "AGENT"):
+            turn = decode_any(s.data)
+            if isinstance(turn, TurnCompleted) and s.time and stored_in.get(turn.inbound_id):
+                core.append((s.time - stored_in[turn.inbound_id]).total_seconds() * 1000)
+        total = [e.latency_ms for e in user.exchanges.values()]
+    return core, total
 
 
 def pct(values: list[float], q: float) -> float:

@@ -29,7 +29,6 @@ import pstats
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -91,40 +90,29 @@ def _env(variant: str) -> dict[str, str]:
 
 
 async def _workload(messages: int, chats: int) -> float:
-    from services.app import system
-    from services.ops.simclient import SimUser
-    from services.runtime.nats_server import EmbeddedNats
-    from services.runtime.settings import load_settings
+    from _system import sim_system
+
     from services.runtime.telemetry import setup_tracing
 
-    with tempfile.TemporaryDirectory() as tmp:
-        async with EmbeddedNats(Path(tmp) / "nats", port=0) as server:
-            env = {
-                "NATS_URL": server.url,
-                "SVC_LOG_LEVEL": "ERROR",
-                "SVC_DATA_DIR": tmp,
-                "SVC_CHAT_RATE": "off",
-            }
-            settings = load_settings(env)
-            setup_tracing("switchboard-all")  # as `svc run` does, before the roles start
-            async with system(settings, "all") as (bus, _, _task), SimUser(bus, "default") as user:
-                # warm up: first turns pay for imports, consumer creation, the lease
-                for i in range(chats):
-                    await user.send(f"warm{i}@s.whatsapp.net", "warm up")
-                if not await user.wait_replies(120):
-                    raise SystemExit("warm-up replies missing")
-                user.exchanges.clear()
-                if PROFILER is not None:
-                    PROFILER.enable()
-                cpu = time.process_time()
-                for i in range(messages):
-                    await user.send(f"chat{i % chats}@s.whatsapp.net", f"message {i}")
-                if not await user.wait_replies(600):
-                    raise SystemExit("replies missing")
-                cpu = time.process_time() - cpu
-                if PROFILER is not None:
-                    PROFILER.disable()
-                return cpu
+    setup_tracing("switchboard-all")  # as `svc run` does, before the roles start
+    async with sim_system() as (_, user):
+        # warm up: first turns pay for imports, consumer creation, the lease
+        for i in range(chats):
+            await user.send(f"warm{i}@s.whatsapp.net", "warm up")
+        if not await user.wait_replies(120):
+            raise SystemExit("warm-up replies missing")
+        user.exchanges.clear()
+        if PROFILER is not None:
+            PROFILER.enable()
+        cpu = time.process_time()
+        for i in range(messages):
+            await user.send(f"chat{i % chats}@s.whatsapp.net", f"message {i}")
+        if not await user.wait_replies(600):
+            raise SystemExit("replies missing")
+        cpu = time.process_time() - cpu
+        if PROFILER is not None:
+            PROFILER.disable()
+        return cpu
 
 
 def _child(variant: str, messages: int, chats: int, profile: bool) -> None:

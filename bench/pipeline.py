@@ -23,14 +23,12 @@ from typing import Any
 import nats
 from _harness import info, interleave, parser, report, run
 from _raw import by_template, strong_stage, weak_stage
+from _system import sim_system
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from services.app import system
-from services.ops.simclient import SimUser
 from services.runtime.nats_server import EmbeddedNats
 from services.runtime.provisioning import ensure_streams
-from services.runtime.settings import load_settings
 
 
 def figures(rate: float, flood: list[float], paced: list[float]) -> dict[str, float]:
@@ -61,33 +59,24 @@ UNITS = {
 
 async def ours(messages: int, chats: int, paced: int, rate: float) -> dict[str, float]:
     """The real system (role `all`, sim transport, echo LLM) in this process."""
-    with tempfile.TemporaryDirectory() as tmp:
-        async with EmbeddedNats(Path(tmp) / "nats", port=0) as server:
-            env = {
-                "NATS_URL": server.url,
-                "SVC_LOG_LEVEL": "ERROR",
-                "SVC_DATA_DIR": tmp,
-                "SVC_CHAT_RATE": "off",  # the benchmark floods its chats by design
-            }
-            settings = load_settings(env)
-            async with system(settings, "all") as (bus, _, _task), SimUser(bus, "default") as user:
-                started = time.perf_counter()
-                flood = [
-                    await user.send(f"chat{i % chats}@s.whatsapp.net", f"message {i}")
-                    for i in range(messages)
-                ]
-                if not await user.wait_replies(600):
-                    raise SystemExit("switchboard: replies missing")
-                elapsed = time.perf_counter() - started
-                gentle = []
-                for i in range(paced):  # low load: one message every 1/rate s
-                    gentle.append(await user.send(f"chat{i % chats}@s.whatsapp.net", f"paced {i}"))
-                    await asyncio.sleep(1 / rate)
-                if not await user.wait_replies(600):
-                    raise SystemExit("switchboard: paced replies missing")
-            return figures(
-                messages / elapsed, [e.latency_ms for e in flood], [e.latency_ms for e in gentle]
-            )
+    async with sim_system() as (_, user):
+        started = time.perf_counter()
+        flood = [
+            await user.send(f"chat{i % chats}@s.whatsapp.net", f"message {i}")
+            for i in range(messages)
+        ]
+        if not await user.wait_replies(600):
+            raise SystemExit("switchboard: replies missing")
+        elapsed = time.perf_counter() - started
+        gentle = []
+        for i in range(paced):  # low load: one message every 1/rate s
+            gentle.append(await user.send(f"chat{i % chats}@s.whatsapp.net", f"paced {i}"))
+            await asyncio.sleep(1 / rate)
+        if not await user.wait_replies(600):
+            raise SystemExit("switchboard: paced replies missing")
+    return figures(
+        messages / elapsed, [e.latency_ms for e in flood], [e.latency_ms for e in gentle]
+    )
 
 
 def raw_stages(

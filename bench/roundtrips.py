@@ -35,20 +35,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from _system import sim_system
 from nats.aio.client import Client
 
 from contracts import subjects
 from contracts.events import MessageReceived
-from services.app import system
 from services.core.llm import EchoLLM
 from services.core.worker import CoreWorker
-from services.ops.simclient import SimUser
 from services.plugins.registry import discover
 from services.plugins.tools import ProjectedTools
 from services.runtime.bus import connect
 from services.runtime.nats_server import EmbeddedNats
 from services.runtime.provisioning import ensure_streams
-from services.runtime.settings import CoreSettings, load_settings
+from services.runtime.settings import CoreSettings
 
 STAGES = ("receive", "core", "egress", "other")
 
@@ -119,34 +118,22 @@ def _patch() -> None:
 async def run(messages: int, chats: int, warmup: int, flood: bool) -> None:
     global _counting
     _patch()
-    with tempfile.TemporaryDirectory() as tmp:
-        async with EmbeddedNats(Path(tmp) / "nats", port=0) as server:
-            env = {
-                "NATS_URL": server.url,
-                "SVC_LOG_LEVEL": "ERROR",
-                "SVC_DATA_DIR": tmp,
-                "SVC_CHAT_RATE": "off",
-            }
-            settings = load_settings(env)
-            async with (
-                system(settings, "all") as (bus, _, _task),
-                SimUser(bus, "default") as user,
-            ):
-                for i in range(warmup + messages):
-                    if i == warmup:
-                        _counting = True
-                    await user.send(f"chat{i % chats}@s.whatsapp.net", f"message {i}")
-                    if flood and i >= warmup:
-                        continue
-                    if not await user.wait_replies(60):
-                        raise SystemExit("replies missing")
-                    # The egress's DELIVERY/ledger writes and acks follow the send: let
-                    # them land inside this message's count.
-                    await asyncio.sleep(0.05)
-                if flood and not await user.wait_replies(600):
-                    raise SystemExit("replies missing")
-                await asyncio.sleep(0.5)  # the last writes and acks after the last reply
-                _counting = False
+    async with sim_system() as (_, user):
+        for i in range(warmup + messages):
+            if i == warmup:
+                _counting = True
+            await user.send(f"chat{i % chats}@s.whatsapp.net", f"message {i}")
+            if flood and i >= warmup:
+                continue
+            if not await user.wait_replies(60):
+                raise SystemExit("replies missing")
+            # The egress's DELIVERY/ledger writes and acks follow the send: let
+            # them land inside this message's count.
+            await asyncio.sleep(0.05)
+        if flood and not await user.wait_replies(600):
+            raise SystemExit("replies missing")
+        await asyncio.sleep(0.5)  # the last writes and acks after the last reply
+        _counting = False
     table: dict[str, list[tuple[str, float, float]]] = collections.defaultdict(list)
     for name in sorted(set(_requests) | set(_publishes)):
         if name.startswith("sim.in"):

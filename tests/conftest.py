@@ -291,3 +291,16 @@ def run_svc(
 async def arun_svc(*args: str, env: dict[str, str], timeout: float = 60) -> Any:
     """`run_svc` off the event loop, so in-process roles and subscriptions keep running."""
     return await asyncio.to_thread(run_svc, *args, env=env, timeout=timeout)
+
+
+def count_requests(bus: Bus, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The subjects of every request (a round trip) made on `bus` from now on."""
+    made: list[str] = []
+    original = bus.nc.request
+
+    async def request(subject: str, *args: Any, **kwargs: Any) -> Any:
+        made.append(subject)
+        return await original(subject, *args, **kwargs)
+
+    monkeypatch.setattr(bus.nc, "request", request)
+    return made

@@ -208,9 +208,8 @@ class Egress:
 
     async def handle(self, job: SendMessage, d: Delivery) -> None:
         """Deliver one job (with its retries); return when it is settled either way."""
-        self.seen.handed(d)
-        await self._handle(job, d)
-        self.seen.settled(d)  # returned: its record says sent or skipped
+        with self.seen.handling(d):  # settled when it returns: its record says sent or skipped
+            await self._handle(job, d)
 
     async def _handle(self, job: SendMessage, d: Delivery) -> None:
         try:

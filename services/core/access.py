@@ -41,7 +41,7 @@ from contracts.events import (
 from contracts.streams import ACCESS
 from projections.access import HANDLED_TYPES, AccessView
 from services.core import turn
-from services.runtime.bus import Bus
+from services.runtime.bus import Bus, take_pending
 from services.runtime.reader import read
 from services.runtime.settings import CoreSettings
 
@@ -78,17 +78,6 @@ async def catch_up(bus: Bus, view: AccessView, *, upto: int | None = None) -> in
         view.apply(event, stored.seq)
         applied += 1
     return applied
-
-
-def _discard_pending(sub: Subscription) -> None:
-    """Empty a callback-less subscription's queue without waiting, keeping nats-py's
-    byte count right (its own next_msg does the same; there is no public non-blocking
-    take): a count that only grows would end in dropped messages."""
-    queue = sub._pending_queue
-    while not queue.empty():
-        msg = queue.get_nowait()
-        sub._pending_size -= len(msg.data)
-        queue.task_done()
 
 
 class AccessGate:
@@ -129,7 +118,8 @@ class AccessGate:
             ):
                 return
             self._checked_at = -math.inf  # stale until the read below succeeds
-            _discard_pending(self._changes)  # what the read below covers
+            while take_pending(self._changes) is not None:
+                pass  # what the read below covers
             checked_at = time.monotonic()
             await catch_up(self.bus, self.view)
             self._checked_at, self._reconnects = checked_at, reconnects

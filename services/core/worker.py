@@ -151,9 +151,8 @@ class CoreWorker:
 
     async def handle(self, inbound: MessageReceived, d: Delivery) -> None:
         """Run one turn when it is this message's turn; settle it; publish its outputs."""
-        self.seen.handed(d)
-        await self._handle(inbound, d)
-        self.seen.settled(d)  # returned: the chat's record is past this message
+        with self.seen.handling(d):  # settled when it returns: the record is past it
+            await self._handle(inbound, d)
 
     async def _handle(self, inbound: MessageReceived, d: Delivery) -> None:
         try:
@@ -390,9 +389,8 @@ class CoreWorker:
         in its own turn: advancing the chat past it while an earlier message is in flight
         would let later ones overtake that one and drop its history. Not yet its turn: a
         TransientError, and the loop tries the letter again later."""
-        self.seen.handed(d)
-        await self._dead_lettered(d)
-        self.seen.settled(d)
+        with self.seen.handling(d):
+            await self._dead_lettered(d)
 
     async def _dead_lettered(self, d: Delivery) -> None:
         try:

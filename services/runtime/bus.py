@@ -118,17 +118,12 @@ class Bus:
     ) -> PubAck:
         """Store raw `data` with trace context and `Nats-Msg-Id` headers."""
         if not spans_enabled():  # the default (ADR 0036): headers only, no span, no generator
-            all_headers = trace_context()
-            if headers:
-                all_headers.update(headers)
-            all_headers["Nats-Msg-Id"] = msg_id
-            ack: PubAck = await self.js.publish(subject, data, headers=all_headers, timeout=timeout)
+            stored = _stored(trace_context(), headers, msg_id)
+            ack: PubAck = await self.js.publish(subject, data, headers=stored, timeout=timeout)
             return ack
-        with publish_span(subject, msg_id) as all_headers:
-            if headers:
-                all_headers.update(headers)
-            all_headers["Nats-Msg-Id"] = msg_id
-            ack = await self.js.publish(subject, data, headers=all_headers, timeout=timeout)
+        with publish_span(subject, msg_id) as trace_headers:
+            stored = _stored(trace_headers, headers, msg_id)
+            ack = await self.js.publish(subject, data, headers=stored, timeout=timeout)
             return ack
 
     async def publish_async(
@@ -138,9 +133,23 @@ class Bus:
         `publish`) without waiting: the future resolves to its PubAck or its error. Writes
         that go together are sent back to back and waited for once (`acked`), with no
         task per write (ADR 0039)."""
-        with publish_span(subject, msg_id or message.id) as all_headers:
-            all_headers["Nats-Msg-Id"] = msg_id or message.id
-            return await self.js.publish_async(subject, encode(message), headers=all_headers)
+        msg_id = msg_id or message.id
+        if not spans_enabled():
+            stored = _stored(trace_context(), None, msg_id)
+            return await self.js.publish_async(subject, encode(message), headers=stored)
+        with publish_span(subject, msg_id) as trace_headers:
+            stored = _stored(trace_headers, None, msg_id)
+            return await self.js.publish_async(subject, encode(message), headers=stored)
+
+
+def _stored(
+    trace_headers: dict[str, str], headers: dict[str, str] | None, msg_id: str
+) -> dict[str, str]:
+    """The headers a stored message carries: trace context, the caller's, `Nats-Msg-Id`."""
+    if headers:
+        trace_headers.update(headers)
+    trace_headers["Nats-Msg-Id"] = msg_id
+    return trace_headers
 
 
 async def acked(*writes: asyncio.Future[PubAck], timeout: float = 5.0) -> list[PubAck]:
@@ -152,6 +161,19 @@ async def acked(*writes: asyncio.Future[PubAck], timeout: float = 5.0) -> list[P
         if isinstance(exc, nats.errors.TimeoutError):  # a write's own error
             raise
         raise nats.errors.TimeoutError from None  # as js.publish says it (the writes cancelled)
+
+
+def take_pending(sub: Any) -> Msg | None:
+    """The next message already in a callback-less subscription's queue, without waiting
+    (nats-py 2.16 internals, as its own `next_msg` and `fetch` read them), or None. Keeps
+    nats-py's byte count right: a count that only grows ends in dropped messages."""
+    queue = sub._pending_queue
+    if queue.empty():
+        return None
+    msg: Msg = queue.get_nowait()
+    sub._pending_size -= len(msg.data)
+    queue.task_done()  # as next_msg does: a drain on close waits for the queue to be done
+    return msg
 
 
 _AUTH_WORDS = ("authorization", "authentication")

@@ -55,7 +55,7 @@ from contracts.codec import decoder
 from contracts.errors import ContractError
 from contracts.events import AttemptError, DeadLettered
 from contracts.streams import ATTEMPTS
-from services.runtime.bus import Bus
+from services.runtime.bus import Bus, take_pending
 from services.runtime.errors import AbandonError, PermanentError, TransientError
 from services.runtime.health import READINESS, Flag
 from services.runtime.metrics import consumer_bound, instruments, labels
@@ -652,7 +652,7 @@ def _drain(sub: JetStreamContext.PullSubscription, limit: int) -> list[Msg]:
     """Messages already in the inbox (late answers to earlier requests); stale statuses
     are dropped."""
     msgs: list[Msg] = []
-    while len(msgs) < limit and (msg := _drain_one(sub._sub)) is not None:
+    while len(msgs) < limit and (msg := take_pending(sub._sub)) is not None:
         if not (msg.headers and msg.headers.get("Status")):
             msgs.append(msg)
     return msgs
@@ -669,7 +669,7 @@ async def _request(
     msgs: list[Msg] = []
     while len(msgs) < batch:
         # What has already arrived first, without a wait (a full batch comes in one read).
-        got = _drain_one(raw)
+        got = take_pending(raw)
         if got is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -690,18 +690,6 @@ async def _request(
         else:
             nats.js.errors.APIError.from_msg(got)
     return msgs
-
-
-def _drain_one(raw: Any) -> Msg | None:
-    """The next message already in the inbox subscription's queue (nats-py 2.16 internals,
-    as its own fetch reads them), or None."""
-    queue = raw._pending_queue
-    if queue.empty():
-        return None
-    msg: Msg = queue.get_nowait()
-    raw._pending_size -= len(msg.data)
-    queue.task_done()  # as next_msg does: a drain on close waits for the queue to be done
-    return msg
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> bool:
@@ -751,17 +739,16 @@ class _KeyedRun:
 
     async def run(self) -> None:
         heartbeat = asyncio.create_task(self._heartbeat())
-        limit = self.limit
         # Refill in runs: with nearly every slot taken, wait until this many are free
         # rather than fetching one message per freed slot (a request per message). What is
         # held keeps the workers busy meanwhile; an idle consumer is never made to wait,
         # and one whose held messages do not move (e.g. each waits for an earlier one not
         # yet fetched) fetches into whatever is free after a quiet `fetch_timeout`.
-        refill = max(1, min(self.spec.batch, limit) // 2)
+        refill = max(1, min(self.spec.batch, self.limit) // 2)
         stalled = False
         try:
             while not self.stop.is_set():
-                free = limit - len(self.held)
+                free = self.limit - len(self.held)
                 if free <= 0 or (free < refill and self.held and not stalled):
                     # fetch(batch > free) would block for the whole timeout: wait for a slot.
                     self.slot_freed.clear()
@@ -828,13 +815,13 @@ class _KeyedRun:
         # The cap guards a crowded window: while less than half of it is held, a subject
         # takes what comes (a burst in one chat is not handed back when nothing competes),
         # and the other half stays free for the other subjects, each up to the cap.
-        roomy = len(self.held) < self.limit // 2
+        room = len(queue) < cap or len(self.held) < self.limit // 2
         if queue and seq < queue[-1]:
-            if len(queue) < cap or roomy:
-                return 0.0, None  # room: it sorts before the later ones held
+            if room:
+                return 0.0, None  # it sorts before the later ones held
             # queue[0] is running: it steps aside by itself (Delivery.overtaken).
             return 0.0, queue[-1] if len(queue) > 1 else None
-        if (len(queue) < cap or roomy) and not earlier:
+        if room and not earlier:
             return 0.0, None
         # Over the cap, or earlier messages of the subject were handed back and are not
         # back yet: admitted now, this one would run before them and have to step aside

@@ -16,6 +16,8 @@ leaves the caller to read, as before. See docs/adr/0035-fewer-round-trips-per-me
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 # Deliveries remembered above the contiguous mark, and recent ones (to tell an in-place
@@ -75,6 +77,14 @@ class Seen:
         if len(self.above) > MAX_TRACKED or sum(map(len, self.open.values())) > MAX_TRACKED:
             self.reset()  # too much unknown: fall back to reading until anchored again
 
+    @contextmanager
+    def handling(self, d: Handed) -> Iterator[None]:
+        """Around a handler: the delivery is handed here, and settled if the handler
+        returns (one that raises leaves it unsettled: it will be handled again)."""
+        self.handed(d)
+        yield
+        self.settled(d)
+
     def settled(self, d: Handed) -> None:
         """Note that this process settled the delivery's message (the handler returned)."""
         earlier = self.open.get(d.subject)
@@ -89,6 +99,7 @@ class Seen:
         was not handed (what it remembers of such subjects may be stale: `epoch` moves)."""
         if self.upto is not None and acked_upto <= self.upto:
             return False
+        # Stops at the first sequence not handed here; a full walk only covers what was.
         skipped = any(c not in self.above for c in range((self.upto or 0) + 1, acked_upto + 1))
         self.upto = acked_upto
         self.above = {c for c in self.above if c > acked_upto}

@@ -297,14 +297,20 @@ BLOCKED_POLL_S = 0.005
 BLOCKED_POLL_MAX_S = 0.05
 
 
+def _chat_of(account: str, data: bytes) -> str | None:
+    """The chat a SIM message belongs to (as relayed), None if it cannot be decoded (its
+    attempt dead-letters it)."""
+    try:
+        return incoming(account, decode(data, SimInbound)).chat
+    except (DecodeError, ValueError):
+        return None
+
+
 def _chat_key(account: str) -> Callable[[Msg], str]:
-    """The order key of a SIM message: the chat it belongs to (as relayed)."""
+    """The order key of a SIM message: its chat ("" when undecodable: any queue will do)."""
 
     def key(msg: Msg) -> str:
-        try:
-            return incoming(account, decode(msg.data, SimInbound)).chat
-        except (DecodeError, ValueError):
-            return ""  # undecodable: its attempt dead-letters it, in any queue
+        return _chat_of(account, msg.data) or ""
 
     return key
 
@@ -431,11 +437,8 @@ class ChatOrder:
         if raw.subject != self.subject or raw.data is None:
             self.chat_of[seq] = None
             return None
-        try:
-            chat: str | None = incoming(self.account, decode(raw.data, SimInbound)).chat
-        except (DecodeError, ValueError):
-            chat = None  # dead-lettered when its turn comes; it never blocks a chat
-        if chat is None:
+        chat = _chat_of(self.account, raw.data)
+        if chat is None:  # dead-lettered when its turn comes; it never blocks a chat
             self.chat_of[seq] = None
         return chat
 

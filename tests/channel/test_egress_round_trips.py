@@ -5,8 +5,6 @@ puller holds an earlier job, is tests/channel/test_egress_takeover_order.py)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from contracts import subjects
@@ -16,21 +14,14 @@ from contracts.payloads import SendRecord
 from services.runtime.bus import Bus
 from services.runtime.settings import Delivery
 from tests.channel.scripted import ScriptedTransport, owned
-from tests.conftest import wait_until
+from tests.conftest import count_requests, wait_until
 from tests.e2e.conftest import job
 
 
 async def test_an_owner_that_was_handed_every_job_reads_no_queue_before_a_send(
     bus: Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    made: list[str] = []
-    original = bus.nc.request
-
-    async def request(subject: str, *args: Any, **kwargs: Any) -> Any:
-        made.append(subject)
-        return await original(subject, *args, **kwargs)
-
-    monkeypatch.setattr(bus.nc, "request", request)
+    made = count_requests(bus, monkeypatch)
     # Given three jobs to each of two chats, queued before the owner starts
     jobs = [job("default", f"c{n % 2}@s.whatsapp.net", n) for n in range(6)]
     for queued in jobs:
@@ -52,14 +43,7 @@ async def test_an_owner_that_was_handed_every_job_reads_no_queue_before_a_send(
 async def test_a_sent_job_is_recorded_with_one_wait_and_no_request_per_write(
     bus: Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    requested: list[str] = []
-    original = bus.nc.request
-
-    async def request(subject: str, *args: Any, **kwargs: Any) -> Any:
-        requested.append(subject)
-        return await original(subject, *args, **kwargs)
-
-    monkeypatch.setattr(bus.nc, "request", request)
+    requested = count_requests(bus, monkeypatch)
     # Given four jobs to two chats
     jobs = [job("default", f"c{n % 2}@s.whatsapp.net", n, "pipelined") for n in range(4)]
     for queued in jobs:

@@ -6,7 +6,6 @@ chat's record nor the stream before the next turn; a record that went stale unde
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 
@@ -15,7 +14,7 @@ from contracts.events import MessageReceived, SendMessage
 from services.core.chats import ChatStore
 from services.core.llm import EchoLLM
 from services.runtime.bus import Bus
-from tests.conftest import read_stream, wait_until
+from tests.conftest import count_requests, read_stream, wait_until
 from tests.core.wiring import core_worker
 
 CHAT = "alice@s.whatsapp.net"
@@ -30,19 +29,6 @@ def inbound(text: str) -> MessageReceived:
 async def send(bus: Bus, text: str) -> None:
     msg = inbound(text)
     await bus.publish(subjects.inbound("whatsapp", "acct", CHAT), msg)
-
-
-def count_requests(bus: Bus, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The subjects of every request (a round trip) made on `bus` from now on."""
-    made: list[str] = []
-    original = bus.nc.request
-
-    async def request(subject: str, *args: Any, **kwargs: Any) -> Any:
-        made.append(subject)
-        return await original(subject, *args, **kwargs)
-
-    monkeypatch.setattr(bus.nc, "request", request)
-    return made
 
 
 async def history(bus: Bus) -> list[str]:

@@ -84,3 +84,11 @@ def test_a_shared_consumer_joined_late_is_unknown_until_anchored() -> None:
     assert not seen.clear_before(d)
     seen.anchor(6)
     assert seen.clear_before(d)
+
+
+def test_a_late_joiner_handed_every_delivery_up_to_the_floor_skipped_nothing() -> None:
+    seen = Seen()  # joined a shared consumer late: nothing known
+    for c in (1, 2, 3):
+        seen.handed(D("chat.a", 10 + c, c))
+    assert seen.anchor(3) is False  # each delivery up to the floor came here
+    assert seen.epoch == 0  # what it remembers stays good
