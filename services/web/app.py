@@ -22,6 +22,10 @@ from services.runtime.micro import package_version
 from services.runtime.settings import WebSettings
 from services.web.api import API_HANDLERS
 from services.web.auth import CookiePolicy, guard, principal_of
+from services.web.console_admin import ADMIN_HANDLERS
+from services.web.console_live import LIVE_HANDLERS
+from services.web.console_ops import OPS_HANDLERS
+from services.web.console_pair import PAIR_HANDLERS
 from services.web.errors import on_error
 from services.web.identity import Identity, Throttle
 from services.web.pages import PAGE_HANDLERS
@@ -56,7 +60,15 @@ def web_router(extra: Sequence[ControllerRouterHandler] = ()) -> Router:
     """The console and API routes (plus `extra`), all behind the role guard."""
     router = Router(
         path="/",
-        route_handlers=[*PAGE_HANDLERS, *API_HANDLERS, *extra],
+        route_handlers=[
+            *PAGE_HANDLERS,
+            *LIVE_HANDLERS,
+            *OPS_HANDLERS,
+            *ADMIN_HANDLERS,
+            *PAIR_HANDLERS,
+            *API_HANDLERS,
+            *extra,
+        ],
         guards=[guard],
         dependencies={"principal": Provide(principal_of, sync_to_thread=False)},
     )

@@ -123,7 +123,17 @@ async def logout(request: Request[Any, Any, Any], principal: Principal) -> Respo
     return done
 
 
-NAV = (("/", "Overview"), ("/accounts", "Accounts"), ("/deadletters", "Dead letters"))
+NAV = (
+    ("/", "Overview"),
+    ("/accounts", "Accounts"),
+    ("/conversations", "Conversations"),
+    ("/deadletters", "Dead letters"),
+    ("/plugins", "Plugins"),
+    ("/access", "Access"),
+    ("/audit", "Audit"),
+    ("/webhooks", "Webhooks"),
+    ("/users", "Users"),
+)
 
 
 def console_page(title: str, principal: Principal, body: str) -> Response[str]:
@@ -185,6 +195,26 @@ def table(rows: list[dict[str, Any]], empty: str) -> str:
         for row in rows
     )
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def post_form(
+    principal: Principal,
+    action: str,
+    button: str,
+    fields: dict[str, str] | None = None,
+    *,
+    inputs: str = "",
+) -> str:
+    """A POST form to `action` carrying the session's CSRF token (the guard checks it),
+    hidden `fields`, optional visible `inputs` (already escaped HTML) and one button."""
+    hidden = "".join(
+        f'<input type="hidden" name="{escape(k)}" value="{escape(v)}">'
+        for k, v in {CSRF_FIELD: principal.csrf, **(fields or {})}.items()
+    )
+    return (
+        f'<form method="post" action="{escape(action)}">{hidden}{inputs}'
+        f"<button type=submit>{escape(button)}</button></form>"
+    )
 
 
 PAGE_HANDLERS = [login_form, login_submit, logout, home, accounts_page, deadletters_page]

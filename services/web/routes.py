@@ -54,6 +54,10 @@ ROUTE_ROLES: dict[str, WebRole | None] = {
     "api.tokens": "admin",
     "api.tokens.create": "admin",
     "api.tokens.revoke": "admin",
+    # --- conversations and live updates (services/web/console_live.py) ---
+    # --- operator forms: handover, resume, requeue, drop, send (console_ops.py) ---
+    # --- overview, plugins, access, audit, users, tokens, webhooks (console_admin.py) ---
+    # --- pairing: QR / pairing code (console_pair.py) ---
 }
 
 MISSING: Final = "missing"

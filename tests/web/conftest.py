@@ -5,9 +5,12 @@ client would rightly not send it back over plain http)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -156,3 +159,44 @@ def json_of(response: httpx.Response) -> Any:
         return response.json()
     except ValueError:
         pytest.fail(f"not JSON ({response.status_code}): {response.text[:500]}")
+
+
+# --- real headless Chromium (Playwright, the system browser) ----------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+# Mark a browser test module with `pytestmark = [pytest.mark.slow, needs_browser]`.
+needs_browser = pytest.mark.skipif(
+    not os.access(CHROMIUM, os.X_OK),
+    reason=f"no browser at {CHROMIUM} (apt-get install -y chromium; .ci/run does it)",
+)
+
+
+@pytest.fixture
+async def page(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    """A Chromium page; on a failed test its screenshot and HTML are kept in tmp_path (the
+    path is printed). Skips, saying why, without Playwright."""
+    playwright_api = pytest.importorskip(
+        "playwright.async_api", reason="Playwright is not installed (pip install -e '.[dev]')"
+    )
+    async with playwright_api.async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        tab = await browser.new_page()
+        try:
+            yield tab
+        finally:
+            report = getattr(request.node, "rep_call", None)
+            if report is None or report.failed:
+                shot = tmp_path / "failure.png"
+                await tab.screenshot(path=str(shot), full_page=True)
+                (tmp_path / "failure.html").write_text(await tab.content())
+                print(f"browser artifacts: {shot} and {tmp_path / 'failure.html'}")
+            await browser.close()
+
+
+async def browser_login(page: Any, web: Web, name: str, password: str = PASSWORD) -> None:
+    """Log `name` in through the login form and wait for the overview."""
+    await page.goto(f"{web.url}/login")
+    await page.fill("input[name=username]", name)
+    await page.fill("input[name=password]", password)
+    await page.click("button[type=submit]")
+    await page.wait_for_url(f"{web.url}/")

@@ -5,9 +5,6 @@ dir (the path is printed)."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,39 +12,9 @@ import pytest
 from services.runtime.bus import Bus
 from services.runtime.nats_server import EmbeddedNats
 from tests.conftest import Processes
-from tests.web.conftest import PASSWORD, add_user, start_web
+from tests.web.conftest import PASSWORD, add_user, needs_browser, start_web
 
-CHROMIUM = "/usr/bin/chromium"
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not os.access(CHROMIUM, os.X_OK),
-        reason=f"no browser at {CHROMIUM} (apt-get install -y chromium; .ci/run does it)",
-    ),
-]
-
-playwright_api = pytest.importorskip(
-    "playwright.async_api", reason="Playwright is not installed (pip install -e '.[dev]')"
-)
-
-
-@pytest.fixture
-async def page(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
-    """A Chromium page; on a failed test its screenshot and HTML are kept in tmp_path."""
-    async with playwright_api.async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        tab = await browser.new_page()
-        try:
-            yield tab
-        finally:
-            report = getattr(request.node, "rep_call", None)
-            if report is None or report.failed:
-                shot = tmp_path / "failure.png"
-                await tab.screenshot(path=str(shot), full_page=True)
-                (tmp_path / "failure.html").write_text(await tab.content())
-                print(f"browser artifacts: {shot} and {tmp_path / 'failure.html'}")
-            await browser.close()
+pytestmark = [pytest.mark.slow, needs_browser]
 
 
 async def test_log_in_see_pages_and_log_out_in_a_browser(
