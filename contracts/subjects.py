@@ -258,6 +258,12 @@ def lease_handover(channel: str, account: str) -> str:
     return f"svc.lease.handover.{check_channel(channel)}.{check_account(account)}"
 
 
+def lease_resume(channel: str, account: str) -> str:
+    """Request subject a worker of the account answers by clearing its parked lease (so a
+    least-privilege client, e.g. the web role, resumes an account without writing leases)."""
+    return f"svc.lease.resume.{check_channel(channel)}.{check_account(account)}"
+
+
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 

@@ -106,6 +106,21 @@ class HandoverReply(msgspec.Struct, frozen=True, kw_only=True):
     released: bool
 
 
+class ResumeRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Asks a worker of the account to clear its parked lease (`svc.lease.resume.*`)."""
+
+    actor: str
+    reason: str = ""
+
+
+class ResumeReply(msgspec.Struct, frozen=True, kw_only=True):
+    """What was parked (`parked`), or why nothing was cleared (`error`, one line)."""
+
+    account: str
+    parked: str = ""
+    error: str = ""
+
+
 class AccountOwner:
     """Competes for one account's lease; while held, the account's only sender."""
 
@@ -149,7 +164,62 @@ class AccountOwner:
         self.zombie_watch: ZombieWatch | None = None  # the current session's, while owning
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Acquire, own, and on loss go back to standby, until `stop`."""
+        """Acquire, own, and on loss go back to standby, until `stop`. Meanwhile answer
+        resume requests for the account (one worker of the queue group answers each)."""
+        resumes = await self.bus.nc.subscribe(
+            subjects.lease_resume(self.channel, self.account), queue="resume", cb=self._on_resume
+        )
+        try:
+            await self._run(stop)
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await resumes.unsubscribe()
+
+    async def _on_resume(self, msg: Msg) -> None:
+        """Clear the parked lease for the operator named in the request (revision-checked,
+        recorded as AccountResumed with that actor) and say what was parked."""
+        try:
+            request = msgspec.json.decode(msg.data, type=ResumeRequest)
+        except msgspec.DecodeError as exc:
+            reply = ResumeReply(account=self.account, error=f"bad resume request: {exc}")
+        else:
+            reply = await self._resume(request)
+        if msg.reply:
+            with contextlib.suppress(nats.errors.Error):
+                await msg.respond(msgspec.json.encode(reply))
+
+    async def _resume(self, request: ResumeRequest) -> ResumeReply:
+        try:
+            kv = await self.lease.bucket()
+            found = await read_lease(kv, self.lease.key)
+            if found is None:
+                return ResumeReply(account=self.account, error="is not parked (nobody holds it)")
+            value, revision = found
+            if not value.parked:
+                return ResumeReply(
+                    account=self.account, error=f"is not parked: {value.holder} holds it"
+                )
+            await kv.delete(self.lease.key, last=revision)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError, msgspec.DecodeError) as exc:
+            return ResumeReply(
+                account=self.account, error=f"changed while resuming ({exc!r}); retry"
+            )
+        log.warning(
+            "parked account resumed by an operator",
+            extra={"account": self.account, "parked": value.parked, "actor": request.actor},
+        )
+        await self._note(
+            AccountResumed(
+                channel=self.channel,
+                account=self.account,
+                actor=request.actor,
+                reason=request.reason,
+            ),
+            "the resume",
+        )
+        return ResumeReply(account=self.account, parked=value.parked)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             if self.fleet is not None and not self.fleet.settled.is_set():
                 await _first(stop, self.fleet.settled)  # first see who else is there

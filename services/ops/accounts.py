@@ -9,7 +9,7 @@ import nats.js.errors
 from contracts import subjects
 from contracts.events import CHANNEL_WHATSAPP, AccountResumed
 from contracts.streams import LEASES
-from services.channel.owner import HandoverReply
+from services.channel.owner import HandoverReply, ResumeReply, ResumeRequest
 from services.runtime.bus import Bus
 from services.runtime.errors import ServiceError
 from services.runtime.lease import read_lease
@@ -29,8 +29,30 @@ async def handover(bus: Bus, account: str, *, timeout: float) -> HandoverReply:
     return msgspec.json.decode(msg.data, type=HandoverReply)
 
 
-async def resume(bus: Bus, account: str, *, actor: str, reason: str) -> str:
-    """Clear a parked account so a worker takes it over again; return what was parked."""
+async def resume(bus: Bus, account: str, *, actor: str, reason: str, timeout: float = 5.0) -> str:
+    """Clear a parked account so a worker takes it over again; return what was parked.
+
+    A running worker of the account does it on request (`svc.lease.resume.*`), so a client
+    that may not write the lease bucket (the web role's NATS user) resumes too; with no
+    worker running, the lease is cleared here (the operator's credentials)."""
+    request = msgspec.json.encode(ResumeRequest(actor=actor, reason=reason))
+    subject = subjects.lease_resume(CHANNEL_WHATSAPP, account)
+    try:
+        msg = await bus.nc.request(subject, request, timeout=timeout)
+    except nats.errors.NoRespondersError:
+        return await _resume_here(bus, account, actor=actor, reason=reason)
+    except nats.errors.TimeoutError:
+        raise ServiceError(
+            f"no worker of {account!r} confirmed the resume within {timeout:g}s;"
+            " check 'svc status' and retry"
+        ) from None
+    reply = msgspec.json.decode(msg.data, type=ResumeReply)
+    if reply.error:
+        raise ServiceError(f"account {account!r} {reply.error}")
+    return reply.parked
+
+
+async def _resume_here(bus: Bus, account: str, *, actor: str, reason: str) -> str:
     key = subjects.lease_key(CHANNEL_WHATSAPP, account)
     kv = await bus.js.key_value(LEASES.name)
     found = await read_lease(kv, key)

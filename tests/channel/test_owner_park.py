@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timedelta
 
+import pytest
+
 from contracts import subjects
 from contracts.events import (
     AccountResumed,
@@ -165,3 +167,51 @@ async def test_a_session_replaced_after_a_takeover_never_parks_over_the_new_leas
     lost = [e for e in await account_events(bus, "acct") if isinstance(e, LeaseLost)]
     assert [e.token for e in lost] == [old_token]
     assert await other.release()
+
+
+async def test_an_operator_resume_is_done_by_a_worker_on_request_or_here_without_one(
+    bus: Bus,
+) -> None:
+    from services.ops.accounts import resume
+    from services.runtime.errors import ServiceError
+
+    # Given two workers competing for "gone", whose session is replaced: parked, no end
+    transport = ScriptedTransport(signals={"gone": [StreamReplaced]})
+    workers = owners(bus, transport, "gone", 2)
+    stop = asyncio.Event()
+    running = [asyncio.create_task(w.run(stop)) for w in workers]
+    try:
+
+        async def parked() -> bool:
+            value = await lease_value(bus, "gone")
+            return value is not None and value.parked == "stream replaced"
+
+        await wait_until(parked, what="the account parked")
+        # When an operator resumes it: one worker clears it on request, for that operator
+        assert await resume(bus, "gone", actor="olga", reason="re-linked") == "stream replaced"
+
+        async def acquired_twice() -> bool:
+            kinds = await account_events(bus, "gone")
+            return len([e for e in kinds if isinstance(e, LeaseAcquired)]) == 2
+
+        await wait_until(acquired_twice, what="the account owned again")
+        # A resume of an account nobody parked is refused with one line naming the holder
+        with pytest.raises(ServiceError, match="'gone' is not parked: gone-holder-"):
+            await resume(bus, "gone", actor="olga", reason="again")
+    finally:
+        stop.set()
+        await asyncio.gather(*running)
+    resumed = [e for e in await account_events(bus, "gone") if isinstance(e, AccountResumed)]
+    assert [(e.actor, e.reason) for e in resumed] == [("olga", "re-linked")]
+
+    # And with no worker running, the operator's resume clears the lease itself
+    lease = Lease(bus, "whatsapp", "idle", "h", 10)
+    assert await lease.try_acquire()
+    assert await lease.park("logged out", state="logged_out")
+    assert await resume(bus, "idle", actor="olga", reason="") == "logged out"
+    assert await lease_value(bus, "idle") is None
+    idle = [e for _, e in await read_stream(bus, "ACCOUNTS", subjects.accounts("whatsapp", "idle"))]
+    assert [(type(e).__name__, getattr(e, "actor", "")) for e in idle][-1] == (
+        "AccountResumed",
+        "olga",
+    )

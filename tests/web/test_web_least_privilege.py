@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import pytest
 
+from contracts import subjects
+from contracts.codec import encode
+from contracts.payloads import SimControl
 from services.runtime.bus import Bus
 from tests.conftest import Processes, run_svc, wait_until
-from tests.e2e.conftest import SimNetwork, holder_of
+from tests.e2e.conftest import SimNetwork, holder_of, lease_of
 from tests.e2e.test_least_privilege import (  # the shipped config's fixtures
     SecuredServer,
     operator,  # noqa: F401
@@ -49,6 +52,20 @@ async def test_the_web_role_runs_as_its_own_user(
         assert sent.status_code == 202, sent.text
         job_id = json_of(sent)["job_id"]
         await net.wait(lambda: job_id in net.job_ids(), 30, "the operator's send")
+        # ... and, once WhatsApp parked the account, resumes it from the console: the web
+        # user may not write the lease bucket, so the account's worker clears it on request
+        await operator.nc.publish(
+            subjects.sim_control("default"), encode(SimControl(event="stream_replaced"))
+        )
+        await wait_until(lambda: _parked(operator), 30, "the parked account")
+        resumed = await client.post(
+            "/api/v1/accounts/default/resume",
+            json={"reason": "re-linked"},
+            headers=session.headers(),
+        )
+        assert resumed.status_code == 200, resumed.text
+        assert json_of(resumed) == {"account": "default", "was_parked": "stream replaced"}
+        await wait_until(lambda: holder_of(operator, "default"), 30, "the account owned again")
         out = await client.post(
             "/logout", data={"csrf": session.csrf}, headers=session.headers(csrf=False)
         )
@@ -57,3 +74,8 @@ async def test_the_web_role_runs_as_its_own_user(
     assert processes.stop(owner) == 0, processes.log(owner)
     # Then nothing the web role did was outside its permissions
     assert secured.violations() == []
+
+
+async def _parked(bus: Bus) -> bool:
+    value = await lease_of(bus, "default")
+    return value is not None and bool(value.parked)
