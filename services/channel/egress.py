@@ -105,7 +105,8 @@ def egress_consumer_spec(
         batch=64,
         # The one policy (DELIVERY_BACKOFF): the egress's transport attempts, counted in
         # the SendRecord across owners, and the loop's in-place retries of other errors
-        # (NATS trouble, a bug), so a poison job cannot hold its chat forever.
+        # (a bug, a NATS error of the job's own), so a poison job cannot hold its chat
+        # forever. A NATS outage uses up none: it is waited out (ADR 0045).
         retry=(delivery or DeliverySettings()).retry,
         # Deleted under us = taken over (the new owner deletes it, ADR 0033): recreating it
         # would pull jobs beside the new owner. The loop stops instead.

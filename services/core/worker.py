@@ -35,7 +35,7 @@ from services.core.presence import Presence
 from services.core.tools import ToolSource
 from services.runtime.bus import Bus
 from services.runtime.consumer import ConsumerLoop, ConsumerSpec, Delivery
-from services.runtime.errors import AbandonError, PermanentError, TransientError
+from services.runtime.errors import NATS_OUTAGE, AbandonError, PermanentError, TransientError
 from services.runtime.metrics import instruments, labels
 from services.runtime.retry import RetryPolicy
 from services.runtime.seen import Seen
@@ -191,6 +191,8 @@ class CoreWorker:
             return False
         try:
             return await self.access.refused(inbound, d.stream_seq)
+        except NATS_OUTAGE:
+            raise  # waited out by the loop without using up an attempt
         except _NATS as exc:
             raise TransientError(f"cannot read the access policy: {exc!r}", delay=1.0) from None
 

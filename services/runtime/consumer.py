@@ -11,6 +11,10 @@ other exception is treated as transient and logged with its traceback.
 The spec's `RetryPolicy` is the one place attempts and waits are decided: each retry
 waits `retry.delay(attempt, requested)` (a TransientError's `delay` is what it requests),
 and a failure of the last attempt dead-letters, so nothing stays stuck in a work queue.
+A NATS outage (no responders, no stream response, a timeout, a reconnect: `NATS_OUTAGE`) is
+not the message's fault and uses up no attempt: it is retried with the same backoff until
+NATS answers or the process stops, so a leader election that outlasts the ladder (4-9 s
+per round in nats-server) dead-letters nothing (ADR 0045).
 
 Two ways to run:
 - sequential (default): one message at a time; a retry is a `nak(delay)`.
@@ -56,7 +60,7 @@ from contracts.errors import ContractError
 from contracts.events import AttemptError, DeadLettered
 from contracts.streams import ATTEMPTS
 from services.runtime.bus import Bus, take_pending
-from services.runtime.errors import AbandonError, PermanentError, TransientError
+from services.runtime.errors import NATS_OUTAGE, AbandonError, PermanentError, TransientError
 from services.runtime.health import READINESS, Flag
 from services.runtime.metrics import consumer_bound, instruments, labels
 from services.runtime.retry import RetryPolicy
@@ -157,6 +161,7 @@ class Delivery:
     stream_seq: int
     num_delivered: int
     attempt: int = 1  # this process's attempt (in-place retries count up; redeliveries too)
+    outages: int = 0  # retries for a NATS outage in a row: they use up no attempt
     errors: list[AttemptError] = field(default_factory=list)
     # Ordered-by-subject mode: True once an earlier message of the same subject is queued
     # behind this one (a redelivery); a handler waiting for its turn should step aside.
@@ -276,7 +281,7 @@ class ConsumerLoop(Generic[T]):
             for msg in await self.fetch(sub, batch, stop):
                 # Messages already fetched are handled even after stop: they are ours
                 # until settled, and handing them back would only delay them.
-                await self._handle_once(_delivery(msg))
+                await self._handle_once(_delivery(msg), stop)
 
     async def fetch(
         self, sub: JetStreamContext.PullSubscription, batch: int, stop: asyncio.Event
@@ -325,13 +330,22 @@ class ConsumerLoop(Generic[T]):
             return False
         return False
 
-    async def _handle_once(self, d: Delivery) -> None:
+    async def _handle_once(self, d: Delivery, stop: asyncio.Event) -> None:
         """Sequential mode: one attempt; a retry is a nak(delay) (server-side redelivery)."""
         if reason := self.crash_looped(d):
             await self.dead_letter(d, reason)
             return
         last_try = self.spec.retry.last(d.num_delivered)
         outcome = await self.attempt(d)
+        # An outage is waited out in place (kept alive): a nak would use up a server
+        # delivery, and max_deliver would end the message's deliveries.
+        while isinstance(outcome, _Retry) and outcome.outage:
+            self.log_retry(d, outcome.error, outcome.delay)
+            if await _wait(stop, min(outcome.delay, self.spec.ack_wait / 3)):
+                await self.settle(d.msg.nak())  # shutting down: hand it back
+                return
+            await d.in_progress()
+            outcome = await self.attempt(d)
         match outcome:
             case None:
                 await self.settle(d.msg.ack_sync(timeout=5) if self.spec.sync_ack else d.msg.ack())
@@ -365,9 +379,14 @@ class ConsumerLoop(Generic[T]):
                 span.set_attribute("switchboard.outcome", "abandoned")
                 log.info("abandoned", extra={"consumer": self.spec.durable, "reason": str(exc)})
                 return _Abandon(exc.delay)
-            except _NATS_TRANSIENT as exc:
+            except NATS_OUTAGE as exc:
                 # Expected while NATS reconnects or a stream elects a leader: one line
-                # (log_retry, with the delay), no traceback.
+                # (log_retry, with the delay), no traceback, and no attempt used up.
+                span.set_attribute("switchboard.outcome", "retry")
+                d.outages += 1
+                error = f"{type(exc).__name__}: {exc}"
+                return _Retry(error, self.spec.retry.delay(d.outages), outage=True)
+            except _NATS_TRANSIENT as exc:
                 span.set_attribute("switchboard.outcome", "retry")
                 return _Retry(f"{type(exc).__name__}: {exc}", self.spec.retry.delay(d.attempt))
             except Exception as exc:
@@ -382,6 +401,7 @@ class ConsumerLoop(Generic[T]):
                 )
                 return _Retry(f"{type(exc).__name__}: {exc}", self.spec.retry.delay(d.attempt))
             span.set_attribute("switchboard.outcome", "ack")
+            d.outages = 0
             return None
 
     def crash_looped(self, d: Delivery) -> str | None:
@@ -438,6 +458,7 @@ class ConsumerLoop(Generic[T]):
                 "subject": _cut(d.subject),
                 "seq": d.stream_seq,
                 "attempt": d.attempt,
+                **({"outage": d.outages} if d.outages else {}),
                 "delay_s": delay,
                 "error": error,
             },
@@ -569,6 +590,7 @@ class ConsumerLoop(Generic[T]):
 class _Retry:
     error: str
     delay: float
+    outage: bool = False  # NATS, not the message: uses up no attempt
 
 
 @dataclass(frozen=True)
@@ -963,18 +985,20 @@ class _KeyedRun:
                     await self.loop.unmark(d)
                     await self.loop.settle(current.nak(delay=delay or None))
                     return True
-                case _Retry(error, delay):
-                    d.errors.append(AttemptError(attempt=d.attempt, error=_clip(error)))
-                    if self.spec.retry.last(d.attempt):
-                        d.msg = current
-                        await self.loop.dead_letter(d, error, gave_up=d.attempt)
-                        return False
+                case _Retry(error, delay, outage):
+                    if not outage:
+                        d.errors.append(AttemptError(attempt=d.attempt, error=_clip(error)))
+                        if self.spec.retry.last(d.attempt):
+                            d.msg = current
+                            await self.loop.dead_letter(d, error, gave_up=d.attempt)
+                            return False
                     self.loop.log_retry(d, error, delay)
                     if await _wait(self.stop, delay):
                         await self.loop.unmark(d)
                         await self.loop.settle(current.nak())  # shutting down: hand it back
                         return True
-                    d.attempt += 1
+                    if not outage:
+                        d.attempt += 1
 
     async def _heartbeat(self) -> None:
         """Keep every held message alive while it waits behind its subject's queue."""

@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import nats.errors
+import nats.js.errors
+
 from contracts.events import AttemptError
+
+# NATS itself unreachable or electing a leader, not the message's fault: a consumer retries
+# these without using up an attempt (ADR 0045). Not every nats error: a payload too large
+# or a revision conflict is the message's own, and counts.
+NATS_OUTAGE: tuple[type[Exception], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.StaleConnectionError,
+    nats.errors.NoServersError,
+    nats.errors.OutboundBufferLimitError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
 
 
 class ServiceError(Exception):

@@ -23,7 +23,7 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 import nats.errors
@@ -306,7 +306,9 @@ class Lease:
                 self.state.acquired_at,
                 parked=reason or "parked",
                 state=state,
-                until=until.astimezone(UTC).isoformat(timespec="milliseconds") if until else "",
+                until=_ceil_ms(until).astimezone(UTC).isoformat(timespec="milliseconds")
+                if until
+                else "",
             )
             try:
                 return await self._write(value, ttl=False)
@@ -316,6 +318,12 @@ class Lease:
     def forget(self) -> None:
         """Drop local proof (the lease is lost or expired)."""
         self.state = LeaseState()
+
+
+def _ceil_ms(at: datetime) -> datetime:
+    """`at` rounded up to the millisecond the lease stores: a park never ends early."""
+    extra = at.microsecond % 1000
+    return at + timedelta(microseconds=1000 - extra) if extra else at
 
 
 async def read_lease(kv: KeyValue, key: str) -> tuple[LeaseValue, int] | None:

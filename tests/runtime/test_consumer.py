@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import nats.errors
 import nats.js.errors
 import pytest
 from nats.js.kv import KeyValue
@@ -262,6 +263,53 @@ async def test_ordered_by_subject_dead_letters_after_the_last_attempt_with_every
     ((_, letter),) = await read_stream(bus, "DEADLETTER")
     assert isinstance(letter, DeadLettered)
     assert [e.error for e in letter.errors] == ["down #1", "down #2", "down #3"]
+
+
+@pytest.mark.parametrize("ordered", [False, True], ids=["sequential", "ordered"])
+async def test_a_nats_outage_longer_than_the_attempts_dead_letters_nothing(
+    bus: Bus, ordered: bool
+) -> None:
+    # Given a handler whose writes find no stream for more tries than the policy's
+    # attempts (a leader election outlasting the ladder: 4-9 s per round in nats-server)
+    outage: list[Exception] = [
+        nats.js.errors.NoStreamResponseError(),
+        nats.errors.NoRespondersError(),
+        nats.js.errors.ServiceUnavailableError(code=503, description="no leader"),
+        nats.errors.TimeoutError(),
+        nats.js.errors.NoStreamResponseError(),
+    ]
+    calls: list[int] = []
+
+    async def handler(body: MessageReceived, d: Delivery) -> None:
+        calls.append(d.attempt)
+        if outage:
+            raise outage.pop(0)
+        if len(calls) == 6:  # then one failure of its own, which uses up an attempt
+            raise TransientError("its own", delay=0.01)
+
+    # (waits of 0.05 s; the server's ack deadline never passes: the loop keeps it alive)
+    retry = RetryPolicy(attempts=2, delays=(0.05,))
+    async with running(bus, handler, ordered_by_subject=ordered, retry=retry) as loop:
+        await bus.publish(SUBJECT, event("x"))
+        await wait_until(lambda: loop.handled + loop.dead_lettered == 1, what="an end")
+    # Then it is handled once NATS answers: the outage used up none of its 2 attempts
+    assert (loop.handled, loop.dead_lettered) == (1, 0)
+    assert len(calls) == 7
+    assert await read_stream(bus, "DEADLETTER") == []
+
+
+@pytest.mark.parametrize("ordered", [False, True], ids=["sequential", "ordered"])
+async def test_a_nats_error_of_the_message_itself_still_dead_letters_after_the_attempts(
+    bus: Bus, ordered: bool
+) -> None:
+    async def handler(body: MessageReceived, d: Delivery) -> None:
+        raise nats.js.errors.KeyWrongLastSequenceError(code=400, description="wrong last seq")
+
+    retry = RetryPolicy(attempts=2, delays=(0.05,))
+    async with running(bus, handler, ordered_by_subject=ordered, retry=retry) as loop:
+        await bus.publish(SUBJECT, event("x"))
+        await wait_until(lambda: loop.dead_lettered == 1, what="dead letter")
+    assert loop.handled == 0
 
 
 # --- bad input never stops a consumer (issue 11 items 1, 7, 8, 12, 18) ---------------------

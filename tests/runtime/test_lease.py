@@ -170,6 +170,13 @@ async def test_a_park_records_the_end_state_and_its_end_and_old_values_still_dec
     value = found[0]
     assert (value.state, value.until) == ("banned", "2030-01-02T03:04:05.678+00:00")
     assert value.parked_until() == end
+    # ... stored to the millisecond, rounded up, so the park never ends before the ban does
+    c = Lease(bus, "whatsapp", "acct2", "c", 10)
+    assert await c.try_acquire()
+    assert await c.park("banned", state="banned", until=end.replace(microsecond=678001))
+    found = await read_lease(await bus.js.key_value("leases"), "whatsapp.acct2")
+    assert found is not None
+    assert found[0].until == "2030-01-02T03:04:05.679+00:00"
     # A value written before these fields (or a park without an end) has no end
     old = msgspec.json.decode(
         b'{"holder":"h","token":3,"acquired_at":"x","parked":"stream replaced"}', type=LeaseValue
