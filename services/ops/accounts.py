@@ -29,8 +29,11 @@ async def handover(bus: Bus, account: str, *, timeout: float) -> HandoverReply:
     return msgspec.json.decode(msg.data, type=HandoverReply)
 
 
-async def resume(bus: Bus, account: str, *, actor: str, reason: str) -> str:
-    """Clear a parked account so a worker takes it over again; return what was parked."""
+async def resume(
+    bus: Bus, account: str, *, actor: str, reason: str, client: str = "", via: str = "cli"
+) -> str:
+    """Clear a parked account so a worker takes it over again (recorded with who and from
+    where); return what was parked."""
     key = subjects.lease_key(CHANNEL_WHATSAPP, account)
     kv = await bus.js.key_value(LEASES.name)
     found = await read_lease(kv, key)
@@ -45,6 +48,6 @@ async def resume(bus: Bus, account: str, *, actor: str, reason: str) -> str:
         raise ServiceError(f"account {account!r} changed while resuming ({exc}); retry") from None
     await bus.publish(
         subjects.accounts(CHANNEL_WHATSAPP, account),
-        AccountResumed(account=account, actor=actor, reason=reason),
+        AccountResumed(account=account, actor=actor, reason=reason, client=client, via=via),
     )
     return value.parked

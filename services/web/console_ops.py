@@ -206,7 +206,14 @@ async def resume_form(
         name = console.check_account(account)
         reason = form.get("reason", "")[:1024]
         with ops_errors():
-            was = await resume(bus_of(request), name, actor=principal.name, reason=reason)
+            was = await resume(
+                bus_of(request),
+                name,
+                actor=principal.name,
+                reason=reason,
+                client=client_of(request),
+                via="web",
+            )
         return f"{name} resumed (was parked: {was}); a worker takes it over."
 
     return await act(principal, "/accounts", run)
@@ -339,6 +346,7 @@ def _letter_body(principal: Principal, doc: dict[str, Any]) -> str:
                     "action": a.get("type"),
                     "at": a.get("at"),
                     "by": a.get("actor"),
+                    "from": " ".join(x for x in (a.get("client"), a.get("via")) if x),
                     "reason": a.get("reason"),
                     "new job": a.get("new_job_id") or "",
                 }
@@ -392,7 +400,12 @@ async def requeue_form(
             seq = resolve(await letters(bus), ref)
         with ops_errors():
             target = await requeue(
-                bus, seq, actor=principal.name, reason=form.get("reason", "")[:1024]
+                bus,
+                seq,
+                actor=principal.name,
+                reason=form.get("reason", "")[:1024],
+                client=client_of(request),
+                via="web",
             )
         return f"Dead letter {seq} requeued as {target}."
 
@@ -417,7 +430,9 @@ async def drop_form(
         with ops_errors(not_found=True):
             seq = resolve(await letters(bus), ref)
         with ops_errors():
-            await drop(bus, seq, actor=principal.name, reason=reason)
+            await drop(
+                bus, seq, actor=principal.name, reason=reason, client=client_of(request), via="web"
+            )
         return f"Dead letter {seq} dropped."
 
     return await act(principal, _back_of(form, ref), run)

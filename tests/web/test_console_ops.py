@@ -14,6 +14,7 @@ import pytest
 
 from contracts import subjects
 from contracts.events import (
+    AccountResumed,
     DeadLetterDropped,
     DeadLetterRequeued,
     DeliveryDeadLettered,
@@ -23,6 +24,7 @@ from contracts.events import (
 from contracts.payloads import AttemptError, SendRecord
 from services.channel.ledger import SendLedger
 from services.runtime.bus import Bus
+from services.runtime.lease import Lease
 from services.runtime.nats_server import EmbeddedNats
 from tests.conftest import Processes, read_stream, role, wait_until
 from tests.e2e.conftest import SimNetwork, holder_of, job
@@ -143,6 +145,44 @@ async def test_accounts_page_send_handover_and_resume_forms(
     )
 
 
+async def test_a_parked_account_is_resumed_from_the_accounts_page(
+    bus: Bus, nats_server: EmbeddedNats, processes: Processes
+) -> None:
+    web = await start_web(processes, nats_server.url)
+    olga, vera = await _pages(web, bus)
+    # Given an account parked by its owner (its session needs pairing)
+    lease = Lease(bus, "whatsapp", "parked1", "holder-1", 30)
+    assert await lease.try_acquire()
+    assert await lease.park("needs_pairing")
+    async with web.client() as client:
+        # The page shows why, and offers an operator Resume (no handover: nobody runs it)
+        shown = await client.get("/accounts", headers=cookie(olga))
+        assert "needs_pairing" in shown.text
+        assert 'action="/accounts/parked1/resume"' in shown.text
+        assert 'action="/accounts/parked1/handover"' not in shown.text
+        looked = await client.get("/accounts", headers=cookie(vera))
+        assert "needs_pairing" in looked.text
+        assert "/resume" not in looked.text
+        refused = await submit(client, vera, "/accounts/parked1/resume", {"reason": "x"})
+        assert_refused(refused, "this needs the operator role")
+        # When the operator resumes it
+        done = await submit(client, olga, "/accounts/parked1/resume", {"reason": "re-paired"})
+        assert await result_of(client, olga, done) == (
+            "ok: parked1 resumed (was parked: needs_pairing); a worker takes it over."
+        )
+        # Then the park is gone, and it is recorded with who, why and from where
+        again = await client.get("/accounts", headers=cookie(olga))
+        assert "needs_pairing" not in again.text
+    (resumed,) = await _events(bus, "ACCOUNTS", AccountResumed)
+    assert (resumed.account, resumed.actor, resumed.reason, resumed.client, resumed.via) == (
+        "parked1",
+        "olga",
+        "re-paired",
+        "127.0.0.1",
+        "web",
+    )
+
+
 async def test_a_flash_not_signed_by_the_session_is_not_shown(
     bus: Bus, nats_server: EmbeddedNats, processes: Processes
 ) -> None:
@@ -236,8 +276,13 @@ async def test_dead_letter_list_show_requeue_and_drop_forms(
         assert "is already requeued" in await result_of(client, olga, twice)
     requeues = await _events(bus, "DEADLETTER", DeadLetterRequeued)
     drops = await _events(bus, "DEADLETTER", DeadLetterDropped)
-    assert [(e.letter_seq, e.actor, e.reason) for e in requeues] == [(seq, "olga", "network back")]
-    assert [(e.letter_seq, e.actor, e.reason) for e in drops] == [(other, "olga", "stale")]
+    # Recorded with who, why and from where
+    assert [(e.letter_seq, e.actor, e.reason, e.client, e.via) for e in requeues] == [
+        (seq, "olga", "network back", "127.0.0.1", "web")
+    ]
+    assert [(e.letter_seq, e.actor, e.reason, e.client, e.via) for e in drops] == [
+        (other, "olga", "stale", "127.0.0.1", "web")
+    ]
 
 
 async def test_outbound_lists_queued_jobs_per_chat_with_their_send_state(
