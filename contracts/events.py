@@ -290,6 +290,10 @@ class DeadLetterRequeued(Event, frozen=True, kw_only=True):
     new_job_id: str | None = None
     actor: str = ""
     reason: str = ""
+    # Where the operator acted from: the client address and the way in (`web`, `cli`);
+    # empty in events recorded before these were.
+    client: str = ""
+    via: str = ""
 
 
 class DeadLetterDropped(Event, frozen=True, kw_only=True):
@@ -299,6 +303,10 @@ class DeadLetterDropped(Event, frozen=True, kw_only=True):
     letter_id: str
     actor: str = ""
     reason: str = ""
+    # Where the operator acted from: the client address and the way in (`web`, `cli`);
+    # empty in events recorded before these were.
+    client: str = ""
+    via: str = ""
 
 
 # --- PLUGINS ---------------------------------------------------------------------------
@@ -461,6 +469,10 @@ class AccountResumed(Event, frozen=True, kw_only=True):
     account: str
     actor: str = ""
     reason: str = ""
+    # Where the operator acted from: the client address and the way in (`web`, `cli`);
+    # empty in events recorded before these were.
+    client: str = ""
+    via: str = ""
 
 
 # --- ACCESS ----------------------------------------------------------------------------

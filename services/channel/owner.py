@@ -111,6 +111,8 @@ class ResumeRequest(msgspec.Struct, frozen=True, kw_only=True):
 
     actor: str
     reason: str = ""
+    client: str = ""  # from where (an address), recorded with the resume
+    via: str = "cli"
 
 
 class ResumeReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -214,6 +216,8 @@ class AccountOwner:
                 account=self.account,
                 actor=request.actor,
                 reason=request.reason,
+                client=request.client,
+                via=request.via,
             ),
             "the resume",
         )

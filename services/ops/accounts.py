@@ -29,18 +29,28 @@ async def handover(bus: Bus, account: str, *, timeout: float) -> HandoverReply:
     return msgspec.json.decode(msg.data, type=HandoverReply)
 
 
-async def resume(bus: Bus, account: str, *, actor: str, reason: str, timeout: float = 5.0) -> str:
-    """Clear a parked account so a worker takes it over again; return what was parked.
+async def resume(
+    bus: Bus,
+    account: str,
+    *,
+    actor: str,
+    reason: str,
+    client: str = "",
+    via: str = "cli",
+    timeout: float = 5.0,
+) -> str:
+    """Clear a parked account so a worker takes it over again (recorded with who and from
+    where); return what was parked.
 
     A running worker of the account does it on request (`svc.lease.resume.*`), so a client
     that may not write the lease bucket (the web role's NATS user) resumes too; with no
     worker running, the lease is cleared here (the operator's credentials)."""
-    request = msgspec.json.encode(ResumeRequest(actor=actor, reason=reason))
+    request = ResumeRequest(actor=actor, reason=reason, client=client, via=via)
     subject = subjects.lease_resume(CHANNEL_WHATSAPP, account)
     try:
-        msg = await bus.nc.request(subject, request, timeout=timeout)
+        msg = await bus.nc.request(subject, msgspec.json.encode(request), timeout=timeout)
     except nats.errors.NoRespondersError:
-        return await _resume_here(bus, account, actor=actor, reason=reason)
+        return await _resume_here(bus, account, request)
     except nats.errors.TimeoutError:
         raise ServiceError(
             f"no worker of {account!r} confirmed the resume within {timeout:g}s;"
@@ -52,7 +62,7 @@ async def resume(bus: Bus, account: str, *, actor: str, reason: str, timeout: fl
     return reply.parked
 
 
-async def _resume_here(bus: Bus, account: str, *, actor: str, reason: str) -> str:
+async def _resume_here(bus: Bus, account: str, request: ResumeRequest) -> str:
     key = subjects.lease_key(CHANNEL_WHATSAPP, account)
     kv = await bus.js.key_value(LEASES.name)
     found = await read_lease(kv, key)
@@ -67,6 +77,12 @@ async def _resume_here(bus: Bus, account: str, *, actor: str, reason: str) -> st
         raise ServiceError(f"account {account!r} changed while resuming ({exc}); retry") from None
     await bus.publish(
         subjects.accounts(CHANNEL_WHATSAPP, account),
-        AccountResumed(account=account, actor=actor, reason=reason),
+        AccountResumed(
+            account=account,
+            actor=request.actor,
+            reason=request.reason,
+            client=request.client,
+            via=request.via,
+        ),
     )
     return value.parked

@@ -138,8 +138,18 @@ def details(letter: Letter) -> dict[str, Any]:
     return doc
 
 
-async def requeue(bus: Bus, ref: str | int, *, actor: str, reason: str, force: bool = False) -> str:
-    """Send a dead letter back; an OUTBOUND job gets a new job id linked to the original."""
+async def requeue(
+    bus: Bus,
+    ref: str | int,
+    *,
+    actor: str,
+    reason: str,
+    force: bool = False,
+    client: str = "",
+    via: str = "cli",
+) -> str:
+    """Send a dead letter back; an OUTBOUND job gets a new job id linked to the original.
+    Recorded with who (`actor`) and from where (`client`, `via`)."""
     letter = await one(bus, ref)
     seq = letter.seq
     if letter.letter.payload_truncated:
@@ -190,20 +200,35 @@ async def requeue(bus: Bus, ref: str | int, *, actor: str, reason: str, force: b
     await bus.publish(
         subjects.DEADLETTER_OPS_SUBJECT,
         DeadLetterRequeued(
-            letter_seq=seq, letter_id=dead.id, new_job_id=new_job_id, actor=actor, reason=reason
+            letter_seq=seq,
+            letter_id=dead.id,
+            new_job_id=new_job_id,
+            actor=actor,
+            reason=reason,
+            client=client,
+            via=via,
         ),
     )
     return target
 
 
-async def drop(bus: Bus, ref: str | int, *, actor: str, reason: str) -> int:
-    """Discard a dead letter, recording who and why; its sequence."""
+async def drop(
+    bus: Bus, ref: str | int, *, actor: str, reason: str, client: str = "", via: str = "cli"
+) -> int:
+    """Discard a dead letter, recording who, from where and why; its sequence."""
     letter = await one(bus, ref)
     seq = letter.seq
     if letter.state != "open":
         raise ServiceError(f"dead letter {seq} is already {letter.state}")
     await bus.publish(
         subjects.DEADLETTER_OPS_SUBJECT,
-        DeadLetterDropped(letter_seq=seq, letter_id=letter.letter.id, actor=actor, reason=reason),
+        DeadLetterDropped(
+            letter_seq=seq,
+            letter_id=letter.letter.id,
+            actor=actor,
+            reason=reason,
+            client=client,
+            via=via,
+        ),
     )
     return seq

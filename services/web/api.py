@@ -187,7 +187,12 @@ async def resume(
     account = console.check_account(account)
     with ops_errors():
         was = await clear(
-            bus_of(request), account, actor=principal.name, reason=(data or ReasonBody()).reason
+            bus_of(request),
+            account,
+            actor=principal.name,
+            reason=(data or ReasonBody()).reason,
+            client=client_of(request),
+            via="web",
         )
     return {"account": account, "was_parked": was}
 
@@ -251,7 +256,13 @@ async def requeue(
     seq = await _letter_seq(bus_of(request), ref)
     with ops_errors():
         target = await send_back(
-            bus_of(request), seq, actor=principal.name, reason=body.reason, force=body.force
+            bus_of(request),
+            seq,
+            actor=principal.name,
+            reason=body.reason,
+            force=body.force,
+            client=client_of(request),
+            via="web",
         )
     return {"seq": seq, "requeued_as": target}
 
@@ -271,7 +282,14 @@ async def drop(
 
     seq = await _letter_seq(bus_of(request), ref)
     with ops_errors():
-        await discard(bus_of(request), seq, actor=principal.name, reason=data.reason)
+        await discard(
+            bus_of(request),
+            seq,
+            actor=principal.name,
+            reason=data.reason,
+            client=client_of(request),
+            via="web",
+        )
     return {"seq": seq, "dropped": True}
 
 

@@ -161,29 +161,6 @@ async def home(principal: Principal) -> Response[str]:
     )
 
 
-@get("/deadletters", name="page.deadletters", include_in_schema=False)
-async def deadletters_page(request: Request[Any, Any, Any], principal: Principal) -> Response[str]:
-    """Open dead letters, as GET /api/v1/deadletters lists them (the same function)."""
-    from services.ops.dlq import letters
-    from services.web.api import bus_of, ops_errors
-
-    with ops_errors():
-        found = await letters(bus_of(request))
-    rows = [x.summary() for x in found.values() if x.state == "open"]
-    return console_page("Dead letters", principal, table(rows, "No open dead letters."))
-
-
-@get("/accounts", name="page.accounts", include_in_schema=False)
-async def accounts_page(request: Request[Any, Any, Any], principal: Principal) -> Response[str]:
-    """Every account (state, holder, token, budget), as GET /api/v1/accounts lists them."""
-    from services.ops.status import collect_accounts
-    from services.web.api import bus_of, ops_errors
-
-    with ops_errors():
-        rows = await collect_accounts(bus_of(request))
-    return console_page("Accounts", principal, table(rows, "No accounts yet."))
-
-
 def table(rows: list[dict[str, Any]], empty: str) -> str:
     """Rows of plain data as an escaped HTML table (`empty` when there is none)."""
     if not rows:
@@ -217,4 +194,4 @@ def post_form(
     )
 
 
-PAGE_HANDLERS = [login_form, login_submit, logout, home, accounts_page, deadletters_page]
+PAGE_HANDLERS = [login_form, login_submit, logout, home]

@@ -56,6 +56,14 @@ ROUTE_ROLES: dict[str, WebRole | None] = {
     "api.tokens.revoke": "admin",
     # --- conversations and live updates (services/web/console_live.py) ---
     # --- operator forms: handover, resume, requeue, drop, send (console_ops.py) ---
+    "page.accounts.handover": "operator",
+    "page.accounts.resume": "operator",
+    "page.accounts.send": "operator",
+    "page.deadletter": "viewer",
+    "page.deadletter.requeue": "operator",
+    "page.deadletter.drop": "operator",
+    "page.outbound": "viewer",
+    "api.outbound": "viewer",
     # --- overview, plugins, access, audit, users, tokens, webhooks (console_admin.py) ---
     # --- pairing: QR / pairing code (console_pair.py) ---
 }

@@ -227,6 +227,8 @@ SAMPLES: dict[type[ev.Message], ev.Message] = {
         new_job_id="00000000000000000000000000000023",
         actor="ops@example.com",
         reason="recipient fixed",
+        client="10.0.0.7",
+        via="web",
     ),
     ev.DeadLetterDropped: ev.DeadLetterDropped(
         id="00000000000000000000000000000024",
@@ -235,6 +237,8 @@ SAMPLES: dict[type[ev.Message], ev.Message] = {
         letter_id="00000000000000000000000000000025",
         actor="ops@example.com",
         reason="spam",
+        client="10.0.0.7",
+        via="web",
     ),
     ev.FactRemembered: ev.FactRemembered(
         id="00000000000000000000000000000026",
@@ -342,6 +346,8 @@ SAMPLES: dict[type[ev.Message], ev.Message] = {
         account="acct-1",
         actor="ops@example.com",
         reason="re-paired",
+        client="10.0.0.7",
+        via="web",
     ),
     ev.SendBudgetChanged: ev.SendBudgetChanged(
         id="00000000000000000000000000000022",
@@ -909,3 +915,19 @@ def test_turns_written_before_the_operator_origin_still_decode() -> None:
     event = decode(old, ev.TurnCompleted)
     assert event.origin is None
     assert event == msgspec.structs.replace(SAMPLES[ev.TurnCompleted], origin=None)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [ev.DeadLetterRequeued, ev.DeadLetterDropped, ev.AccountResumed],
+    ids=lambda kind: kind.__name__,
+)
+def test_operator_actions_written_before_where_was_recorded_still_decode(
+    kind: type[ev.Message],
+) -> None:
+    # Given the bytes of an operator action written before `client` and `via`
+    old = (GOLDEN_DIR / f"{kind.__name__}.v1.before-where.json.compat").read_bytes().strip()
+    # When decoded, where is unknown (empty) and everything else is kept
+    event = decode(old, kind)
+    assert (event.client, event.via) == ("", "")  # type: ignore[attr-defined]
+    assert event == msgspec.structs.replace(SAMPLES[kind], client="", via="")
