@@ -114,9 +114,7 @@ async def live_consumers(bus: Bus, account: str, chat: str) -> list[str]:
     return found
 
 
-async def system(
-    bus: Bus, nats_server: EmbeddedNats, processes: Processes, **web_env: str
-) -> Web:
+async def system(bus: Bus, nats_server: EmbeddedNats, processes: Processes, **web_env: str) -> Web:
     """`svc run all` (sim, echo model) owning account default, and `svc run web`."""
     processes.start("run", "all", NATS_URL=nats_server.url)
     await wait_until(lambda: consumers_ready(bus, ("INBOUND", "core")), 60, "svc run all up")
