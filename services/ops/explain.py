@@ -147,7 +147,18 @@ async def conversation_at(
         for seq, at, event in found:
             if conversation_event(event, channel, account, chat):
                 entries.append(tr.entry(event, name, seq, at))
-    return tr.ordered(entries), upto
+    # Jobs still queued (a work queue: read by direct gets, never a consumer; the live
+    # view does not follow it, their outcome arrives on DELIVERY).
+    async for stored in queued(
+        bus, OUTBOUND.name, subject=subjects.outbound(channel, account, chat)
+    ):
+        try:
+            job = decode(stored.data, SendMessage)
+        except ContractError:
+            continue
+        if conversation_event(job, channel, account, chat):
+            entries.append(tr.entry(job, OUTBOUND.name, stored.seq, stored.time))
+    return tr.ordered(tr.settled(entries)), upto
 
 
 def conversation_event(

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from contracts import subjects
+from contracts.events import OperatorOrigin, SendMessage, TurnCompleted, derived_id, new_id
 from services.ops.explain import TRANSCRIPT_STREAMS, chat_subjects
 from services.ops.follow import parse_position
 from services.ops.simclient import SimUser
@@ -26,6 +27,11 @@ from services.runtime.bus import Bus
 from services.runtime.nats_server import EmbeddedNats
 from tests.conftest import Processes, wait_until
 from tests.e2e.conftest import consumers_ready, holder_of
+from tests.e2e.test_least_privilege import (  # the shipped config's fixtures
+    SecuredServer,
+    operator,  # noqa: F401
+    secured,  # noqa: F401
+)
 from tests.web.conftest import Web, add_token, add_user, bearer, json_of, login, start_web
 
 pytestmark = pytest.mark.slow
@@ -274,3 +280,84 @@ async def test_a_viewer_reads_chats_and_events_others_are_refused_and_odd_names_
     await wait_until(
         lambda: _none(live_consumers(bus, "default", ODD)), 20, "the live consumers gone"
     )
+
+
+async def test_the_live_view_stays_inside_the_web_users_nats_permissions(
+    secured: SecuredServer,  # noqa: F811
+    operator: Bus,  # noqa: F811
+    processes: Processes,
+) -> None:
+    # Given the shipped least-privilege config: each role as its own NATS user
+    processes.start("run", "whatsapp", **secured.env(processes, "whatsapp"))
+    processes.start("run", "core", **secured.env(processes, "core"))
+    await wait_until(lambda: holder_of(operator, "default"), 60, "the account's owner")
+    await wait_until(lambda: consumers_ready(operator, ("INBOUND", "core")), 60, "the core")
+    token = await add_token(operator, "looker", "viewer")
+    web_env = secured.env(processes, "web")
+    web = await start_web(
+        processes,
+        secured.url,
+        NATS_USER=web_env["NATS_USER"],
+        NATS_PASSWORD=web_env["NATS_PASSWORD"],
+    )
+    chat_token = subjects.encode_chat(CHAT)
+    async with SimUser(operator, "default") as user, web.client() as client:
+        # When a viewer follows a chat live, lists chats and reads the transcript
+        path = f"/api/v1/accounts/default/chats/{chat_token}/events"
+        async with events(client, path, bearer(token)) as stream:
+            assert (await stream.next()).event == "ready"
+            await user.send(CHAT, "hello, least privilege")
+            rows = await stream.rows_until(
+                lambda rows: any(r["row"]["kind"] == "sent" for r in rows)
+            )
+            assert any("hello, least privilege" in r["row"]["text"] for r in rows)
+        listed = await client.get("/api/v1/accounts/default/chats", headers=bearer(token))
+        assert [c["chat"] for c in json_of(listed)["items"]] == [CHAT]
+        shown = await client.get(
+            f"/api/v1/accounts/default/chats/{chat_token}/messages", headers=bearer(token)
+        )
+        assert "inbound" in [item["kind"] for item in json_of(shown)["items"]]
+        assert await user.wait_replies(60)
+    await wait_until(
+        lambda: _none(live_consumers(operator, "default", CHAT)), 20, "the live consumers gone"
+    )
+    assert processes.stop(web.proc) == 0, processes.log(web.proc)
+    # Then nothing the web role did was outside its permissions
+    assert secured.violations() == []
+
+
+async def test_a_reply_still_queued_shows_as_queued_on_the_page_and_in_the_api(
+    bus: Bus, nats_server: EmbeddedNats, processes: Processes
+) -> None:
+    # Given an operator's send whose job waits on OUTBOUND (no owner runs to send it)
+    job_id = new_id()
+    turn = TurnCompleted(
+        id=derived_id("operator-turn", job_id),
+        account="default",
+        chat=CHAT,
+        inbound_id="",
+        model="operator",
+        reply_ids=[job_id],
+        origin=OperatorOrigin(actor="olivia", client="10.0.0.7"),
+    )
+    job = SendMessage(id=job_id, job_id=job_id, account="default", chat=CHAT, text="parked <reply>")
+    await bus.publish(subjects.agent("whatsapp", "default", CHAT), turn)
+    await bus.publish(subjects.outbound("whatsapp", "default", CHAT), job)
+    token = await add_token(bus, "looker", "viewer")
+    web = await start_web(processes, nats_server.url)
+    async with web.client() as client:
+        # When a viewer reads the chat
+        api = await client.get(
+            f"/api/v1/accounts/default/chats/{CHAT}/messages", headers=bearer(token)
+        )
+        page = await client.get(
+            f"/conversations/default/{subjects.encode_chat(CHAT)}", headers=bearer(token)
+        )
+    # Then the queued job is listed after the turn that made it, with its text
+    items = json_of(api)["items"]
+    assert [i["kind"] for i in items] == ["turn", "queued"]
+    assert items[1]["event"]["job_id"] == job_id
+    assert page.status_code == 200
+    assert "operator send by olivia (user) from 10.0.0.7 via web" in page.text
+    assert f"queued &lt; parked &lt;reply&gt;   [job {job_id}; still on OUTBOUND]" in page.text
+    # (the job is left queued: `svc audit` allows a pending job its grace period)
