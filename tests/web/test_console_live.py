@@ -57,8 +57,9 @@ class EventStream:
     comments: list[str] = field(default_factory=list)
     _lines: AsyncIterator[str] | None = None
 
-    async def next(self, timeout: float = 60) -> Sse:
-        """The next event (comments are kept aside); fails the test after `timeout` s."""
+    async def next(self, timeout: float = 60, *, comments: bool = False) -> Sse:
+        """The next event (comments are kept aside, or with `comments` returned as events
+        named `comment`); fails the test after `timeout` s."""
         if self._lines is None:
             self._lines = self.response.aiter_lines()
         lines = self._lines
@@ -74,6 +75,8 @@ class EventStream:
                 value = value.removeprefix(" ")
                 if name == "":
                     self.comments.append(value)
+                    if comments:
+                        return Sse(event="comment", data=value)
                     continue
                 seen = True
                 if name == "event":
@@ -188,11 +191,24 @@ async def test_the_events_stream_yields_the_message_and_the_reply_and_leaves_no_
             # each event's id is the position after it: the last one covers the reply
             assert parse_position(rows[-1]["sse_id"])["DELIVERY"] > after["DELIVERY"]
             assert await user.wait_replies(60, exchange=second)
+            last_id = rows[-1]["sse_id"]
         # And when the client goes away its consumers are deleted (the server's own
         # backstop for an abandoned one is 60 s: far beyond this wait)
         await wait_until(
             lambda: _none(live_consumers(bus, "default", CHAT)), 20, "the live consumers gone"
         )
+        # And a browser that reconnects (Last-Event-ID) gets what it missed, and only that
+        third = await user.send(CHAT, "sent while away")
+        assert await user.wait_replies(60, exchange=third)
+        resumed = {**session.headers(csrf=False), "Last-Event-ID": last_id}
+        async with events(client, path, resumed) as stream:
+            assert (await stream.next()).event == "ready"
+            rows = await stream.rows_until(
+                lambda rows: any(r["row"]["kind"] == "sent" for r in rows)
+            )
+            texts = [r["row"]["text"] for r in rows]
+            assert any("user > sent while away" in t for t in texts), texts
+            assert not any("is my order shipped?" in t for t in texts), texts
 
 
 async def _none(found: Any) -> bool:
@@ -361,3 +377,25 @@ async def test_a_reply_still_queued_shows_as_queued_on_the_page_and_in_the_api(
     assert "operator send by olivia (user) from 10.0.0.7 via web" in page.text
     assert f"queued &lt; parked &lt;reply&gt;   [job {job_id}; still on OUTBOUND]" in page.text
     # (the job is left queued: `svc audit` allows a pending job its grace period)
+
+
+async def test_an_idle_stream_gets_heartbeats_and_ends_when_the_session_does(
+    bus: Bus, nats_server: EmbeddedNats, processes: Processes
+) -> None:
+    await add_user(bus, "vera", "viewer")
+    web = await system(bus, nats_server, processes)
+    session = await login(web, "vera")
+    path = f"/conversations/default/{subjects.encode_chat(CHAT)}/events"
+    async with web.client() as client, events(client, path, session.headers(csrf=False)) as stream:
+        assert (await stream.next()).event == "ready"
+        # An idle stream carries a comment every HEARTBEAT (15) s, so proxies keep it open
+        beat = await stream.next(60, comments=True)
+        assert (beat.event, beat.data) == ("comment", "keep-alive")
+        # When the user logs out elsewhere, the stream says so and ends at the next beat
+        out = await client.post(
+            "/logout", data={"csrf": session.csrf}, headers=session.headers(csrf=False)
+        )
+        assert out.status_code == 303
+        ended = await stream.next(60)
+        assert ended.event == "end"
+        assert ended.data == "the session has ended"
