@@ -13,6 +13,7 @@ JavaScript the page is the same transcript, current as of the last reload.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from html import escape
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 import anyio
+import nats.errors
+import nats.js.errors
 from litestar import Request, Response, get
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent
@@ -36,6 +39,8 @@ from services.web.console import Page
 from services.web.errors import ApiError
 from services.web.identity import Principal
 from services.web.pages import console_page
+
+log = logging.getLogger(__name__)
 
 HEARTBEAT = 15.0  # s between comments on an idle stream (proxies close silent ones)
 RETRY_MS = 3000  # how soon a browser reconnects after the stream drops
@@ -123,6 +128,12 @@ async def _events(
             yield ServerSentEventMessage(
                 event="row", id=position_text(follower.position), data=json.dumps(item)
             )
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        # NATS did not answer: end this stream; the browser reconnects (after RETRY_MS,
+        # from its Last-Event-ID), so nothing is lost.
+        why = f"NATS did not answer ({type(exc).__name__}); reconnecting"
+        log.warning("live view stopped", extra={"account": account, "error": str(exc)})
+        yield ServerSentEventMessage(event="unavailable", data=why)
     finally:
         if follower is not None:
             # The client went away: Litestar cancels this stream (anyio cancels every
@@ -173,7 +184,7 @@ async def conversations_page(
         by_account.setdefault(row.account, []).append(row)
     parts = []
     for name in sorted(by_account):
-        shown = page(by_account[name], cursor if account else None)
+        shown = console.page(by_account[name], CHATS_SHOWN, cursor if account else None)
         rows = "".join(
             f'<tr><td><a href="{escape(chat_path(name, c.chat))}">{escape(c.chat)}</a></td>'
             f"<td>{escape(tr.stamp(c.last_at))}</td></tr>"
@@ -191,11 +202,6 @@ async def conversations_page(
         )
     body = "".join(parts) or "<p>No conversations yet.</p>"
     return console_page("Conversations", principal, body)
-
-
-def page(rows: list[Any], cursor: str | None) -> Page:
-    """One page of an account's chats on the conversations page."""
-    return console.page(rows, CHATS_SHOWN, cursor)
 
 
 @get("/conversations/{account:str}/{chat:str}", name="page.conversation", include_in_schema=False)

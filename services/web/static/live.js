@@ -62,6 +62,9 @@
     var tr = rowOf(row);
     body.insertBefore(tr, row.replies.length ? firstReply(row.replies) : null);
   });
+  source.addEventListener("unavailable", function (event) {
+    say(event.data + "...");
+  });
   source.addEventListener("end", function (event) {
     source.close();
     say("Live updates stopped: " + event.data + ". Reload the page (or log in again).");
