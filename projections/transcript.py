@@ -46,6 +46,7 @@ ConversationEvent = (
     | DeliveryReceipt
     | FactRemembered
     | FactForgotten
+    | SendMessage  # a job still queued on OUTBOUND (a settled one is gone from it)
 )
 CONVERSATION_TYPES = (
     MessageReceived,
@@ -59,11 +60,12 @@ CONVERSATION_TYPES = (
     DeliveryReceipt,
     FactRemembered,
     FactForgotten,
+    SendMessage,
 )
 
 # Ties at the same stored time follow the pipeline: a message, the facts its turn wrote
-# (published while the turn ran), the turn record, then what delivery did.
-STREAM_ORDER = {"INBOUND": 0, "PLUGINS": 1, "AGENT": 2, "DELIVERY": 3}
+# (published while the turn ran), the turn record, its queued jobs, then what delivery did.
+STREAM_ORDER = {"INBOUND": 0, "PLUGINS": 1, "AGENT": 2, "OUTBOUND": 3, "DELIVERY": 4}
 TEXT_LIMIT = 300  # characters of a message shown on one human line (--json has it all)
 
 
@@ -100,6 +102,8 @@ def kind_of(event: ConversationEvent) -> str:
             return "fact_remembered"
         case FactForgotten():
             return "fact_forgotten"
+        case SendMessage():
+            return "queued"
         case _:
             assert_never(event)
 
@@ -115,16 +119,26 @@ def in_chat(event: ConversationEvent, channel: str, account: str, chat: str) -> 
     return (event.channel, event.account, event.chat) == (channel, account, chat)
 
 
+def settled(entries: list[Entry]) -> list[Entry]:
+    """`entries` without a queued job that is also recorded as sent or dead-lettered (the
+    egress records the outcome just before it removes the job from OUTBOUND)."""
+    done = {
+        e.event.job_id for e in entries if isinstance(e.event, MessageSent | DeliveryDeadLettered)
+    }
+    return [e for e in entries if not (isinstance(e.event, SendMessage) and e.event.job_id in done)]
+
+
 def ordered(entries: list[Entry]) -> list[Entry]:
     """Entries by stored time; ties in pipeline order, then stream order.
 
     One exception keeps cause before effect: the core stores a turn's jobs before the turn
     record, so egress may record a reply's send before its turn; such a turn is listed at
-    the time of the first delivery event of its replies (its `at` stays the stored time).
+    the time of the first delivery event (or queued job) of its replies (its `at` stays
+    the stored time).
     """
     first_delivery: dict[str, datetime] = {}
     for e in entries:
-        if e.stream == "DELIVERY":
+        if e.stream in ("DELIVERY", "OUTBOUND"):
             job_id = getattr(e.event, "job_id", "")
             if job_id not in first_delivery or e.at < first_delivery[job_id]:
                 first_delivery[job_id] = e.at
@@ -256,6 +270,8 @@ def entry_line(e: Entry) -> str:
             return f"memory: remember {event.key} = {one_line(event.value, 120)}"
         case FactForgotten():
             return f"memory: forget {event.key}"
+        case SendMessage():
+            return f"queued < {one_line(event.text)}   [job {event.job_id}; still on OUTBOUND]"
         case _:
             assert_never(event)
 

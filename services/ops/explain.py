@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, TypeGuard
 
 import msgspec
+import nats.js.errors
 
 from contracts import subjects
 from contracts.codec import decode, decode_any
@@ -64,14 +66,19 @@ Found = tuple[int, Any, AnyMessage]  # (stream seq, stored time, event)
 
 
 async def _events(
-    bus: Bus, stream: str, subject: str = ">", *, contains: str | None = None
+    bus: Bus,
+    stream: str,
+    subject: str = ">",
+    *,
+    contains: str | None = None,
+    stop_seq: int | None = None,
 ) -> list[Found]:
     """Decoded events of `stream` on `subject` (those whose bytes contain `contains`, a
-    cheap pre-filter before decoding); undecodable messages are skipped."""
+    cheap pre-filter before decoding), up to `stop_seq`; undecodable messages are skipped."""
     # As the string appears inside the JSON (escapes included), so the filter never misses.
     needle = msgspec.json.encode(contains)[1:-1] if contains else None
     out: list[Found] = []
-    async for stored in read(bus, stream, subject=subject):
+    async for stored in read(bus, stream, subject=subject, stop_seq=stop_seq):
         if needle is not None and needle not in stored.data:
             continue
         try:
@@ -81,28 +88,123 @@ async def _events(
     return out
 
 
-# --- svc replay conversation -------------------------------------------------------------
+# --- svc replay conversation, the console's conversations -------------------------------
+
+# The streams a transcript reads, and where in each a rendered transcript ends: the
+# console's live view follows each from there (services/ops/follow.py).
+TRANSCRIPT_STREAMS = (INBOUND.name, AGENT.name, DELIVERY.name, PLUGINS.name)
+Position = dict[str, int]  # stream name -> the last sequence a transcript covers
+
+
+def chat_subjects(channel: str, account: str, chat: str) -> dict[str, str]:
+    """The subject a chat's events are on, per transcript stream (memory facts share one
+    subject per account: the chat in the event narrows it)."""
+    return {
+        INBOUND.name: subjects.inbound(channel, account, chat),
+        AGENT.name: subjects.agent(channel, account, chat),
+        DELIVERY.name: subjects.delivery(channel, account, chat),
+        PLUGINS.name: subjects.memory(channel, account),
+    }
+
+
+async def _last_seq(bus: Bus, stream: str) -> int:
+    try:
+        return int((await bus.js.stream_info(stream)).state.last_seq)
+    except nats.js.errors.NotFoundError:
+        return 0
+
+
+async def current_position(bus: Bus) -> Position:
+    """Where every transcript stream ends now (following from here shows only new events)."""
+    lasts = await asyncio.gather(*(_last_seq(bus, name) for name in TRANSCRIPT_STREAMS))
+    return dict(zip(TRANSCRIPT_STREAMS, lasts, strict=True))
+
+
+async def conversation_at(
+    bus: Bus, channel: str, account: str, chat: str
+) -> tuple[list[tr.Entry], Position]:
+    """Every recorded event of one chat, merged in stored order, and the position (per
+    stream, the last sequence read): following from there misses and repeats nothing."""
+    subjects.check_channel(channel)
+    subjects.check_account(account)
+    upto = await current_position(bus)
+    where = chat_subjects(channel, account, chat)
+    reads = await asyncio.gather(
+        *(
+            _events(
+                bus,
+                name,
+                where[name],
+                stop_seq=upto[name],
+                # Facts share one subject per account; the chat JID in the JSON narrows it.
+                contains=chat[:64] if name == PLUGINS.name else None,
+            )
+            for name in TRANSCRIPT_STREAMS
+        )
+    )
+    entries = []
+    for name, found in zip(TRANSCRIPT_STREAMS, reads, strict=True):
+        for seq, at, event in found:
+            if conversation_event(event, channel, account, chat):
+                entries.append(tr.entry(event, name, seq, at))
+    # Jobs still queued (a work queue: read by direct gets, never a consumer; the live
+    # view does not follow it, their outcome arrives on DELIVERY).
+    async for stored in queued(
+        bus, OUTBOUND.name, subject=subjects.outbound(channel, account, chat)
+    ):
+        try:
+            job = decode(stored.data, SendMessage)
+        except ContractError:
+            continue
+        if conversation_event(job, channel, account, chat):
+            entries.append(tr.entry(job, OUTBOUND.name, stored.seq, stored.time))
+    return tr.ordered(tr.settled(entries)), upto
+
+
+def conversation_event(
+    event: AnyMessage, channel: str, account: str, chat: str
+) -> TypeGuard[tr.ConversationEvent]:
+    """Whether `event` belongs in this chat's transcript."""
+    return isinstance(event, tr.CONVERSATION_TYPES) and tr.in_chat(event, channel, account, chat)
 
 
 async def conversation(bus: Bus, channel: str, account: str, chat: str) -> list[tr.Entry]:
     """Every recorded event of one chat, merged in stored order."""
+    entries, _ = await conversation_at(bus, channel, account, chat)
+    return entries
+
+
+class Chat(msgspec.Struct, frozen=True, kw_only=True):
+    """A chat of an account and when anything last happened in it."""
+
+    account: str
+    chat: str
+    last_at: datetime | None
+
+
+async def chats(bus: Bus, channel: str, account: str | None = None) -> list[Chat]:
+    """The chats of `account` (every account: None), most recent activity first: the last
+    message on each chat subject of INBOUND, AGENT and DELIVERY (headers only, one pass
+    per stream; no event is decoded)."""
     subjects.check_channel(channel)
-    subjects.check_account(account)
-    reads = await asyncio.gather(
-        _events(bus, INBOUND.name, subjects.inbound(channel, account, chat)),
-        _events(bus, AGENT.name, subjects.agent(channel, account, chat)),
-        _events(bus, DELIVERY.name, subjects.delivery(channel, account, chat)),
-        # Facts share one subject per account; the chat JID in the JSON narrows it.
-        _events(bus, PLUGINS.name, subjects.memory(channel, account), contains=chat[:64]),
-    )
-    entries = []
-    for stream, found in zip((INBOUND, AGENT, DELIVERY, PLUGINS), reads, strict=True):
-        for seq, at, event in found:
-            if isinstance(event, tr.CONVERSATION_TYPES) and tr.in_chat(
-                event, channel, account, chat
-            ):
-                entries.append(tr.entry(event, stream.name, seq, at))
-    return tr.ordered(entries)
+    scope = subjects.check_account(account) if account is not None else "*"
+    latest: dict[tuple[str, str], datetime | None] = {}
+    streams = (("inbound", INBOUND.name), ("agent", AGENT.name), ("delivery", DELIVERY.name))
+    for kind, name in streams:
+        async for stored in read(
+            bus, name, subject=f"{kind}.{channel}.{scope}.*", last_per_subject=True
+        ):
+            try:
+                found = subjects.parse_chat_subject(stored.subject)
+            except ContractError:
+                continue
+            key = (found.account, found.chat)
+            seen = latest.get(key)
+            if key not in latest or (stored.time and (seen is None or stored.time > seen)):
+                latest[key] = stored.time
+    rows = [Chat(account=a, chat=c, last_at=at) for (a, c), at in latest.items()]
+    epoch = datetime.min.replace(tzinfo=UTC)
+    return sorted(rows, key=lambda r: (r.last_at or epoch, r.account, r.chat), reverse=True)
 
 
 # --- svc audit explain -------------------------------------------------------------------

@@ -76,14 +76,19 @@ async def read(
     stop_seq: int | None = None,
     batch: int = BATCH,
     skipped: Skipped | None = None,
+    last_per_subject: bool = False,
 ) -> AsyncIterator[Stored]:
     """Every message of `stream` on `subject` from `start_seq` up to what was stored when
     the read began (or `stop_seq`); ephemeral, so it never disturbs a live system. A
-    message whose subject is not UTF-8 is skipped, counted in `skipped` and logged."""
+    message whose subject is not UTF-8 is skipped, counted in `skipped` and logged.
+    `last_per_subject`: only the last message of each subject, headers only (no data):
+    what is on which subject and when, in one pass (`start_seq` is then ignored)."""
     skipped = Skipped() if skipped is None else skipped
     before = skipped.count
     try:
-        async for stored in _read(bus, stream, subject, start_seq, stop_seq, batch, skipped):
+        async for stored in _read(
+            bus, stream, subject, start_seq, stop_seq, batch, skipped, last_per_subject
+        ):
             yield stored
     finally:
         if skipped.count > before:
@@ -101,6 +106,7 @@ async def _read(
     stop_seq: int | None,
     batch: int,
     skipped: Skipped,
+    last_per_subject: bool = False,
 ) -> AsyncIterator[Stored]:
     try:
         info = await bus.js.stream_info(stream)
@@ -110,12 +116,15 @@ async def _read(
     if info.state.messages == 0 or last < max(start_seq, info.state.first_seq):
         return
     config = ConsumerConfig(
-        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-        opt_start_seq=max(1, start_seq),
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT
+        if last_per_subject
+        else DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=None if last_per_subject else max(1, start_seq),
         ack_policy=AckPolicy.NONE,
         filter_subject=None if subject == ">" else subject,
         inactive_threshold=30.0,
         mem_storage=True,
+        headers_only=True if last_per_subject else None,
     )
     consumer = await bus.js.add_consumer(stream, config)
     if not consumer.num_pending:

@@ -55,6 +55,12 @@ ROUTE_ROLES: dict[str, WebRole | None] = {
     "api.tokens.create": "admin",
     "api.tokens.revoke": "admin",
     # --- conversations and live updates (services/web/console_live.py) ---
+    "page.conversations": "viewer",
+    "page.conversation": "viewer",
+    "live.events": "viewer",
+    "static.live": PUBLIC,  # the page's script: no data
+    "api.chats": "viewer",
+    "api.events": "viewer",
     # --- operator forms: handover, resume, requeue, drop, send (console_ops.py) ---
     "page.accounts.handover": "operator",
     "page.accounts.resume": "operator",
