@@ -39,8 +39,8 @@ from services.web.pages import console_page, post_form
 
 Via = Literal["web", "api"]
 Phone = Annotated[str, msgspec.Meta(max_length=32)]
-Flash = Annotated[str | None, Parameter(query="error", max_length=500)]
-AttemptQuery = Annotated[str | None, Parameter(query="attempt", max_length=64)]
+Flash = Annotated[str | None, Parameter(max_length=500)]
+AttemptQuery = Annotated[str | None, Parameter(max_length=64)]
 _NO_STORE = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
