@@ -147,7 +147,8 @@ async def test_pairing_through_the_api_shows_each_code_in_order_and_records_who_
         "127.0.0.1",
     )
     assert not start.by_code
-    assert (end.attempt, end.outcome, end.device, end.actor) == (attempt, "paired", MASKED, "olivia")
+    assert (end.attempt, end.outcome, end.device) == (attempt, "paired", MASKED)
+    assert end.actor == "olivia"
     # And no QR code reached a log line or a stream
     codes = [first["qr"], second["qr"]]
     logs = every_log(processes)
@@ -251,5 +252,3 @@ async def test_without_a_pairing_worker_the_start_is_refused_in_one_line(
         assert "WHATSAPP_TRANSPORT=neonize" in body["detail"]
         gone = await client.get(f"{START}/0123456789abcdef", headers=session.headers())
         assert gone.status_code == 404, gone.text
-
-
