@@ -75,7 +75,7 @@ async def start(
     except PairingRefusedError as exc:
         raise ApiError(exc.status, str(exc), "refused" if exc.status == 409 else "") from None
     except NoPairingWorkerError as exc:
-        raise ApiError(503, str(exc), "no_pairing_worker") from None
+        raise ApiError(409, str(exc), "no_pairing_worker") from None
     except ValueError as exc:
         raise ApiError(422, str(exc), "invalid") from None
     except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:

@@ -246,7 +246,7 @@ async def test_without_a_pairing_worker_the_start_is_refused_in_one_line(
     session = await login(web, "olivia")
     async with web.client() as client:
         answer = await client.post(START, json={}, headers=session.headers())
-        assert answer.status_code == 503, answer.text
+        assert answer.status_code == 409, answer.text
         body = json_of(answer)
         assert body["error"] == "no_pairing_worker"
         assert "WHATSAPP_TRANSPORT=neonize" in body["detail"]
