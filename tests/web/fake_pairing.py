@@ -64,7 +64,9 @@ class FakePairing:
         if not new_device:  # not a pairing: nothing to fake here
             await self.stopped.wait()
             return b""
-        nc = await nats.connect(os.environ["NATS_URL"], name="fake-pairing")
+        # The phone is outside the system: under per-role users it connects as its own
+        url = os.environ.get("FAKE_PAIRING_NATS_URL") or os.environ["NATS_URL"]
+        nc = await nats.connect(url, name="fake-pairing")
         try:
             scans = await nc.subscribe(scan_subject(self.account))
             salt = secrets.token_hex(6)

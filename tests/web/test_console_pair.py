@@ -19,7 +19,12 @@ from services.runtime.lease import Lease
 from services.runtime.nats_server import EmbeddedNats
 from services.runtime.settings import SessionStore
 from services.whatsapp.neonize_store import devices_in_store
-from tests.conftest import Processes, read_stream, stream_raw, wait_until
+from tests.conftest import Processes, read_stream, run_svc, stream_raw, wait_until
+from tests.e2e.test_least_privilege import (  # the shipped config's fixtures
+    SecuredServer,
+    operator,  # noqa: F401
+    secured,  # noqa: F401
+)
 from tests.web.conftest import (
     Web,
     add_token,
@@ -39,7 +44,7 @@ START = f"/api/v1/accounts/{ACCOUNT}/pair"
 MASKED = "1555…01:7@s.whatsapp.net"
 
 
-async def start_worker(processes: Processes, nats_url: str, tmp_path: Path) -> Any:
+async def start_worker(processes: Processes, nats_url: str, tmp_path: Path, **env: str) -> Any:
     """A real `svc run whatsapp` on the neonize transport with the fake pairing source. It
     owns another account (`spare`, unpaired: parked), so the pairing is all it does."""
     store = SessionStore(path=tmp_path / "whatsapp.sqlite")
@@ -54,6 +59,7 @@ async def start_worker(processes: Processes, nats_url: str, tmp_path: Path) -> A
         SVC_TEST_NEONIZE_BRIDGE="tests.web.fake_pairing:install",
         PYTHONPATH=str(REPO),  # `tests.` is this checkout's, never an installed package
         SVC_LOG_FORMAT="json",
+        **env,
     )
 
     def running() -> bool:
@@ -169,10 +175,10 @@ async def test_a_viewer_can_neither_see_nor_start_a_pairing(
     await start_worker(processes, nats_server.url, tmp_path)
     web = await start_web(processes, nats_server.url)
     viewer = await login(web, "victor")
-    operator = await login(web, "olivia")
+    olivia = await login(web, "olivia")
     async with web.client() as client:
         # The operator sees the form and its button
-        page = await client.get(f"/accounts/{ACCOUNT}/pair", headers=operator.headers())
+        page = await client.get(f"/accounts/{ACCOUNT}/pair", headers=olivia.headers())
         assert page.status_code == 200, page.text
         assert "Start pairing" in page.text
         assert 'name="csrf"' in page.text
@@ -252,3 +258,50 @@ async def test_without_a_pairing_worker_the_start_is_refused_in_one_line(
         assert "WHATSAPP_TRANSPORT=neonize" in body["detail"]
         gone = await client.get(f"{START}/0123456789abcdef", headers=session.headers())
         assert gone.status_code == 404, gone.text
+
+
+async def test_pairing_stays_inside_the_shipped_per_role_nats_users(
+    secured: SecuredServer,  # noqa: F811
+    operator: Bus,  # noqa: F811
+    processes: Processes,
+    tmp_path: Path,
+) -> None:
+    # Given the web and whatsapp roles as their own NATS users (deploy/nats/auth.conf)
+    added = run_svc(
+        "users", "add", "olivia", "--role", "operator", "--password-stdin",
+        env=secured.env(processes, "operator"), input_=b"a long enough password",
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr.decode()
+    worker_env = secured.env(processes, "whatsapp")
+    phone_url = secured.url.replace("://", f"://operator:{secured.passwords['operator']}@")
+    await start_worker(
+        processes,
+        secured.url,
+        tmp_path,
+        NATS_USER=worker_env["NATS_USER"],
+        NATS_PASSWORD=worker_env["NATS_PASSWORD"],
+        FAKE_PAIRING_NATS_URL=phone_url,
+    )
+    web_env = secured.env(processes, "web")
+    web = await start_web(
+        processes,
+        secured.url,
+        NATS_USER=web_env["NATS_USER"],
+        NATS_PASSWORD=web_env["NATS_PASSWORD"],
+    )
+    session = await login(web, "olivia", "a long enough password")
+    # When olivia pairs an account from the console
+    async with web.client() as client:
+        started = await client.post(START, json={}, headers=session.headers())
+        assert started.status_code == 202, started.text
+        url = json_of(started)["state"]
+        await wait_state(client, url, session.headers(), "QR 1", phase="qr", qr_number=1)
+        await operator.nc.publish(scan_subject(ACCOUNT), b"")
+        await wait_state(client, url, session.headers(), "QR 2", phase="qr", qr_number=2)
+        await operator.nc.publish(scan_subject(ACCOUNT), b"")
+        await wait_state(client, url, session.headers(), "paired", phase="paired")
+    # Then the pairing went through and nobody stepped outside their permissions
+    record = await DeviceRegistry(operator, "whatsapp").get(ACCOUNT)
+    assert record is not None
+    assert record.device_id == DEVICE
+    assert secured.violations() == []
