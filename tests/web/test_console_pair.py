@@ -34,7 +34,7 @@ from tests.web.conftest import (
     login,
     start_web,
 )
-from tests.web.fake_pairing import DEVICE, scan_subject
+from tests.web.fake_pairing import CODE, DEVICE, scan_subject
 
 pytestmark = pytest.mark.slow
 
@@ -164,6 +164,43 @@ async def test_pairing_through_the_api_shows_each_code_in_order_and_records_who_
         assert code.encode() not in stored
     assert "fake-pairing-qr" not in logs
     assert b"fake-pairing-qr" not in stored
+
+
+async def test_pairing_by_phone_number_shows_the_pairing_code_instead_of_a_qr(
+    bus: Bus, nats_server: EmbeddedNats, processes: Processes, tmp_path: Path
+) -> None:
+    await add_user(bus, "olivia", "operator")
+    await start_worker(processes, nats_server.url, tmp_path)
+    web = await start_web(processes, nats_server.url)
+    session = await login(web, "olivia")
+    async with web.client() as client:
+        # When she pairs by phone number through the form
+        form = await client.post(
+            f"/accounts/{ACCOUNT}/pair",
+            data={"csrf": session.csrf, "phone": "+1 555 000 0001"},
+            headers={"Cookie": session.headers()["Cookie"]},
+        )
+        assert form.status_code == 303, form.text
+        attempt = form.headers["location"].rpartition("attempt=")[2]
+        url = f"{START}/{attempt}"
+        # Then the pairing code is shown (never a QR), on the API and on the page
+        shown = await wait_state(client, url, session.headers(), "the code", phase="code")
+        assert (shown["code"], shown["qr"]) == (CODE, "")
+        view = await client.get(
+            f"/accounts/{ACCOUNT}/pair/{attempt}/view", headers=session.headers()
+        )
+        assert view.status_code == 200, view.text
+        assert CODE in view.text
+        assert "<svg" not in view.text
+        assert view.headers["x-pairing-done"] == "0"
+        # And once the phone confirms (whatsmeow rotates a QR meanwhile), paired
+        await bus.nc.publish(scan_subject(ACCOUNT), b"")
+        await bus.nc.publish(scan_subject(ACCOUNT), b"")
+        done = await wait_state(client, url, session.headers(), "paired", phase="paired")
+        assert done["line"] == f"{ACCOUNT}: paired as {MASKED}"
+    (start,) = [e for _, e in await read_stream(bus, "ACCOUNTS") if isinstance(e, PairingStarted)]
+    assert (start.by_code, start.via) == (True, "web")
+    assert CODE not in every_log(processes)
 
 
 async def test_a_viewer_can_neither_see_nor_start_a_pairing(
