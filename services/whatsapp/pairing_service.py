@@ -70,6 +70,7 @@ class _Attempt:
     code: str = ""
     line: str = ""
     started: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
 
     def move(self, phase: PairingPhase, **values: Any) -> None:
         self.phase = phase
@@ -77,6 +78,8 @@ class _Attempt:
         for name, value in values.items():
             setattr(self, name, value)
         self.seq += 1
+        if phase in ("paired", "failed"):
+            self.ended.set()
 
     def on_code(self, code: PairingCode) -> None:
         if code.kind == "qr":
@@ -163,12 +166,16 @@ class PairingService:
         reader = await self.bus.nc.subscribe(
             attempt_subject(CHANNEL_WHATSAPP, state.attempt), cb=partial_reply(state)
         )
-        task = self._spawn(self._pair(request, state, reader), f"pairing-{request.account}")
-        waiter = asyncio.ensure_future(state.started.wait())
+        self._spawn(self._pair(request, state, reader), f"pairing-{request.account}")
+        waiters = {
+            asyncio.ensure_future(state.started.wait()),
+            asyncio.ensure_future(state.ended.wait()),
+        }
         try:
-            await asyncio.wait({task, waiter}, timeout=START_WAIT, return_when="FIRST_COMPLETED")
+            await asyncio.wait(waiters, timeout=START_WAIT, return_when="FIRST_COMPLETED")
         finally:
-            waiter.cancel()
+            for waiter in waiters:
+                waiter.cancel()
         if state.phase == "failed" and not state.started.is_set():
             await _answer(msg, PairingStart(error=state.line, status=409))
             return

@@ -20,7 +20,7 @@ from services.runtime.lease import read_lease
 from services.runtime.settings import SessionStore
 from services.whatsapp.neonize_store import devices_in_store
 from services.whatsapp.pairing import pair
-from services.whatsapp.pairing_service import PairingService
+from services.whatsapp.pairing_service import START_WAIT, PairingService
 from tests.conftest import read_stream, wait_until
 from tests.whatsapp.fake_go import FakeGo
 from tests.whatsapp.test_pair import SALES, real_client_on
@@ -159,8 +159,10 @@ async def test_an_already_paired_account_is_refused_by_the_worker(
 
     add_device(store, SALES)
     await DeviceRegistry(bus, "whatsapp").record("sales", SALES, by="host-a")
+    # The refusal comes as soon as it is known, not after the worker's START_WAIT (20 s)
+    # for a lease it will never take (measured: ~0.05 s here; the bound is generous)
     with pytest.raises(PairingRefusedError) as caught:
-        await start_pairing(bus, "sales", actor="olivia")
+        await start_pairing(bus, "sales", actor="olivia", timeout=START_WAIT / 2)
     assert caught.value.status == 409
     assert str(caught.value) == (
         "sales: already paired as 1555…01:7@s.whatsapp.net: --force to re-pair"
