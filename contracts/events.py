@@ -475,6 +475,38 @@ class AccountResumed(Event, frozen=True, kw_only=True):
     via: str = ""
 
 
+PairingOutcome = Literal["paired", "failed"]
+
+
+class PairingStarted(Event, frozen=True, kw_only=True):
+    """Someone started linking a WhatsApp number to an account (`svc whatsapp pair` or the
+    console): who (`actor`), through what (`via`: cli | web) and from where (`client`, the
+    web client's address). No QR or pairing code is ever recorded."""
+
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    attempt: str
+    actor: str = ""
+    via: str = ""
+    client: str = ""
+    by_code: bool = False  # a pairing code for a phone number instead of a QR
+    force: bool = False
+
+
+class PairingFinished(Event, frozen=True, kw_only=True):
+    """How a pairing attempt ended: `paired` as `device` (masked), or `failed` with the
+    one-line `reason` the operator saw."""
+
+    channel: str = CHANNEL_WHATSAPP
+    account: str
+    attempt: str
+    outcome: PairingOutcome
+    device: str = ""
+    reason: str = ""
+    actor: str = ""
+    via: str = ""
+
+
 # --- ACCESS ----------------------------------------------------------------------------
 # Who may talk to the agent (ADR 0023). `account` "" is the channel-wide scope.
 
@@ -563,6 +595,8 @@ AccountEvent = (
     | AccountResumed
     | SendBudgetChanged
     | SessionZombie
+    | PairingStarted
+    | PairingFinished
 )
 AccessEvent = AccessModeSet | AccessRuleAdded | AccessRuleRemoved | AccessApproved | AccessRequested
 AnyMessage = (
@@ -599,6 +633,8 @@ AnyMessage = (
     | AccessApproved
     | AccessRequested
     | SessionZombie
+    | PairingStarted
+    | PairingFinished
 )
 
 ALL_TYPES: tuple[type[Message], ...] = (
@@ -635,4 +671,6 @@ ALL_TYPES: tuple[type[Message], ...] = (
     AccessApproved,
     AccessRequested,
     SessionZombie,
+    PairingStarted,
+    PairingFinished,
 )

@@ -55,6 +55,8 @@ from contracts.events import (
     MessageReceived,
     MessageRefused,
     MessageSent,
+    PairingFinished,
+    PairingStarted,
     SendBudgetChanged,
     SendMessage,
     SessionBanned,
@@ -262,6 +264,12 @@ class Auditor:
                 entry = LeaseEntry(event.at, "registered", "", 0, event.transport)
             case SendBudgetChanged():
                 entry = LeaseEntry(event.at, "budget", event.holder, 0, event.reason)
+            case PairingStarted():
+                how = "by pairing code" if event.by_code else "by QR"
+                entry = LeaseEntry(event.at, "pairing", event.actor, 0, f"{how} via {event.via}")
+            case PairingFinished():
+                what = f"paired as {event.device}" if event.outcome == "paired" else event.reason
+                entry = LeaseEntry(event.at, f"pairing-{event.outcome}", event.actor, 0, what)
             case _:
                 self._foreign("ACCOUNTS", event)
                 return

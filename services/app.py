@@ -293,6 +293,19 @@ async def _run_role(
                     watch=settings.session,
                 )
                 tasks.append(asyncio.create_task(owner.run(stop), name=f"owner-{account}"))
+            if settings.transport == "neonize":
+                # Pairing for the console (issue 18): it runs where neonize and the session
+                # store are; any replica takes a request (queue group).
+                from services.whatsapp.pairing_service import PairingService
+
+                pairing = PairingService(
+                    bus,
+                    settings.whatsapp_store,
+                    new_holder_id("pair"),
+                    lease_ttl=settings.lease_ttl,
+                    replicas=settings.stream_replicas,
+                )
+                tasks.append(asyncio.create_task(pairing.run(stop), name="pairing"))
             if settings.transport == "cloud":
                 # A reply the network refused later for the 24-hour window gets the
                 # account's template (ADR 0028); one shared consumer, any replica.

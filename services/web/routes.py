@@ -72,6 +72,12 @@ ROUTE_ROLES: dict[str, WebRole | None] = {
     "api.outbound": "viewer",
     # --- overview, plugins, access, audit, users, tokens, webhooks (console_admin.py) ---
     # --- pairing: QR / pairing code (console_pair.py) ---
+    "page.pair": "operator",
+    "pair.start": "operator",
+    "pair.view": "operator",
+    "static.pair": PUBLIC,  # a static script, no data
+    "api.pair.start": "operator",
+    "api.pair.state": "operator",
 }
 
 MISSING: Final = "missing"

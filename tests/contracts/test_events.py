@@ -418,6 +418,30 @@ SAMPLES: dict[type[ev.Message], ev.Message] = {
         silent_for=912.5,
         recycled=True,
     ),
+    ev.PairingStarted: ev.PairingStarted(
+        id="00000000000000000000000000000023",
+        at=AT,
+        channel=CHANNEL,
+        account="acct-1",
+        attempt="attempt-1",
+        actor="olivia",
+        via="web",
+        client="192.0.2.7",
+        by_code=True,
+        force=True,
+    ),
+    ev.PairingFinished: ev.PairingFinished(
+        id="00000000000000000000000000000024",
+        at=AT,
+        channel=CHANNEL,
+        account="acct-1",
+        attempt="attempt-1",
+        outcome="failed",
+        device="1555…01:7@s.whatsapp.net",
+        reason="acct-1: timed out after 180 s",
+        actor="olivia",
+        via="web",
+    ),
 }
 
 TYPES = list(ev.ALL_TYPES)
