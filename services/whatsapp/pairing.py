@@ -188,6 +188,8 @@ async def pair(
             phone=digits,
             force=force,
             actor=actor,
+            via=via,
+            client=client,
             show=show,
             on_code=on_code or terminal(show, account),
             on_started=on_started,
@@ -234,6 +236,8 @@ async def _pair(
     phone: str | None,
     force: bool,
     actor: str,
+    via: str,
+    client: str,
     show: Callable[[str], None],
     on_code: OnCode,
     on_started: Callable[[], None] | None,
@@ -252,7 +256,9 @@ async def _pair(
             f"{account}: the recorded device {mask_device(existing.device_id)} is no longer"
             " in the session store; pairing a new one"
         )
-    lease = await _take_lease(bus, account, holder=holder, ttl=lease_ttl, actor=actor)
+    lease = await _take_lease(
+        bus, account, holder=holder, ttl=lease_ttl, actor=actor, via=via, client=client
+    )
     lost = asyncio.Event()
     keeper = asyncio.create_task(_keep(lease, lost))
     try:
@@ -282,7 +288,9 @@ async def _pair(
         await lease.release()
 
 
-async def _take_lease(bus: Bus, account: str, *, holder: str, ttl: int, actor: str) -> Lease:
+async def _take_lease(
+    bus: Bus, account: str, *, holder: str, ttl: int, actor: str, via: str, client: str
+) -> Lease:
     lease = Lease(bus, CHANNEL_WHATSAPP, account, holder, ttl)
     if await lease.try_acquire():
         return lease
@@ -296,7 +304,13 @@ async def _take_lease(bus: Bus, account: str, *, holder: str, ttl: int, actor: s
         if await lease.take_parked(found[1]):
             await bus.publish(
                 subjects.accounts(CHANNEL_WHATSAPP, account),
-                AccountResumed(account=account, actor=actor, reason="svc whatsapp pair"),
+                AccountResumed(
+                    account=account,
+                    actor=actor,
+                    reason="svc whatsapp pair",
+                    client=client,
+                    via=via,
+                ),
             )
             log.info(
                 "took over a parked account to pair it", extra={"account": account, "was": was}
