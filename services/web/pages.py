@@ -151,16 +151,6 @@ def console_page(title: str, principal: Principal, body: str) -> Response[str]:
     return html_page(title, f"{header}<h1>{escape(title)}</h1>{body}", csrf=principal.csrf)
 
 
-@get("/", name="home", include_in_schema=False)
-async def home(principal: Principal) -> Response[str]:
-    """Who is logged in, and the way out."""
-    return console_page(
-        "Console",
-        principal,
-        '<p>API: <a href="/api/v1/openapi.json">/api/v1/openapi.json</a></p>',
-    )
-
-
 @get("/deadletters", name="page.deadletters", include_in_schema=False)
 async def deadletters_page(request: Request[Any, Any, Any], principal: Principal) -> Response[str]:
     """Open dead letters, as GET /api/v1/deadletters lists them (the same function)."""
@@ -217,4 +207,4 @@ def post_form(
     )
 
 
-PAGE_HANDLERS = [login_form, login_submit, logout, home, accounts_page, deadletters_page]
+PAGE_HANDLERS = [login_form, login_submit, logout, accounts_page, deadletters_page]

@@ -57,6 +57,29 @@ ROUTE_ROLES: dict[str, WebRole | None] = {
     # --- conversations and live updates (services/web/console_live.py) ---
     # --- operator forms: handover, resume, requeue, drop, send (console_ops.py) ---
     # --- overview, plugins, access, audit, users, tokens, webhooks (console_admin.py) ---
+    "page.plugins": "viewer",
+    "page.plugins.policy": "admin",
+    "page.access": "viewer",
+    "page.access.approve": "operator",
+    "page.access.mode": "admin",
+    "page.access.rule": "admin",
+    "page.audit": "viewer",
+    "page.audit.jobs": "viewer",
+    "page.audit.job": "viewer",
+    "page.users": "admin",
+    "page.users.add": "admin",
+    "page.users.remove": "admin",
+    "page.tokens.create": "admin",
+    "page.tokens.revoke": "admin",
+    "page.webhooks": "admin",
+    "page.webhooks.add": "admin",
+    "page.webhooks.remove": "admin",
+    "page.webhooks.test": "admin",
+    "api.webhooks": "admin",
+    "api.webhooks.add": "admin",
+    "api.webhooks.remove": "admin",
+    "api.webhooks.test": "admin",
+    "api.webhooks.deadletters": "admin",
     # --- pairing: QR / pairing code (console_pair.py) ---
 }
 
