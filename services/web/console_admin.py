@@ -262,9 +262,15 @@ async def plugins_policy_form(
 
     return await _act(
         "/plugins",
-        lambda r: f"policy of {r['event']['scope'] or 'global'} set (seq {r['seq']})",
+        lambda r: f"policy of {_scope_name(r['event']['scope'])} set (seq {r['seq']})",
         action,
     )
+
+
+def _scope_name(scope: Any) -> str:
+    if isinstance(scope, dict):
+        return "/".join(str(v) for v in scope.values() if v) or "global"
+    return str(scope or "global")
 
 
 # --- access ------------------------------------------------------------------------------------
@@ -345,7 +351,9 @@ async def access_approve_form(
 
     return await _act(
         "/access",
-        lambda r: f"approved {form.get('jid', '')}: {r['released']} waiting message(s) released",
+        lambda r: (
+            f"approved {form.get('jid', '')}: {len(r['released'])} waiting message(s) released"
+        ),
         action,
     )
 
