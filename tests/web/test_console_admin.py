@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from contracts.events import AccessModeSet, ToolPolicySet
+from contracts.events import AccessModeSet, ToolPolicySet, TurnCompleted
 from services.ops.simclient import SimUser
 from services.runtime.bus import Bus
 from services.runtime.nats_server import EmbeddedNats
@@ -349,3 +349,16 @@ async def test_an_operator_approves_a_pending_sender_from_the_access_page(
             return "Pending approvals (0)" in shown and STRANGER in shown  # now approved
 
         await wait_until(settled, 30, "the stranger approved, nobody pending")
+
+    # The released message's reply, explained on the audit page (one step a line)
+    async def answered() -> list[TurnCompleted]:
+        found = await read_stream(bus, "AGENT")
+        return [e for _, e in found if isinstance(e, TurnCompleted) and e.chat == STRANGER]
+
+    await wait_until(answered, 30, "the released message answered")
+    (turn,) = await answered()
+    job_id = turn.reply_ids[0]
+    explained = await get(web, f"/audit/jobs/{job_id}", vera)
+    assert explained.status_code == 200, explained.text
+    assert f'<pre id="chain">job {job_id}  whatsapp/default' in explained.text
+    assert "TurnCompleted" in explained.text
