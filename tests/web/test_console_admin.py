@@ -183,6 +183,7 @@ async def test_policy_access_and_user_forms_work_for_their_role_only_and_need_cs
     _, error = flash(await submit(web, "/users", ada, {**user, "name": "no spaces"}), "/users")
     assert error.startswith("invalid form"), error
     assert (await submit(web, "/users/newbie/remove", otto)).status_code == 403
+    assert (await submit(web, "/users/newbie/remove", ada, csrf=False)).status_code == 403
     ok, _ = flash(await submit(web, "/users/newbie/remove", ada), "/users")
     assert ok.startswith("removed user newbie"), ok
     _, error = flash(await submit(web, "/users/newbie/remove", ada), "/users")
@@ -210,6 +211,8 @@ async def test_policy_access_and_user_forms_work_for_their_role_only_and_need_cs
     token_id = re.search(r"<td>([0-9a-f]+)</td><td>ci</td>", again.text)
     assert token_id is not None, again.text
     assert (await submit(web, f"/tokens/{token_id.group(1)}/revoke", otto)).status_code == 403
+    revoke = f"/tokens/{token_id.group(1)}/revoke"
+    assert (await submit(web, revoke, ada, csrf=False)).status_code == 403
     ok, _ = flash(await submit(web, f"/tokens/{token_id.group(1)}/revoke", ada), "/users")
     assert ok.startswith("revoked token ci"), ok
     async with web.client() as client:
@@ -224,11 +227,12 @@ async def test_webhook_api_and_console_add_test_delivery_signed_and_remove(
     bus: Bus, nats_server: EmbeddedNats, processes: Processes
 ) -> None:
     await add_user(bus, "ada", "admin")
+    await add_user(bus, "otto", "operator")
     admin, operator = await add_token(bus, "root", "admin"), await add_token(bus, "ops", "operator")
     web = await start_web(
         processes, nats_server.url, SVC_WEBHOOKS_ALLOW_PRIVATE="true", SVC_WEBHOOKS_BACKOFF="0.05"
     )
-    ada = await login(web, "ada")
+    ada, otto = await login(web, "ada"), await login(web, "otto")
     async with receiving() as receiver, web.client() as client:
         body = {"url": receiver.url, "events": ["MessageSent"], "secret": SECRET}
         # The API: admin only; 422 for a bad event or a short secret, one line
@@ -278,6 +282,11 @@ async def test_webhook_api_and_console_add_test_delivery_signed_and_remove(
         _, error = flash(await submit(web, "/webhooks", ada, {**form, "secret": "x"}), "/webhooks")
         assert "the secret must have 16 to 512 characters" in error, error
         second = ok.split()[2].rstrip(":")
+
+        # Every webhook form is refused for an operator, and without the CSRF token
+        for path in ("/webhooks", f"/webhooks/{second}/test", f"/webhooks/{second}/remove"):
+            assert (await submit(web, path, otto, form)).status_code == 403, path
+            assert (await submit(web, path, ada, form, csrf=False)).status_code == 403, path
 
         # Remove: 404 for an unknown id, 422 for a malformed one; the form removes too
         gone = await client.delete(f"/api/v1/webhooks/{hook['id']}", headers=bearer(admin))
