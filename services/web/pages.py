@@ -151,16 +151,6 @@ def console_page(title: str, principal: Principal, body: str) -> Response[str]:
     return html_page(title, f"{header}<h1>{escape(title)}</h1>{body}", csrf=principal.csrf)
 
 
-@get("/", name="home", include_in_schema=False)
-async def home(principal: Principal) -> Response[str]:
-    """Who is logged in, and the way out."""
-    return console_page(
-        "Console",
-        principal,
-        '<p>API: <a href="/api/v1/openapi.json">/api/v1/openapi.json</a></p>',
-    )
-
-
 def table(rows: list[dict[str, Any]], empty: str) -> str:
     """Rows of plain data as an escaped HTML table (`empty` when there is none)."""
     if not rows:
@@ -194,4 +184,4 @@ def post_form(
     )
 
 
-PAGE_HANDLERS = [login_form, login_submit, logout, home]
+PAGE_HANDLERS = [login_form, login_submit, logout]
