@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from html import escape
 from typing import Annotated, Any, TypeVar
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 import msgspec
 from litestar import Request, Response, delete, get, post
@@ -30,7 +30,7 @@ from services.web.api import Cursor, Limit, Short, bus_of, ops_errors
 from services.web.console import Page, page
 from services.web.errors import ApiError, one_line
 from services.web.identity import Principal
-from services.web.pages import console_page, post_form, table
+from services.web.pages import back, console_page, flash, post_form, table
 
 B = TypeVar("B")
 
@@ -46,24 +46,6 @@ def _is(principal: Principal, role: str) -> bool:
     from contracts.web import allows
 
     return allows(principal.role, role)
-
-
-def _flash(request: Request[Any, Any, Any]) -> str:
-    """The one-line result of the last action (from the query string), escaped."""
-    ok = request.query_params.get("ok")
-    error = request.query_params.get("error")
-    shown = ""
-    if ok:
-        shown += f'<p class="ok" role="status">{escape(one_line(ok))}</p>'
-    if error:
-        shown += f'<p class="error" role="alert">{escape(one_line(error))}</p>'
-    return shown
-
-
-def _back(path: str, *, ok: str = "", error: str = "") -> Response[Any]:
-    """303 back to `path` with a one-line result (never a secret: callers say what)."""
-    query = urlencode({"ok": one_line(ok)} if ok else {"error": one_line(error)})
-    return Redirect(f"{path}?{query}", status_code=303)
 
 
 async def _form(request: Request[Any, Any, Any]) -> dict[str, str]:
@@ -91,14 +73,17 @@ def _body(kind: type[B], fields: dict[str, Any]) -> B:
 
 
 async def _act(
-    path: str, done: Callable[[Any], str], action: Callable[[], Awaitable[Any]]
+    principal: Principal,
+    path: str,
+    done: Callable[[Any], str],
+    action: Callable[[], Awaitable[Any]],
 ) -> Response[Any]:
     """Run a console action; 303 back to `path` saying how it went (one line)."""
     try:
         result = await action()
     except ApiError as exc:
-        return _back(path, error=str(exc.detail))
-    return _back(path, ok=done(result))
+        return back(principal, path, str(exc.detail), error=True)
+    return back(principal, path, done(result))
 
 
 def _input(label: str, name: str, *, kind: str = "text", value: str = "", extra: str = "") -> str:
@@ -218,7 +203,7 @@ async def plugins_page(
         for p in listing["policies"]
     ]
     body = (
-        _flash(request)
+        flash(request, principal)
         + f"<h2>Available plugins</h2>{table(available, 'No plugins.')}"
         + f"<h2>Installed</h2>{table(installed, 'Nothing installed: the defaults apply.')}"
         + f'<h2>Tool policies</h2><div id="policies">{table(policies, "No policies.")}</div>'
@@ -261,6 +246,7 @@ async def plugins_policy_form(
         return await api.plugins_policy.fn(request, data=data, principal=principal)
 
     return await _act(
+        principal,
         "/plugins",
         lambda r: f"policy of {_scope_name(r['event']['scope'])} set (seq {r['seq']})",
         action,
@@ -282,7 +268,7 @@ async def access_page(request: Request[Any, Any, Any], principal: Principal) -> 
     rules: admin), as GET /api/v1/access lists them."""
     view = await api.access.fn(request)
     pending = view.get("pending", [])
-    body = _flash(request)
+    body = flash(request, principal)
     body += f'<h2>Modes</h2><div id="modes">{table(view["modes"], "No mode set: open.")}</div>'
     body += f'<h2>Rules</h2><div id="rules">{table(view["rules"], "No rules.")}</div>'
     body += f"<h2>Approved</h2>{table(view['approved'], 'Nobody approved yet.')}"
@@ -350,6 +336,7 @@ async def access_approve_form(
         return await api.access_approve.fn(request, data=data, principal=principal)
 
     return await _act(
+        principal,
         "/access",
         lambda r: (
             f"approved {form.get('jid', '')}: {len(r['released'])} waiting message(s) released"
@@ -368,7 +355,7 @@ async def access_mode_form(request: Request[Any, Any, Any], principal: Principal
         return await api.access_mode.fn(request, data=data, principal=principal)
 
     return await _act(
-        "/access", lambda r: f"mode set to {form.get('mode')} (seq {r['seq']})", action
+        principal, "/access", lambda r: f"mode set to {form.get('mode')} (seq {r['seq']})", action
     )
 
 
@@ -382,6 +369,7 @@ async def access_rule_form(request: Request[Any, Any, Any], principal: Principal
         return await api.access_rule.fn(request, data=data, principal=principal)
 
     return await _act(
+        principal,
         "/access",
         lambda r: (
             f"{form.get('kind')} rule {form.get('pattern', '').strip()} added (seq {r['seq']})"
@@ -463,11 +451,13 @@ def _audit_result(report: dict[str, Any], took: float) -> str:
 
 
 @get("/audit/jobs", name="page.audit.jobs", include_in_schema=False, status_code=303)
-async def audit_jobs_go(job_id: Annotated[str, Parameter(max_length=200)] = "") -> Response[Any]:
+async def audit_jobs_go(
+    principal: Principal, job_id: Annotated[str, Parameter(max_length=200)] = ""
+) -> Response[Any]:
     """The explain form's target: on to /audit/jobs/{job_id}."""
     job_id = job_id.strip()
     if not job_id:
-        return _back("/audit", error="give a job id to explain")
+        return back(principal, "/audit", error=True, text="give a job id to explain")
     return Redirect(f"/audit/jobs/{quote(job_id, safe='')}", status_code=303)
 
 
@@ -530,7 +520,7 @@ def _users_body(
     )
     return (
         shown
-        + _flash(request)
+        + flash(request, principal)
         + f'<h2>Users</h2><div id="users">{user_table}</div>'
         + "<h2>Add a user</h2>"
         + post_form(
@@ -586,7 +576,9 @@ async def users_add_form(request: Request[Any, Any, Any], principal: Principal) 
         )
         return await api.users_add.fn(request, data=data, principal=principal)
 
-    return await _act("/users", lambda r: f"added user {r['name']} ({r['role']})", action)
+    return await _act(
+        principal, "/users", lambda r: f"added user {r['name']} ({r['role']})", action
+    )
 
 
 @post(
@@ -601,6 +593,7 @@ async def users_remove_form(
         return await api.users_remove.fn(request, name=name, principal=principal)
 
     return await _act(
+        principal,
         "/users",
         lambda r: f"removed user {r['name']} ({r['sessions_ended']} session(s) ended)",
         action,
@@ -620,7 +613,7 @@ async def tokens_create_form(
         )
         made = await api.tokens_create.fn(request, data=data, principal=principal)
     except ApiError as exc:
-        return _back("/users", error=str(exc.detail))
+        return back(principal, "/users", error=True, text=str(exc.detail))
     users, tokens = await _people(request)
     shown = (
         f'<div class="ok" role="status"><p>Created token {escape(made["name"])}'
@@ -643,7 +636,9 @@ async def tokens_revoke_form(
     async def action() -> Any:
         return await api.tokens_revoke.fn(request, ref=ref, principal=principal)
 
-    return await _act("/users", lambda r: f"revoked token {r['name']} ({r['id']})", action)
+    return await _act(
+        principal, "/users", lambda r: f"revoked token {r['name']} ({r['id']})", action
+    )
 
 
 # --- webhooks: the API (admin) -------------------------------------------------------------------
@@ -785,7 +780,7 @@ async def webhooks_page(request: Request[Any, Any, Any], principal: Principal) -
         else "<p>No webhooks.</p>"
     )
     body = (
-        _flash(request)
+        flash(request, principal)
         + f'<div id="webhooks">{hooks}</div>'
         + "<h2>Add a webhook</h2>"
         + post_form(
@@ -828,6 +823,7 @@ async def webhooks_add_form(request: Request[Any, Any, Any], principal: Principa
         return await webhooks_add.fn(request, data=data, principal=principal)
 
     return await _act(
+        principal,
         "/webhooks",
         lambda r: f"added webhook {r['id']}: {r['url']} <- {', '.join(r['events'])}",
         action,
@@ -848,7 +844,9 @@ async def webhooks_remove_form(
     async def action() -> Any:
         return await webhooks_remove.fn(request, webhook=webhook, principal=principal)
 
-    return await _act("/webhooks", lambda r: f"removed webhook {r['id']} ({r['url']})", action)
+    return await _act(
+        principal, "/webhooks", lambda r: f"removed webhook {r['id']} ({r['url']})", action
+    )
 
 
 def _tested(r: dict[str, Any]) -> str:
@@ -874,10 +872,10 @@ async def webhooks_test_form(
     try:
         result = await webhooks_test.fn(request, webhook=webhook, principal=principal)
     except ApiError as exc:
-        return _back("/webhooks", error=str(exc.detail))
+        return back(principal, "/webhooks", error=True, text=str(exc.detail))
     if result["outcome"] == "delivered":
-        return _back("/webhooks", ok=_tested(result))
-    return _back("/webhooks", error=_tested(result))
+        return back(principal, "/webhooks", text=_tested(result))
+    return back(principal, "/webhooks", error=True, text=_tested(result))
 
 
 ADMIN_HANDLERS: list[HTTPRouteHandler] = [

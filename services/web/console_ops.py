@@ -6,11 +6,8 @@ page and GET /api/v1/outbound: what is still queued, per account and chat."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import secrets
-from collections.abc import Awaitable, Callable
 from html import escape
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
@@ -18,68 +15,19 @@ from urllib.parse import quote, urlencode
 from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 from litestar.params import Parameter
-from litestar.response import Redirect
 
 from contracts.web import allows
 from services.web import console
 from services.web.api import Cursor, Limit, bus_of, ops_errors
 from services.web.auth import client_of
 from services.web.console import Page, page
-from services.web.errors import ApiError, one_line
+from services.web.errors import ApiError
 from services.web.identity import Principal
-from services.web.pages import console_page, post_form, table
+from services.web.pages import act, console_page, flash, form_of, post_form, table
 
 OPERATOR = "operator"  # the role every action here needs (services/web/routes.py)
 LIVE = ("connecting", "connected", "disconnected", "zombie")  # a holder runs it: hand over
 HANDOVER_TIMEOUT = 10.0  # what POST /api/v1/accounts/{account}/handover waits by default
-
-
-# --- the one-line result after a POST -------------------------------------------------------
-
-
-def _sign(principal: Principal, kind: str, text: str) -> str:
-    key = principal.csrf.encode()
-    return hmac.new(key, f"{kind}\n{text}".encode(), hashlib.sha256).hexdigest()[:32]
-
-
-def back(principal: Principal, path: str, text: str, *, error: bool = False) -> Response[Any]:
-    """303 to `path` with a one-line result (`error`: shown as an error)."""
-    kind = "error" if error else "ok"
-    line = one_line(text)
-    query = urlencode({"flash": line, "kind": kind, "sig": _sign(principal, kind, line)})
-    done: Response[Any] = Redirect(f"{path}?{query}", status_code=303)
-    return done
-
-
-def flash(request: Request[Any, Any, Any], principal: Principal) -> str:
-    """The result line a redirect carried (escaped), if this session signed it."""
-    text = request.query_params.get("flash") or ""
-    kind = request.query_params.get("kind") or "ok"
-    sig = request.query_params.get("sig") or ""
-    if not text or kind not in ("ok", "error") or not principal.csrf:
-        return ""
-    if not hmac.compare_digest(sig, _sign(principal, kind, text)):
-        return ""
-    css = "error" if kind == "error" else "ok"
-    role = "alert" if kind == "error" else "status"
-    return f'<p class="flash {css}" role="{role}">{escape(text)}</p>'
-
-
-async def act(
-    principal: Principal, path: str, action: Callable[[], Awaitable[str]]
-) -> Response[Any]:
-    """Run a form's action; 303 back to `path` with its result or its error (one line)."""
-    try:
-        result = await action()
-    except ApiError as exc:
-        return back(principal, path, str(exc.detail), error=True)
-    return back(principal, path, result)
-
-
-async def form_of(request: Request[Any, Any, Any]) -> dict[str, str]:
-    """The posted form's text fields (the guard has already checked its CSRF token)."""
-    form = await request.form()
-    return {k: v for k, v in form.items() if isinstance(v, str)}
 
 
 def cells(head: list[str], rows: list[list[str]], empty: str) -> str:

@@ -35,11 +35,11 @@ from services.web.api import bus_of
 from services.web.auth import client_of
 from services.web.errors import ApiError
 from services.web.identity import Principal
-from services.web.pages import console_page, post_form
+from services.web.pages import back as back_to
+from services.web.pages import console_page, flash, post_form
 
 Via = Literal["web", "api"]
 Phone = Annotated[str, msgspec.Meta(max_length=32)]
-Flash = Annotated[str | None, Parameter(max_length=500)]
 AttemptQuery = Annotated[str | None, Parameter(max_length=64)]
 _NO_STORE = {
     "Cache-Control": "no-store",
@@ -213,14 +213,12 @@ async def pair_page(
     account: str,
     principal: Principal,
     attempt: AttemptQuery = None,
-    error: Flash = None,
 ) -> Response[str]:
     """The pairing form; with `attempt`, that attempt's codes (kept current by pair.js)."""
     account = console.check_account(account)
     title = f"Pair {account}"
-    if error:
-        flash = f'<p class="error" role="alert">{escape(" ".join(error.split()))}</p>'
-        return console_page(title, principal, flash + _form(principal, account))
+    if said := flash(request, principal):
+        return console_page(title, principal, said + _form(principal, account))
     if not attempt:
         return console_page(title, principal, _form(principal, account))
     found = await state(request, account, attempt)
@@ -256,7 +254,7 @@ async def pair_submit(
             via="web",
         )
     except ApiError as exc:
-        return Redirect(f"{back}?error={quote(str(exc.detail))}", status_code=303)
+        return back_to(principal, back, str(exc.detail), error=True)
     return Redirect(f"{back}?attempt={quote(attempt)}", status_code=303)
 
 

@@ -58,7 +58,9 @@ def flash(answer: httpx.Response, path: str) -> tuple[str, str]:
     where = urlsplit(answer.headers["location"])
     assert where.path == path, answer.headers["location"]
     query = parse_qs(where.query)
-    return query.get("ok", [""])[0], query.get("error", [""])[0]
+    line, kind = query.get("flash", [""])[0], query.get("kind", ["ok"])[0]
+    assert query.get("sig"), "a result line not signed for the session"
+    return (line, "") if kind == "ok" else ("", line)
 
 
 async def test_pages_render_for_their_role_and_hide_what_a_role_cannot_use(
