@@ -16,7 +16,6 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from html import escape
-from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -38,14 +37,13 @@ from services.web.auth import authenticate
 from services.web.console import Page
 from services.web.errors import ApiError
 from services.web.identity import Principal
-from services.web.pages import console_page
+from services.web.pages import console_page, script
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT = 15.0  # s between comments on an idle stream (proxies close silent ones)
 RETRY_MS = 3000  # how soon a browser reconnects after the stream drops
 CHATS_SHOWN = 50  # chats per account on the conversations page (then a "more" link)
-_SCRIPT = Path(__file__).parent / "static" / "live.js"
 
 
 # --- shared by the page, the events stream and the API ---------------------------------
@@ -246,11 +244,7 @@ async def conversation_events(
 @get("/static/live.js", name="static.live", include_in_schema=False)
 async def live_script() -> Response[bytes]:
     """The transcript page's script: EventSource, rows appended as they come."""
-    return Response(
-        _SCRIPT.read_bytes(),
-        media_type="text/javascript; charset=utf-8",
-        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
-    )
+    return script("live.js")
 
 
 # --- API ---------------------------------------------------------------------------------

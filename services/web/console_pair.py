@@ -11,7 +11,6 @@ page and the API call the same two functions (`start`, `state` below).
 from __future__ import annotations
 
 from html import escape
-from importlib import resources
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
@@ -36,7 +35,7 @@ from services.web.auth import client_of
 from services.web.errors import ApiError
 from services.web.identity import Principal
 from services.web.pages import back as back_to
-from services.web.pages import console_page, flash, post_form
+from services.web.pages import console_page, flash, post_form, script
 
 Via = Literal["web", "api"]
 Phone = Annotated[str, msgspec.Meta(max_length=32)]
@@ -273,17 +272,10 @@ async def pair_view(request: Request[Any, Any, Any], account: str, attempt: str)
     )
 
 
-_SCRIPT = resources.files("services.web").joinpath("static/pair.js")
-
-
 @get("/static/pair.js", name="static.pair", include_in_schema=False)
 async def pair_script() -> Response[bytes]:
     """The page's poller (same origin: the CSP allows no inline script)."""
-    return Response(
-        _SCRIPT.read_bytes(),
-        media_type="text/javascript; charset=utf-8",
-        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
-    )
+    return script("pair.js")
 
 
 PAIR_HANDLERS: list[HTTPRouteHandler] = [

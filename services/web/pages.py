@@ -9,6 +9,7 @@ import hmac
 import secrets
 from collections.abc import Awaitable, Callable
 from html import escape
+from importlib import resources
 from typing import Any
 from urllib.parse import urlencode
 
@@ -31,6 +32,16 @@ _STYLE = (
     "label{display:block;margin:.6rem 0}input{font:inherit;padding:.3rem;width:100%}"
     "button{font:inherit;padding:.4rem 1.2rem;margin-top:.6rem}.error{color:#a00}"
 )
+
+
+def script(name: str) -> Response[bytes]:
+    """A script of services/web/static/, served by the role itself (the CSP allows
+    scripts from the same origin only, no inline script)."""
+    return Response(
+        resources.files("services.web").joinpath(f"static/{name}").read_bytes(),
+        media_type="text/javascript; charset=utf-8",
+        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
+    )
 
 
 def html_page(title: str, body: str, *, status: int = 200, csrf: str = "") -> Response[str]:
