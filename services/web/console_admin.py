@@ -25,12 +25,13 @@ from litestar.response import Redirect
 
 from contracts.events import CHANNEL_WHATSAPP
 from contracts.hooks import HOOKABLE, WebhookDeadLettered, check_subscription_id
+from contracts.web import allows
 from services.web import api
 from services.web.api import Cursor, Limit, Short, bus_of, ops_errors
 from services.web.console import Page, page
 from services.web.errors import ApiError, one_line
 from services.web.identity import Principal
-from services.web.pages import back, console_page, flash, post_form, table
+from services.web.pages import act, back, console_page, flash, form_of, post_form, table
 
 B = TypeVar("B")
 
@@ -40,18 +41,6 @@ TEST_WAIT_S = 10.0  # how long a test delivery waits for its first attempt's rec
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def _is(principal: Principal, role: str) -> bool:
-    from contracts.web import allows
-
-    return allows(principal.role, role)
-
-
-async def _form(request: Request[Any, Any, Any]) -> dict[str, str]:
-    """The form's fields as strings (the CSRF field left out)."""
-    form = await request.form()
-    return {k: v for k, v in form.items() if isinstance(v, str) and k != "csrf"}
 
 
 def _words(value: str) -> list[str]:
@@ -78,12 +67,12 @@ async def _act(
     done: Callable[[Any], str],
     action: Callable[[], Awaitable[Any]],
 ) -> Response[Any]:
-    """Run a console action; 303 back to `path` saying how it went (one line)."""
-    try:
-        result = await action()
-    except ApiError as exc:
-        return back(principal, path, str(exc.detail), error=True)
-    return back(principal, path, done(result))
+    """Run a console action; 303 back to `path` saying how it went (`done` of its result)."""
+
+    async def run() -> str:
+        return done(await action())
+
+    return await act(principal, path, run)
 
 
 def _input(label: str, name: str, *, kind: str = "text", value: str = "", extra: str = "") -> str:
@@ -213,7 +202,7 @@ async def plugins_page(
         + _input("Account", "account", value=account)
         + f'<button type=submit>Resolve</button></form><div id="resolved">{resolved}</div>'
     )
-    if _is(principal, "admin"):
+    if allows(principal.role, "admin"):
         body += "<h2>Set a scope's policy</h2>" + post_form(
             principal,
             "/plugins/policy",
@@ -231,7 +220,7 @@ async def plugins_policy_form(
     request: Request[Any, Any, Any], principal: Principal
 ) -> Response[Any]:
     """The policy form: PUT /api/v1/plugins/policy's function."""
-    form = await _form(request)
+    form = await form_of(request)
 
     async def action() -> Any:
         data = _body(
@@ -279,7 +268,7 @@ async def access_page(request: Request[Any, Any, Any], principal: Principal) -> 
         rows = ""
         for p in pending:
             button = ""
-            if _is(principal, "operator"):
+            if allows(principal.role, "operator"):
                 button = post_form(
                     principal,
                     "/access/approve",
@@ -296,7 +285,7 @@ async def access_page(request: Request[Any, Any, Any], principal: Principal) -> 
             f"<th>first_at</th><th></th></tr>{rows}</table>"
         )
     body += "</div>"
-    if _is(principal, "admin"):
+    if allows(principal.role, "admin"):
         body += "<h2>Set a mode</h2>" + post_form(
             principal,
             "/access/mode",
@@ -329,7 +318,7 @@ async def access_approve_form(
     request: Request[Any, Any, Any], principal: Principal
 ) -> Response[Any]:
     """Approve a pending sender: POST /api/v1/access/approve's function."""
-    form = await _form(request)
+    form = await form_of(request)
 
     async def action() -> Any:
         data = _body(api.ApproveBody, _scoped(form, "jid"))
@@ -348,7 +337,7 @@ async def access_approve_form(
 @post("/access/mode", name="page.access.mode", include_in_schema=False, status_code=303)
 async def access_mode_form(request: Request[Any, Any, Any], principal: Principal) -> Response[Any]:
     """Set a scope's mode: PUT /api/v1/access/mode's function."""
-    form = await _form(request)
+    form = await form_of(request)
 
     async def action() -> Any:
         data = _body(api.ModeBody, _scoped(form, "mode"))
@@ -362,7 +351,7 @@ async def access_mode_form(request: Request[Any, Any, Any], principal: Principal
 @post("/access/rules", name="page.access.rule", include_in_schema=False, status_code=303)
 async def access_rule_form(request: Request[Any, Any, Any], principal: Principal) -> Response[Any]:
     """Add an allow/block pattern: POST /api/v1/access/rules's function."""
-    form = await _form(request)
+    form = await form_of(request)
 
     async def action() -> Any:
         data = _body(api.RuleBody, _scoped(form, "kind", "pattern"))
@@ -563,7 +552,7 @@ async def users_page(request: Request[Any, Any, Any], principal: Principal) -> R
 @post("/users", name="page.users.add", include_in_schema=False, status_code=303)
 async def users_add_form(request: Request[Any, Any, Any], principal: Principal) -> Response[Any]:
     """Add a user: POST /api/v1/users's function (the password is never echoed)."""
-    form = await _form(request)
+    form = await form_of(request)
 
     async def action() -> Any:
         data = _body(
@@ -606,7 +595,7 @@ async def tokens_create_form(
 ) -> Response[Any]:
     """Create a token: POST /api/v1/tokens's function. The token is shown on this answer
     only (no redirect: it must never be in a URL); errors go back as one line."""
-    form = await _form(request)
+    form = await form_of(request)
     try:
         data = _body(
             api.TokenBody, {"name": form.get("name", "").strip(), "role": form.get("role", "")}
@@ -808,7 +797,7 @@ async def webhooks_page(request: Request[Any, Any, Any], principal: Principal) -
 @post("/webhooks", name="page.webhooks.add", include_in_schema=False, status_code=303)
 async def webhooks_add_form(request: Request[Any, Any, Any], principal: Principal) -> Response[Any]:
     """Add a webhook: POST /api/v1/webhooks's function (the secret is never echoed)."""
-    form = await _form(request)
+    form = await form_of(request)
 
     async def action() -> Any:
         data = _body(
