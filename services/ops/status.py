@@ -357,7 +357,7 @@ def render_status(status: dict[str, Any]) -> str:
             if a["reason"] or a["until"]:
                 lines.append(f"  {state}: {a['reason'] or '-'}{_recovery(a['state'])}")
             if a.get("budget"):
-                lines.append(f"  budget: {_budget(a['budget'])}, {a['waiting']} waiting")
+                lines.append(f"  budget: {budget_line(a['budget'])}, {a['waiting']} waiting")
     lines.extend(_render_workers(status.get("workers", [])))
     lines.append(f"\nDEAD LETTERS: {status['dead_letters']} open ('svc dlq ls')")
     if status.get("dead_letters_dropped"):
@@ -403,8 +403,10 @@ def _worker_state(worker: dict[str, Any]) -> str:
     return "; ".join(parts) or "-"
 
 
-def _budget(budget: dict[str, Any]) -> str:
-    """One line of an account's send budget."""
+def budget_line(budget: dict[str, Any] | None) -> str:
+    """One line of an account's send budget (as `svc status` and the console print it)."""
+    if not budget:
+        return ""
     text = (
         f"replies {budget['reply']}, first contact {budget['first_contact']},"
         f" same text {budget['same_text']}"

@@ -17,6 +17,7 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.params import Parameter
 
 from contracts.web import allows
+from services.ops.status import budget_line
 from services.web import console
 from services.web.api import Cursor, Limit, bus_of, ops_errors
 from services.web.auth import client_of
@@ -52,14 +53,6 @@ def _q(value: str) -> str:
 
 
 # --- accounts ----------------------------------------------------------------------------------
-
-
-def _budget(budget: dict[str, Any] | None) -> str:
-    if not budget:
-        return ""
-    from services.ops.status import _budget as line  # the line `svc status` prints
-
-    return line(budget)
 
 
 def _account_actions(principal: Principal, row: dict[str, Any]) -> str:
@@ -111,7 +104,7 @@ async def accounts_page(request: Request[Any, Any, Any], principal: Principal) -
             escape(str(row["state"])),
             escape(str(row["holder"])),
             escape(str(row["token"])),
-            escape(_budget(row["budget"])),
+            escape(budget_line(row["budget"])),
             escape(str(row["reason"]) + (f" (until {row['until']})" if row["until"] else "")),
             escape(str(row["last_inbound"])),
         ]
