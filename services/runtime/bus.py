@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 import nats
 import nats.protocol.parser
-from nats.aio.client import Client
+from nats.aio.client import PING_PROTO, Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
@@ -260,6 +260,15 @@ class WatchedClient(Client):
     is ever read again. Here such an end closes the client, which reports it lost."""
 
     dead_read_loop: str = ""
+
+    async def _send_ping(self, future: asyncio.Future[Any] | None = None) -> None:
+        """Queue the PING behind what is already pending. nats-py writes it straight to the
+        socket, ahead of commands still waiting for the flusher (a SUB just made, a
+        publish), so `flush()` could return before the server had them: a message
+        published right after `subscribe(); flush()` missed the new subscription."""
+        self._pongs.append(future if future is not None else asyncio.Future())
+        await self._send_command(PING_PROTO)
+        await self._flush_pending()
 
     async def _read_loop(self) -> None:
         await super()._read_loop()

@@ -77,10 +77,19 @@ async def test_a_read_loop_that_dies_anyway_is_reported_as_a_lost_connection(
         listening(bus, "inbound.>"),
     ):
         await raw_publish(nats_server.url, BAD_SUBJECT)
-        await asyncio.wait_for(bus.lost.wait(), 10)
+        try:
+            await asyncio.wait_for(bus.lost.wait(), 10)
+        except TimeoutError:
+            nc, task = bus.nc, bus.nc._reading_task
+            pytest.fail(
+                f"no loss reported: {nc.stats['in_msgs']} message(s) read, read loop done"
+                f" {task is not None and task.done()}, connected {nc.is_connected}, closed"
+                f" {nc.is_closed}, dead {nc.dead_read_loop!r}"
+            )
         assert "read loop died" in bus.lost_reason
         with pytest.raises(NatsConnectionLostError, match="closed for good"):
             await bus.until_lost()
+        await wait_until(lambda: bus.nc.is_closed, 10, "the client closed")
 
 
 async def test_the_core_still_answers_after_a_non_utf8_inbound_subject(bus: Bus) -> None:
@@ -151,3 +160,35 @@ async def test_a_login_refused_on_reconnect_closes_the_connection_for_good(
             assert "authorization refused on reconnect" in bus.lost_reason
     finally:
         await first.stop()
+
+
+async def test_a_flush_reaches_the_server_behind_the_subscription_just_made(
+    nats_server: EmbeddedNats,
+) -> None:
+    # `subscribe(); flush()` must mean "the server has the subscription". Stock nats-py
+    # wrote flush's PING to the socket ahead of the SUB still waiting for its flusher, so
+    # the PONG could come back first and a message published right then was missed (the
+    # CI failure of stop 24: the bad subject never reached the dying-read-loop test).
+    async with connect(nats_server.url, name="t") as bus:
+        transport = bus.nc._transport
+        assert transport is not None
+        wire: list[bytes] = []
+        write, writelines = transport.write, transport.writelines
+
+        def record(data: bytes) -> None:
+            wire.append(bytes(data))
+            write(data)
+
+        def record_lines(chunks: list[bytes]) -> None:
+            wire.extend(bytes(chunk) for chunk in chunks)
+            writelines(chunks)
+
+        transport.write = record  # type: ignore[method-assign]
+        transport.writelines = record_lines  # type: ignore[method-assign]
+        try:
+            async with listening(bus, "ordered.check"):
+                sent = b"".join(wire)
+                assert b"PING\r\n" in sent, "flush sent no PING"
+                assert sent.index(b"SUB ordered.check") < sent.index(b"PING\r\n"), sent
+        finally:
+            transport.write, transport.writelines = write, writelines  # type: ignore[method-assign]
