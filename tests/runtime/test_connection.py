@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -162,6 +162,36 @@ async def test_a_login_refused_on_reconnect_closes_the_connection_for_good(
         await first.stop()
 
 
+@contextlib.contextmanager
+def on_the_wire(bus: Bus) -> Iterator[list[bytes]]:
+    """The bytes the client writes to its socket, in order, while the block runs."""
+    transport = bus.nc._transport
+    assert transport is not None
+    wire: list[bytes] = []
+    write, writelines = transport.write, transport.writelines
+
+    def record(data: bytes) -> None:
+        wire.append(bytes(data))
+        write(data)
+
+    def record_lines(chunks: list[bytes]) -> None:
+        wire.extend(bytes(chunk) for chunk in chunks)
+        writelines(chunks)
+
+    transport.write = record  # type: ignore[method-assign]
+    transport.writelines = record_lines  # type: ignore[method-assign]
+    try:
+        yield wire
+    finally:
+        transport.write, transport.writelines = write, writelines  # type: ignore[method-assign]
+
+
+def sent_before_ping(wire: list[bytes], command: bytes) -> bool:
+    sent = b"".join(wire)
+    assert b"PING\r\n" in sent, f"flush sent no PING: {sent!r}"
+    return sent.index(command) < sent.index(b"PING\r\n")
+
+
 async def test_a_flush_reaches_the_server_behind_the_subscription_just_made(
     nats_server: EmbeddedNats,
 ) -> None:
@@ -170,25 +200,18 @@ async def test_a_flush_reaches_the_server_behind_the_subscription_just_made(
     # the PONG could come back first and a message published right then was missed (the
     # CI failure of stop 24: the bad subject never reached the dying-read-loop test).
     async with connect(nats_server.url, name="t") as bus:
-        transport = bus.nc._transport
-        assert transport is not None
-        wire: list[bytes] = []
-        write, writelines = transport.write, transport.writelines
-
-        def record(data: bytes) -> None:
-            wire.append(bytes(data))
-            write(data)
-
-        def record_lines(chunks: list[bytes]) -> None:
-            wire.extend(bytes(chunk) for chunk in chunks)
-            writelines(chunks)
-
-        transport.write = record  # type: ignore[method-assign]
-        transport.writelines = record_lines  # type: ignore[method-assign]
-        try:
+        with on_the_wire(bus) as wire:
             async with listening(bus, "ordered.check"):
-                sent = b"".join(wire)
-                assert b"PING\r\n" in sent, "flush sent no PING"
-                assert sent.index(b"SUB ordered.check") < sent.index(b"PING\r\n"), sent
-        finally:
-            transport.write, transport.writelines = write, writelines  # type: ignore[method-assign]
+                assert sent_before_ping(wire, b"SUB ordered.check"), wire
+
+
+async def test_a_flush_reaches_the_server_behind_the_publish_or_ack_just_made(
+    nats_server: EmbeddedNats,
+) -> None:
+    # The consumer loop's stop flushes so that its acks and naks (publishes to the reply
+    # subject) reach the server before it returns: the PING must go behind them too.
+    async with connect(nats_server.url, name="t") as bus:
+        with on_the_wire(bus) as wire:
+            await bus.nc.publish("$JS.ACK.s.c.1.1.1.0.0", b"-NAK")
+            await bus.nc.flush()
+            assert sent_before_ping(wire, b"PUB $JS.ACK.s.c.1.1.1.0.0"), wire
